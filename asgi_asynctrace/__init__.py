@@ -1,0 +1,65 @@
+"""Per-request async tracing for ASGI apps.
+
+    app.add_middleware(AsyncTraceMiddleware)
+    # curl -H 'X-Async-Trace: 1' http://127.0.0.1:8000/items
+    # stderr: AsyncTrace completed; toJson() = {"version":1,...}
+
+Everything public is exported here; every other module is private.
+"""
+
+from __future__ import annotations
+
+from ._context import ResourceScope, annotate, current_resource, current_trace, start_resource
+from ._failures import failure_counts, reset_failures
+from ._hooks import install_hooks, uninstall_hooks
+from ._load import TraceFormatError, load_trace
+from ._middleware import AsyncTraceMiddleware
+from ._model import (
+    RESOURCE_TYPES,
+    STATES,
+    AnnotationValue,
+    FrameOrigin,
+    Resource,
+    Trace,
+    TraceLimits,
+    frame_origin,
+)
+from ._sinks import (
+    LOG_PREFIX,
+    LogSink,
+    TraceSink,
+    TraceStore,
+    capture_traces,
+    decode_trace_header,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOG_PREFIX",
+    "RESOURCE_TYPES",
+    "STATES",
+    "AnnotationValue",
+    "AsyncTraceMiddleware",
+    "FrameOrigin",
+    "LogSink",
+    "Resource",
+    "ResourceScope",
+    "Trace",
+    "TraceFormatError",
+    "TraceLimits",
+    "TraceSink",
+    "TraceStore",
+    "annotate",
+    "capture_traces",
+    "current_resource",
+    "current_trace",
+    "decode_trace_header",
+    "failure_counts",
+    "frame_origin",
+    "install_hooks",
+    "load_trace",
+    "reset_failures",
+    "start_resource",
+    "uninstall_hooks",
+]

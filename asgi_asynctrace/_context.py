@@ -1,0 +1,189 @@
+"""Which trace, and which resource in it, the running code belongs to.
+
+    async with start_resource("cache-get", key=key) as scope:
+        value = await backend.get(key)
+        scope.annotate("hit", value is not None)
+
+One ContextVar holds (trace, current resource); it follows tasks, callbacks and thread jobs,
+so concurrent requests never share a "current id". Outside a traced request every helper
+here is a single ContextVar read and does nothing.
+Exports: current_trace, current_resource, annotate, start_resource, ResourceScope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import re
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, Final, TypeVar, cast
+
+from ._failures import report
+from ._model import AnnotationValue, Resource, Trace
+from ._stacks import capture
+
+__all__ = ["ResourceScope", "annotate", "current_resource", "current_trace", "start_resource"]
+
+Active = tuple[Trace, Resource]
+
+ACTIVE: Final[ContextVar[Active | None]] = ContextVar("asgi_asynctrace.active", default=None)
+
+_now = time.perf_counter_ns
+_F = TypeVar("_F", bound=Callable[..., Any])
+_TYPE_NAME: Final = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+_known_types: set[str] = set()
+
+
+def current_trace() -> Trace | None:
+    """The trace of the request this code runs for, or None when it is not traced."""
+    active = ACTIVE.get()
+    return active[0] if active is not None else None
+
+
+def current_resource() -> Resource | None:
+    """The resource this code runs inside (the root, a task, a thread job, a scope)."""
+    active = ACTIVE.get()
+    return active[1] if active is not None else None
+
+
+def annotate(key: str, value: AnnotationValue) -> None:
+    """Label the current resource, e.g. ``annotate("user", user_id)``; no-op when untraced."""
+    active = ACTIVE.get()
+    if active is not None and not active[0].closed:
+        try:
+            active[0].annotate(active[1], key, value)
+        except Exception as exc:
+            report("annotate", exc)
+
+
+def new_resource(type: str, trace: Trace, parent: Resource, skip: int = 2) -> Resource | None:
+    """Record a resource created now by ``parent``, with the caller's caller's stack."""
+    now = _now()
+    depth = trace.limits.max_stack_depth
+    stack_id = None
+    if depth:
+        key, frames = capture(depth, skip + 1)
+        stack_id = trace.stack_id(key, frames)
+    return trace.add(type, parent.async_id, stack_id, now)
+
+
+def settle_from_exception(trace: Trace, res: Resource, now: int, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError):
+        trace.settle(res, now, "cancelled")
+    else:
+        trace.settle(res, now, "error")
+        trace.annotate(res, "error", type(exc).__qualname__)
+
+
+def check_type(type: str) -> None:
+    if type not in _known_types:
+        if not isinstance(type, str) or not _TYPE_NAME.fullmatch(type):
+            raise ValueError(f"resource type must be kebab-case like 'cache-get', got {type!r}")
+        _known_types.add(type)
+
+
+class ResourceScope:
+    """A resource around a block: created on entry, settled on exit (ok, error or cancelled).
+
+    Use it as ``with``, ``async with`` or a decorator. Code inside runs with this resource
+    as its current one, so what it starts is recorded as caused by it.
+    """
+
+    __slots__ = ("_annotations", "_res", "_token", "_trace", "_type")
+
+    def __init__(self, type: str, /, **annotations: AnnotationValue) -> None:
+        check_type(type)
+        self._type = type
+        self._annotations = annotations
+        self._trace: Trace | None = None
+        self._res: Resource | None = None
+        self._token: Token[Active | None] | None = None
+
+    @property
+    def resource(self) -> Resource | None:
+        """The recorded resource, or None when the request is not traced (or over its cap)."""
+        return self._res
+
+    def annotate(self, key: str, value: AnnotationValue) -> None:
+        if self._res is not None and self._trace is not None:
+            try:
+                self._trace.annotate(self._res, key, value)
+            except Exception as exc:
+                report("annotate", exc)
+
+    def __enter__(self) -> ResourceScope:
+        active = ACTIVE.get()
+        if active is None or active[0].closed:
+            return self
+        try:
+            trace = active[0]
+            res = new_resource(self._type, trace, active[1])
+            if res is not None:
+                for key, value in self._annotations.items():
+                    trace.annotate(res, key, value)
+                self._trace, self._res = trace, res
+                self._token = ACTIVE.set((trace, res))
+        except Exception as exc:
+            report("start_resource", exc)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        trace, res, token = self._trace, self._res, self._token
+        if trace is None or res is None:
+            return
+        try:
+            if token is not None:
+                ACTIVE.reset(token)
+            if exc is None:
+                trace.settle(res, _now(), "ok")
+            else:
+                settle_from_exception(trace, res, _now(), exc)
+        except Exception as failure:
+            report("start_resource", failure)
+
+    async def __aenter__(self) -> ResourceScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __call__(self, fn: _F) -> _F:
+        """Decorate a function: each call records its own resource."""
+        rtype, annotations = self._type, self._annotations
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with ResourceScope(rtype, **annotations):
+                    return await cast(Callable[..., Awaitable[Any]], fn)(*args, **kwargs)
+
+            return cast(_F, async_wrapper)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with ResourceScope(rtype, **annotations):
+                return fn(*args, **kwargs)
+
+        return cast(_F, wrapper)
+
+
+def start_resource(type: str, /, **annotations: AnnotationValue) -> ResourceScope:
+    """Record a resource of ``type`` (e.g. "cache-get") around a block, awaitable or function.
+
+    Annotations given here are recorded at creation; add more with ``scope.annotate()``.
+    """
+    return ResourceScope(type, **annotations)

@@ -1,0 +1,283 @@
+"""asyncio hooks, the counterpart of a PromiseHook: tasks, each of their steps, and futures.
+
+    release = acquire_hooks(asyncio.get_running_loop())   # the middleware does this
+    ...                                                   # traced work on this loop
+    release()
+
+A task created inside a traced request runs its coroutine through ``TimedCoroutine``, which
+records every ``send``/``throw`` as one callback interval and settles the task the moment its
+coroutine returns or raises. Futures made by ``loop.create_future()`` inside a traced request
+are ``TracedFuture``s, which record when they settle and which task waited for them.
+
+Hooks are reference-counted per loop: installed when the first traced request starts and
+removed when the last one ends, so a process that is not tracing pays nothing at all.
+Exports: TimedCoroutine, TracedFuture, acquire_hooks, install_hooks, uninstall_hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Generator
+from contextvars import Context
+from typing import Any
+
+from . import _threads
+from ._context import ACTIVE, new_resource, settle_from_exception
+from ._failures import report
+from ._model import Resource, Trace
+
+__all__ = ["TimedCoroutine", "TracedFuture", "acquire_hooks", "install_hooks", "uninstall_hooks"]
+
+_now = time.perf_counter_ns
+TaskFactory = Callable[..., "asyncio.Future[Any]"]
+
+
+class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """A coroutine that records each step it runs as a callback interval of ``res``.
+
+    Everything else (``cr_frame``, ``cr_await``, ``__qualname__``, ...) is the wrapped
+    coroutine's, so ``Task.get_stack()``, ``inspect.getcoroutinestate()`` and task reprs work.
+    It is also its own iterator, so ``await TimedCoroutine(app(...), ...)`` times the steps
+    of the calling task below that point: the middleware measures the root that way.
+    """
+
+    __slots__ = ("_coro", "_res", "_trace")
+
+    def __init__(self, coro: Any, trace: Trace, res: Resource) -> None:
+        self._coro = coro
+        self._trace = trace
+        self._res = res
+
+    def send(self, value: Any) -> Any:
+        return self._step(self._coro.send, value)
+
+    def __next__(self) -> Any:
+        return self._step(self._coro.send, None)
+
+    def throw(self, *args: Any) -> Any:
+        # Forward exactly what we were given: the 3-argument form is deprecated in 3.12.
+        return self._step(self._coro.throw, *args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self  # type: ignore[return-value]
+
+    def __iter__(self) -> TimedCoroutine:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._coro, name)
+
+    def __repr__(self) -> str:
+        return repr(self._coro)
+
+    def _step(self, method: Callable[..., Any], *args: Any) -> Any:
+        trace, res = self._trace, self._res
+        if trace.closed:
+            return method(*args)
+        trace.begin(res, _now())
+        try:
+            out = method(*args)
+        except StopIteration:
+            now = _now()
+            trace.end(res, now)
+            trace.settle(res, now, "ok")
+            raise
+        except BaseException as exc:
+            now = _now()
+            trace.end(res, now)
+            settle_from_exception(trace, res, now, exc)
+            raise
+        trace.end(res, _now())
+        if type(out) is TracedFuture:
+            waiter = out._asynctrace_res
+            if waiter is not None:
+                if waiter.awaited_by is None:
+                    waiter.awaited_by = [res.async_id]
+                elif res.async_id not in waiter.awaited_by:
+                    waiter.awaited_by.append(res.async_id)
+        return out
+
+
+class TracedFuture(asyncio.Future):  # type: ignore[type-arg]
+    """A future that records the moment it settles."""
+
+    __slots__ = ("_asynctrace_res", "_asynctrace_trace")
+
+    _asynctrace_res: Resource | None
+    _asynctrace_trace: Trace
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._record("ok")
+
+    def set_exception(self, exception: BaseException | type[BaseException]) -> None:
+        super().set_exception(exception)
+        self._record("error")
+
+    def cancel(self, msg: Any = None) -> bool:
+        cancelled = super().cancel(msg)
+        if cancelled:
+            self._record("cancelled")
+        return cancelled
+
+    def _record(self, state: str) -> None:
+        res = self._asynctrace_res
+        if res is not None:
+            self._asynctrace_trace.settle(res, _now(), state)
+
+
+class _LoopHooks:
+    """The hooks installed on one loop, and how to take them off again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop_ref = weakref.ref(loop)
+        self.refs = 0
+        self.previous_factory: TaskFactory | None = None
+        self.factory: TaskFactory | None = None
+        self.create_future: Callable[[], asyncio.Future[Any]] | None = None
+        self.previous_create_future: Any = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.previous_factory = loop.get_task_factory()
+        self.factory = _make_task_factory(self.previous_factory)
+        loop.set_task_factory(self.factory)
+        _threads.acquire()
+        namespace = getattr(loop, "__dict__", None)
+        if namespace is None:
+            return  # a loop we cannot extend: futures are left out, tasks still recorded
+        self.previous_create_future = namespace.get("create_future")
+        self.create_future = _make_create_future(loop, loop.create_future)
+        namespace["create_future"] = self.create_future
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Someone may have stacked their own factory on ours since: then ours stays in their
+        # chain, harmless, since it passes everything through outside traced requests.
+        if loop.get_task_factory() is self.factory:
+            loop.set_task_factory(self.previous_factory)
+        _threads.release()
+        namespace = getattr(loop, "__dict__", None)
+        if namespace is not None and namespace.get("create_future") is self.create_future:
+            if self.previous_create_future is None:
+                del namespace["create_future"]
+            else:
+                namespace["create_future"] = self.previous_create_future
+        self.factory = self.create_future = None
+
+
+_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHooks] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def acquire_hooks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Make sure the hooks are on ``loop``; returns the function that gives them back."""
+    hooks = _loops.get(loop)
+    if hooks is None:
+        hooks = _loops[loop] = _LoopHooks(loop)
+    if hooks.refs == 0:
+        hooks.install(loop)
+    hooks.refs += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        hooks.refs -= 1
+        if hooks.refs == 0:
+            hooks.uninstall(loop)
+
+    return release
+
+
+_pinned: dict[int, Callable[[], None]] = {}
+
+
+def install_hooks(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Keep the hooks on ``loop`` (default: the running one) until ``uninstall_hooks()``.
+
+    The middleware installs them on its own for as long as a traced request runs; call this
+    at startup only to chain them under a task factory you set later, or to trace work
+    started outside a request with ``Trace`` and ``ACTIVE`` directly.
+    """
+    loop = loop or asyncio.get_running_loop()
+    if id(loop) not in _pinned:
+        _pinned[id(loop)] = acquire_hooks(loop)
+
+
+def uninstall_hooks(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Undo ``install_hooks()``; hooks still in use by a traced request stay until it ends."""
+    loop = loop or asyncio.get_running_loop()
+    release = _pinned.pop(id(loop), None)
+    if release is not None:
+        release()
+
+
+def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
+    def make(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    def asynctrace_task_factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Future[Any]:
+        active = ACTIVE.get()
+        if active is None or active[0].closed or not asyncio.iscoroutine(coro):
+            return make(loop, coro, **kwargs)
+        try:
+            trace = active[0]
+            res = new_resource("task", trace, active[1])
+            if res is None:
+                return make(loop, coro, **kwargs)
+            name = getattr(coro, "__qualname__", None)
+            if isinstance(name, str):
+                trace.annotate(res, "coroutine", name)
+            state = (trace, res)
+            timed = TimedCoroutine(coro, trace, res)
+            context: Context | None = kwargs.get("context")
+            if context is not None:
+                context = context.copy()
+                context.run(ACTIVE.set, state)
+                kwargs["context"] = context
+        except Exception as exc:
+            report("task-factory", exc)
+            return make(loop, coro, **kwargs)
+        if context is not None:
+            return make(loop, timed, **kwargs)
+        # The task copies the current context when it is made; give that copy the new task
+        # as its current resource. Works on 3.10, whose factories take no context.
+        token = ACTIVE.set(state)
+        try:
+            return make(loop, timed, **kwargs)
+        finally:
+            ACTIVE.reset(token)
+
+    return asynctrace_task_factory
+
+
+def _make_create_future(
+    loop: asyncio.AbstractEventLoop, original: Callable[[], asyncio.Future[Any]]
+) -> Callable[[], asyncio.Future[Any]]:
+    def create_future() -> asyncio.Future[Any]:
+        active = ACTIVE.get()
+        if active is None or active[0].closed or not active[0].record_futures:
+            return original()
+        fut = TracedFuture(loop=loop)
+        fut._asynctrace_trace = active[0]
+        fut._asynctrace_res = None
+        try:
+            fut._asynctrace_res = new_resource("future", active[0], active[1])
+        except Exception as exc:
+            report("create-future", exc)
+        return fut
+
+    return create_future
+

@@ -1,0 +1,257 @@
+"""The ASGI middleware: decides which requests are traced, runs them inside their trace.
+
+    app = Starlette(routes=routes)
+    app.add_middleware(AsyncTraceMiddleware)          # loopback clients, X-Async-Trace: 1
+    # or AsyncTraceMiddleware(app, secret="s3cret", sample_rate=0.01)
+
+Requests that are not traced go straight to the app: one header scan, nothing else.
+Exports: AsyncTraceMiddleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+from ._context import ACTIVE
+from ._endpoint import serve_store
+from ._failures import report
+from ._gate import TRACE_REQUESTED, Gate, header_value
+from ._hooks import TimedCoroutine, acquire_hooks
+from ._model import Trace, TraceLimits
+from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
+
+__all__ = ["AsyncTraceMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_now = time.perf_counter_ns
+
+
+class AsyncTraceMiddleware:
+    """Per-request async tracing for any ASGI app.
+
+    secret: when set, ``X-Async-Trace: <secret>`` turns tracing on from any client; when
+        None (the default), any ``X-Async-Trace`` value but 0/false/off/no does, from
+        loopback clients only.
+    sample_rate: fraction of requests without the header to trace anyway; their traces go
+        to the log and the store, never into response headers.
+    header_limit: the most bytes of encoded trace put inline in ``X-Async-Trace-Data``.
+    store_size: how many recent traces ``{path_prefix}/traces`` keeps (0: no store, no
+        endpoint).
+    log_traces: log ``AsyncTrace completed; toJson() = ...`` for every trace.
+    sinks: more callables that receive each finished trace and its JSON.
+    limits: caps per trace (resources, callbacks, annotations, stacks).
+    record_futures: record every future the request creates (off for lighter traces).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        secret: str | None = None,
+        sample_rate: float = 0.0,
+        header_limit: int = 8192,
+        store_size: int = 100,
+        path_prefix: str = "/__asynctrace",
+        log_traces: bool = True,
+        sinks: Sequence[TraceSink] = (),
+        limits: TraceLimits | None = None,
+        record_futures: bool = True,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if header_limit < 0:
+            raise ValueError(f"header_limit must be >= 0, got {header_limit}")
+        if not path_prefix.startswith("/") or path_prefix.endswith("/"):
+            raise ValueError(f"path_prefix must start and not end with '/', got {path_prefix!r}")
+        self.app = app
+        self.gate = Gate(secret=secret, sample_rate=sample_rate)
+        self.header_limit = header_limit
+        self.store = TraceStore(store_size) if store_size else None
+        self.path_prefix = path_prefix
+        self.limits = limits or TraceLimits()
+        self.record_futures = record_futures
+        named: list[tuple[str, TraceSink]] = []
+        if log_traces:
+            named.append(("sink:log", LogSink(logger)))
+        if self.store is not None:
+            named.append(("sink:store", self.store))
+        named.extend((f"sink:{_name(s)}", s) for s in sinks)
+        self._sinks = tuple(named)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind != "http" and kind != "websocket":
+            return await self.app(scope, receive, send)
+        try:
+            value = header_value(scope)
+            if (
+                self.store is not None
+                and kind == "http"
+                and (scope.get("path") or "").startswith(self.path_prefix)
+                and self.gate.may_read(scope, value)
+                and await serve_store(self.store, self.path_prefix, scope, send)
+            ):
+                return None
+            decision = self.gate.decide(scope, value)
+        except Exception as exc:
+            report("gate", exc)
+            decision = None
+        if decision is None:
+            return await self.app(scope, receive, send)
+        return await self._traced(scope, receive, send, decision == TRACE_REQUESTED)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send, requested: bool) -> None:
+        run = _TracedRequest(self, scope, requested)
+        release = run.acquire_hooks()
+        token = ACTIVE.set((run.trace, run.trace.root))
+        state = "ok"
+        try:
+            await TimedCoroutine(
+                self.app(scope, run.receive(receive), run.send(send)).__await__(),
+                run.trace,
+                run.trace.root,
+            )
+        except asyncio.CancelledError:
+            state = "cancelled"
+            raise
+        except BaseException as exc:
+            state = "cancelled" if run.client_gone(exc) else "error"
+            raise
+        finally:
+            ACTIVE.reset(token)
+            run.finish(state)
+            if release is not None:
+                release()
+            self._emit(run.trace)
+
+    def _emit(self, trace: Trace) -> None:
+        try:
+            data = trace.to_json()
+        except Exception as exc:
+            report("serialize", exc)
+            return
+        for name, sink in self._sinks:
+            try:
+                sink(trace, data)
+            except Exception as exc:
+                report(name, exc)
+        for collected in global_sinks():
+            collected.append(trace)
+
+
+def _name(sink: object) -> str:
+    return getattr(sink, "__qualname__", None) or type(sink).__qualname__
+
+
+class _TracedRequest:
+    """The state of one traced request: its trace and what the ASGI messages told us."""
+
+    __slots__ = ("disconnected", "owner", "requested", "response_done", "trace")
+
+    def __init__(self, owner: AsyncTraceMiddleware, scope: Scope, requested: bool) -> None:
+        self.owner = owner
+        self.requested = requested
+        self.disconnected = False
+        self.response_done = False
+        method = scope.get("method") or ("WS" if scope.get("type") == "websocket" else None)
+        path = scope.get("path")
+        trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
+        trace.record_futures = owner.record_futures
+        root = trace.root
+        trace.annotate(root, "method", method)
+        trace.annotate(root, "path", path)
+        client = scope.get("client")
+        if client:
+            trace.annotate(root, "client", str(client[0]))
+        trace.annotate(root, "traced", "requested" if requested else "sampled")
+        self.trace = trace
+
+    def acquire_hooks(self) -> Callable[[], None] | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # trio or another loop: record what the middleware sees, no hooks
+        try:
+            return acquire_hooks(loop)
+        except Exception as exc:
+            report("hooks", exc)
+            return None
+
+    def client_gone(self, exc: BaseException) -> bool:
+        return self.disconnected or type(exc).__name__ == "ClientDisconnected"
+
+    def finish(self, state: str) -> None:
+        trace = self.trace
+        try:
+            if self.disconnected and not self.response_done:
+                state = "cancelled"
+            now = _now()
+            root = trace.root
+            root.settled_at = None  # the root's own last step may have settled it already
+            trace.finish(now, state)
+        except Exception as exc:
+            report("finish", exc)
+
+    def receive(self, receive: Receive) -> Receive:
+        async def traced_receive() -> Message:
+            message = await receive()
+            kind = message.get("type")
+            if (kind == "http.disconnect" or kind == "websocket.disconnect") and not (
+                self.response_done
+            ):
+                self.disconnected = True
+                trace = self.trace
+                trace.annotate(trace.root, "disconnectedAt", _now() - trace.origin)
+            return message
+
+        return traced_receive
+
+    def send(self, send: Send) -> Send:
+        async def traced_send(message: Message) -> None:
+            kind = message.get("type")
+            if kind == "http.response.start" or kind == "websocket.accept":
+                message = self._on_start(message)
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                self.response_done = True
+            await send(message)
+
+        return traced_send
+
+    def _on_start(self, message: Message) -> Message:
+        trace = self.trace
+        try:
+            status = message.get("status")
+            if status is not None:
+                trace.request["status"] = status
+                trace.annotate(trace.root, "status", status)
+            trace.annotate(trace.root, "responseStartedAt", _now() - trace.origin)
+            if not self.requested:
+                return message
+            headers = list(message.get("headers") or ())
+            headers.append((b"x-async-trace-id", trace.trace_id.encode()))
+            headers.append((b"x-async-trace-data", self._inline().encode("ascii")))
+            return {**message, "headers": headers}
+        except Exception as exc:
+            report("response-headers", exc)
+            return message
+
+    def _inline(self) -> str:
+        limit = self.owner.header_limit
+        data = self.trace.to_json()
+        encoded = encode_trace_header(data) if limit else ""
+        if limit and len(encoded) <= limit:
+            return encoded
+        where = (
+            f"; GET {self.owner.path_prefix}/traces/{self.trace.trace_id}"
+            if self.owner.store is not None
+            else ""
+        )
+        return f"omitted: {len(encoded) or len(data)} bytes > limit {limit}{where}"

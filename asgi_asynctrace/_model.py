@@ -1,0 +1,350 @@
+"""The trace model: resources, stacks, annotations and their JSON form (format version 1).
+
+    trace = Trace.start(request={"method": "GET", "path": "/items"})
+    child = trace.add("fetch", trigger_id=1, stack_id=None, now=time.perf_counter_ns())
+    data = trace.to_json()          # bytes, format v1
+
+Knows nothing of asyncio, ASGI or any instrumented library. Times are kept as raw
+``perf_counter_ns`` readings and turned into "ns since the request started" on the way out.
+Exports: Resource, Trace, TraceLimits, Dropped, RESOURCE_TYPES, STATES, frame_origin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import orjson
+
+__all__ = [
+    "RESOURCE_TYPES",
+    "STATES",
+    "AnnotationValue",
+    "Dropped",
+    "FrameOrigin",
+    "Resource",
+    "Trace",
+    "TraceLimits",
+    "frame_origin",
+]
+
+FORMAT_VERSION: Final = 1
+
+RESOURCE_TYPES: Final = frozenset(
+    {
+        "root", "task", "future", "timer", "thread", "fetch",
+        "cache-get", "cache-put", "cache-delete",
+        "kv-get", "kv-put", "kv-delete", "kv-list",
+        "db-query", "queue-send", "queue-receive",
+        "stream-read", "stream-write", "websocket", "other",
+    }
+)  # fmt: skip
+STATES: Final = ("ok", "error", "cancelled", "pending")
+
+AnnotationValue = str | int | float | bool | None
+FrameOrigin = Literal["app", "dependency", "runtime"]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLimits:
+    """Hard caps per trace; what goes over is dropped and counted in ``dropped``."""
+
+    max_resources: int = 20_000
+    max_callbacks_per_resource: int = 2_000
+    max_annotations_per_resource: int = 32
+    max_annotation_length: int = 512
+    max_stack_depth: int = 24
+    max_stacks: int = 2_000
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TraceLimits.{name} must be a positive int, got {value!r}")
+
+
+class Dropped:
+    """Counts of what a trace left out because a cap was hit."""
+
+    __slots__ = ("annotations", "callbacks", "resources", "stacks", "truncated")
+
+    def __init__(self) -> None:
+        self.resources = 0
+        self.annotations = 0
+        self.callbacks = 0
+        self.stacks = 0
+        self.truncated = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "resources": self.resources,
+            "annotations": self.annotations,
+            "callbacks": self.callbacks,
+            "stacks": self.stacks,
+            "truncatedValues": self.truncated,
+        }
+
+
+class Resource:
+    """One async resource. ``callbacks`` is flat: start, end, start, end, ... (raw clock)."""
+
+    __slots__ = (
+        "annotation_count",
+        "async_id",
+        "awaited_by",
+        "callbacks",
+        "created_at",
+        "settled_at",
+        "stack_id",
+        "state",
+        "trigger_id",
+        "type",
+    )
+
+    def __init__(
+        self, async_id: int, trigger_id: int, type: str, stack_id: int | None, created_at: int
+    ) -> None:
+        self.async_id = async_id
+        self.trigger_id = trigger_id
+        self.type = type
+        self.stack_id = stack_id
+        self.created_at = created_at
+        self.callbacks: list[int] = []
+        self.settled_at: int | None = None
+        self.state = "pending"
+        self.annotation_count = 0
+        self.awaited_by: list[int] | None = None
+
+    def intervals(self) -> list[tuple[int, int | None]]:
+        """Callback intervals as (start, end) pairs; end is None for a step still running."""
+        cb = self.callbacks
+        return [(cb[i], cb[i + 1] if i + 1 < len(cb) else None) for i in range(0, len(cb), 2)]
+
+    def __repr__(self) -> str:
+        return f"<Resource {self.async_id} {self.type} <-{self.trigger_id} {self.state}>"
+
+
+def _new_trace_id() -> str:
+    # 16 random bytes, the size of a W3C trace-id, so traces can be joined with other systems.
+    return os.urandom(16).hex()
+
+
+class Trace:
+    """All that one request did asynchronously.
+
+    Recording methods take the clock reading from the caller, so a hook reads the clock once.
+    They are safe to call from worker threads: ids come from an atomic counter and every
+    mutation is a single list operation.
+    """
+
+    __slots__ = (
+        "_ids",
+        "_stack_ids",
+        "annotations",
+        "closed",
+        "dropped",
+        "ended_at",
+        "limits",
+        "origin",
+        "record_futures",
+        "request",
+        "resources",
+        "stacks",
+        "started_at_unix_ns",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        trace_id: str | None = None,
+        request: dict[str, Any] | None = None,
+        origin: int = 0,
+        started_at_unix_ns: int = 0,
+        limits: TraceLimits | None = None,
+    ) -> None:
+        self.trace_id = trace_id or _new_trace_id()
+        self.request: dict[str, Any] = request if request is not None else {}
+        self.origin = origin
+        self.started_at_unix_ns = started_at_unix_ns
+        self.ended_at: int | None = None
+        self.limits = limits or TraceLimits()
+        self.resources: list[Resource] = []
+        self.stacks: list[tuple[str, ...]] = []
+        self.annotations: list[tuple[int, str, AnnotationValue]] = []
+        self.dropped = Dropped()
+        self.closed = False
+        self.record_futures = True
+        self._ids = itertools.count(1)
+        self._stack_ids: dict[object, int] = {}
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        request: dict[str, Any] | None = None,
+        limits: TraceLimits | None = None,
+        trace_id: str | None = None,
+    ) -> Trace:
+        """A trace whose clock starts now, holding its root resource (id 1)."""
+        origin = time.perf_counter_ns()
+        trace = cls(
+            trace_id=trace_id,
+            request=request,
+            origin=origin,
+            started_at_unix_ns=time.time_ns(),
+            limits=limits,
+        )
+        trace.add("root", 0, None, origin)
+        return trace
+
+    @property
+    def root(self) -> Resource:
+        return self.resources[0]
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def add(self, type: str, trigger_id: int, stack_id: int | None, now: int) -> Resource | None:
+        """A new resource, or None when the resource cap is reached (counted as dropped)."""
+        if len(self.resources) >= self.limits.max_resources:
+            self.dropped.resources += 1
+            return None
+        res = Resource(next(self._ids), trigger_id, type, stack_id, now)
+        self.resources.append(res)
+        return res
+
+    def begin(self, res: Resource, now: int) -> None:
+        """A callback of ``res`` starts running."""
+        cb = res.callbacks
+        if len(cb) < 2 * self.limits.max_callbacks_per_resource:
+            cb.append(now)
+        else:
+            self.dropped.callbacks += 1
+
+    def end(self, res: Resource, now: int) -> None:
+        """The running callback of ``res`` returns (ignored if its start was dropped)."""
+        cb = res.callbacks
+        if len(cb) & 1:
+            cb.append(now)
+
+    def settle(self, res: Resource, now: int, state: str) -> None:
+        """``res`` reached its final state; only the first settlement counts."""
+        if res.settled_at is None:
+            res.settled_at = now
+            res.state = state
+
+    def annotate(self, res: Resource, key: str, value: AnnotationValue) -> None:
+        if res.annotation_count >= self.limits.max_annotations_per_resource:
+            self.dropped.annotations += 1
+            return
+        if isinstance(value, str) and len(value) > self.limits.max_annotation_length:
+            value = value[: self.limits.max_annotation_length] + "…"
+            self.dropped.truncated += 1
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            value = repr(value)[: self.limits.max_annotation_length]
+        res.annotation_count += 1
+        self.annotations.append((res.async_id, key, value))
+
+    def stack_id(self, key: object, frames: tuple[str, ...]) -> int | None:
+        """The id of a stack in this trace's table, interned by ``key`` (any hashable)."""
+        sid = self._stack_ids.get(key)
+        if sid is None:
+            if len(self.stacks) >= self.limits.max_stacks:
+                self.dropped.stacks += 1
+                return None
+            sid = len(self.stacks)
+            self.stacks.append(frames)
+            self._stack_ids[key] = sid
+        return sid
+
+    def finish(self, now: int, state: str = "ok") -> None:
+        """End the request: settle the root, close the trace to further recording."""
+        if self.ended_at is None:
+            self.ended_at = now
+        self.settle(self.root, now, state)
+        self.closed = True
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def duration_ns(self) -> int:
+        end = self.ended_at if self.ended_at is not None else time.perf_counter_ns()
+        return end - self.origin
+
+    def annotations_of(self, async_id: int) -> dict[str, AnnotationValue]:
+        return {k: v for rid, k, v in self.annotations if rid == async_id}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trace in format v1 (a plain dict, ready for any JSON encoder)."""
+        o = self.origin
+        resources = []
+        for r in sorted(self.resources, key=_by_id) if self._out_of_order() else self.resources:
+            cb = r.callbacks
+            pairs = [
+                [cb[i] - o, cb[i + 1] - o if i + 1 < len(cb) else None]
+                for i in range(0, len(cb), 2)
+            ]
+            item: dict[str, Any] = {
+                "asyncId": r.async_id,
+                "triggerId": r.trigger_id,
+                "type": r.type,
+                "stackTraceId": r.stack_id,
+                "createdAt": r.created_at - o,
+                "callbackStartedAt": pairs[0][0] if pairs else None,
+                "callbackEndedAt": _last_end(pairs),
+                "destroyedAt": r.settled_at - o if r.settled_at is not None else None,
+                "callbacks": pairs,
+                "state": r.state,
+            }
+            if r.awaited_by:
+                item["awaitedBy"] = list(r.awaited_by)
+            resources.append(item)
+        return {
+            "version": FORMAT_VERSION,
+            "traceId": self.trace_id,
+            "request": dict(self.request),
+            "startedAtUnixNs": self.started_at_unix_ns,
+            "requestDurationNs": self.duration_ns,
+            "resources": resources,
+            "stackTraces": [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)],
+            "annotations": [{"asyncId": a, "key": k, "value": v} for a, k, v in self.annotations],
+            "dropped": self.dropped.to_dict(),
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def _out_of_order(self) -> bool:
+        res = self.resources
+        return any(res[i].async_id > res[i + 1].async_id for i in range(len(res) - 1))
+
+    def __repr__(self) -> str:
+        return f"<Trace {self.trace_id} {len(self.resources)} resources>"
+
+
+def _by_id(r: Resource) -> int:
+    return r.async_id
+
+
+def _last_end(pairs: list[list[int | None]]) -> int | None:
+    for pair in reversed(pairs):
+        if pair[1] is not None:
+            return pair[1]
+    return None
+
+
+def frame_origin(frame: str) -> FrameOrigin:
+    """Whose code a formatted frame is: the app's, a dependency's, or the runtime's.
+
+    Stacks spell dependency paths from ``site-packages/`` and standard-library paths from
+    ``<stdlib>/``; every other path is the app's (relative to its working directory).
+    """
+    _, _, where = frame.rpartition(" @ ")
+    if where.startswith("site-packages/"):
+        return "dependency"
+    if where.startswith("<"):
+        return "runtime"
+    return "app"

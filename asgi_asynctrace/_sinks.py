@@ -1,0 +1,167 @@
+"""Where finished traces go: the stderr log line, the in-memory store, the response header.
+
+    store = TraceStore(max_traces=100)
+    LogSink()(trace, trace.to_json())      # AsyncTrace completed; toJson() = {...}
+    decode_trace_header(response.headers["x-async-trace-data"])   # -> dict (format v1)
+
+A sink is any callable taking the trace and its JSON bytes (``TraceSink``). Sinks only read
+the model; the middleware calls each one inside a guard, so a failing sink never reaches the
+app. Exports: LOG_PREFIX, LogSink, TraceSink, TraceStore, capture_traces,
+decode_trace_header, encode_trace_header.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import sys
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any, Final, Protocol
+
+import orjson
+
+from ._model import Trace
+
+__all__ = [
+    "HEADER_PREFIX",
+    "LOG_PREFIX",
+    "LogSink",
+    "TraceSink",
+    "TraceStore",
+    "capture_traces",
+    "decode_trace_header",
+    "encode_trace_header",
+]
+
+LOG_PREFIX: Final = "AsyncTrace completed; toJson() = "
+HEADER_PREFIX: Final = "z1:"
+
+
+class TraceSink(Protocol):
+    """Receives every finished trace with its format-v1 JSON."""
+
+    def __call__(self, trace: Trace, data: bytes, /) -> None: ...
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of the record."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
+class LogSink:
+    """Logs ``AsyncTrace completed; toJson() = {...}`` at INFO, one line per trace.
+
+    The logger is ``asgi_asynctrace.trace``. When logging is not configured at all (plain
+    uvicorn configures only its own loggers) the line goes straight to stderr; once the app
+    configures logging, the line follows that configuration instead.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger("asgi_asynctrace.trace")
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(logging.INFO)
+        self._fallback: logging.Handler | None = None
+
+    def __call__(self, trace: Trace, data: bytes, /) -> None:
+        logger = self.logger
+        if self._fallback is None and not logger.hasHandlers():
+            self._fallback = _CurrentStderr()
+            self._fallback.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(self._fallback)
+        logger.info("%s%s", LOG_PREFIX, data.decode())
+
+
+class TraceStore:
+    """The most recent traces, newest last; old ones fall out when ``max_traces`` is reached."""
+
+    def __init__(self, max_traces: int = 100) -> None:
+        if max_traces < 1:
+            raise ValueError(f"max_traces must be at least 1, got {max_traces}")
+        self.max_traces = max_traces
+        self._items: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, trace: Trace, data: bytes, /) -> None:
+        summary = {
+            "traceId": trace.trace_id,
+            "method": trace.request.get("method"),
+            "path": trace.request.get("path"),
+            "status": trace.request.get("status"),
+            "state": trace.root.state,
+            "startedAtUnixNs": trace.started_at_unix_ns,
+            "durationNs": trace.duration_ns,
+            "resources": len(trace.resources),
+        }
+        with self._lock:
+            self._items[trace.trace_id] = (summary, data)
+            while len(self._items) > self.max_traces:
+                self._items.popitem(last=False)
+
+    def get(self, trace_id: str) -> bytes | None:
+        with self._lock:
+            item = self._items.get(trace_id)
+        return item[1] if item is not None else None
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """One small record per stored trace, newest first."""
+        with self._lock:
+            return [summary for summary, _ in reversed(self._items.values())]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def encode_trace_header(data: bytes) -> str:
+    """Trace JSON as a header value: ``z1:`` + base64url (no padding) of zlib-deflated JSON."""
+    packed = base64.urlsafe_b64encode(zlib.compress(data, 6)).rstrip(b"=")
+    return HEADER_PREFIX + packed.decode("ascii")
+
+
+def decode_trace_header(value: str | bytes) -> dict[str, Any]:
+    """The trace dict from an ``X-Async-Trace-Data`` header value made by this library."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if not text.startswith(HEADER_PREFIX):
+        raise ValueError(f"not an inline trace (it starts {text[:40]!r}): fetch it by its id")
+    packed = text[len(HEADER_PREFIX) :]
+    try:
+        raw = zlib.decompress(base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4)))
+        doc = orjson.loads(raw)
+    except (ValueError, zlib.error) as exc:
+        raise ValueError(f"damaged inline trace: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("damaged inline trace: not a JSON object")
+    return doc
+
+
+_capturing: list[list[Trace]] = []
+
+
+def global_sinks() -> tuple[list[Trace], ...]:
+    return tuple(_capturing)
+
+
+@contextmanager
+def capture_traces() -> Iterator[list[Trace]]:
+    """Collect every trace finished inside the block, from any middleware in this process.
+
+    with capture_traces() as traces:
+        client.get("/items", headers={"X-Async-Trace": "1"})
+    assert traces[0].root.state == "ok"
+    """
+    collected: list[Trace] = []
+    _capturing.append(collected)
+    try:
+        yield collected
+    finally:
+        _capturing.remove(collected)

@@ -1,0 +1,118 @@
+"""Creation stacks: captured by walking frames, formatted once per code location.
+
+    key, frames = capture(max_depth=24)
+    frames[0]           # "load_items @ app/routes.py:42:11" (innermost first)
+
+Walking frames reads no source files (``traceback.extract_stack`` does); the formatted frames are
+cached by the tuple of (code, instruction) pairs, so a repeated call site costs one dict lookup.
+Exports: capture, format_frame.
+"""
+
+from __future__ import annotations
+
+import asyncio.events
+import os
+import sys
+import sysconfig
+from types import CodeType
+from typing import Final
+
+__all__ = ["capture", "format_frame"]
+
+_PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The instrumentation package lives beside us once installed, or in the source tree's
+# top-level instrumentation/ folder during an editable install.
+_OWN_DIRS: Final = (
+    _PACKAGE_DIR,
+    os.path.join(os.path.dirname(os.path.dirname(_PACKAGE_DIR)), "instrumentation") + os.sep,
+)
+_STDLIB_DIRS: Final = tuple(
+    {os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "platstdlib")}
+)
+# A frame of the loop running a callback: everything outside it is the loop, not the request.
+_STOP_CODE: Final = asyncio.events.Handle._run.__code__
+_MAX_CACHE: Final = 8192
+
+# key -> formatted frames. The key holds code ids; the value keeps those code objects alive,
+# so an id in a key can never be reused by another code object while the entry exists.
+_cache: dict[tuple[int, ...], tuple[tuple[str, ...], tuple[CodeType, ...]]] = {}
+_path_cache: dict[str, str | None] = {}
+_cwd = os.getcwd() + os.sep
+
+
+def capture(max_depth: int, skip: int = 1) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The caller's stack (innermost first) as (cache key, formatted frames)."""
+    f = sys._getframe(skip)
+    key: list[int] = []
+    n = 0
+    while f is not None and n < max_depth:
+        code = f.f_code
+        if code is _STOP_CODE:
+            break
+        key.append(id(code))
+        key.append(f.f_lasti)
+        f = f.f_back  # type: ignore[assignment]
+        n += 1
+    k = tuple(key)
+    hit = _cache.get(k)
+    if hit is not None:
+        return k, hit[0]
+    return k, _format_and_cache(k, skip + 1, n)
+
+
+def _format_and_cache(key: tuple[int, ...], skip: int, n: int) -> tuple[str, ...]:
+    f = sys._getframe(skip)
+    frames: list[str] = []
+    codes: list[CodeType] = []
+    for _ in range(n):
+        if f is None:
+            break
+        codes.append(f.f_code)
+        path = _display_path(f.f_code.co_filename)
+        if path is not None:
+            frames.append(format_frame(f.f_code, f.f_lasti, f.f_lineno, path))
+        f = f.f_back  # type: ignore[assignment]
+    result = tuple(frames)
+    if len(_cache) >= _MAX_CACHE:
+        _cache.clear()
+    _cache[key] = (result, tuple(codes))
+    return result
+
+
+def format_frame(code: CodeType, lasti: int, lineno: int | None, path: str) -> str:
+    """``function @ path:line:column`` (column 1-based; 0 where Python cannot tell)."""
+    name = getattr(code, "co_qualname", code.co_name)
+    line = lineno or code.co_firstlineno
+    column = 0
+    positions = getattr(code, "co_positions", None)
+    if positions is not None and lasti >= 0:
+        for i, pos in enumerate(positions()):
+            if i == lasti // 2:
+                if pos[0] is not None:
+                    line = pos[0]
+                column = (pos[2] or 0) + 1 if pos[2] is not None else 0
+                break
+    return f"{name} @ {path}:{line}:{column}"
+
+
+def _display_path(filename: str) -> str | None:
+    """The path shown for a file, or None for the tracer's own files (left out of stacks)."""
+    cached = _path_cache.get(filename, "")
+    if cached != "":
+        return cached
+    shown: str | None
+    full = os.path.realpath(filename) if not filename.startswith("<") else filename
+    if full.startswith(_OWN_DIRS):
+        shown = None
+    elif "site-packages" + os.sep in full or "dist-packages" + os.sep in full:
+        marker = "site-packages" if "site-packages" + os.sep in full else "dist-packages"
+        shown = "site-packages/" + full.rsplit(marker + os.sep, 1)[1].replace(os.sep, "/")
+    elif full.startswith(_STDLIB_DIRS):
+        rest = next(full[len(d) :] for d in _STDLIB_DIRS if full.startswith(d))
+        shown = "<stdlib>/" + rest.replace(os.sep, "/")
+    elif full.startswith(_cwd):
+        shown = full[len(_cwd) :].replace(os.sep, "/")
+    else:
+        shown = full.replace(os.sep, "/")
+    _path_cache[filename] = shown
+    return shown
