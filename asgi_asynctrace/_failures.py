@@ -37,7 +37,7 @@ def report(where: str, exc: BaseException) -> None:
                 exc,
                 exc_info=exc,
             )
-    except Exception:  # noqa: S110 - a broken logging setup must not reach the app either
+    except Exception:
         pass
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import random
+import re
 from collections.abc import Iterable, MutableMapping
 from functools import lru_cache
 from typing import Any, Final
@@ -23,7 +24,8 @@ HEADER: Final = b"x-async-trace"
 TRACE_REQUESTED: Final = "requested"
 TRACE_SAMPLED: Final = "sampled"
 MAX_VALUE_LENGTH: Final = 256
-_OFF: Final = frozenset({b"0", b"false", b"off", b"no"})
+_OFF: Final = frozenset({b"", b"0", b"false", b"off", b"no"})
+_PRINTABLE: Final = re.compile(rb"[\x20-\x7e]+")
 
 
 @lru_cache(maxsize=256)
@@ -59,7 +61,7 @@ class Gate:
             return False
         if self._secret is not None:
             return hmac.compare_digest(value, self._secret)
-        if not value.isascii() or value.strip().lower() in _OFF:
+        if not _PRINTABLE.fullmatch(value) or value.strip().lower() in _OFF:
             return False
         return self._from_loopback(scope)
 
@@ -73,7 +75,9 @@ class Gate:
     @staticmethod
     def _from_loopback(scope: MutableMapping[str, Any]) -> bool:
         client = scope.get("client")
-        return bool(client) and isinstance(client[0], str) and is_loopback(client[0])
+        if not client or not isinstance(client[0], str):
+            return False
+        return is_loopback(client[0])
 
     def decide(self, scope: MutableMapping[str, Any], value: bytes | None) -> str | None:
         if value is not None:

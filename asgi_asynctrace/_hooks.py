@@ -65,7 +65,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         self._coro.close()
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self  # type: ignore[return-value]
+        return self
 
     def __iter__(self) -> TimedCoroutine:
         return self
@@ -280,4 +280,3 @@ def _make_create_future(
         return fut
 
     return create_future
-

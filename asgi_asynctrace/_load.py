@@ -55,7 +55,7 @@ def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     if key not in obj:
         raise TraceFormatError(f"{where}: missing {key!r}")
     value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise TraceFormatError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r:.60}")
     return value
 

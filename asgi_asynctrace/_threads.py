@@ -136,7 +136,7 @@ def acquire() -> None:
     with _lock:
         _refs += 1
         if _refs == 1:
-            ThreadPoolExecutor.submit = _traced_submit  # type: ignore[method-assign]
+            ThreadPoolExecutor.submit = _traced_submit  # type: ignore[method-assign,assignment]
         try:
             _patch_anyio()
         except Exception as exc:

@@ -1,0 +1,84 @@
+"""The sample app under a real uvicorn process, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from asgi_asynctrace import LOG_PREFIX, decode_trace_header
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    env = {**os.environ, "SAMPLE_DB": str(tmp_path / "sample.db")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(base + "/", timeout=1)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("uvicorn did not start") from None
+            time.sleep(0.1)
+    try:
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    base, proc = server
+    traced = httpx.get(base + "/items", headers={"X-Async-Trace": "1"})  # a cache miss
+    untraced = httpx.get(base + "/items")
+    assert traced.json() == untraced.json()
+    assert "x-async-trace-id" not in untraced.headers
+    trace_id = traced.headers["x-async-trace-id"]
+    inline = decode_trace_header(traced.headers["x-async-trace-data"])
+    assert inline["traceId"] == trace_id
+
+    proc.terminate()
+    proc.wait(10)
+    assert proc.stderr is not None
+    lines = [ln for ln in proc.stderr.read().decode().splitlines() if LOG_PREFIX in ln]
+    assert len(lines) == 1
+    trace = orjson.loads(lines[0].split(LOG_PREFIX, 1)[1])
+    assert trace["traceId"] == trace_id and trace["request"]["status"] == 200
+    types = [r["type"] for r in trace["resources"]]
+    assert types[0] == "root" and {"task", "thread", "cache-get", "db-query"} <= set(types)
+    tasks = [r for r in trace["resources"] if r["type"] == "task"]
+    assert all(t["state"] == "ok" and t["triggerId"] == 1 for t in tasks)
+    frames = [f for s in trace["stackTraces"] for f in s["frames"]]
+    assert any(f.startswith("items @ sample_app/app.py:") for f in frames)

@@ -1,0 +1,436 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from asgi_asynctrace import (
+    AsyncTraceMiddleware,
+    Trace,
+    annotate,
+    capture_traces,
+    decode_trace_header,
+    failure_counts,
+    load_trace,
+)
+from tests.helpers import call, run
+
+ON = {"X-Async-Trace": "1"}
+
+
+async def hello(request: Request) -> Response:
+    await asyncio.sleep(0.001)
+    return PlainTextResponse("hello", headers={"x-app": "yes"})
+
+
+async def boom(request: Request) -> Response:
+    raise LookupError("no such thing")
+
+
+async def big(request: Request) -> Response:
+    for i in range(300):
+        annotate(f"k{i}", "x" * 100)
+    return PlainTextResponse("big")
+
+
+async def with_background(request: Request) -> Response:
+    async def later() -> None:
+        await asyncio.sleep(0.01)
+        annotate("background", "done")
+
+    return PlainTextResponse("ok", background=BackgroundTask(later))
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/hello", hello),
+        Route("/boom", boom),
+        Route("/big", big),
+        Route("/background", with_background),
+    ]
+
+
+def traced_app(**settings: Any) -> Starlette:
+    app = Starlette(routes=routes())
+    app.add_middleware(AsyncTraceMiddleware, **settings)
+    return app
+
+
+async def _get(c: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None) -> Any:
+    return await c.get(path, headers=headers or {})
+
+
+def test_a_loopback_request_with_the_header_gets_its_trace_in_headers_log_and_store(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = traced_app()
+    caplog.set_level(logging.INFO, logger="asgi_asynctrace.trace")
+
+    async def go(c: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
+        r = await c.get("/hello?token=secret-value", headers=ON)
+        stored = await c.get(f"/__asynctrace/traces/{r.headers['x-async-trace-id']}")
+        return r, stored
+
+    r, stored = call(app, go)
+    assert r.status_code == 200 and r.text == "hello" and r.headers["x-app"] == "yes"
+    trace_id = r.headers["x-async-trace-id"]
+    inline = decode_trace_header(r.headers["x-async-trace-data"])
+    assert inline["traceId"] == trace_id and inline["resources"][0]["state"] == "pending"
+
+    lines = [m for m in caplog.messages if m.startswith("AsyncTrace completed; toJson() = ")]
+    assert len(lines) == 1
+    logged = orjson.loads(lines[0].split(" = ", 1)[1])
+    assert logged["traceId"] == trace_id
+    assert logged["request"] == {"method": "GET", "path": "/hello", "status": 200}
+    root = logged["resources"][0]
+    assert root["state"] == "ok" and root["destroyedAt"] == logged["requestDurationNs"]
+    assert len(root["callbacks"]) >= 2  # the sleep splits the handler into steps
+    assert b"secret-value" not in lines[0].encode()
+    assert stored.status_code == 200 and orjson.loads(stored.content) == logged
+
+
+def test_untraced_requests_are_served_exactly_as_without_the_middleware() -> None:
+    bare = Starlette(routes=routes())
+
+    async def go(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await c.get("/hello"), await c.get("/hello", headers={"X-Async-Trace": "0"})]
+
+    with capture_traces() as traces:
+        with_mw = call(traced_app(), go)
+        remote = call(traced_app(), lambda c: _get(c, "/hello", ON), host="203.0.113.9")
+    plain = call(bare, go)
+    for a, b in zip(with_mw, plain, strict=True):
+        assert (a.status_code, a.content, a.headers.raw) == (
+            b.status_code,
+            b.content,
+            b.headers.raw,
+        )
+    assert "x-async-trace-id" not in remote.headers and remote.text == "hello"
+    assert traces == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "0", "off", "x" * 5000, "caf\u00e9", "\x00\x01", "1, 1", " true "],
+)
+def test_odd_header_values_never_cause_an_error(value: str) -> None:
+    app = traced_app()
+    headers = [(b"x-async-trace", value.encode("utf-8"))]
+
+    async def go(c: httpx.AsyncClient) -> httpx.Response:
+        return await c.get("/hello", headers=headers)
+
+    r = call(app, go)
+    assert r.status_code == 200 and r.text == "hello"
+    traced = "x-async-trace-id" in r.headers
+    assert traced == (value in ("1, 1", " true "))
+
+
+def test_with_a_secret_only_the_secret_turns_tracing_on_from_any_client() -> None:
+    app = traced_app(secret="s3cret")
+
+    async def go(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await c.get("/hello", headers={"X-Async-Trace": "s3cret"}),
+            await c.get("/hello", headers={"X-Async-Trace": "1"}),
+            await c.get("/hello", headers={"X-Async-Trace": "s3cre"}),
+            await c.get("/__asynctrace/traces"),
+            await c.get("/__asynctrace/traces", headers={"X-Async-Trace": "s3cret"}),
+        ]
+
+    ok, plain, near, store_closed, store_open = call(app, go, host="198.51.100.7")
+    assert "x-async-trace-id" in ok.headers
+    assert "x-async-trace-id" not in plain.headers and "x-async-trace-id" not in near.headers
+    assert store_closed.status_code == 404  # passed through to the app, which has no such route
+    assert [t["traceId"] for t in store_open.json()["traces"]] == [ok.headers["x-async-trace-id"]]
+
+
+def test_sampled_requests_are_traced_without_any_response_header() -> None:
+    app = traced_app(sample_rate=1.0)
+    with capture_traces() as traces:
+        r = call(app, lambda c: _get(c, "/hello"), host="203.0.113.9")
+    assert (
+        r.headers.raw == call(Starlette(routes=routes()), lambda c: _get(c, "/hello")).headers.raw
+    )
+    assert len(traces) == 1 and traces[0].annotations_of(1)["traced"] == "sampled"
+
+
+def test_a_trace_too_big_for_the_header_says_where_to_fetch_it() -> None:
+    app = traced_app(header_limit=200)
+    r = call(app, lambda c: _get(c, "/big", ON))
+    marker = r.headers["x-async-trace-data"]
+    assert marker.startswith("omitted: ") and "> limit 200" in marker
+    assert marker.endswith(f"GET /__asynctrace/traces/{r.headers['x-async-trace-id']}")
+    with pytest.raises(ValueError, match="fetch it by its id"):
+        decode_trace_header(marker)
+
+
+def test_the_store_lists_newest_first_and_forgets_the_oldest() -> None:
+    app = traced_app(store_size=2)
+
+    async def go(c: httpx.AsyncClient) -> tuple[list[str], httpx.Response, httpx.Response]:
+        ids = [(await c.get("/hello", headers=ON)).headers["x-async-trace-id"] for _ in range(3)]
+        listing = await c.get("/__asynctrace/traces")
+        gone = await c.get(f"/__asynctrace/traces/{ids[0]}")
+        return ids, listing, gone
+
+    ids, listing, gone = call(app, go)
+    assert [t["traceId"] for t in listing.json()["traces"]] == [ids[2], ids[1]]
+    assert listing.json()["traces"][0]["path"] == "/hello"
+    assert gone.status_code == 404 and "keeps the last 2" in gone.json()["error"]
+
+
+def test_the_store_is_closed_to_remote_clients_without_a_secret() -> None:
+    r = call(traced_app(), lambda c: _get(c, "/__asynctrace/traces"), host="203.0.113.9")
+    assert r.status_code == 404 and r.text == "Not Found"  # the app's own 404
+
+
+def test_an_exception_propagates_unchanged_and_the_trace_says_error() -> None:
+    seen: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            raise LookupError("no such thing")
+        except LookupError as exc:
+            seen.append(exc)
+            raise
+
+    wrapped = AsyncTraceMiddleware(app)
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-async-trace", b"1")],
+             "client": ("127.0.0.1", 1)}  # fmt: skip
+
+    async def main() -> BaseException:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            pass
+
+        with pytest.raises(LookupError) as caught:
+            await wrapped(scope, receive, send)
+        return caught.value
+
+    with capture_traces() as traces:
+        raised = run(main())
+    assert raised is seen[0] and raised.__cause__ is None and raised.__context__ is None
+    root = traces[0].root
+    assert root.state == "error" and traces[0].annotations_of(1)["error"] == "LookupError"
+
+
+def test_a_client_that_disconnects_mid_request_leaves_a_cancelled_trace() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        assert message["type"] == "http.disconnect"
+
+    wrapped = AsyncTraceMiddleware(app)
+    scope = {"type": "http", "method": "POST", "path": "/up", "headers": [(b"x-async-trace", b"1")],
+             "client": ("::1", 1)}  # fmt: skip
+
+    async def main() -> None:
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(0.001)
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            raise AssertionError("nothing is sent")
+
+        await wrapped(scope, receive, send)
+
+    with capture_traces() as traces:
+        run(main())
+    assert traces[0].root.state == "cancelled"
+    assert "disconnectedAt" in traces[0].annotations_of(1)
+
+
+def test_a_cancelled_request_is_finalized_as_cancelled_and_still_emitted() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    wrapped = AsyncTraceMiddleware(app)
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-async-trace", b"1")],
+             "client": ("127.0.0.1", 1)}  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.ensure_future(wrapped(scope, None, None))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with capture_traces() as traces:
+        run(main())
+    assert traces[0].root.state == "cancelled" and traces[0].closed
+
+
+def test_a_streaming_response_is_passed_on_chunk_by_chunk_and_traced() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(3):
+            await asyncio.sleep(0.002)
+            yield f"c{i}".encode()
+
+    async def endpoint(request: Request) -> Response:
+        return StreamingResponse(chunks())
+
+    app = Starlette(routes=[Route("/s", endpoint)])
+    app.add_middleware(AsyncTraceMiddleware)
+    sent: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/s",
+            "client": ("127.0.0.1", 1),
+            "headers": [(b"x-async-trace", b"1")],
+            "query_string": b"",
+            "root_path": "",
+        }
+        waiting = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await waiting.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            sent.append(dict(message))
+
+        await app(scope, receive, send)
+
+    with capture_traces() as traces:
+        run(main())
+    bodies = [m.get("body") for m in sent if m["type"] == "http.response.body"]
+    assert bodies[:3] == [b"c0", b"c1", b"c2"]
+    assert traces[0].root.state == "ok" and len(traces[0].root.callbacks) >= 6
+
+
+def test_the_log_line_waits_for_background_tasks() -> None:
+    with capture_traces() as traces:
+        call(traced_app(), lambda c: _get(c, "/background", ON))
+    assert traces[0].annotations_of(1)["background"] == "done"
+
+
+def test_a_failing_sink_is_counted_once_logged_and_never_reaches_the_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(trace: Trace, data: bytes) -> None:
+        raise RuntimeError("disk full")
+
+    got: list[bytes] = []
+    app = traced_app(sinks=[broken, lambda trace, data: got.append(data)])
+
+    async def go(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await c.get("/hello", headers=ON) for _ in range(3)]
+
+    responses = call(app, go)
+    assert all(r.status_code == 200 and r.text == "hello" for r in responses)
+    assert list(failure_counts().values()) == [3]
+    assert next(iter(failure_counts())).endswith("<locals>.broken")
+    warnings = [
+        r for r in caplog.records if r.name == "asgi_asynctrace" and "disk full" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert len(got) == 3 and load_trace(got[0]).root.state == "ok"
+
+
+def test_lifespan_and_other_scopes_pass_through_untouched() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope, receive, send))
+
+    wrapped = AsyncTraceMiddleware(app)
+    scope = {"type": "lifespan"}
+    run(wrapped(scope, print, print))  # type: ignore[arg-type]
+    assert seen == [(scope, print, print)]
+
+
+def test_a_minimal_scope_without_headers_or_client_is_served() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    run(AsyncTraceMiddleware(app, sample_rate=1.0)({"type": "http"}, print, send))  # type: ignore[arg-type]
+    assert sent == [{"type": "http.response.start", "status": 204}, {"type": "http.response.body"}]
+
+
+def test_bad_settings_are_refused_with_a_clear_error() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="sample_rate"):
+        AsyncTraceMiddleware(app, sample_rate=2)
+    with pytest.raises(ValueError, match="secret"):
+        AsyncTraceMiddleware(app, secret="")
+    with pytest.raises(ValueError, match="path_prefix"):
+        AsyncTraceMiddleware(app, path_prefix="traces/")
+
+
+def test_fastapi_apps_take_the_same_middleware() -> None:
+    from fastapi import FastAPI
+
+    api = FastAPI()
+
+    @api.get("/items/{item_id}")
+    def read_item(item_id: int) -> dict[str, int]:
+        annotate("item", item_id)
+        return {"item_id": item_id}
+
+    api.add_middleware(AsyncTraceMiddleware)
+    with capture_traces() as traces:
+        r = call(api, lambda c: _get(c, "/items/7", ON))
+    assert r.json() == {"item_id": 7}
+    thread = next(res for res in traces[0].resources if res.type == "thread")
+    assert traces[0].annotations_of(thread.async_id)["item"] == 7
+
+
+def test_a_websocket_connection_is_traced_when_its_handshake_asks() -> None:
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    async def echo(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_text(await ws.receive_text())
+        await ws.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", echo)])
+    app.add_middleware(AsyncTraceMiddleware, secret="k")
+    incoming = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "hi"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> Any:
+        await asyncio.sleep(0)
+        return incoming.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [(b"x-async-trace", b"k")],
+             "client": ("198.51.100.7", 1), "query_string": b"", "root_path": "",
+             "subprotocols": []}  # fmt: skip
+    with capture_traces() as traces:
+        run(app(scope, receive, send))
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "hi"
+    accept_headers = dict(sent[0]["headers"])
+    assert accept_headers[b"x-async-trace-id"] == traces[0].trace_id.encode()
+    assert len(traces) == 1 and traces[0].request["method"] == "WS"
+    assert traces[0].root.state == "ok"

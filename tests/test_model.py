@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from asgi_asynctrace import Trace, TraceFormatError, TraceLimits, frame_origin, load_trace
+
+SEED_SAMPLE = {
+    "requestDurationNs": 5_000_000,
+    "resources": [
+        {"asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": 0, "createdAt": 0,
+         "callbackStartedAt": 0, "callbackEndedAt": 5_000_000, "destroyedAt": 0},
+        {"asyncId": 2, "triggerId": 1, "type": "kFetch", "stackTraceId": 0, "createdAt": 1000,
+         "callbackStartedAt": 2_000_000, "callbackEndedAt": 2_100_000, "destroyedAt": 2_100_000},
+        {"asyncId": 3, "triggerId": 1, "type": "jsPromise", "stackTraceId": 7, "createdAt": 1500,
+         "callbackStartedAt": 0, "callbackEndedAt": 0, "destroyedAt": 0},
+    ],
+    "stackTraces": [{"id": 0, "frames": ["handler @ worker.js:10:5"]}],
+    "annotations": [{"asyncId": 2, "key": "url", "value": "https://example.com"}],
+}  # fmt: skip
+
+
+def _sample() -> Trace:
+    trace = Trace(trace_id="t1", request={"method": "GET", "path": "/x"}, origin=1000)
+    root = trace.add("root", 0, None, 1000)
+    assert root is not None
+    child = trace.add("fetch", 1, trace.stack_id("k", ("f @ app.py:1:1",)), 1500)
+    assert child is not None
+    trace.begin(root, 1000)
+    trace.end(root, 1200)
+    trace.begin(root, 3000)
+    trace.end(root, 3100)
+    trace.annotate(child, "url", "https://api.example/x")
+    trace.settle(child, 2500, "ok")
+    trace.finish(3100)
+    return trace
+
+
+def test_to_dict_writes_format_v1_with_times_relative_to_the_request_start() -> None:
+    doc = _sample().to_dict()
+    assert doc["version"] == 1
+    assert doc["requestDurationNs"] == 2100
+    root, child = doc["resources"]
+    assert root == {
+        "asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": None, "createdAt": 0,
+        "callbackStartedAt": 0, "callbackEndedAt": 2100, "destroyedAt": 2100,
+        "callbacks": [[0, 200], [2000, 2100]], "state": "ok",
+    }  # fmt: skip
+    assert child["createdAt"] == 500 and child["destroyedAt"] == 1500
+    assert child["callbackStartedAt"] is None and child["callbacks"] == []
+    assert doc["stackTraces"] == [{"id": 0, "frames": ["f @ app.py:1:1"]}]
+    assert doc["annotations"] == [{"asyncId": 2, "key": "url", "value": "https://api.example/x"}]
+
+
+def test_a_v1_trace_survives_a_round_trip_through_json_unchanged() -> None:
+    first = _sample().to_json()
+    again = load_trace(first).to_json()
+    assert orjson.loads(again) == orjson.loads(first)
+
+
+def test_a_running_step_is_written_with_a_null_end() -> None:
+    trace = Trace(origin=0)
+    res = trace.add("task", 0, None, 0)
+    assert res is not None
+    trace.begin(res, 10)
+    trace.ended_at = 20
+    assert trace.to_dict()["resources"][0]["callbacks"] == [[10, None]]
+    assert load_trace(trace.to_json()).to_dict()["resources"][0]["callbacks"] == [[10, None]]
+
+
+def test_resources_over_the_cap_are_dropped_and_counted() -> None:
+    trace = Trace(limits=TraceLimits(max_resources=3))
+    made = [trace.add("task", 0, None, i) for i in range(5)]
+    assert [r.async_id for r in made if r is not None] == [1, 2, 3]
+    assert made[3:] == [None, None]
+    assert trace.to_dict()["dropped"]["resources"] == 2
+
+
+def test_annotations_and_callbacks_over_their_caps_are_dropped_and_counted() -> None:
+    limits = TraceLimits(
+        max_annotations_per_resource=2, max_annotation_length=5, max_callbacks_per_resource=2
+    )
+    trace = Trace(limits=limits)
+    res = trace.add("task", 0, None, 0)
+    assert res is not None
+    trace.annotate(res, "a", "0123456789")
+    trace.annotate(res, "b", 1)
+    trace.annotate(res, "c", 2)
+    for t in range(0, 100, 10):
+        trace.begin(res, t)
+        trace.end(res, t + 1)
+    doc = trace.to_dict()
+    assert doc["annotations"][0]["value"] == "01234…"
+    assert len(doc["annotations"]) == 2
+    assert doc["resources"][0]["callbacks"] == [[0, 1], [10, 11]]
+    assert doc["dropped"] == {
+        "resources": 0, "annotations": 1, "callbacks": 8, "stacks": 0, "truncatedValues": 1,
+    }  # fmt: skip
+
+
+def test_stacks_are_deduplicated_by_key() -> None:
+    trace = Trace()
+    a = trace.stack_id(("k", 1), ("f @ a.py:1:1",))
+    b = trace.stack_id(("k", 1), ("f @ a.py:1:1",))
+    c = trace.stack_id(("k", 2), ("g @ a.py:2:1",))
+    assert (a, b, c) == (0, 0, 1)
+    assert len(trace.to_dict()["stackTraces"]) == 2
+
+
+def test_only_the_first_settlement_counts() -> None:
+    trace = Trace()
+    res = trace.add("future", 0, None, 0)
+    assert res is not None
+    trace.settle(res, 5, "cancelled")
+    trace.settle(res, 9, "ok")
+    assert (res.state, res.settled_at) == ("cancelled", 5)
+
+
+def test_the_seed_runtime_json_loads_with_its_zeros_read_as_never() -> None:
+    trace = load_trace(orjson.dumps(SEED_SAMPLE))
+    doc = trace.to_dict()
+    root, fetch, promise = doc["resources"]
+    assert root["state"] == "ok" and root["destroyedAt"] == 5_000_000
+    assert root["callbacks"] == [[0, 5_000_000]]
+    assert fetch["type"] == "fetch" and fetch["callbacks"] == [[2_000_000, 2_100_000]]
+    assert fetch["stackTraceId"] == 0
+    assert promise["type"] == "js-promise"
+    assert promise["state"] == "pending" and promise["callbacks"] == []
+    assert promise["stackTraceId"] is None  # its stack 7 is not in the table
+    assert trace.annotations_of(2) == {"url": "https://example.com"}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "a trace is a JSON object"),
+        (b'{"version": 2}', "unsupported trace format version 2"),
+        (b'{"version": 1, "resources": []}', "missing 'requestDurationNs'"),
+        (
+            b'{"version": 1, "requestDurationNs": 5, "resources": [{"asyncId": "x"}]}',
+            "resources[0].asyncId: expected int",
+        ),
+        (b'{"hello": 1}', "no 'version' and no 'resources'"),
+    ],
+)
+def test_bad_input_gets_an_error_that_says_what_and_where(data: bytes, message: str) -> None:
+    with pytest.raises(TraceFormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_trace(data)
+
+
+def test_limits_reject_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_resources must be a positive int"):
+        TraceLimits(max_resources=0)
+
+
+@pytest.mark.parametrize(
+    ("frame", "origin"),
+    [
+        ("handler @ app/routes.py:4:5", "app"),
+        ("Route.handle @ site-packages/starlette/routing.py:289:13", "dependency"),
+        ("sleep @ <stdlib>/asyncio/tasks.py:644:14", "runtime"),
+    ],
+)
+def test_frames_tell_the_apps_code_from_dependencies_and_the_runtime(
+    frame: str, origin: str
+) -> None:
+    assert frame_origin(frame) == origin

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import asyncio
+
+from asgi_asynctrace import _stacks
+from asgi_asynctrace._stacks import capture
+
+
+def _here() -> tuple[tuple[int, ...], tuple[str, ...]]:
+    return capture(8, skip=1)
+
+
+def test_frames_read_function_path_line_column_with_paths_relative_to_the_cwd() -> None:
+    _, frames = _here()
+    assert frames[0].startswith("_here @ tests/test_stacks.py:")
+    line, column = frames[0].rsplit(":", 2)[1:]
+    assert int(line) == _here.__code__.co_firstlineno + 1
+    assert int(column) == 12  # where "capture(" starts on that line, 1-based
+    assert frames[1].startswith("test_frames_read_function_path_line_column")
+
+
+def test_a_repeated_call_site_is_served_from_the_cache() -> None:
+    results = [_here() for _ in range(3)]
+    keys = {r[0] for r in results}
+    assert len(keys) == 1
+    assert results[0][1] is results[1][1] is results[2][1]
+
+
+def test_different_call_sites_get_different_stacks() -> None:
+    a = _here()
+    b = _here()
+    assert a[0] != b[0]
+    assert a[1][1] != b[1][1]
+
+
+def test_the_tracers_own_frames_are_left_out() -> None:
+    frames = asyncio.run(_stack_in_a_task())
+    assert frames
+    assert not any("asgi_asynctrace/" in f for f in frames)
+
+
+async def _stack_in_a_task() -> tuple[str, ...]:
+    from asgi_asynctrace import Trace
+    from asgi_asynctrace._context import ACTIVE, new_resource
+
+    trace = Trace.start()
+    ACTIVE.set((trace, trace.root))
+    res = new_resource("task", trace, trace.root, skip=1)
+    assert res is not None and res.stack_id is not None
+    return trace.stacks[res.stack_id]
+
+
+def test_the_walk_stops_at_the_event_loop_and_at_the_depth_cap() -> None:
+    async def inner() -> tuple[str, ...]:
+        return capture(64, skip=1)[1]
+
+    frames = asyncio.run(inner())
+    assert frames == (frames[0],) and frames[0].startswith("test_the_walk_stops")
+    assert len(capture(2, skip=1)[1]) == 2
+
+
+def test_library_paths_are_spelled_so_their_origin_shows() -> None:
+    assert _stacks._display_path(asyncio.__file__) == "<stdlib>/asyncio/__init__.py"
+    import httpx
+
+    assert _stacks._display_path(httpx.__file__) == "site-packages/httpx/__init__.py"
+    assert _stacks._display_path(_stacks.__file__) is None
