@@ -164,4 +164,5 @@ def capture_traces() -> Iterator[list[Trace]]:
     try:
         yield collected
     finally:
-        _capturing.remove(collected)
+        # by identity: two collectors holding equal lists are still different collectors
+        _capturing[:] = [c for c in _capturing if c is not collected]

@@ -1,0 +1,575 @@
+"""The asyncio hooks: the causality tree and step timings of each common async pattern."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from asgi_asynctrace import (
+    AsyncTraceMiddleware,
+    Resource,
+    Trace,
+    annotate,
+    current_resource,
+    start_resource,
+)
+from tests.helpers import LOOP, run
+
+Tree = list[tuple[str, list[Any]]]
+
+
+async def _request(
+    body: Callable[[], Awaitable[Any]], *, futures: bool = False, traced: bool = True
+) -> Trace | None:
+    """Run ``body`` as the handler of one request through the middleware; return its trace."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await body()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    traces: list[Trace] = []
+    middleware = AsyncTraceMiddleware(
+        app,
+        log_traces=False,
+        store_size=0,
+        record_futures=futures,
+        sinks=[lambda trace, data: traces.append(trace)],
+    )
+    headers = [(b"x-async-trace", b"1")] if traced else []
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers,
+             "client": ("127.0.0.1", 1)}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await middleware(scope, receive, send)
+    return traces[0] if traces else None
+
+
+def traced(body: Callable[[], Awaitable[Any]], futures: bool = False) -> Trace:
+    trace = run(_request(body, futures=futures))
+    assert trace is not None
+    return trace
+
+
+def label(trace: Trace, res: Resource) -> str:
+    notes = trace.annotations_of(res.async_id)
+    name = notes.get("coroutine") or notes.get("function") or notes.get("name")
+    short = str(name).rsplit(".", 1)[-1] if name else ""
+    return f"{res.type}:{short}" if short else res.type
+
+
+def tree(trace: Trace, parent: int = 1, types: frozenset[str] | None = None) -> Tree:
+    """The causality tree under ``parent`` as nested (label, children), in creation order."""
+    return [
+        (label(trace, r), tree(trace, r.async_id, types))
+        for r in trace.resources
+        if r.trigger_id == parent and (types is None or r.type in types)
+    ]
+
+
+def by_label(trace: Trace, wanted: str) -> list[Resource]:
+    return [r for r in trace.resources if label(trace, r) == wanted]
+
+
+def assert_plausible(trace: Trace) -> None:
+    """Every resource's times are ordered: created <= steps (ordered, disjoint) <= settled."""
+    end = trace.ended_at
+    assert end is not None
+    for r in trace.resources:
+        times = r.callbacks
+        assert times == sorted(times), r
+        if times:
+            assert r.created_at <= times[0], r
+        if r.settled_at is not None:
+            assert r.created_at <= r.settled_at, r
+            if times and r.type in ("task", "thread"):
+                assert times[-1] <= r.settled_at, r
+        assert r.trigger_id < r.async_id
+
+
+async def leaf(delay: float = 0.005) -> str:
+    await asyncio.sleep(delay)
+    return "leaf"
+
+
+def test_sequential_awaits_make_tasks_one_after_the_other() -> None:
+    async def body() -> None:
+        await asyncio.create_task(leaf())
+        await asyncio.create_task(leaf())
+
+    trace = traced(body)
+    assert tree(trace) == [("task:leaf", []), ("task:leaf", [])]
+    first, second = trace.resources[1:]
+    assert first.settled_at is not None and first.settled_at <= second.created_at
+    assert_plausible(trace)
+
+
+def test_gather_runs_its_children_in_parallel() -> None:
+    async def body() -> None:
+        assert await asyncio.gather(leaf(0.02), leaf(0.02), leaf(0.02)) == ["leaf"] * 3
+
+    trace = traced(body)
+    assert tree(trace) == [("task:leaf", [])] * 3
+    tasks = trace.resources[1:]
+    assert max(t.created_at for t in tasks) < min(t.settled_at or 0 for t in tasks)
+    assert all(t.state == "ok" and len(t.callbacks) == 4 for t in tasks)  # two steps each
+    assert_plausible(trace)
+
+
+def test_a_race_with_wait_first_completed_leaves_the_loser_cancelled() -> None:
+    async def body() -> None:
+        fast, slow = asyncio.create_task(leaf(0.001)), asyncio.create_task(leaf(5))
+        done, pending = await asyncio.wait({fast, slow}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {fast}
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+
+    trace = traced(body)
+    fast, slow = trace.resources[1:3]
+    assert (fast.state, slow.state) == ("ok", "cancelled")
+    assert slow.settled_at is not None and fast.settled_at is not None
+    assert slow.settled_at > fast.settled_at
+    assert_plausible(trace)
+
+
+def test_as_completed_yields_each_child_as_it_settles() -> None:
+    async def body() -> None:
+        order = [await f for f in asyncio.as_completed([leaf(0.02), leaf(0.001)])]
+        assert order == ["leaf", "leaf"]
+
+    trace = traced(body)
+    tasks = [r for r in trace.resources if label(trace, r) == "task:leaf"]
+    assert [t.trigger_id for t in tasks] == [1, 1] and all(t.state == "ok" for t in tasks)
+    # as_completed makes its tasks from a set, so their creation order is arbitrary
+    first, last = sorted(tasks, key=lambda t: t.settled_at or 0)
+    assert last.settled_at is not None and first.settled_at is not None
+    assert last.settled_at - first.settled_at >= 10_000_000
+    assert_plausible(trace)
+
+
+def test_nested_tasks_three_deep_form_a_chain() -> None:
+    async def c() -> None:
+        await asyncio.sleep(0.001)
+
+    async def b() -> None:
+        await asyncio.create_task(c())
+
+    async def a() -> None:
+        await asyncio.create_task(b())
+
+    async def body() -> None:
+        await asyncio.create_task(a())
+
+    trace = traced(body)
+    assert tree(trace) == [("task:a", [("task:b", [("task:c", [])])])]
+    a_, b_, c_ = trace.resources[1:]
+    assert a_.created_at < b_.created_at < c_.created_at
+    assert c_.settled_at is not None and b_.settled_at is not None and a_.settled_at is not None
+    assert c_.settled_at <= b_.settled_at <= a_.settled_at
+    assert_plausible(trace)
+
+
+def test_async_iteration_records_each_wait_of_the_generator_as_caused_by_its_consumer() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(3):
+            await asyncio.sleep(0.001)
+            yield i
+
+    async def consume() -> None:
+        assert [i async for i in numbers()] == [0, 1, 2]
+
+    async def body() -> None:
+        await asyncio.create_task(consume())
+
+    trace = traced(body, futures=True)
+    consumer = by_label(trace, "task:consume")[0]
+    futures = [r for r in trace.resources if r.type == "future"]
+    assert len(futures) == 3
+    assert all(f.trigger_id == consumer.async_id for f in futures)
+    assert all(f.awaited_by == [consumer.async_id] and f.state == "ok" for f in futures)
+    assert len(consumer.callbacks) == 2 * 4  # one step to start, one after each sleep
+    assert_plausible(trace)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="TaskGroup is new in Python 3.11")
+def test_a_task_group_with_one_failing_child_cancels_its_siblings() -> None:
+    async def fails() -> None:
+        await asyncio.sleep(0.005)
+        raise ValueError("bad input")
+
+    async def body() -> None:
+        with pytest.raises(ExceptionGroup) as caught:  # noqa: F821 - 3.11+
+            async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined,unused-ignore]
+                group.create_task(leaf(5))
+                group.create_task(fails())
+                group.create_task(leaf(5))
+        assert caught.group_contains(ValueError)
+
+    trace = traced(body)
+    assert tree(trace) == [("task:leaf", []), ("task:fails", []), ("task:leaf", [])]
+    states = [r.state for r in trace.resources[1:]]
+    assert states == ["cancelled", "error", "cancelled"]
+    assert trace.annotations_of(3)["error"] == "ValueError"
+    assert_plausible(trace)
+
+
+def test_shield_keeps_the_inner_task_running_when_the_outer_wait_is_cancelled() -> None:
+    async def protected() -> str:
+        await asyncio.sleep(0.02)
+        return "done"
+
+    async def body() -> None:
+        inner_done = asyncio.Event()
+
+        async def outer() -> None:
+            try:
+                await asyncio.shield(protected())
+            finally:
+                inner_done.set()
+
+        task = asyncio.create_task(outer())
+        await asyncio.sleep(0.005)
+        task.cancel()
+        await inner_done.wait()
+        await asyncio.sleep(0.03)
+
+    trace = traced(body)
+    assert tree(trace) == [("task:outer", [("task:protected", [])])]
+    outer, inner = trace.resources[1:]
+    assert (outer.state, inner.state) == ("cancelled", "ok")
+    assert outer.settled_at is not None and inner.settled_at is not None
+    assert inner.settled_at > outer.settled_at
+    assert_plausible(trace)
+
+
+def test_wait_for_timing_out_cancels_the_awaited_task() -> None:
+    async def body() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.create_task(leaf(5)), timeout=0.01)
+
+    trace = traced(body)
+    assert tree(trace) == [("task:leaf", [])]
+    waited = trace.resources[1]
+    assert waited.state == "cancelled"
+    assert waited.settled_at is not None and waited.settled_at - waited.created_at >= 10_000_000
+    assert_plausible(trace)
+
+
+def test_cancelling_a_child_mid_request_records_the_cancellation_at_its_time() -> None:
+    async def body() -> None:
+        task = asyncio.create_task(leaf(5))
+        await asyncio.sleep(0.01)
+        before = time.perf_counter_ns()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        annotate("cancelled_after", before)
+
+    trace = traced(body)
+    task = trace.resources[1]
+    assert task.state == "cancelled" and task.settled_at is not None
+    assert task.settled_at >= int(trace.annotations_of(1)["cancelled_after"] or 0)
+    assert len(task.callbacks) == 4  # the first step, and the step that received the cancel
+    assert_plausible(trace)
+
+
+def test_a_sync_function_in_the_thread_pool_records_its_work_inside_the_thread() -> None:
+    def blocking() -> int:
+        time.sleep(0.005)
+        with start_resource("db-query", statement="select 1"):
+            annotate("rows", 1)
+        return 1
+
+    async def body() -> None:
+        import anyio.to_thread
+
+        assert await asyncio.to_thread(blocking) == 1
+        assert await anyio.to_thread.run_sync(blocking) == 1
+        assert await asyncio.get_running_loop().run_in_executor(None, blocking) == 1
+
+    trace = traced(body)
+    assert tree(trace) == [("thread:blocking", [("db-query", [])])] * 3
+    for job in (r for r in trace.resources if r.type == "thread"):
+        (start, end), = job.intervals()
+        assert end is not None and end - start >= 5_000_000  # the sleep ran inside the step
+        assert job.created_at <= start and job.state == "ok"
+        query = next(r for r in trace.resources if r.trigger_id == job.async_id)
+        assert trace.annotations_of(query.async_id)["rows"] == 1
+    assert_plausible(trace)
+
+
+def test_a_failing_thread_job_is_settled_as_error() -> None:
+    def broken() -> None:
+        raise OSError("disk")
+
+    async def body() -> None:
+        with pytest.raises(OSError, match="disk"):
+            await asyncio.to_thread(broken)
+
+    trace = traced(body)
+    job = trace.resources[1]
+    assert (job.type, job.state) == ("thread", "error")
+    assert trace.annotations_of(2)["error"] == "OSError"
+
+
+def test_a_coroutine_driven_from_a_thread_job_is_linked_to_that_job() -> None:
+    async def on_loop() -> str:
+        await asyncio.sleep(0.001)
+        return "from loop"
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+
+        def in_thread() -> str:
+            return asyncio.run_coroutine_threadsafe(on_loop(), loop).result(5)
+
+        assert await asyncio.to_thread(in_thread) == "from loop"
+
+    trace = traced(body)
+    assert tree(trace) == [("thread:in_thread", [("task:on_loop", [])])]
+    assert_plausible(trace)
+
+
+def test_anyio_from_thread_is_linked_to_the_worker_job() -> None:
+    import anyio.from_thread
+    import anyio.to_thread
+
+    async def on_loop() -> str:
+        await asyncio.sleep(0.001)
+        return "from loop"
+
+    def in_thread() -> str:
+        return anyio.from_thread.run(on_loop)
+
+    async def body() -> None:
+        assert await anyio.to_thread.run_sync(in_thread) == "from loop"
+
+    trace = traced(body)
+    job = by_label(trace, "thread:in_thread")[0]
+    bridged = [r for r in trace.resources if r.type == "task" and r.trigger_id == job.async_id]
+    assert bridged and all(r.state == "ok" for r in bridged)
+
+
+def test_a_background_task_that_outlives_the_request_is_pending_in_its_trace() -> None:
+    finished = asyncio.Event
+
+    async def main() -> tuple[Trace, bytes, Resource]:
+        done = finished()
+
+        async def later() -> None:
+            await asyncio.sleep(0.02)
+            done.set()
+
+        async def body() -> None:
+            keep.append(asyncio.create_task(later()))
+
+        keep: list[asyncio.Task[None]] = []
+        trace = await _request(body)
+        assert trace is not None
+        emitted = trace.to_json()
+        await done.wait()
+        await asyncio.sleep(0)
+        return trace, emitted, trace.resources[1]
+
+    trace, emitted, task = run(main())
+    assert task.state == "pending" and task.settled_at is None  # nothing recorded after the end
+    assert trace.to_json() == emitted
+
+
+def test_step_timing_keeps_task_introspection_working() -> None:
+    seen: dict[str, Any] = {}
+
+    async def worker() -> None:
+        await asyncio.sleep(0.01)
+
+    async def body() -> None:
+        task = asyncio.create_task(worker(), name="the-worker")
+        await asyncio.sleep(0.001)
+        coro: Any = task.get_coro()
+        seen["qualname"] = coro.__qualname__
+        seen["name"] = coro.__name__
+        seen["state"] = inspect.getcoroutinestate(coro)
+        seen["frame"] = coro.cr_frame.f_code.co_name
+        seen["awaiting"] = coro.cr_await is not None
+        seen["stack"] = [f.f_code.co_name for f in task.get_stack()]
+        seen["repr"] = repr(task)
+        seen["task_name"] = task.get_name()
+        seen["iscoroutine"] = asyncio.iscoroutine(coro)
+        await task
+
+    traced(body)
+    assert seen["qualname"].endswith("worker") and seen["name"] == "worker"
+    assert seen["state"] == inspect.CORO_SUSPENDED and seen["frame"] == "worker"
+    assert seen["awaiting"] and seen["stack"] == ["worker"]
+    assert "worker()" in seen["repr"] and seen["task_name"] == "the-worker"
+    assert seen["iscoroutine"]
+
+
+def test_futures_record_who_made_them_who_waited_and_when_they_settled() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        loop.call_later(0.005, fut.set_result, 1)
+        assert await fut == 1
+        lock = asyncio.Event()
+        waiter = asyncio.create_task(lock.wait())
+        await asyncio.sleep(0.001)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+    trace = traced(body, futures=True)
+    made, *rest = [r for r in trace.resources if r.type == "future"]
+    assert made.trigger_id == 1 and made.awaited_by == [1] and made.state == "ok"
+    event_future = next(r for r in rest if r.trigger_id != 1)
+    assert event_future.state == "cancelled"
+    assert_plausible(trace)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+def test_asyncio_timeout_cancels_the_wait_inside_it() -> None:
+    async def body() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.005):  # type: ignore[attr-defined,unused-ignore]
+                await asyncio.sleep(5)
+
+    trace = traced(body, futures=True)
+    (sleep,) = [r for r in trace.resources if r.type == "future"]
+    assert sleep.state == "cancelled" and sleep.trigger_id == 1
+
+
+def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
+    states: dict[str, Any] = {}
+    original_submit = concurrent.futures.ThreadPoolExecutor.submit
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        states["traced" if current_resource() else "untraced"] = (
+            loop.get_task_factory() is not None,
+            "create_future" in vars(loop),
+            concurrent.futures.ThreadPoolExecutor.submit is not original_submit,
+        )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        states["before"] = (loop.get_task_factory(), "create_future" in vars(loop))
+        await _request(body)
+        await _request(body, traced=False)
+        states["after"] = (loop.get_task_factory(), "create_future" in vars(loop))
+
+    run(main())
+    assert states["before"] == states["after"] == (None, False)
+    assert states["traced"] == (True, True, True)
+    assert states["untraced"] == (False, False, False)
+    assert concurrent.futures.ThreadPoolExecutor.submit is original_submit
+
+
+def test_a_task_factory_already_on_the_loop_is_chained_and_restored() -> None:
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def main() -> Trace | None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(factory)
+
+        async def body() -> None:
+            await asyncio.create_task(leaf())
+
+        trace = await _request(body)
+        assert loop.get_task_factory() is factory
+        return trace
+
+    trace = run(main())
+    assert trace is not None and tree(trace) == [("task:leaf", [])]
+    assert any(name.endswith("leaf") for name in made)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in Python 3.12")
+def test_eager_tasks_have_their_first_step_recorded_at_creation() -> None:
+    async def main() -> Trace | None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+
+        async def quick() -> int:
+            return 1
+
+        async def body() -> None:
+            task = asyncio.create_task(quick())
+            assert task.done()  # it ran to completion eagerly, inside create_task
+            await asyncio.create_task(leaf())
+
+        return await _request(body)
+
+    trace = run(main())
+    assert trace is not None
+    quick, slow = trace.resources[1:3]
+    assert quick.state == "ok" and len(quick.callbacks) == 2
+    assert slow.state == "ok" and len(slow.callbacks) == 4
+
+
+def test_concurrent_requests_each_see_only_their_own_resources() -> None:
+    async def one(n: int, traced_request: bool) -> Trace | None:
+        async def work() -> None:
+            await asyncio.sleep(0.001 * (n % 7))
+            annotate("request", n)
+
+        async def body() -> None:
+            annotate("request", n)
+            await asyncio.gather(work(), asyncio.to_thread(annotate, "request", n))
+            async with start_resource("cache-get", key=f"k{n}"):
+                annotate("request", n)
+                await asyncio.sleep(0)
+
+        return await _request(body, traced=traced_request, futures=True)
+
+    async def main() -> list[Trace | None]:
+        return await asyncio.gather(*(one(n, n % 2 == 0) for n in range(200)))
+
+    results = run(main())
+    assert all(results[n] is None for n in range(1, 200, 2))
+    for n in range(0, 200, 2):
+        trace = results[n]
+        assert trace is not None
+        labels = {v for _, k, v in trace.annotations if k == "request"}
+        keys = {v for _, k, v in trace.annotations if k == "key"}
+        assert labels == {n} and keys == {f"k{n}"}
+        assert tree(trace, types=frozenset({"task", "thread", "cache-get"})) == [
+            ("task:work", []),
+            ("task:to_thread", [("thread:annotate", [])]),
+            ("cache-get", []),
+        ]
+        assert sum(1 for _, k, _ in trace.annotations if k == "request") == 4
+
+
+def test_the_current_resource_inside_a_task_is_that_task() -> None:
+    seen: list[Any] = []
+
+    async def child() -> None:
+        seen.append(current_resource())
+
+    async def body() -> None:
+        await asyncio.create_task(child())
+
+    trace = traced(body)
+    assert seen == [trace.resources[1]]
+
+
+def test_the_loop_under_test_is_the_one_asked_for() -> None:
+    async def main() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run(main()).startswith("uvloop" if LOOP == "uvloop" else "asyncio")
