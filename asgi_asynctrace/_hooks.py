@@ -20,7 +20,7 @@ import asyncio
 import collections.abc
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from contextvars import Context
 from typing import Any
 
@@ -35,7 +35,7 @@ _now = time.perf_counter_ns
 TaskFactory = Callable[..., "asyncio.Future[Any]"]
 
 
-class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
+class TimedCoroutine:
     """A coroutine that records each step it runs as a callback interval of ``res``.
 
     Everything else (``cr_frame``, ``cr_await``, ``__qualname__``, ...) is the wrapped
@@ -44,27 +44,75 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     of the calling task below that point: the middleware measures the root that way.
     """
 
-    __slots__ = ("_coro", "_res", "_trace")
+    __slots__ = ("_callbacks", "_coro", "_max", "_res", "_trace")
 
     def __init__(self, coro: Any, trace: Trace, res: Resource) -> None:
         self._coro = coro
         self._trace = trace
         self._res = res
+        self._callbacks = res.callbacks
+        self._max = 2 * trace.limits.max_callbacks_per_resource
 
+    # send() and __next__() are the hot path: one per step of every traced task. They are
+    # written out in full, without a shared helper, to save a call per step.
     def send(self, value: Any) -> Any:
-        return self._step(self._coro.send, value)
+        if self._trace.closed:
+            return self._coro.send(value)
+        cb = self._callbacks
+        if len(cb) < self._max:
+            cb.append(_now())
+        else:
+            self._trace.dropped.callbacks += 1
+        try:
+            out = self._coro.send(value)
+        except BaseException as exc:
+            self._stop(exc)
+            raise
+        if len(cb) & 1:
+            cb.append(_now())
+        if type(out) is TracedFuture:
+            self._awaits(out)
+        return out
 
     def __next__(self) -> Any:
-        return self._step(self._coro.send, None)
+        if self._trace.closed:
+            return self._coro.send(None)
+        cb = self._callbacks
+        if len(cb) < self._max:
+            cb.append(_now())
+        else:
+            self._trace.dropped.callbacks += 1
+        try:
+            out = self._coro.send(None)
+        except BaseException as exc:
+            self._stop(exc)
+            raise
+        if len(cb) & 1:
+            cb.append(_now())
+        if type(out) is TracedFuture:
+            self._awaits(out)
+        return out
 
     def throw(self, *args: Any) -> Any:
         # Forward exactly what we were given: the 3-argument form is deprecated in 3.12.
-        return self._step(self._coro.throw, *args)
+        trace, res = self._trace, self._res
+        if trace.closed:
+            return self._coro.throw(*args)
+        trace.begin(res, _now())
+        try:
+            out = self._coro.throw(*args)
+        except BaseException as exc:
+            self._stop(exc)
+            raise
+        trace.end(res, _now())
+        if type(out) is TracedFuture:
+            self._awaits(out)
+        return out
 
     def close(self) -> None:
         self._coro.close()
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> TimedCoroutine:
         return self
 
     def __iter__(self) -> TimedCoroutine:
@@ -76,32 +124,29 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return repr(self._coro)
 
-    def _step(self, method: Callable[..., Any], *args: Any) -> Any:
+    def _stop(self, exc: BaseException) -> None:
+        """The coroutine returned (StopIteration) or raised: the step ends, the task settles."""
+        now = _now()
         trace, res = self._trace, self._res
-        if trace.closed:
-            return method(*args)
-        trace.begin(res, _now())
-        try:
-            out = method(*args)
-        except StopIteration:
-            now = _now()
-            trace.end(res, now)
+        trace.end(res, now)
+        if type(exc) is StopIteration:
             trace.settle(res, now, "ok")
-            raise
-        except BaseException as exc:
-            now = _now()
-            trace.end(res, now)
+        else:
             settle_from_exception(trace, res, now, exc)
-            raise
-        trace.end(res, _now())
-        if type(out) is TracedFuture:
-            waiter = out._asynctrace_res
-            if waiter is not None:
-                if waiter.awaited_by is None:
-                    waiter.awaited_by = [res.async_id]
-                elif res.async_id not in waiter.awaited_by:
-                    waiter.awaited_by.append(res.async_id)
-        return out
+
+    def _awaits(self, fut: TracedFuture) -> None:
+        waited = fut._asynctrace_res
+        if waited is not None:
+            rid = self._res.async_id
+            if waited.awaited_by is None:
+                waited.awaited_by = [rid]
+            elif rid not in waited.awaited_by:
+                waited.awaited_by.append(rid)
+
+
+# Registered rather than subclassed: asyncio accepts it as a coroutine, and creating one
+# skips the ABC machinery.
+collections.abc.Coroutine.register(TimedCoroutine)
 
 
 class TracedFuture(asyncio.Future):  # type: ignore[type-arg]

@@ -19,7 +19,7 @@ from typing import Any
 from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
-from ._gate import TRACE_REQUESTED, Gate, header_value
+from ._gate import TRACE_REQUESTED, Gate
 from ._hooks import TimedCoroutine, acquire_hooks
 from ._model import Trace, TraceLimits
 from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
@@ -85,25 +85,51 @@ class AsyncTraceMiddleware:
             named.append(("sink:store", self.store))
         named.extend((f"sink:{_name(s)}", s) for s in sinks)
         self._sinks = tuple(named)
+        self._sampling = sample_rate > 0
+        self._store_path = path_prefix if self.store is not None else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The path of every untraced request: kept to a header scan and two tests.
         kind = scope.get("type")
-        if kind != "http" and kind != "websocket":
-            return await self.app(scope, receive, send)
+        if kind == "http" or kind == "websocket":
+            value = None
+            try:
+                for name, header in scope.get("headers") or ():
+                    if name == b"x-async-trace":
+                        value = header
+                        break
+                slow = (
+                    value is not None
+                    or self._sampling
+                    or (self._store_path and (scope.get("path") or "").startswith(self._store_path))
+                )
+            except Exception as exc:
+                report("gate", exc)
+                slow = False
+            # Outside the try: an exception from the app must pass through untouched.
+            if slow:
+                return await self._slow_path(scope, receive, send, value)
+        return await self.app(scope, receive, send)
+
+    async def _slow_path(
+        self, scope: Scope, receive: Receive, send: Send, value: bytes | None
+    ) -> None:
+        serve = False
         try:
-            value = header_value(scope)
-            if (
+            serve = (
                 self.store is not None
-                and kind == "http"
+                and scope.get("type") == "http"
                 and (scope.get("path") or "").startswith(self.path_prefix)
                 and self.gate.may_read(scope, value)
-                and await serve_store(self.store, self.path_prefix, scope, send)
-            ):
-                return None
-            decision = self.gate.decide(scope, value)
+            )
+            decision = None if serve else self.gate.decide(scope, value)
         except Exception as exc:
             report("gate", exc)
             decision = None
+        if serve and self.store is not None:
+            if await serve_store(self.store, self.path_prefix, scope, send):
+                return None
+            decision = self.gate.decide(scope, value)
         if decision is None:
             return await self.app(scope, receive, send)
         return await self._traced(scope, receive, send, decision == TRACE_REQUESTED)

@@ -56,14 +56,15 @@ class TraceLimits:
     max_callbacks_per_resource: int = 2_000
     max_annotations_per_resource: int = 32
     max_annotation_length: int = 512
-    max_stack_depth: int = 24
+    max_stack_depth: int = 16
     max_stacks: int = 2_000
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TraceLimits.{name} must be a positive int, got {value!r}")
+            least = 0 if name == "max_stack_depth" else 1  # 0: capture no stacks at all
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"TraceLimits.{name} must be an int >= {least}, got {value!r}")
 
 
 class Dropped:

@@ -14,7 +14,7 @@ import asyncio.events
 import os
 import sys
 import sysconfig
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Final
 
 __all__ = ["capture", "format_frame"]
@@ -42,16 +42,17 @@ _cwd = os.getcwd() + os.sep
 
 def capture(max_depth: int, skip: int = 1) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """The caller's stack (innermost first) as (cache key, formatted frames)."""
-    f = sys._getframe(skip)
+    f: FrameType | None = sys._getframe(skip)
     key: list[int] = []
+    append = key.append
     n = 0
     while f is not None and n < max_depth:
         code = f.f_code
         if code is _STOP_CODE:
             break
-        key.append(id(code))
-        key.append(f.f_lasti)
-        f = f.f_back  # type: ignore[assignment]
+        append(id(code))
+        append(f.f_lasti)
+        f = f.f_back
         n += 1
     k = tuple(key)
     hit = _cache.get(k)

@@ -118,10 +118,10 @@ def test_sequential_awaits_make_tasks_one_after_the_other() -> None:
 
 def test_gather_runs_its_children_in_parallel() -> None:
     async def body() -> None:
-        assert await asyncio.gather(leaf(0.02), leaf(0.02), leaf(0.02)) == ["leaf"] * 3
+        assert list(await asyncio.gather(leaf(0.02), leaf(0.02), leaf(0.02))) == ["leaf"] * 3
 
     trace = traced(body)
-    assert tree(trace) == [("task:leaf", [])] * 3
+    assert tree(trace) == [("task:leaf", []), ("task:leaf", []), ("task:leaf", [])]
     tasks = trace.resources[1:]
     assert max(t.created_at for t in tasks) < min(t.settled_at or 0 for t in tasks)
     assert all(t.state == "ok" and len(t.callbacks) == 4 for t in tasks)  # two steps each
@@ -131,7 +131,7 @@ def test_gather_runs_its_children_in_parallel() -> None:
 def test_a_race_with_wait_first_completed_leaves_the_loser_cancelled() -> None:
     async def body() -> None:
         fast, slow = asyncio.create_task(leaf(0.001)), asyncio.create_task(leaf(5))
-        done, pending = await asyncio.wait({fast, slow}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({fast, slow}, return_when=asyncio.FIRST_COMPLETED)
         assert done == {fast}
         slow.cancel()
         await asyncio.gather(slow, return_exceptions=True)
@@ -210,12 +210,13 @@ def test_a_task_group_with_one_failing_child_cancels_its_siblings() -> None:
         raise ValueError("bad input")
 
     async def body() -> None:
-        with pytest.raises(ExceptionGroup) as caught:  # noqa: F821 - 3.11+
+        with pytest.raises(Exception) as caught:  # an ExceptionGroup, new in 3.11 too
             async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined,unused-ignore]
                 group.create_task(leaf(5))
                 group.create_task(fails())
                 group.create_task(leaf(5))
-        assert caught.group_contains(ValueError)
+        assert type(caught.value).__name__ == "ExceptionGroup"
+        assert [type(e) for e in caught.value.exceptions] == [ValueError]  # type: ignore[attr-defined,unused-ignore]
 
     trace = traced(body)
     assert tree(trace) == [("task:leaf", []), ("task:fails", []), ("task:leaf", [])]
@@ -302,7 +303,7 @@ def test_a_sync_function_in_the_thread_pool_records_its_work_inside_the_thread()
     trace = traced(body)
     assert tree(trace) == [("thread:blocking", [("db-query", [])])] * 3
     for job in (r for r in trace.resources if r.type == "thread"):
-        (start, end), = job.intervals()
+        ((start, end),) = job.intervals()
         assert end is not None and end - start >= 5_000_000  # the sleep ran inside the step
         assert job.created_at <= start and job.state == "ok"
         query = next(r for r in trace.resources if r.trigger_id == job.async_id)

@@ -150,7 +150,7 @@ def test_bad_input_gets_an_error_that_says_what_and_where(data: bytes, message: 
 
 
 def test_limits_reject_nonsense() -> None:
-    with pytest.raises(ValueError, match="max_resources must be a positive int"):
+    with pytest.raises(ValueError, match="max_resources must be an int >= 1"):
         TraceLimits(max_resources=0)
 
 

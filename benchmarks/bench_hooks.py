@@ -1,0 +1,189 @@
+"""Overhead of the middleware and the asyncio hooks, as ratios measured in one run.
+
+    python -m benchmarks.bench_hooks            # prints a Markdown table
+    python -m benchmarks.bench_hooks --quick    # fewer rounds, for a smoke check
+
+In-process ASGI calls (no sockets), so the numbers are stable: every variant serves the
+same Starlette route, rounds interleave the variants, and each figure is a median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_asynctrace import (
+    AsyncTraceMiddleware,
+    Trace,
+    install_hooks,
+    start_resource,
+    uninstall_hooks,
+)
+from asgi_asynctrace._context import ACTIVE
+
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+async def _child() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+async def endpoint(request: Request) -> Response:
+    values = await asyncio.gather(_child(), _child())
+    return PlainTextResponse(str(sum(values)))
+
+
+def make_app(middleware: bool) -> ASGIApp:
+    app = Starlette(routes=[Route("/", endpoint)])
+    if middleware:
+        app.add_middleware(AsyncTraceMiddleware, log_traces=False)
+    return app
+
+
+async def serve(app: ASGIApp, n: int, traced: bool = False) -> float:
+    """Seconds to serve ``n`` sequential requests."""
+    headers = [(b"host", b"bench"), (b"accept", b"*/*"), (b"user-agent", b"bench")]
+    if traced:
+        headers.append((b"x-async-trace", b"1"))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/",
+             "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    start = time.perf_counter()
+    for _ in range(n):
+        await app(dict(scope), receive, send)
+    return time.perf_counter() - start
+
+
+async def request_overhead(rounds: int, n: int) -> dict[str, float]:
+    bare, with_mw = make_app(False), make_app(True)
+    await serve(bare, 200)
+    await serve(with_mw, 200)
+    await serve(with_mw, 50, traced=True)
+    ratios: dict[str, list[float]] = {"idle": [], "pinned": [], "traced": []}
+    for _ in range(rounds):
+        t_bare = await serve(bare, n)
+        t_idle = await serve(with_mw, n)
+        install_hooks()
+        t_pinned = await serve(with_mw, n)
+        uninstall_hooks()
+        t_traced = await serve(with_mw, n // 4, traced=True) * 4
+        ratios["idle"].append(t_bare / t_idle)
+        ratios["pinned"].append(t_bare / t_pinned)
+        ratios["traced"].append(t_traced / t_bare)
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
+async def _noop() -> None:
+    return None
+
+
+async def _steps(k: int) -> None:
+    for _ in range(k):
+        await asyncio.sleep(0)
+
+
+async def _timed(traced: bool, work: Callable[[], Awaitable[None]]) -> float:
+    token = None
+    release = None
+    if traced:
+        from asgi_asynctrace._hooks import acquire_hooks
+
+        trace = Trace.start()
+        release = acquire_hooks(asyncio.get_running_loop())
+        token = ACTIVE.set((trace, trace.root))
+    try:
+        start = time.perf_counter_ns()
+        await work()
+        return float(time.perf_counter_ns() - start)
+    finally:
+        if token is not None:
+            ACTIVE.reset(token)
+        if release is not None:
+            release()
+
+
+async def record_costs(rounds: int, n: int) -> dict[str, float]:
+    """Median extra ns per created task (with its stack) and per task step."""
+    steps = 20
+
+    async def tasks() -> None:
+        await asyncio.gather(*[asyncio.create_task(_noop()) for _ in range(n)])
+
+    async def stepping() -> None:
+        await asyncio.gather(*[asyncio.create_task(_steps(steps)) for _ in range(n // 10)])
+
+    async def scopes() -> None:
+        for _ in range(n):
+            with start_resource("cache-get"):
+                pass
+
+    per_task, per_step, per_resource = [], [], []
+    for _ in range(rounds):
+        per_resource.append((await _timed(True, scopes) - await _timed(False, scopes)) / n)
+        base_tasks = await _timed(False, tasks)
+        traced_tasks = await _timed(True, tasks)
+        base_steps = await _timed(False, stepping)
+        traced_steps = await _timed(True, stepping)
+        task_cost = (traced_tasks - base_tasks) / n
+        per_task.append(task_cost)
+        # Each stepping task is one resource plus `steps` extra steps.
+        per_step.append(((traced_steps - base_steps) / (n // 10) - task_cost) / steps)
+    return {
+        "resource": statistics.median(per_resource),
+        "task": statistics.median(per_task),
+        "step": statistics.median(per_step),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke check)")
+    args = parser.parse_args()
+    rounds, n = (3, 300) if args.quick else (15, 2000)
+    overhead = asyncio.run(request_overhead(rounds, n))
+    costs = asyncio.run(record_costs(rounds, 2000 if args.quick else 10000))
+    print(f"Python {sys.version.split()[0]}, {rounds} rounds of {n} requests, medians\n")
+    print("| measure | result | target |")
+    print("|---|---|---|")
+    print(
+        f"| untraced throughput, middleware idle vs bare app | {overhead['idle']:.3f}x | >= 0.99x |"
+    )
+    print(
+        f"| untraced throughput, hooks pinned on (a traced request in flight) vs bare app "
+        f"| {overhead['pinned']:.3f}x | >= 0.99x |"
+    )
+    print(
+        f"| traced request latency vs bare app (3 tasks, 2 futures) | {overhead['traced']:.2f}x | - |"
+    )
+    print(
+        f"| cost per recorded resource (start_resource: record, cached stack, settle) "
+        f"| {costs['resource']:.0f} ns | <= 1500 ns |"
+    )
+    print(
+        f"| cost per recorded task (resource, stack, wrapper, context, 2 steps) "
+        f"| {costs['task']:.0f} ns | - |"
+    )
+    print(f"| cost per recorded task step | {costs['step']:.0f} ns | - |")
+
+
+if __name__ == "__main__":
+    main()
