@@ -172,7 +172,8 @@ def main() -> None:
         f"| {overhead['pinned']:.3f}x | >= 0.99x |"
     )
     print(
-        f"| traced request latency vs bare app (3 tasks, 2 futures) | {overhead['traced']:.2f}x | - |"
+        f"| traced request latency vs bare app (3 tasks, 2 futures) "
+        f"| {overhead['traced']:.2f}x | - |"
     )
     print(
         f"| cost per recorded resource (start_resource: record, cached stack, settle) "
