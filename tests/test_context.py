@@ -52,7 +52,7 @@ def test_a_block_becomes_a_resource_caused_by_the_current_one_and_current_inside
     assert res.settled_at is not None and res.settled_at >= res.created_at
     assert trace.annotations_of(2) == {"key": "user:1", "hit": False, "size": 0}
     assert res.stack_id is not None
-    assert trace.stacks[res.stack_id][0].startswith("test_a_block_becomes")
+    assert trace.stacks[res.stack_id][0].split(" @ ")[0].endswith("body")
 
 
 def test_an_exception_settles_the_resource_as_error_and_still_propagates() -> None:

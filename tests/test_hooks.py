@@ -574,3 +574,22 @@ def test_the_loop_under_test_is_the_one_asked_for() -> None:
         return type(asyncio.get_running_loop()).__module__
 
     assert run(main()).startswith("uvloop" if LOOP == "uvloop" else "asyncio")
+
+
+def test_anyio_task_groups_record_their_children() -> None:
+    import anyio
+
+    async def child(delay: float) -> None:
+        await anyio.sleep(delay)
+        annotate("delay", delay)
+
+    async def body() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(child, 0.001)
+            group.start_soon(child, 0.002)
+
+    trace = traced(body)
+    tasks = [r for r in trace.resources if r.type == "task"]
+    assert len(tasks) == 2 and all(t.trigger_id == 1 and t.state == "ok" for t in tasks)
+    assert sorted(trace.annotations_of(t.async_id)["delay"] or 0 for t in tasks) == [0.001, 0.002]
+    assert_plausible(trace)

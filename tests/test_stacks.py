@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from asgi_asynctrace import _stacks
 from asgi_asynctrace._stacks import capture
@@ -15,7 +16,8 @@ def test_frames_read_function_path_line_column_with_paths_relative_to_the_cwd() 
     assert frames[0].startswith("_here @ tests/test_stacks.py:")
     line, column = frames[0].rsplit(":", 2)[1:]
     assert int(line) == _here.__code__.co_firstlineno + 1
-    assert int(column) == 12  # where "capture(" starts on that line, 1-based
+    # where "capture(" starts on that line, 1-based; Python 3.10 cannot tell columns
+    assert int(column) == (12 if sys.version_info >= (3, 11) else 0)
     assert frames[1].startswith("test_frames_read_function_path_line_column")
 
 
@@ -55,7 +57,7 @@ def test_the_walk_stops_at_the_event_loop_and_at_the_depth_cap() -> None:
         return capture(64, skip=1)[1]
 
     frames = asyncio.run(inner())
-    assert frames == (frames[0],) and frames[0].startswith("test_the_walk_stops")
+    assert len(frames) == 1 and frames[0].split(" @ ")[0].endswith("inner")
     assert len(capture(2, skip=1)[1]) == 2
 
 
