@@ -265,17 +265,24 @@ def uninstall_hooks(loop: asyncio.AbstractEventLoop | None = None) -> None:
         release()
 
 
+Task = asyncio.Task
+
+
 def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
     def make(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         if previous is not None:
             return previous(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
+        return Task(coro, loop=loop, **kwargs)
 
     def asynctrace_task_factory(
         loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
     ) -> asyncio.Future[Any]:
         active = ACTIVE.get()
-        if active is None or active[0].closed or not asyncio.iscoroutine(coro):
+        if active is None:  # every untraced task while a traced request runs: keep it short
+            if previous is None:
+                return Task(coro, loop=loop, **kwargs)
+            return previous(loop, coro, **kwargs)
+        if active[0].closed or not asyncio.iscoroutine(coro):
             return make(loop, coro, **kwargs)
         try:
             trace = active[0]

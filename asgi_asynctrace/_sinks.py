@@ -124,7 +124,7 @@ class TraceStore:
 
 def encode_trace_header(data: bytes) -> str:
     """Trace JSON as a header value: ``z1:`` + base64url (no padding) of zlib-deflated JSON."""
-    packed = base64.urlsafe_b64encode(zlib.compress(data, 6)).rstrip(b"=")
+    packed = base64.urlsafe_b64encode(zlib.compress(data, 1)).rstrip(b"=")
     return HEADER_PREFIX + packed.decode("ascii")
 
 
