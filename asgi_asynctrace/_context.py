@@ -66,8 +66,8 @@ def new_resource(type: str, trace: Trace, parent: Resource, skip: int = 2) -> Re
     depth = trace.limits.max_stack_depth
     stack_id = None
     if depth:
-        key, frames = capture(depth, skip + 1)
-        stack_id = trace.stack_id(key, frames)
+        stack = capture(depth, skip + 1)
+        stack_id = trace.stack_id(stack, stack.frames)
     return trace.add(type, parent.async_id, stack_id, now)
 
 

@@ -1,11 +1,11 @@
 """Creation stacks: captured by walking frames, formatted once per code location.
 
-    key, frames = capture(max_depth=24)
-    frames[0]           # "load_items @ app/routes.py:42:11" (innermost first)
+    stack = capture(max_depth=16)
+    stack.frames[0]     # "load_items @ app/routes.py:42:11" (innermost first)
 
 Walking frames reads no source files (``traceback.extract_stack`` does); the formatted frames are
 cached by the tuple of (code, instruction) pairs, so a repeated call site costs one dict lookup.
-Exports: capture, format_frame.
+Exports: Stack, capture, format_frame.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sysconfig
 from types import CodeType, FrameType
 from typing import Final
 
-__all__ = ["capture", "format_frame"]
+__all__ = ["Stack", "capture", "format_frame"]
 
 _PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # The instrumentation package lives beside us once installed, or in the source tree's
@@ -33,15 +33,26 @@ _STDLIB_DIRS: Final = tuple(
 _STOP_CODE: Final = asyncio.events.Handle._run.__code__
 _MAX_CACHE: Final = 8192
 
-# key -> formatted frames. The key holds code ids; the value keeps those code objects alive,
-# so an id in a key can never be reused by another code object while the entry exists.
-_cache: dict[tuple[int, ...], tuple[tuple[str, ...], tuple[CodeType, ...]]] = {}
+# (code id, instruction) pairs -> Stack. The Stack keeps those code objects alive, so an id
+# in a key can never be reused by another code object while the entry exists.
+_cache: dict[tuple[int, ...], Stack] = {}
 _path_cache: dict[str, str | None] = {}
 _cwd = os.getcwd() + os.sep
 
 
-def capture(max_depth: int, skip: int = 1) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The caller's stack (innermost first) as (cache key, formatted frames)."""
+class Stack:
+    """One formatted stack. Hashed by identity: the cache hands out one per call site, so a
+    trace interns it with a pointer comparison instead of hashing its frames."""
+
+    __slots__ = ("codes", "frames")
+
+    def __init__(self, frames: tuple[str, ...], codes: tuple[CodeType, ...]) -> None:
+        self.frames = frames
+        self.codes = codes  # keeps the code objects, hence the ids in the cache key, alive
+
+
+def capture(max_depth: int, skip: int = 1) -> Stack:
+    """The caller's stack, innermost frame first."""
     f: FrameType | None = sys._getframe(skip)
     key: list[int] = []
     append = key.append
@@ -57,11 +68,11 @@ def capture(max_depth: int, skip: int = 1) -> tuple[tuple[int, ...], tuple[str, 
     k = tuple(key)
     hit = _cache.get(k)
     if hit is not None:
-        return k, hit[0]
-    return k, _format_and_cache(k, skip + 1, n)
+        return hit
+    return _format_and_cache(k, skip + 1, n)
 
 
-def _format_and_cache(key: tuple[int, ...], skip: int, n: int) -> tuple[str, ...]:
+def _format_and_cache(key: tuple[int, ...], skip: int, n: int) -> Stack:
     f = sys._getframe(skip)
     frames: list[str] = []
     codes: list[CodeType] = []
@@ -73,11 +84,11 @@ def _format_and_cache(key: tuple[int, ...], skip: int, n: int) -> tuple[str, ...
         if path is not None:
             frames.append(format_frame(f.f_code, f.f_lasti, f.f_lineno, path))
         f = f.f_back  # type: ignore[assignment]
-    result = tuple(frames)
+    stack = Stack(tuple(frames), tuple(codes))
     if len(_cache) >= _MAX_CACHE:
         _cache.clear()
-    _cache[key] = (result, tuple(codes))
-    return result
+    _cache[key] = stack
+    return stack
 
 
 def format_frame(code: CodeType, lasti: int, lineno: int | None, path: str) -> str:

@@ -7,8 +7,9 @@ from asgi_asynctrace import _stacks
 from asgi_asynctrace._stacks import capture
 
 
-def _here() -> tuple[tuple[int, ...], tuple[str, ...]]:
-    return capture(8, skip=1)
+def _here() -> tuple[object, tuple[str, ...]]:
+    stack = capture(8, skip=1)
+    return stack, stack.frames
 
 
 def test_frames_read_function_path_line_column_with_paths_relative_to_the_cwd() -> None:
@@ -17,7 +18,7 @@ def test_frames_read_function_path_line_column_with_paths_relative_to_the_cwd() 
     line, column = frames[0].rsplit(":", 2)[1:]
     assert int(line) == _here.__code__.co_firstlineno + 1
     # where "capture(" starts on that line, 1-based; Python 3.10 cannot tell columns
-    assert int(column) == (12 if sys.version_info >= (3, 11) else 0)
+    assert int(column) == (13 if sys.version_info >= (3, 11) else 0)
     assert frames[1].startswith("test_frames_read_function_path_line_column")
 
 
@@ -54,11 +55,11 @@ async def _stack_in_a_task() -> tuple[str, ...]:
 
 def test_the_walk_stops_at_the_event_loop_and_at_the_depth_cap() -> None:
     async def inner() -> tuple[str, ...]:
-        return capture(64, skip=1)[1]
+        return capture(64, skip=1).frames
 
     frames = asyncio.run(inner())
     assert len(frames) == 1 and frames[0].split(" @ ")[0].endswith("inner")
-    assert len(capture(2, skip=1)[1]) == 2
+    assert len(capture(2, skip=1).frames) == 2
 
 
 def test_library_paths_are_spelled_so_their_origin_shows() -> None:
