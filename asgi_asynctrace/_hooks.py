@@ -53,9 +53,9 @@ class TimedCoroutine:
         self._callbacks = res.callbacks
         self._max = 2 * trace.limits.max_callbacks_per_resource
 
-    # send() and __next__() are the hot path: one per step of every traced task. They are
-    # written out in full, without a shared helper, to save a call per step.
-    def send(self, value: Any) -> Any:
+    # The hot path: one call per step of every traced task. asyncio drives a task with
+    # send(None) or next(), so both are this one function.
+    def send(self, value: Any = None) -> Any:
         if self._trace.closed:
             return self._coro.send(value)
         cb = self._callbacks
@@ -74,24 +74,7 @@ class TimedCoroutine:
             self._awaits(out)
         return out
 
-    def __next__(self) -> Any:
-        if self._trace.closed:
-            return self._coro.send(None)
-        cb = self._callbacks
-        if len(cb) < self._max:
-            cb.append(_now())
-        else:
-            self._trace.dropped.callbacks += 1
-        try:
-            out = self._coro.send(None)
-        except BaseException as exc:
-            self._stop(exc)
-            raise
-        if len(cb) & 1:
-            cb.append(_now())
-        if type(out) is TracedFuture:
-            self._awaits(out)
-        return out
+    __next__ = send
 
     def throw(self, *args: Any) -> Any:
         # Forward exactly what we were given: the 3-argument form is deprecated in 3.12.

@@ -10,6 +10,7 @@ Exports: TraceFormatError, load_trace.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -81,6 +82,15 @@ def _list(doc: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
+def _objects(doc: dict[str, Any], key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each entry of the list ``doc[key]`` with where it is, checking that it is an object."""
+    for i, entry in enumerate(_list(doc, key)):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise TraceFormatError(f"{where}: expected an object")
+        yield where, entry
+
+
 def _new(doc: dict[str, Any], duration: int) -> Trace:
     request = doc.get("request") or {}
     if not isinstance(request, dict):
@@ -101,10 +111,7 @@ def _new(doc: dict[str, Any], duration: int) -> Trace:
 def _stacks(trace: Trace, doc: dict[str, Any]) -> dict[int, int]:
     """Read the stack table; returns file id -> our id (ids are renumbered densely from 0)."""
     mapping: dict[int, int] = {}
-    for i, entry in enumerate(_list(doc, "stackTraces")):
-        where = f"stackTraces[{i}]"
-        if not isinstance(entry, dict):
-            raise TraceFormatError(f"{where}: expected an object")
+    for where, entry in _objects(doc, "stackTraces"):
         sid = _field(entry, "id", int, where)
         frames = _field(entry, "frames", list, where)
         if not all(isinstance(f, str) for f in frames):
@@ -115,10 +122,7 @@ def _stacks(trace: Trace, doc: dict[str, Any]) -> dict[int, int]:
 
 
 def _annotations(trace: Trace, doc: dict[str, Any], by_id: dict[int, Resource]) -> None:
-    for i, entry in enumerate(_list(doc, "annotations")):
-        where = f"annotations[{i}]"
-        if not isinstance(entry, dict):
-            raise TraceFormatError(f"{where}: expected an object")
+    for where, entry in _objects(doc, "annotations"):
         rid = _field(entry, "asyncId", int, where)
         key = _field(entry, "key", str, where)
         value = entry.get("value")
@@ -135,10 +139,7 @@ def _load_v1(doc: dict[str, Any]) -> Trace:
     trace = _new(doc, duration)
     stacks = _stacks(trace, doc)
     by_id: dict[int, Resource] = {}
-    for i, entry in enumerate(_list(doc, "resources")):
-        where = f"resources[{i}]"
-        if not isinstance(entry, dict):
-            raise TraceFormatError(f"{where}: expected an object")
+    for where, entry in _objects(doc, "resources"):
         res = _resource(entry, where, stacks)
         callbacks = _field(entry, "callbacks", list, where)
         for j, pair in enumerate(callbacks):
@@ -205,10 +206,7 @@ def _load_seed(doc: dict[str, Any]) -> Trace:
     trace = _new(doc, duration)
     stacks = _stacks(trace, doc)
     by_id: dict[int, Resource] = {}
-    for i, entry in enumerate(_list(doc, "resources")):
-        where = f"resources[{i}]"
-        if not isinstance(entry, dict):
-            raise TraceFormatError(f"{where}: expected an object")
+    for where, entry in _objects(doc, "resources"):
         raw_type = entry.get("type")
         if isinstance(raw_type, str):
             entry = {**entry, "type": seed_type(raw_type)}
