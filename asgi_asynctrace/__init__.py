@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._context import ResourceScope, annotate, current_resource, current_trace, start_resource
 from ._failures import failure_counts, reset_failures
 from ._hooks import install_hooks, uninstall_hooks
+from ._instrument import instrument, uninstrument
 from ._load import TraceFormatError, load_trace
 from ._middleware import AsyncTraceMiddleware
 from ._model import (
@@ -58,8 +59,10 @@ __all__ = [
     "failure_counts",
     "frame_origin",
     "install_hooks",
+    "instrument",
     "load_trace",
     "reset_failures",
     "start_resource",
     "uninstall_hooks",
+    "uninstrument",
 ]

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from asgi_asynctrace import AsyncTraceMiddleware, Trace
+
 T = TypeVar("T")
 LOOP = os.environ.get("ASYNCTRACE_TEST_LOOP", "asyncio")
 
@@ -38,3 +40,41 @@ def call(app: Any, fn: Callable[[httpx.AsyncClient], Awaitable[T]], host: str = 
             return await fn(c)
 
     return run(main())
+
+
+async def _request(
+    body: Callable[[], Awaitable[Any]], *, futures: bool = False, traced: bool = True
+) -> Trace | None:
+    """Run ``body`` as the handler of one request through the middleware; return its trace."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await body()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    traces: list[Trace] = []
+    middleware = AsyncTraceMiddleware(
+        app,
+        log_traces=False,
+        store_size=0,
+        record_futures=futures,
+        sinks=[lambda trace, data: traces.append(trace)],
+    )
+    headers = [(b"x-async-trace", b"1")] if traced else []
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers,
+             "client": ("127.0.0.1", 1)}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await middleware(scope, receive, send)
+    return traces[0] if traces else None
+
+
+def traced(body: Callable[[], Awaitable[Any]], futures: bool = False) -> Trace:
+    trace = run(_request(body, futures=futures))
+    assert trace is not None
+    return trace
