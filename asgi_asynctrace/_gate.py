@@ -1,7 +1,7 @@
 """Who may turn a trace on, or read the stored ones.
 
     gate = Gate(secret=None, sample_rate=0.0)
-    gate.decide(scope)    # TRACE_REQUESTED, TRACE_SAMPLED or None
+    gate.decide(scope, header_value)    # TRACE_REQUESTED, TRACE_SAMPLED or None
 
 Without a secret only loopback clients may; with a secret, the ``X-Async-Trace`` value must
 equal it (compared in constant time) and the client address does not matter.
@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import random
 import re
-from collections.abc import Iterable, MutableMapping
+from collections.abc import MutableMapping
 from functools import lru_cache
 from typing import Any, Final
 
@@ -36,14 +36,6 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def header_value(scope: MutableMapping[str, Any]) -> bytes | None:
-    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers") or ()
-    for name, value in headers:
-        if name == HEADER:
-            return value
-    return None
 
 
 class Gate:

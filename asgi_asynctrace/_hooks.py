@@ -164,7 +164,6 @@ class _LoopHooks:
     """The hooks installed on one loop, and how to take them off again."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop_ref = weakref.ref(loop)
         self.refs = 0
         self.previous_factory: TaskFactory | None = None
         self.factory: TaskFactory | None = None

@@ -135,7 +135,11 @@ class AsyncTraceMiddleware:
         return await self._traced(scope, receive, send, decision == TRACE_REQUESTED)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, requested: bool) -> None:
-        run = _TracedRequest(self, scope, requested)
+        try:
+            run = _TracedRequest(self, scope, requested)
+        except Exception as exc:
+            report("start-trace", exc)
+            return await self.app(scope, receive, send)
         release = run.acquire_hooks()
         token = ACTIVE.set((run.trace, run.trace.root))
         state = "ok"

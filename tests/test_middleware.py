@@ -434,3 +434,15 @@ def test_a_websocket_connection_is_traced_when_its_handshake_asks() -> None:
     assert accept_headers[b"x-async-trace-id"] == traces[0].trace_id.encode()
     assert len(traces) == 1 and traces[0].request["method"] == "WS"
     assert traces[0].root.state == "ok"
+
+
+def test_a_tracer_that_cannot_start_a_trace_serves_the_request_untraced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(**kwargs: Any) -> Trace:
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(Trace, "start", broken)
+    r = call(traced_app(), lambda c: _get(c, "/hello", ON))
+    assert r.status_code == 200 and r.text == "hello" and "x-async-trace-id" not in r.headers
+    assert failure_counts() == {"start-trace": 1}
