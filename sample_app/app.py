@@ -15,12 +15,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_asynctrace import AsyncTraceMiddleware, annotate, start_resource
+from asgi_asynctrace.instrumentation.httpx import TracingTransport  # type: ignore[import-not-found]
 
 DB_PATH = os.environ.get("SAMPLE_DB", os.path.join(tempfile.gettempdir(), "asynctrace-sample.db"))
 _cache: dict[str, object] = {}
@@ -43,10 +45,22 @@ async def cached(key: str) -> object | None:
         return value
 
 
-async def price(item_id: object) -> float:
+async def upstream_price(request: Request) -> Response:
     await asyncio.sleep(0.01)
+    return JSONResponse({"price": 1.5})
+
+
+# A pricing service the app calls over HTTP; served in-process so the sample needs no network.
+upstream = Starlette(routes=[Route("/price/{item_id}", upstream_price)])
+pricing = httpx.AsyncClient(
+    transport=TracingTransport(httpx.ASGITransport(app=upstream)), base_url="http://pricing"
+)
+
+
+async def price(item_id: object) -> float:
     annotate("item", str(item_id))
-    return 1.5
+    response = await pricing.get(f"/price/{item_id}")
+    return float(response.json()["price"])
 
 
 async def items(request: Request) -> Response:

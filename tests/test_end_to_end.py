@@ -77,7 +77,7 @@ def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
     trace = orjson.loads(lines[0].split(LOG_PREFIX, 1)[1])
     assert trace["traceId"] == trace_id and trace["request"]["status"] == 200
     types = [r["type"] for r in trace["resources"]]
-    assert types[0] == "root" and {"task", "thread", "cache-get", "db-query"} <= set(types)
+    assert types[0] == "root" and {"task", "thread", "cache-get", "db-query", "fetch"} <= set(types)
     tasks = [r for r in trace["resources"] if r["type"] == "task"]
     assert all(t["state"] == "ok" and t["triggerId"] == 1 for t in tasks)
     frames = [f for s in trace["stackTraces"] for f in s["frames"]]
