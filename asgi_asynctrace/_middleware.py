@@ -223,10 +223,7 @@ class _TracedRequest:
         try:
             if self.disconnected and not self.response_done:
                 state = "cancelled"
-            now = _now()
-            root = trace.root
-            root.settled_at = None  # the root's own last step may have settled it already
-            trace.finish(now, state)
+            trace.finish(_now(), state)
         except Exception as exc:
             report("finish", exc)
 

@@ -262,10 +262,16 @@ class Trace:
         return sid
 
     def finish(self, now: int, state: str = "ok") -> None:
-        """End the request: settle the root, close the trace to further recording."""
+        """End the request: close the trace to further recording.
+
+        The root ends with the request, whatever settled it before (its last step does,
+        as for any resource): the request's own outcome is its final word.
+        """
         if self.ended_at is None:
             self.ended_at = now
-        self.settle(self.root, now, state)
+        root = self.root
+        root.settled_at = now
+        root.state = state
         self.closed = True
 
     # -- reading -----------------------------------------------------------------------------
