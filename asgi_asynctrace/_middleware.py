@@ -24,6 +24,12 @@ from ._hooks import TimedCoroutine, acquire_hooks
 from ._model import Trace, TraceLimits
 from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
 
+_find_header: Callable[[object, bytes], object] | None
+try:
+    from ._speedups import find_header as _find_header
+except ImportError:  # built without a compiler
+    _find_header = None
+
 __all__ = ["AsyncTraceMiddleware"]
 
 Scope = MutableMapping[str, Any]
@@ -33,6 +39,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _now = time.perf_counter_ns
+_TRACEABLE = frozenset(("http", "websocket"))
+_HEADER = b"x-async-trace"
+
+
+def _scan(headers: Any) -> bytes | None:
+    """The ``X-Async-Trace`` value, in Python (the C scan hands over unusual header shapes)."""
+    for name, value in headers:
+        if name == _HEADER:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 class AsyncTraceMiddleware:
@@ -89,26 +105,29 @@ class AsyncTraceMiddleware:
         self._store_path = path_prefix if self.store is not None else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The path of every untraced request: kept to a header scan and two tests.
-        kind = scope.get("type")
-        if kind == "http" or kind == "websocket":
-            value = None
-            try:
-                for name, header in scope.get("headers") or ():
-                    if name == b"x-async-trace":
-                        value = header
-                        break
+        # The path of every untraced request: one header scan and a prefix test.
+        slow = False
+        value: Any = None
+        try:
+            if scope["type"] in _TRACEABLE:
+                headers = scope.get("headers") or ()
+                value = NotImplemented if _find_header is None else _find_header(headers, _HEADER)
+                if value is NotImplemented:
+                    value = _scan(headers)
                 slow = (
                     value is not None
                     or self._sampling
-                    or (self._store_path and (scope.get("path") or "").startswith(self._store_path))
+                    or (
+                        self._store_path != ""
+                        and (scope.get("path") or "").startswith(self._store_path)
+                    )
                 )
-            except Exception as exc:
-                report("gate", exc)
-                slow = False
-            # Outside the try: an exception from the app must pass through untouched.
-            if slow:
-                return await self._slow_path(scope, receive, send, value)
+        except Exception as exc:
+            report("gate", exc)
+            slow = False
+        # Outside the try: an exception from the app must pass through untouched.
+        if slow:
+            return await self._slow_path(scope, receive, send, value)
         return await self.app(scope, receive, send)
 
     async def _slow_path(

@@ -143,6 +143,7 @@ class Trace:
 
     __slots__ = (
         "_ids",
+        "_max_resources",
         "_stack_ids",
         "annotations",
         "closed",
@@ -153,6 +154,7 @@ class Trace:
         "record_futures",
         "request",
         "resources",
+        "stack_depth",
         "stacks",
         "started_at_unix_ns",
         "trace_id",
@@ -173,6 +175,9 @@ class Trace:
         self.started_at_unix_ns = started_at_unix_ns
         self.ended_at: int | None = None
         self.limits = limits or TraceLimits()
+        # Copies of two limits read on every new resource (TraceLimits is frozen).
+        self._max_resources = self.limits.max_resources
+        self.stack_depth = self.limits.max_stack_depth
         self.resources: list[Resource] = []
         self.stacks: list[tuple[str, ...]] = []
         self.annotations: list[tuple[int, str, AnnotationValue]] = []
@@ -210,11 +215,12 @@ class Trace:
 
     def add(self, type: str, trigger_id: int, stack_id: int | None, now: int) -> Resource | None:
         """A new resource, or None when the resource cap is reached (counted as dropped)."""
-        if len(self.resources) >= self.limits.max_resources:
+        resources = self.resources
+        if len(resources) >= self._max_resources:
             self.dropped.resources += 1
             return None
         res = Resource(next(self._ids), trigger_id, type, stack_id, now)
-        self.resources.append(res)
+        resources.append(res)
         return res
 
     def begin(self, res: Resource, now: int) -> None:

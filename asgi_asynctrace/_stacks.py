@@ -4,7 +4,9 @@
     stack.frames[0]     # "load_items @ app/routes.py:42:11" (innermost first)
 
 Walking frames reads no source files (``traceback.extract_stack`` does); the formatted frames are
-cached by the tuple of (code, instruction) pairs, so a repeated call site costs one dict lookup.
+cached by the (code, instruction) pairs of the walk, so a repeated call site costs the walk and
+one dict lookup. The walk is done by the optional C accelerator (``_speedups``) when it was built,
+in Python otherwise: same keys' meaning, same stacks.
 Exports: Stack, capture, format_frame.
 """
 
@@ -14,10 +16,19 @@ import asyncio.events
 import os
 import sys
 import sysconfig
+from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Final
 
-__all__ = ["Stack", "capture", "format_frame"]
+_c_stack_key: Callable[[int, int, object], bytes] | None
+try:
+    from ._speedups import stack_key as _c_stack_key
+except ImportError:  # built without a compiler: the pure-Python walk below
+    _c_stack_key = None
+#: Whether creation stacks are walked by the C accelerator.
+ACCELERATED: Final = _c_stack_key is not None
+
+__all__ = ["ACCELERATED", "Stack", "capture", "capture_python", "format_frame"]
 
 _PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # The instrumentation package lives beside us once installed, or in the source tree's
@@ -35,7 +46,7 @@ _MAX_CACHE: Final = 8192
 
 # (code id, instruction) pairs -> Stack. The Stack keeps those code objects alive, so an id
 # in a key can never be reused by another code object while the entry exists.
-_cache: dict[tuple[int, ...], Stack] = {}
+_cache: dict[object, Stack] = {}
 _path_cache: dict[str, str | None] = {}
 _cwd = os.getcwd() + os.sep
 
@@ -53,6 +64,17 @@ class Stack:
 
 def capture(max_depth: int, skip: int = 1) -> Stack:
     """The caller's stack, innermost frame first."""
+    if _c_stack_key is not None:
+        packed: bytes = _c_stack_key(skip, max_depth, _STOP_CODE)
+        hit = _cache.get(packed)
+        if hit is not None:
+            return hit
+        return _format_and_cache(packed, skip + 1, len(packed) // 16)
+    return capture_python(max_depth, skip + 1)
+
+
+def capture_python(max_depth: int, skip: int = 1) -> Stack:
+    """``capture()`` without the C accelerator (used when it is not built, and in tests)."""
     f: FrameType | None = sys._getframe(skip)
     key: list[int] = []
     append = key.append
@@ -72,7 +94,7 @@ def capture(max_depth: int, skip: int = 1) -> Stack:
     return _format_and_cache(k, skip + 1, n)
 
 
-def _format_and_cache(key: tuple[int, ...], skip: int, n: int) -> Stack:
+def _format_and_cache(key: object, skip: int, n: int) -> Stack:
     f = sys._getframe(skip)
     frames: list[str] = []
     codes: list[CodeType] = []

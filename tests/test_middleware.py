@@ -446,3 +446,30 @@ def test_a_tracer_that_cannot_start_a_trace_serves_the_request_untraced(
     r = call(traced_app(), lambda c: _get(c, "/hello", ON))
     assert r.status_code == 200 and r.text == "hello" and "x-async-trace-id" not in r.headers
     assert failure_counts() == {"start-trace": 1}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"accept", b"*/*"), (b"x-async-trace", b"1")],  # what servers send: the C scan
+        ((b"x-async-trace", b"1"),),
+        [[b"x-async-trace", b"1"]],
+        iter([(b"accept", b"*/*"), (b"x-async-trace", b"1")]),  # unusual: the Python scan
+        [(bytearray(b"accept"), b"*/*"), (b"x-async-trace", b"1")],
+    ],
+)
+def test_the_header_is_found_in_any_shape_of_header_list(headers: Any) -> None:
+    traces: list[Trace] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    async def send(message: Any) -> None:
+        pass
+
+    wrapped = AsyncTraceMiddleware(app, log_traces=False, sinks=[lambda t, d: traces.append(t)])
+    scope = {"type": "http", "path": "/", "headers": headers, "client": ("127.0.0.1", 1)}
+    run(wrapped(scope, print, send))  # type: ignore[arg-type]
+    assert len(traces) == 1
+    assert failure_counts() == {}

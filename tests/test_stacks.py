@@ -68,3 +68,35 @@ def test_library_paths_are_spelled_so_their_origin_shows() -> None:
 
     assert _stacks._display_path(httpx.__file__) == "site-packages/httpx/__init__.py"
     assert _stacks._display_path(_stacks.__file__) is None
+
+
+def test_the_c_accelerator_is_built_in_the_dev_install() -> None:
+    # scripts/test.sh installs with a compiler present; a silent fallback would hide a
+    # broken build behind slower stacks.
+    assert _stacks.ACCELERATED
+
+
+def _both_walks(depth: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return capture(depth, skip=1).frames, _stacks.capture_python(depth, skip=1).frames
+
+
+def test_the_c_walk_and_the_python_walk_give_the_same_stacks() -> None:
+    async def nested(k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if k:
+            return await nested(k - 1)
+        return _both_walks(16)
+
+    c_frames, py_frames = asyncio.run(nested(3))
+    assert [f.rsplit(":", 2)[0] for f in c_frames] == [f.rsplit(":", 2)[0] for f in py_frames]
+    assert len(c_frames) == 5  # _both_walks and four nested() frames, up to the loop
+    for depth in (1, 2, 7):
+        c_frames, py_frames = _both_walks(depth)
+        assert len(c_frames) == len(py_frames) == depth
+
+
+def test_the_c_walk_keys_a_call_site_by_position_not_just_by_function() -> None:
+    a = capture(8, skip=1)
+    b = capture(8, skip=1)
+    again = [capture(8, skip=1) for _ in range(2)]
+    assert a is not b
+    assert again[0] is again[1]
