@@ -29,10 +29,23 @@ from ._context import ACTIVE, new_resource, settle_from_exception
 from ._failures import report
 from ._model import Resource, Trace
 
-__all__ = ["TimedCoroutine", "TracedFuture", "acquire_hooks", "install_hooks", "uninstall_hooks"]
+__all__ = [
+    "LoopPatch",
+    "TimedCoroutine",
+    "TracedFuture",
+    "acquire_hooks",
+    "add_loop_patch",
+    "install_hooks",
+    "remove_loop_patch",
+    "uninstall_hooks",
+]
 
 _now = time.perf_counter_ns
 TaskFactory = Callable[..., "asyncio.Future[Any]"]
+#: make(loop, original_method) -> the method to put on that loop while the hooks are on.
+LoopPatch = Callable[[asyncio.AbstractEventLoop, Callable[..., Any]], Callable[..., Any]]
+# Per-loop methods that instrumentation (timers) adds to the hooks, by method name.
+_loop_patches: dict[str, LoopPatch] = {}
 
 
 class TimedCoroutine:
@@ -161,26 +174,50 @@ class TracedFuture(asyncio.Future):  # type: ignore[type-arg]
 
 
 class _LoopHooks:
-    """The hooks installed on one loop, and how to take them off again."""
+    """The hooks installed on one loop, and how to take them off again.
+
+    Methods are overridden in the loop instance's ``__dict__`` (asyncio's loops and uvloop's
+    ``Loop`` both have one), so other loops and the loop classes are never touched.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.refs = 0
         self.previous_factory: TaskFactory | None = None
         self.factory: TaskFactory | None = None
-        self.create_future: Callable[[], asyncio.Future[Any]] | None = None
-        self.previous_create_future: Any = None
+        # name -> (what was in the instance dict before, what we put there)
+        self.methods: dict[str, tuple[Any, Any]] = {}
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self.previous_factory = loop.get_task_factory()
         self.factory = _make_task_factory(self.previous_factory)
         loop.set_task_factory(self.factory)
         _threads.acquire()
+        self.put(loop, "create_future", _make_create_future)
+        for name, make in list(_loop_patches.items()):
+            self.put(loop, name, make)
+
+    def put(self, loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch) -> None:
         namespace = getattr(loop, "__dict__", None)
-        if namespace is None:
-            return  # a loop we cannot extend: futures are left out, tasks still recorded
-        self.previous_create_future = namespace.get("create_future")
-        self.create_future = _make_create_future(loop, loop.create_future)
-        namespace["create_future"] = self.create_future
+        original = getattr(loop, name, None)
+        if namespace is None or original is None or name in self.methods:
+            return  # a loop we cannot extend, or without that method: left out
+        try:
+            replacement = make(loop, original)
+        except Exception as exc:
+            report(f"loop-patch:{name}", exc)
+            return
+        self.methods[name] = (namespace.get(name), replacement)
+        namespace[name] = replacement
+
+    def take(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        previous, ours = self.methods.pop(name, (None, None))
+        namespace = getattr(loop, "__dict__", None)
+        if ours is None or namespace is None or namespace.get(name) is not ours:
+            return  # someone replaced it after us: theirs stays, ours passes through anyway
+        if previous is None:
+            del namespace[name]
+        else:
+            namespace[name] = previous
 
     def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
         # Someone may have stacked their own factory on ours since: then ours stays in their
@@ -188,13 +225,9 @@ class _LoopHooks:
         if loop.get_task_factory() is self.factory:
             loop.set_task_factory(self.previous_factory)
         _threads.release()
-        namespace = getattr(loop, "__dict__", None)
-        if namespace is not None and namespace.get("create_future") is self.create_future:
-            if self.previous_create_future is None:
-                del namespace["create_future"]
-            else:
-                namespace["create_future"] = self.previous_create_future
-        self.factory = self.create_future = None
+        for name in list(self.methods):
+            self.take(loop, name)
+        self.factory = None
 
 
 _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHooks] = (
@@ -222,6 +255,26 @@ def acquire_hooks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
             hooks.uninstall(loop)
 
     return release
+
+
+def add_loop_patch(name: str, make: LoopPatch) -> None:
+    """Put ``make(loop, loop.<name>)`` in place of ``loop.<name>`` whenever the hooks are on.
+
+    Applies at once to loops with hooks on now. The replacement must pass calls straight
+    through outside a traced request: it stays on the loop while any traced request runs.
+    """
+    _loop_patches[name] = make
+    for loop, hooks in list(_loops.items()):
+        if hooks.refs:
+            hooks.put(loop, name, make)
+
+
+def remove_loop_patch(name: str) -> None:
+    """Undo ``add_loop_patch(name)``, on loops with hooks on now too."""
+    if _loop_patches.pop(name, None) is not None:
+        for loop, hooks in list(_loops.items()):
+            if hooks.refs:
+                hooks.take(loop, name)
 
 
 _pinned: dict[int, Callable[[], None]] = {}
@@ -298,12 +351,12 @@ def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
 
 
 def _make_create_future(
-    loop: asyncio.AbstractEventLoop, original: Callable[[], asyncio.Future[Any]]
+    loop: asyncio.AbstractEventLoop, original: Callable[..., Any]
 ) -> Callable[[], asyncio.Future[Any]]:
     def create_future() -> asyncio.Future[Any]:
         active = ACTIVE.get()
         if active is None or active[0].closed or not active[0].record_futures:
-            return original()
+            return original()  # type: ignore[no-any-return]
         fut = TracedFuture(loop=loop)
         fut._asynctrace_trace = active[0]
         fut._asynctrace_res = None

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from . import _instrument
 from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
@@ -66,6 +67,9 @@ class AsyncTraceMiddleware:
     sinks: more callables that receive each finished trace and its JSON.
     limits: caps per trace (resources, callbacks, annotations, stacks).
     record_futures: record every future the request creates (off for lighter traces).
+    instrument: turn on library instrumentation when the middleware is made: True for every
+        one whose library is installed (timers, httpx, caches, ...), a list of names for
+        those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class AsyncTraceMiddleware:
         sinks: Sequence[TraceSink] = (),
         limits: TraceLimits | None = None,
         record_futures: bool = True,
+        instrument: bool | Sequence[str] = True,
         logger: logging.Logger | None = None,
     ) -> None:
         if header_limit < 0:
@@ -103,6 +108,10 @@ class AsyncTraceMiddleware:
         self._sinks = tuple(named)
         self._sampling = sample_rate > 0
         self._store_path = path_prefix if self.store is not None else ""
+        if instrument is True:
+            _instrument.instrument()
+        elif instrument:
+            _instrument.instrument(*instrument)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The path of every untraced request: one header scan and a prefix test.

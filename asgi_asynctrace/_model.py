@@ -14,10 +14,13 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import orjson
+
+from ._failures import report
 
 __all__ = [
     "RESOURCE_TYPES",
@@ -149,6 +152,7 @@ class Trace:
         "closed",
         "dropped",
         "ended_at",
+        "finishers",
         "limits",
         "origin",
         "record_futures",
@@ -184,6 +188,9 @@ class Trace:
         self.dropped = Dropped()
         self.closed = False
         self.record_futures = True
+        # Called as fn(trace, now) when the request ends, before the trace closes: for
+        # recorders that can only settle their resources then (a cancelled uvloop timer).
+        self.finishers: list[Callable[[Trace, int], None]] = []
         self._ids = itertools.count(1)
         self._stack_ids: dict[object, int] = {}
 
@@ -275,6 +282,12 @@ class Trace:
         """
         if self.ended_at is None:
             self.ended_at = now
+        finishers, self.finishers = self.finishers, []
+        for finisher in finishers:
+            try:
+                finisher(self, now)
+            except Exception as exc:
+                report("trace-finisher", exc)
         root = self.root
         root.settled_at = now
         root.state = state

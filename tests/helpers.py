@@ -43,7 +43,11 @@ def call(app: Any, fn: Callable[[httpx.AsyncClient], Awaitable[T]], host: str = 
 
 
 async def _request(
-    body: Callable[[], Awaitable[Any]], *, futures: bool = False, traced: bool = True
+    body: Callable[[], Awaitable[Any]],
+    *,
+    futures: bool = False,
+    traced: bool = True,
+    instrument: bool = True,
 ) -> Trace | None:
     """Run ``body`` as the handler of one request through the middleware; return its trace."""
 
@@ -58,6 +62,7 @@ async def _request(
         log_traces=False,
         store_size=0,
         record_futures=futures,
+        instrument=instrument,
         sinks=[lambda trace, data: traces.append(trace)],
     )
     headers = [(b"x-async-trace", b"1")] if traced else []

@@ -32,12 +32,21 @@ def label(trace: Trace, res: Resource) -> str:
 
 
 def tree(trace: Trace, parent: int = 1, types: frozenset[str] | None = None) -> Tree:
-    """The causality tree under ``parent`` as nested (label, children), in creation order."""
+    """The causality tree under ``parent`` as nested (label, children), in creation order.
+
+    Timers (from the timers instrumentation, on by default) are left out unless asked for:
+    their own suite is tests/instrumentation/test_timers.py.
+    """
     return [
         (label(trace, r), tree(trace, r.async_id, types))
         for r in trace.resources
-        if r.trigger_id == parent and (types is None or r.type in types)
+        if r.trigger_id == parent and (r.type in types if types else r.type != "timer")
     ]
+
+
+def untimed(trace: Trace) -> list[Resource]:
+    """The trace's resources without its timers (see ``tree``)."""
+    return [r for r in trace.resources if r.type != "timer"]
 
 
 def by_label(trace: Trace, wanted: str) -> list[Resource]:
@@ -72,7 +81,7 @@ def test_sequential_awaits_make_tasks_one_after_the_other() -> None:
 
     trace = traced(body)
     assert tree(trace) == [("task:leaf", []), ("task:leaf", [])]
-    first, second = trace.resources[1:]
+    first, second = untimed(trace)[1:]
     assert first.settled_at is not None and first.settled_at <= second.created_at
     assert_plausible(trace)
 
@@ -83,7 +92,7 @@ def test_gather_runs_its_children_in_parallel() -> None:
 
     trace = traced(body)
     assert tree(trace) == [("task:leaf", []), ("task:leaf", []), ("task:leaf", [])]
-    tasks = trace.resources[1:]
+    tasks = untimed(trace)[1:]
     assert max(t.created_at for t in tasks) < min(t.settled_at or 0 for t in tasks)
     assert all(t.state == "ok" and len(t.callbacks) == 4 for t in tasks)  # two steps each
     assert_plausible(trace)
@@ -98,7 +107,7 @@ def test_a_race_with_wait_first_completed_leaves_the_loser_cancelled() -> None:
         await asyncio.gather(slow, return_exceptions=True)
 
     trace = traced(body)
-    fast, slow = trace.resources[1:3]
+    fast, slow = untimed(trace)[1:3]
     assert (fast.state, slow.state) == ("ok", "cancelled")
     assert slow.settled_at is not None and fast.settled_at is not None
     assert slow.settled_at > fast.settled_at
@@ -135,7 +144,7 @@ def test_nested_tasks_three_deep_form_a_chain() -> None:
 
     trace = traced(body)
     assert tree(trace) == [("task:a", [("task:b", [("task:c", [])])])]
-    a_, b_, c_ = trace.resources[1:]
+    a_, b_, c_ = untimed(trace)[1:]
     assert a_.created_at < b_.created_at < c_.created_at
     assert c_.settled_at is not None and b_.settled_at is not None and a_.settled_at is not None
     assert c_.settled_at <= b_.settled_at <= a_.settled_at
@@ -181,7 +190,7 @@ def test_a_task_group_with_one_failing_child_cancels_its_siblings() -> None:
 
     trace = traced(body)
     assert tree(trace) == [("task:leaf", []), ("task:fails", []), ("task:leaf", [])]
-    states = [r.state for r in trace.resources[1:]]
+    states = [r.state for r in untimed(trace)[1:]]
     assert states == ["cancelled", "error", "cancelled"]
     assert trace.annotations_of(3)["error"] == "ValueError"
     assert_plausible(trace)
@@ -209,7 +218,7 @@ def test_shield_keeps_the_inner_task_running_when_the_outer_wait_is_cancelled() 
 
     trace = traced(body)
     assert tree(trace) == [("task:outer", [("task:protected", [])])]
-    outer, inner = trace.resources[1:]
+    outer, inner = untimed(trace)[1:]
     assert (outer.state, inner.state) == ("cancelled", "ok")
     assert outer.settled_at is not None and inner.settled_at is not None
     assert inner.settled_at > outer.settled_at
@@ -223,7 +232,7 @@ def test_wait_for_timing_out_cancels_the_awaited_task() -> None:
 
     trace = traced(body)
     assert tree(trace) == [("task:leaf", [])]
-    waited = trace.resources[1]
+    waited = untimed(trace)[1]
     assert waited.state == "cancelled"
     assert waited.settled_at is not None and waited.settled_at - waited.created_at >= 10_000_000
     assert_plausible(trace)
@@ -240,7 +249,7 @@ def test_cancelling_a_child_mid_request_records_the_cancellation_at_its_time() -
         annotate("cancelled_after", before)
 
     trace = traced(body)
-    task = trace.resources[1]
+    task = untimed(trace)[1]
     assert task.state == "cancelled" and task.settled_at is not None
     assert task.settled_at >= int(trace.annotations_of(1)["cancelled_after"] or 0)
     assert len(task.callbacks) == 4  # the first step, and the step that received the cancel
@@ -281,7 +290,7 @@ def test_a_failing_thread_job_is_settled_as_error() -> None:
             await asyncio.to_thread(broken)
 
     trace = traced(body)
-    job = trace.resources[1]
+    job = untimed(trace)[1]
     assert (job.type, job.state) == ("thread", "error")
     assert trace.annotations_of(2)["error"] == "OSError"
 
@@ -343,7 +352,7 @@ def test_a_background_task_that_outlives_the_request_is_pending_in_its_trace() -
         emitted = trace.to_json()
         await done.wait()
         await asyncio.sleep(0)
-        return trace, emitted, trace.resources[1]
+        return trace, emitted, untimed(trace)[1]
 
     trace, emitted, task = run(main())
     assert task.state == "pending" and task.settled_at is None  # nothing recorded after the end
@@ -478,7 +487,7 @@ def test_eager_tasks_have_their_first_step_recorded_at_creation() -> None:
 
     trace = run(main())
     assert trace is not None
-    quick, slow = trace.resources[1:3]
+    quick, slow = untimed(trace)[1:3]
     assert quick.state == "ok" and len(quick.callbacks) == 2
     assert slow.state == "ok" and len(slow.callbacks) == 4
 
@@ -527,7 +536,7 @@ def test_the_current_resource_inside_a_task_is_that_task() -> None:
         await asyncio.create_task(child())
 
     trace = traced(body)
-    assert seen == [trace.resources[1]]
+    assert seen == [untimed(trace)[1]]
 
 
 def test_the_loop_under_test_is_the_one_asked_for() -> None:

@@ -1,0 +1,219 @@
+"""asyncio's timers as ``timer`` resources: sleeps, ``call_later`` / ``call_at``, deadlines.
+
+    asgi_asynctrace.instrument("timers")     # the middleware does this by default
+
+Inside a traced request every ``loop.call_later`` / ``loop.call_at`` is a ``timer`` resource:
+created by the code that scheduled it (``asyncio.sleep(0.2)``, the deadline of
+``asyncio.timeout`` or ``wait_for``, your own ``call_later``), with its callback's run as its
+callback interval, settled ``ok`` when it fired, ``error`` when its callback raised, and
+``cancelled`` when it was cancelled first (a deadline that was not reached, a sleep whose task
+was cancelled). Annotations: ``kind`` (sleep, timeout, wait_for, call_later, call_at),
+``delayMs`` as requested, ``lateMs`` (how long after its due time it ran: a busy loop shows
+here), and ``callback`` for timers scheduled directly.
+
+The loop methods are replaced on the loop instance only while a traced request is in flight
+(with the asyncio hooks), on asyncio's loops and uvloop alike. On asyncio's loops a cancel is
+recorded when it happens; uvloop gives no hook for it, so there a cancelled timer is settled
+``cancelled`` when the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
+Exports: TimersInstrumentation, instrumentation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from asgi_asynctrace._context import ACTIVE, new_resource
+from asgi_asynctrace._failures import report
+from asgi_asynctrace._hooks import add_loop_patch, remove_loop_patch
+from asgi_asynctrace._model import Resource, Trace
+
+from ._base import Instrumentation
+
+__all__ = ["TimersInstrumentation", "instrumentation"]
+
+_now = time.perf_counter_ns
+
+
+def _kind(callback: Any, default: str) -> str:
+    name = getattr(callback, "__qualname__", "")
+    if name == "_set_result_unless_cancelled":
+        return "sleep"
+    if name == "Timeout._on_timeout":
+        return "timeout"
+    if name == "_release_waiter":  # wait_for's deadline before Python 3.12
+        return "wait_for"
+    return default
+
+
+class _TimerCallback:
+    """What the loop runs in place of a traced timer's callback."""
+
+    __slots__ = ("callback", "handle", "loop", "res", "trace", "when")
+
+    def __init__(
+        self, callback: Any, trace: Trace, res: Resource, loop: Any, when: float
+    ) -> None:
+        self.callback = callback
+        self.trace = trace
+        self.res = res
+        self.loop = loop
+        self.when = when
+        self.handle: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        trace, res = self.trace, self.res
+        if trace.closed:
+            return self.callback(*args)
+        token = None
+        try:
+            trace.begin(res, _now())
+            late = self.loop.time() - self.when
+            trace.annotate(res, "lateMs", round(max(late, 0.0) * 1000, 3))
+            token = ACTIVE.set((trace, res))
+        except Exception as exc:
+            report("timers", exc)
+        try:
+            out = self.callback(*args)
+        except BaseException as exc:
+            self._done("error", exc, token)
+            raise
+        self._done("ok", None, token)
+        return out
+
+    def _done(self, state: str, exc: BaseException | None, token: Any) -> None:
+        try:
+            if token is not None:
+                ACTIVE.reset(token)
+            now = _now()
+            self.trace.end(self.res, now)
+            self.trace.settle(self.res, now, state)
+            if exc is not None:
+                self.trace.annotate(self.res, "error", type(exc).__qualname__)
+        except Exception as failure:
+            report("timers", failure)
+
+    def cancelled(self) -> None:
+        if not self.trace.closed:
+            self.trace.settle(self.res, _now(), "cancelled")
+
+    def __repr__(self) -> str:
+        return repr(self.callback)
+
+
+class _Unsettled:
+    """A trace's timers that may need settling when it ends: a cancel the loop did not report
+    (uvloop) is found then. Registered as the trace's finisher on its first timer."""
+
+    __slots__ = ("timers",)
+
+    def __init__(self) -> None:
+        self.timers: list[_TimerCallback] = []
+
+    def __call__(self, trace: Trace, now: int) -> None:
+        for cb in self.timers:
+            handle = cb.handle
+            if cb.res.settled_at is None and handle is not None and handle.cancelled():
+                trace.settle(cb.res, now, "cancelled")
+        self.timers.clear()
+
+
+def _unsettled(trace: Trace) -> _Unsettled:
+    for finisher in trace.finishers:
+        if type(finisher) is _Unsettled:
+            return finisher
+    finisher = _Unsettled()
+    trace.finishers.append(finisher)
+    return finisher
+
+
+def _record(
+    loop: Any, original: Callable[..., Any], when: float, delay: float,
+    callback: Any, args: tuple[Any, ...], context: Any, default_kind: str,
+) -> Any:  # fmt: skip
+    arg = delay if default_kind == "call_later" else when
+    wrapper = None
+    try:
+        trace, parent = ACTIVE.get()  # type: ignore[misc]
+        # The stack starts at whoever called call_later: asyncio.sleep, a timeout, the app.
+        res = new_resource("timer", trace, parent, skip=3)
+        if res is not None:
+            wrapper = _TimerCallback(callback, trace, res, loop, when)
+            kind = _kind(callback, default_kind)
+            trace.annotate(res, "kind", kind)
+            trace.annotate(res, "delayMs", round(max(delay, 0.0) * 1000, 3))
+            if kind == default_kind:
+                name = getattr(callback, "__qualname__", None) or type(callback).__qualname__
+                trace.annotate(res, "callback", name)
+            _unsettled(trace).timers.append(wrapper)
+    except Exception as exc:
+        report("timers", exc)
+    if wrapper is None:
+        return original(arg, callback, *args, context=context)
+    try:
+        handle = original(arg, wrapper, *args, context=context)
+    except BaseException as exc:  # refused by the loop (a bad delay, a closed loop): as ever
+        wrapper.trace.settle(wrapper.res, _now(), "error")
+        wrapper.trace.annotate(wrapper.res, "error", type(exc).__qualname__)
+        raise
+    wrapper.handle = handle
+    return handle
+
+
+def _make_call_later(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
+        active = ACTIVE.get()
+        if active is None or active[0].closed or type(callback) is _TimerCallback:
+            return original(delay, callback, *args, context=context)
+        return _record(loop, original, loop.time() + delay, delay, callback, args, context,
+                       "call_later")  # fmt: skip
+
+    return call_later
+
+
+def _make_call_at(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_at(when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+        active = ACTIVE.get()
+        if active is None or active[0].closed or type(callback) is _TimerCallback:
+            return original(when, callback, *args, context=context)
+        return _record(loop, original, when, when - loop.time(), callback, args, context,
+                       "call_at")  # fmt: skip
+
+    return call_at
+
+
+def _make_cancelled(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+    # asyncio's TimerHandle.cancel() tells its loop through this method, before it forgets
+    # the callback: the one place a cancel can be seen as it happens.
+    def _timer_handle_cancelled(handle: asyncio.TimerHandle) -> Any:
+        callback = getattr(handle, "_callback", None)
+        if type(callback) is _TimerCallback:
+            try:
+                callback.cancelled()
+            except Exception as exc:
+                report("timers", exc)
+        return original(handle)
+
+    return _timer_handle_cancelled
+
+
+class TimersInstrumentation(Instrumentation):
+    name = "timers"
+    library = "asyncio"
+    supported = ()
+
+    def _install(self, module: ModuleType) -> None:
+        add_loop_patch("call_later", _make_call_later)
+        add_loop_patch("call_at", _make_call_at)
+        add_loop_patch("_timer_handle_cancelled", _make_cancelled)
+
+    def uninstall(self) -> None:
+        for name in ("call_later", "call_at", "_timer_handle_cancelled"):
+            remove_loop_patch(name)
+        super().uninstall()
+
+
+instrumentation = TimersInstrumentation()

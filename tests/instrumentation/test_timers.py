@@ -1,0 +1,179 @@
+"""asyncio timers as ``timer`` resources, on asyncio's loop and on uvloop (ASYNCTRACE_TEST_LOOP)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from asgi_asynctrace import Resource, Trace, annotate, instrument, uninstrument
+from tests.helpers import LOOP, _request, run, traced
+
+
+@pytest.fixture(autouse=True)
+def _timers_on() -> Iterator[None]:
+    assert instrument("timers") == {"timers": True}
+    yield
+    instrument("timers")  # a test that turned them off leaves them on for the rest
+
+
+def timers(trace: Trace) -> list[Resource]:
+    return [r for r in trace.resources if r.type == "timer"]
+
+
+def notes(trace: Trace, res: Resource) -> dict[str, Any]:
+    return trace.annotations_of(res.async_id)
+
+
+def test_a_sleep_is_a_timer_made_by_the_sleeping_task_with_its_delay_and_lateness() -> None:
+    async def nap() -> None:
+        await asyncio.sleep(0.02)
+
+    async def body() -> None:
+        await asyncio.create_task(nap())
+
+    trace = traced(body)
+    (task,) = [r for r in trace.resources if r.type == "task"]
+    (timer,) = timers(trace)
+    assert timer.trigger_id == task.async_id
+    info = notes(trace, timer)
+    assert info["kind"] == "sleep" and info["delayMs"] == 20.0
+    assert 0 <= info["lateMs"] < 1000
+    assert timer.state == "ok"
+    ((start, end),) = timer.intervals()
+    assert end is not None and timer.settled_at is not None
+    assert start - timer.created_at >= 19_000_000  # it fired after its delay, not before
+    assert timer.created_at <= start <= end <= timer.settled_at
+    # its stack starts where it was asked for: asyncio.sleep, then the app's coroutine
+    frames = trace.stacks[timer.stack_id] if timer.stack_id is not None else ()
+    assert frames[0].startswith("sleep @ <stdlib>/asyncio/tasks.py")
+    assert frames[1].startswith("test_a_sleep_is_a_timer") and "nap @ " in frames[1]
+
+
+def test_sleep_zero_schedules_no_timer() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0)
+
+    assert timers(traced(body)) == []
+
+
+def test_a_sleep_whose_task_is_cancelled_is_a_cancelled_timer() -> None:
+    async def body() -> None:
+        task = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    trace = traced(body)
+    (timer,) = [t for t in timers(trace) if notes(trace, t)["delayMs"] == 10_000]
+    assert timer.state == "cancelled"
+    assert timer.callbacks == []
+    assert timer.settled_at is not None and trace.ended_at is not None
+    if LOOP == "asyncio":  # seen as it happens; uvloop reports it when the request ends
+        assert timer.settled_at < trace.ended_at
+
+
+def test_a_wait_for_deadline_that_is_not_reached_is_cancelled_and_one_that_is_fires() -> None:
+    async def body() -> None:
+        await asyncio.wait_for(asyncio.sleep(0.001), timeout=5)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(5), timeout=0.01)
+
+    trace = traced(body)
+    kind = "timeout" if sys.version_info >= (3, 12) else "wait_for"
+    deadlines = [t for t in timers(trace) if notes(trace, t)["kind"] == kind]
+    delays = [notes(trace, t)["delayMs"] for t in deadlines]
+    assert delays == [pytest.approx(5000, abs=5), pytest.approx(10, abs=5)]
+    assert [t.state for t in deadlines] == ["cancelled", "ok"]
+    sleeps = [t for t in timers(trace) if notes(trace, t)["kind"] == "sleep"]
+    assert [t.state for t in sleeps] == ["ok", "cancelled"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+def test_an_asyncio_timeout_deadline_is_a_timer() -> None:
+    async def body() -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.01):  # type: ignore[attr-defined,unused-ignore]
+                await asyncio.sleep(1)
+
+    trace = traced(body)
+    (deadline,) = [t for t in timers(trace) if notes(trace, t)["kind"] == "timeout"]
+    assert deadline.state == "ok" and len(deadline.callbacks) == 2
+
+
+def test_call_later_runs_its_callback_as_the_timers_step_and_records_what_it_does() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        fired = loop.create_future()
+
+        def ring(value: str) -> None:
+            annotate("rang", value)
+            fired.set_result(value)
+
+        loop.call_later(0.005, ring, "once")
+        loop.call_at(loop.time() + 0.01, ring, "twice")  # a second set_result: raises
+        await fired
+        await asyncio.sleep(0.02)
+
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> Trace:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        trace = await _request(body)
+        assert trace is not None
+        return trace
+
+    trace = run(main())
+    later, at = [t for t in timers(trace) if notes(trace, t)["kind"] in ("call_later", "call_at")]
+    assert notes(trace, later)["callback"].endswith("ring")
+    assert notes(trace, later)["rang"] == "once"  # annotate() inside lands on the timer
+    assert later.state == "ok" and len(later.callbacks) == 2
+    assert notes(trace, at)["kind"] == "call_at"
+    assert at.state == "error" and notes(trace, at)["error"] == "InvalidStateError"
+    assert len(errors) == 1  # the loop's exception handler still got the error, as ever
+
+
+def test_a_blocked_loop_shows_as_lateness() -> None:
+    async def body() -> None:
+        sleeper = asyncio.create_task(asyncio.sleep(0.005))
+        await asyncio.sleep(0)
+        time.sleep(0.06)  # blocks the loop past the timer's due time
+        await sleeper
+
+    trace = traced(body)
+    (timer,) = [t for t in timers(trace) if notes(trace, t)["delayMs"] == 5.0]
+    assert notes(trace, timer)["lateMs"] >= 40
+
+
+def test_untraced_code_and_ended_requests_leave_the_loop_untouched() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0.001)
+
+    async def main() -> tuple[Any, set[str], Trace | None]:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(10, print)  # outside any request: the loop's own method
+        callback = getattr(handle, "_callback", print)
+        handle.cancel()
+        trace = await _request(body)
+        return callback, set(getattr(loop, "__dict__", {})), trace
+
+    callback, patched, trace = run(main())
+    assert callback is print
+    assert not {"call_later", "call_at", "_timer_handle_cancelled"} & patched
+    assert trace is not None and len(timers(trace)) == 1
+
+
+def test_uninstrument_stops_recording_timers() -> None:
+    uninstrument("timers")
+
+    async def body() -> None:
+        await asyncio.sleep(0.001)
+
+    trace = run(_request(body, instrument=False))
+    assert trace is not None and timers(trace) == []
