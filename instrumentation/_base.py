@@ -11,6 +11,7 @@ too-old library is logged once and skipped. Exports: Instrumentation.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 import re
 from types import ModuleType
@@ -24,6 +25,17 @@ logger = logging.getLogger("asgi_asynctrace")
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def _installed_version(module: ModuleType, library: str) -> str:
+    """The module's ``__version__``, else its distribution's (some libraries set none)."""
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
 
 
 class Instrumentation:
@@ -44,13 +56,13 @@ class Instrumentation:
         except ImportError:
             logger.info("asgi-asynctrace: %s is not installed; %s skipped", self.library, self.name)
             return False
-        version = _version_tuple(getattr(module, "__version__", "0"))
-        if version < self.supported:
+        text = _installed_version(module, self.library)
+        if _version_tuple(text) < self.supported:
             wanted = ".".join(map(str, self.supported))
             logger.warning(
                 "asgi-asynctrace: %s %s is older than %s; %s skipped",
                 self.library,
-                getattr(module, "__version__", "?"),
+                text,
                 wanted,
                 self.name,
             )

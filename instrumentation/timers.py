@@ -54,9 +54,7 @@ class _TimerCallback:
 
     __slots__ = ("callback", "handle", "loop", "res", "trace", "when")
 
-    def __init__(
-        self, callback: Any, trace: Trace, res: Resource, loop: Any, when: float
-    ) -> None:
+    def __init__(self, callback: Any, trace: Trace, res: Resource, loop: Any, when: float) -> None:
         self.callback = callback
         self.trace = trace
         self.res = res

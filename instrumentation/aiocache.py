@@ -1,0 +1,88 @@
+"""aiocache calls as ``cache-get`` / ``cache-put`` / ``cache-delete`` resources.
+
+    asgi_asynctrace.instrument("aiocache")     # the middleware does this by default
+
+Every cache built on aiocache's ``BaseCache`` (its memory, Redis and Memcached backends,
+and the ``@cached`` decorators, which call them) records one resource per call:
+
+    get, multi_get, exists            -> cache-get     (hit / hits)
+    set, multi_set, add, increment,
+    expire                            -> cache-put     (ttl)
+    delete, clear                     -> cache-delete
+
+Annotations: ``backend`` (``aiocache:memory``, ``aiocache:redis``, ...), ``op``, ``key``
+(truncated like every annotation) or ``keys`` (how many), ``hit`` for reads, ``ttl`` for
+writes when one is given, and ``error`` when the call raised. aiocache's plugins are set per
+cache instance, so they cannot cover caches the app builds itself: the public methods of
+``BaseCache`` are wrapped instead, and put back by ``uninstrument("aiocache")``.
+Supports aiocache >= 0.12. Exports: AiocacheInstrumentation, instrumentation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from asgi_asynctrace import start_resource
+from asgi_asynctrace._context import ACTIVE
+
+from ._base import Instrumentation
+
+__all__ = ["AiocacheInstrumentation", "instrumentation"]
+
+_OPS = {
+    "get": "cache-get",
+    "multi_get": "cache-get",
+    "exists": "cache-get",
+    "set": "cache-put",
+    "multi_set": "cache-put",
+    "add": "cache-put",
+    "increment": "cache-put",
+    "expire": "cache-put",
+    "delete": "cache-delete",
+    "clear": "cache-delete",
+}
+
+
+def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if ACTIVE.get() is None:
+            return await original(self, *args, **kwargs)
+        backend = getattr(self, "NAME", type(self).__name__)
+        notes: dict[str, Any] = {"backend": f"aiocache:{backend}", "op": op}
+        first = args[0] if args else kwargs.get("keys", kwargs.get("pairs", kwargs.get("key")))
+        if op in ("multi_get", "multi_set"):
+            notes["keys"] = len(first) if first is not None else 0
+        elif op != "clear" and first is not None:
+            notes["key"] = str(first)
+        ttl = kwargs.get("ttl", args[2] if op in ("set", "add") and len(args) > 2 else None)
+        if op == "expire":
+            ttl = kwargs.get("ttl", args[1] if len(args) > 1 else None)
+        if rtype == "cache-put" and isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            notes["ttl"] = ttl
+        with start_resource(rtype, **notes) as scope:
+            result = await original(self, *args, **kwargs)
+            if op in ("get", "exists"):
+                scope.annotate("hit", bool(result) if op == "exists" else result is not None)
+            elif op == "multi_get":
+                scope.annotate("hits", sum(v is not None for v in result or ()))
+            return result
+
+    return traced
+
+
+class AiocacheInstrumentation(Instrumentation):
+    name = "aiocache"
+    library = "aiocache"
+    supported = (0, 12)
+
+    def _install(self, module: ModuleType) -> None:
+        base = module.BaseCache
+        for op, rtype in _OPS.items():
+            self.patches.replace(base, op, _wrap(op, rtype, getattr(base, op)))
+
+
+instrumentation = AiocacheInstrumentation()
