@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+from aiocache import SimpleMemoryCache
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -25,7 +26,9 @@ from asgi_asynctrace import AsyncTraceMiddleware, annotate, start_resource
 from asgi_asynctrace.instrumentation.httpx import TracingTransport  # type: ignore[import-not-found]
 
 DB_PATH = os.environ.get("SAMPLE_DB", os.path.join(tempfile.gettempdir(), "asynctrace-sample.db"))
-_cache: dict[str, object] = {}
+# aiocache's in-memory backend; the middleware instruments aiocache, so reads and writes show
+# up as cache-get / cache-put with their key, hit or miss, and TTL.
+cache = SimpleMemoryCache(namespace="sample:")
 
 
 def _query_items() -> list[dict[str, object]]:
@@ -35,14 +38,6 @@ def _query_items() -> list[dict[str, object]]:
             db.executemany("insert into items (name) values (?)", [("apple",), ("pear",)])
         rows = db.execute("select id, name from items order by id").fetchall()
     return [{"id": i, "name": n} for i, n in rows]
-
-
-async def cached(key: str) -> object | None:
-    async with start_resource("cache-get", key=key) as scope:
-        await asyncio.sleep(0)
-        value = _cache.get(key)
-        scope.annotate("hit", value is not None)
-        return value
 
 
 async def upstream_price(request: Request) -> Response:
@@ -64,12 +59,11 @@ async def price(item_id: object) -> float:
 
 
 async def items(request: Request) -> Response:
-    rows = await cached("items")
+    rows = await cache.get("items")
     if rows is None:
         async with start_resource("db-query", statement="select id, name from items"):
             rows = await asyncio.to_thread(_query_items)
-        async with start_resource("cache-put", key="items"):
-            _cache["items"] = rows
+        await cache.set("items", rows, ttl=30)
     assert isinstance(rows, list)
     prices = await asyncio.gather(*(price(row["id"]) for row in rows))
     return JSONResponse({"items": rows, "prices": prices})

@@ -77,8 +77,35 @@ def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
     trace = orjson.loads(lines[0].split(LOG_PREFIX, 1)[1])
     assert trace["traceId"] == trace_id and trace["request"]["status"] == 200
     types = [r["type"] for r in trace["resources"]]
-    assert types[0] == "root" and {"task", "thread", "cache-get", "db-query", "fetch"} <= set(types)
+    assert types[0] == "root"
+    assert {"task", "thread", "cache-get", "cache-put", "db-query", "fetch", "timer"} <= set(types)
+    notes: dict[int, dict[str, object]] = {}
+    for a in trace["annotations"]:
+        notes.setdefault(a["asyncId"], {})[a["key"]] = a["value"]
+    by_type = {r["type"]: r for r in trace["resources"]}
+    assert notes[by_type["cache-get"]["asyncId"]]["hit"] is False
+    assert notes[by_type["cache-put"]["asyncId"]]["ttl"] == 30
+    # the upstream's sleep happened for a fetch: timer <- ... <- fetch <- task <- root
+    parents = {r["asyncId"]: r["triggerId"] for r in trace["resources"]}
+    fetches = {r["asyncId"] for r in trace["resources"] if r["type"] == "fetch"}
+    timers = [r for r in trace["resources"] if r["type"] == "timer"]
+    sleeps = [t for t in timers if notes[t["asyncId"]]["kind"] == "sleep"]
+    assert len(sleeps) == 2  # one per price() call
+    for timer in sleeps:
+        chain, node = [], timer["asyncId"]
+        while node:
+            node = parents[node]
+            chain.append(node)
+        assert fetches & set(chain) and timer["state"] == "ok"
+    # aiocache's memory backend expires a key with a timer: still pending when the request ends
+    later = [t for t in timers if notes[t["asyncId"]]["kind"] == "call_later"]
+    expiries = [t for t in later if "__delete" in str(notes[t["asyncId"]]["callback"])]
+    assert len(expiries) == 1, [notes[t["asyncId"]] for t in later]
+    expiry = expiries[0]
+    assert notes[expiry["asyncId"]]["delayMs"] == 30_000 and expiry["state"] == "pending"
     tasks = [r for r in trace["resources"] if r["type"] == "task"]
-    assert all(t["state"] == "ok" and t["triggerId"] == 1 for t in tasks)
+    assert all(t["state"] == "ok" for t in tasks)
+    prices = [t for t in tasks if notes[t["asyncId"]].get("coroutine") == "price"]
+    assert len(prices) == 2 and all(t["triggerId"] == 1 for t in prices)
     frames = [f for s in trace["stackTraces"] for f in s["frames"]]
     assert any(f.startswith("items @ sample_app/app.py:") for f in frames)
