@@ -9,6 +9,7 @@ Everything public is exported here; every other module is private.
 
 from __future__ import annotations
 
+from ._analysis import Analysis, AnalysisSettings, Finding, analyze
 from ._context import ResourceScope, annotate, current_resource, current_trace, start_resource
 from ._failures import failure_counts, reset_failures
 from ._hooks import install_hooks, uninstall_hooks
@@ -40,8 +41,11 @@ __all__ = [
     "LOG_PREFIX",
     "RESOURCE_TYPES",
     "STATES",
+    "Analysis",
+    "AnalysisSettings",
     "AnnotationValue",
     "AsyncTraceMiddleware",
+    "Finding",
     "FrameOrigin",
     "LogSink",
     "Resource",
@@ -51,6 +55,7 @@ __all__ = [
     "TraceLimits",
     "TraceSink",
     "TraceStore",
+    "analyze",
     "annotate",
     "capture_traces",
     "current_resource",

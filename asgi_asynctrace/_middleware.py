@@ -158,7 +158,10 @@ class AsyncTraceMiddleware:
             if await serve_store(self.store, self.path_prefix, scope, send):
                 return None
             decision = self.gate.decide(scope, value)
-        if decision is None:
+        if decision is None or ACTIVE.get() is not None:
+            # Not traced, or already inside a traced request (a second AsyncTraceMiddleware
+            # further in, or an app called in-process by a traced one): the outer trace
+            # records this too.
             return await self.app(scope, receive, send)
         return await self._traced(scope, receive, send, decision == TRACE_REQUESTED)
 

@@ -1,0 +1,188 @@
+"""The analyzer: each planted problem is traced for real and named first; clean code yields none."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_asynctrace import Trace, load_trace, start_resource
+from asgi_asynctrace._analysis import AnalysisSettings, analyze
+from asgi_asynctrace._cli import format_summary, main
+from tests.helpers import traced
+
+TracingTransport: Any = importlib.import_module(
+    "asgi_asynctrace.instrumentation.httpx"
+).TracingTransport
+GOLDEN = Path(__file__).parent / "golden"
+
+
+async def _slow(request: Request) -> Response:
+    await asyncio.sleep(int(request.query_params.get("ms", "20")) / 1000)
+    return PlainTextResponse("ok")
+
+
+def upstream() -> httpx.AsyncClient:
+    """A client whose fetches are recorded, to an upstream served in-process."""
+    app = Starlette(routes=[Route("/slow", _slow)])
+    transport = TracingTransport(httpx.ASGITransport(app=app))
+    return httpx.AsyncClient(transport=transport, base_url="http://upstream")
+
+
+def kinds(trace: Trace) -> list[str]:
+    return [f.kind for f in analyze(trace).findings]
+
+
+def test_two_independent_fetches_awaited_in_turn_are_named_sequential() -> None:
+    async def body() -> None:
+        async with upstream() as client:
+            await client.get("/slow?ms=30")
+            await client.get("/slow?ms=20")
+
+    trace = traced(body)
+    first = analyze(trace).findings[0]
+    fetches = tuple(r.async_id for r in trace.resources if r.type == "fetch")
+    assert first.kind == "sequential-awaits" and first.resources == fetches
+    assert 15 * 10**6 <= first.cost_ns <= 40 * 10**6  # the shorter of the two could overlap
+    assert first.severity in ("medium", "high")
+    assert "body @ tests/test_analysis.py:" in first.site  # the app's line, not httpx's
+
+
+def test_the_same_fetches_run_together_yield_no_finding() -> None:
+    async def body() -> None:
+        async with upstream() as client:
+            await asyncio.gather(client.get("/slow?ms=30"), client.get("/slow?ms=20"))
+
+    assert kinds(traced(body)) == []
+
+
+def test_a_cache_miss_then_its_fill_is_not_called_sequential() -> None:
+    async def body() -> None:
+        async with start_resource("cache-get", op="get", key="k") as get:
+            await asyncio.sleep(0.003)
+            get.annotate("hit", False)
+        async with start_resource("db-query", statement="select 1"):
+            await asyncio.sleep(0.005)
+        async with start_resource("cache-put", op="set", key="k"):
+            await asyncio.sleep(0.003)
+
+    assert kinds(traced(body)) == []
+
+
+def test_a_query_per_row_is_named_n_plus_one() -> None:
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+
+    def query(i: int) -> Any:
+        time.sleep(0.003)  # a query with a little latency, as over a network
+        return db.execute("select ?", (i,)).fetchone()
+
+    async def body() -> None:
+        for i in range(4):
+            async with start_resource("db-query", statement="select * from prices where id = ?"):
+                await asyncio.to_thread(query, i)
+
+    trace = traced(body)
+    first = analyze(trace).findings[0]
+    assert first.kind == "n-plus-one" and len(first.resources) == 4
+    assert first.cost_ns >= 9 * 10**6  # three of the four could have overlapped the first
+
+
+def test_a_blocking_call_on_the_loop_is_named_with_its_duration() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0)
+        time.sleep(0.04)  # the planted problem
+
+    trace = traced(body)
+    first = analyze(trace).findings[0]
+    assert first.kind == "blocked-loop" and first.resources == (1,)
+    assert first.cost_ns >= 40 * 10**6 and first.severity == "high"
+    assert kinds(traced(body))[0] == "blocked-loop"
+    relaxed = analyze(trace, AnalysisSettings(blocked_step_ms=100)).findings
+    assert [f.kind for f in relaxed] == []
+
+
+def test_one_fetch_taking_most_of_the_request_is_a_slow_upstream() -> None:
+    async def body() -> None:
+        async with upstream() as client:
+            await client.get("/slow?ms=120")
+
+    trace = traced(body)
+    first = analyze(trace).findings[0]
+    (fetch,) = [r.async_id for r in trace.resources if r.type == "fetch"]
+    assert first.kind == "slow-upstream" and first.resources == (fetch,)
+
+
+def test_jobs_queued_behind_a_full_thread_pool_are_thread_starvation() -> None:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(pool, time.sleep, 0.02) for _ in range(3)))
+
+    try:
+        trace = traced(body)
+    finally:
+        pool.shutdown()
+    findings = analyze(trace).findings
+    assert findings[0].kind == "thread-starvation"
+    starved = [f for f in findings if f.kind == "thread-starvation"]
+    assert len(starved) == 2 and starved[0].cost_ns >= 35 * 10**6  # the third waited for two
+
+
+def test_a_task_left_running_is_named_unawaited() -> None:
+    async def forgotten() -> None:
+        await asyncio.sleep(1)
+
+    async def body() -> None:
+        asyncio.create_task(forgotten())  # noqa: RUF006 - the planted problem
+        await asyncio.sleep(0)
+
+    findings = analyze(traced(body)).findings
+    assert [f.kind for f in findings] == ["unawaited-task"]
+    assert "forgotten" in findings[0].title
+
+
+def test_the_critical_path_follows_the_slowest_branch_down_to_the_timer() -> None:
+    async def child(ms: int) -> None:
+        await asyncio.sleep(ms / 1000)
+
+    async def body() -> None:
+        await asyncio.gather(child(5), child(25))
+
+    trace = traced(body)
+    path = analyze(trace).critical_path
+    assert [(s.type, s.depth) for s in path] == [("task", 0), ("timer", 1)]
+    assert path[1].label == "sleep 25.0ms"
+
+
+def test_summary_of_a_fixed_trace_matches_its_golden_file() -> None:
+    trace = load_trace((GOLDEN / "checkout.json").read_bytes())
+    text = format_summary(analyze(trace))
+    expected = (GOLDEN / "checkout.summary.txt").read_text()
+    assert text == expected
+
+
+def test_cli_summary_and_diagnose(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    golden = str(GOLDEN / "checkout.json")
+    assert main(["summary", golden]) == 0
+    assert capsys.readouterr().out == (GOLDEN / "checkout.summary.txt").read_text()
+    assert main(["diagnose", golden]) == 0
+    assert "sequential-awaits" in capsys.readouterr().out
+    assert main(["diagnose", golden, "--fail-on", "medium"]) == 1
+    assert "at or above medium" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "resources": [{"asyncId": "x"}]}')
+    assert main(["summary", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.json" in err
