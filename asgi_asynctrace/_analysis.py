@@ -156,6 +156,11 @@ class Analysis:
         }
 
 
+def _short(name: str) -> str:
+    """``outer.<locals>.inner`` -> ``inner``; ``Class.method`` stays."""
+    return name.rsplit("<locals>.", 1)[-1]
+
+
 def label(res: Resource, notes: dict[str, Any]) -> str:
     """A short human name: the URL of a fetch, the statement of a query, a task's coroutine."""
     t = res.type
@@ -167,9 +172,9 @@ def label(res: Resource, notes: dict[str, Any]) -> str:
         what = notes.get("key", f"{notes['keys']} keys" if "keys" in notes else "")
         return f"{notes.get('op', t)} {what}".strip()
     if t == "task":
-        return str(notes.get("coroutine", t))
+        return _short(str(notes.get("coroutine", t)))
     if t == "thread":
-        return str(notes.get("function", t))
+        return _short(str(notes.get("function", t)))
     if t == "timer":
         return f"{notes.get('kind', 'timer')} {notes.get('delayMs', '?')}ms"
     if t == "root":

@@ -223,6 +223,26 @@ def _diagnose_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_command(args: argparse.Namespace) -> int:
+    traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    if args.to == "perfetto":
+        from ._perfetto import to_perfetto
+
+        data = to_perfetto(*traces)
+    elif args.to == "html":
+        from ._viewer import viewer_html
+
+        data = viewer_html(traces)
+    else:
+        data = b"".join(trace.to_json() + b"\n" for trace in traces)
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.buffer.write(data)
+    else:
+        args.output.write_bytes(data)
+        print(f"wrote {len(traces)} trace(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asgi-asynctrace", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +275,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     di.add_argument("--json", action="store_true", help="one JSON object per trace")
     di.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
     di.set_defaults(run=_diagnose_command)
+    co = commands.add_parser(
+        "convert",
+        help="write traces as a Perfetto trace, the viewer's HTML, or format-v1 JSON lines",
+        description="Examples:\n"
+        "  asgi-asynctrace convert trace.json --to perfetto -o trace.pftrace   # ui.perfetto.dev\n"
+        "  asgi-asynctrace convert server.log --to html -o traces.html\n"
+        "  asgi-asynctrace convert sample-seed.json --to json     # the seed's format to v1",
+        formatter_class=formatter,
+    )
+    co.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
+    co.add_argument("--to", required=True, choices=("perfetto", "html", "json"))
+    co.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    co.set_defaults(run=_convert_command)
     de = commands.add_parser("decode-header", help="print the trace in an X-Async-Trace-Data value")
     de.add_argument("value")
     de.set_defaults(run=_decode_command)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
@@ -67,6 +68,7 @@ class AsyncTraceMiddleware:
     sinks: more callables that receive each finished trace and its JSON.
     limits: caps per trace (resources, callbacks, annotations, stacks).
     record_futures: record every future the request creates (off for lighter traces).
+    perfetto_path: stream every trace into this .pftrace file too (needs ``perfetto``).
     instrument: turn on library instrumentation when the middleware is made: True for every
         one whose library is installed (timers, httpx, caches, ...), a list of names for
         those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
@@ -86,6 +88,7 @@ class AsyncTraceMiddleware:
         limits: TraceLimits | None = None,
         record_futures: bool = True,
         instrument: bool | Sequence[str] = True,
+        perfetto_path: str | os.PathLike[str] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if header_limit < 0:
@@ -104,6 +107,10 @@ class AsyncTraceMiddleware:
             named.append(("sink:log", LogSink(logger)))
         if self.store is not None:
             named.append(("sink:store", self.store))
+        if perfetto_path is not None:
+            from ._perfetto import PerfettoSink
+
+            named.append(("sink:perfetto", PerfettoSink(perfetto_path)))
         named.extend((f"sink:{_name(s)}", s) for s in sinks)
         self._sinks = tuple(named)
         self._sampling = sample_rate > 0
