@@ -1,6 +1,10 @@
-"""The trace store over HTTP: ``GET {prefix}/traces`` and ``GET {prefix}/traces/{id}``.
+"""The trace store over HTTP, and the viewer that reads it.
 
     handled = await serve_store(store, "/__asynctrace", scope, send)
+
+``GET {prefix}/`` is the viewer page; ``GET {prefix}/traces`` lists the stored traces, newest
+first; ``GET {prefix}/traces/{id}`` is one trace's JSON, and with ``?analysis=1`` the trace and
+the analyzer's result together (what the viewer loads).
 
 Returns False for paths it does not own, so the request goes on to the app.
 Exports: serve_store.
@@ -13,20 +17,34 @@ from typing import Any
 
 import orjson
 
+from ._analysis import analyze
+from ._load import load_trace
 from ._sinks import TraceStore
+from ._viewer import viewer_html
 
 __all__ = ["serve_store"]
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-async def _respond(send: Send, status: int, body: bytes) -> None:
+# The viewer runs only its own inline code and talks only to this app.
+_CSP = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    b"connect-src 'self'; img-src data:"
+)
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: bytes = b"application/json"
+) -> None:
+    extra = [(b"content-security-policy", _CSP)] if content_type.startswith(b"text/html") else []
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                *extra,
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
                 (b"x-content-type-options", b"nosniff"),
@@ -41,10 +59,15 @@ async def serve_store(
 ) -> bool:
     path: str = scope.get("path") or ""
     rest = path[len(prefix) :]
-    if rest not in ("/traces", "/traces/") and not rest.startswith("/traces/"):
+    viewer = rest in ("", "/")
+    if not viewer and rest not in ("/traces", "/traces/") and not rest.startswith("/traces/"):
         return False
     if scope.get("method", "GET") != "GET":
         await _respond(send, 405, orjson.dumps({"error": "only GET is supported here"}))
+        return True
+    if viewer:
+        page = viewer_html(store_url=prefix + "/")
+        await _respond(send, 200, page, b"text/html; charset=utf-8")
         return True
     trace_id = rest[len("/traces/") :].strip("/")
     if not trace_id:
@@ -55,5 +78,9 @@ async def serve_store(
         message = f"no trace {trace_id[:64]!r} in the store (it keeps the last {store.max_traces})"
         await _respond(send, 404, orjson.dumps({"error": message}))
         return True
+    query = scope.get("query_string") or b""
+    if b"analysis=1" in query.split(b"&"):
+        trace = load_trace(data)
+        data = orjson.dumps({"trace": orjson.Fragment(data), "analysis": analyze(trace).to_dict()})
     await _respond(send, 200, data)
     return True

@@ -1,0 +1,146 @@
+// app.js: loading (embedded data, the app's trace store, a file, pasted JSON, the demo),
+// the summary bar, the details panel and the tabs.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  let model = null;
+  let view = "bubbles";
+
+  AT.showDetails = function (m, res) {
+    const panel = $("details");
+    panel.hidden = false;
+    const rows = [["id", `#${res.id} (triggered by #${res.trigger})`], ["state", res.state],
+      ["created", AT.fmt(res.created)], ["ended", res.settled === null ? "never (pending)" : AT.fmt(res.settled)],
+      ["sync", AT.fmt(res.sync)], ["waiting", AT.fmt(res.wait)],
+      ["origin", res.party || AT.views.bubbles.party(res, "app")]];
+    const table = AT.el("table", {}, ...rows.map(([k, v]) => AT.el("tr", {}, AT.el("td", {}, k), AT.el("td", {}, v))));
+    const notes = AT.el("table", { id: "details-notes" }, ...Object.entries(res.notes).map(([k, v]) =>
+      AT.el("tr", {}, AT.el("td", {}, k), AT.el("td", {}, v === null ? "null" : String(v)))));
+    const stack = AT.el("pre", { id: "details-stack" },
+      res.stack.length ? res.stack.map((f) => `${f}   [${AT.origin(f)}]`).join("\n") : "no creation stack");
+    const steps = res.callbacks.slice(0, 200).map(([s, e]) => `${AT.fmt(s)} → ${e === null ? "(running)" : AT.fmt(e)}  (${AT.fmt((e === null ? res.end : e) - s)})`);
+    if (res.callbacks.length > 200) steps.push(`… ${res.callbacks.length - 200} more`);
+    panel.replaceChildren(
+      AT.el("button", { type: "button", onclick: () => { panel.hidden = true; } }, "close"),
+      AT.el("h2", {}, `${res.type} ${res.label}`), table,
+      AT.el("h2", {}, "annotations"), notes,
+      AT.el("h2", {}, "created at"), stack,
+      AT.el("h2", {}, `callbacks (${res.callbacks.length})`),
+      AT.el("pre", { id: "details-steps" }, steps.join("\n") || "none"));
+  };
+
+  function summary(m) {
+    const bar = $("summary");
+    const req = m.request;
+    const counts = new Map();
+    let sync = 0;
+    for (const r of m.resources) counts.set(r.type, (counts.get(r.type) || 0) + 1);
+    sync = m.root.sync;
+    const head = [req.method, req.path, req.status].filter((x) => x !== undefined && x !== null).join(" ");
+    bar.replaceChildren(
+      AT.el("span", { class: "req" }, head || "request", "  ", AT.fmt(m.duration)),
+      AT.el("span", {}, `${m.resources.length} resources: `,
+        [...counts.entries()].sort((a, b) => b[1] - a[1]).map(([t, n]) => `${n} ${t}`).join(", ")),
+      AT.el("span", {}, `own code ${AT.fmt(sync)} · waiting ${AT.fmt(Math.max(0, m.duration - sync))}`),
+      AT.el("span", { class: "t" }, `trace ${m.traceId}`));
+    const dropped = Object.entries(m.dropped || {}).filter(([, n]) => n);
+    if (dropped.length) bar.append(AT.el("span", {}, "dropped by caps: " + dropped.map(([k, n]) => `${n} ${k}`).join(", ")));
+    const list = AT.el("ol", { class: "findings", id: "findings" });
+    if (m.analysis) {
+      for (const f of m.analysis.findings) {
+        list.append(AT.el("li", { class: `finding ${f.severity}` },
+          `[${f.severity}] ${f.kind}: ${f.title}`, f.costNs ? ` (${AT.fmt(f.costNs)})` : "", " — ", f.fix));
+      }
+      if (!m.analysis.findings.length) list.append(AT.el("li", {}, "no findings: nothing held this request up beyond its own work"));
+    } else {
+      list.append(AT.el("li", {}, "findings come with traces from the app or `asgi-asynctrace convert --to html`"));
+    }
+    bar.append(list);
+  }
+
+  function show(name) {
+    view = name;
+    for (const tab of document.querySelectorAll("#tabs button")) tab.setAttribute("aria-selected", String(tab.dataset.view === name));
+    for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== "view-" + name;
+    if (name !== "load" && model) AT.views[name].render($("view-" + name), model);
+    if (name !== "load" && !model) $("view-" + name).replaceChildren(AT.el("p", { class: "empty" }, "No trace loaded yet: use Load…"));
+  }
+
+  function use(doc) {
+    model = AT.normalize(doc);
+    $("details").hidden = true;
+    $("load-error").textContent = "";
+    summary(model);
+    show(view === "load" ? "bubbles" : view);
+    document.body.dataset.loaded = model.traceId || "yes";
+  }
+
+  function fail(error) {
+    $("load-error").textContent = error instanceof AT.LoadError || error instanceof SyntaxError
+      ? `Could not load: ${error.message}` : `Could not load: ${error}`;
+    show("load");
+  }
+
+  function loadText(text) {
+    try { use(AT.parseText(text)[0]); } catch (e) { fail(e); }
+  }
+
+  function readFile(file) {
+    file.text().then(loadText, fail);
+  }
+
+  function embedded(id) {
+    const node = $(id);
+    return node ? JSON.parse(node.textContent) : null;
+  }
+
+  async function loadStore(base) {
+    $("store").hidden = false;
+    const list = $("store-list");
+    try {
+      const res = await fetch(base + "traces", { headers: { accept: "application/json" } });
+      const body = await res.json();
+      list.replaceChildren(...body.traces.map((t) => AT.el("li", {},
+        AT.el("a", { href: "#", onclick: async (e) => {
+          e.preventDefault();
+          try {
+            const got = await fetch(`${base}traces/${encodeURIComponent(t.traceId)}?analysis=1`);
+            if (!got.ok) throw new AT.LoadError((await got.json()).error || got.statusText);
+            use(await got.json());
+          } catch (err) { fail(err); }
+        } }, `${t.method || ""} ${t.path || ""} ${t.status || ""} · ${AT.fmt(t.durationNs)} · ${t.resources} resources`))));
+      if (!body.traces.length) list.append(AT.el("li", {}, "no traces yet: send a request with X-Async-Trace: 1"));
+    } catch (e) {
+      list.replaceChildren(AT.el("li", {}, `could not list traces (${e})`));
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    for (const tab of document.querySelectorAll("#tabs button")) tab.addEventListener("click", () => show(tab.dataset.view));
+    $("file").addEventListener("change", (e) => { if (e.target.files[0]) readFile(e.target.files[0]); });
+    const drop = $("drop");
+    drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) readFile(e.dataTransfer.files[0]); });
+    $("paste-load").addEventListener("click", () => loadText($("paste").value));
+    const demo = embedded("asynctrace-demo");
+    $("demo").hidden = !demo;
+    $("demo").addEventListener("click", () => { try { use(demo); } catch (e) { fail(e); } });
+    const data = embedded("asynctrace-data");
+    const store = document.querySelector('meta[name="asynctrace-store"]');
+    if (store) loadStore(store.content);
+    if (data && data.traces && data.traces.length) {
+      try { use(data.traces[0]); } catch (e) { fail(e); }
+      if (data.traces.length > 1) {
+        $("store").hidden = false;
+        $("store").querySelector("h2").textContent = `${data.traces.length} traces in this file`;
+        $("store-list").replaceChildren(...data.traces.map((t, i) => AT.el("li", {},
+          AT.el("a", { href: "#", onclick: (e) => { e.preventDefault(); try { use(t); } catch (err) { fail(err); } } },
+            `${(t.trace || t).request?.method || ""} ${(t.trace || t).request?.path || ""} #${i + 1}`))));
+      }
+    } else {
+      show(store ? "load" : "load");
+    }
+  });
+})();

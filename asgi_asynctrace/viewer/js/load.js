@@ -1,0 +1,121 @@
+// load.js: read a trace (format v1, the seed runtime's JSON, or {trace, analysis} as the
+// CLI and the server give it) into the model every view draws from.
+"use strict";
+
+AT.LoadError = class extends Error {};
+
+AT.seedType = function (name) {
+  if (name.length > 1 && name[0] === "k" && name[1] >= "A" && name[1] <= "Z") name = name.slice(1);
+  return name.replace(/([a-z0-9])([A-Z])/g, "$1-$2").replace(/_/g, "-").toLowerCase();
+};
+
+AT.parseText = function (text) {
+  // One JSON document, JSON lines, or a log with "AsyncTrace completed; toJson() = " lines.
+  const trimmed = text.trim();
+  if (!trimmed) throw new AT.LoadError("nothing to load: the input is empty");
+  try {
+    return [JSON.parse(trimmed)];
+  } catch (error) {
+    const docs = [];
+    const marker = "AsyncTrace completed; toJson() = ";
+    trimmed.split(/\r?\n/).forEach((line, i) => {
+      const at = line.indexOf(marker);
+      const body = at >= 0 ? line.slice(at + marker.length) : line.trim();
+      if (!body.startsWith("{")) return;
+      try { docs.push(JSON.parse(body)); } catch (e) {
+        throw new AT.LoadError(`line ${i + 1}: not valid JSON (${e.message})`);
+      }
+    });
+    if (!docs.length) throw new AT.LoadError(`not JSON and no trace lines found (${error.message})`);
+    return docs;
+  }
+};
+
+function need(cond, message) { if (!cond) throw new AT.LoadError(message); }
+const isInt = (v) => Number.isInteger(v);
+const optInt = (v) => (v === null || v === undefined ? null : v);
+
+AT.normalize = function (input) {
+  need(input && typeof input === "object" && !Array.isArray(input), "a trace must be a JSON object");
+  const analysis = input.trace && input.analysis ? input.analysis : null;
+  const doc = input.trace && typeof input.trace === "object" ? input.trace : input;
+  need(Array.isArray(doc.resources), "not a trace: it has no 'resources' list");
+  const seed = doc.version === undefined;
+  need(seed || doc.version === 1, `format version ${doc.version} is not supported (1 is)`);
+  const duration = doc.requestDurationNs;
+  need(isInt(duration), "'requestDurationNs' must be an integer");
+  const stacks = new Map();
+  (doc.stackTraces || []).forEach((s, i) => {
+    need(s && isInt(s.id) && Array.isArray(s.frames), `stackTraces[${i}]: needs an id and frames`);
+    stacks.set(s.id, s.frames.map(String));
+  });
+  const resources = [];
+  const byId = new Map();
+  doc.resources.forEach((r, i) => {
+    const where = `resources[${i}]`;
+    need(r && typeof r === "object", `${where}: not an object`);
+    need(isInt(r.asyncId) && isInt(r.triggerId), `${where}: asyncId and triggerId must be integers`);
+    need(typeof r.type === "string", `${where}: type must be a string`);
+    need(isInt(r.createdAt), `${where}: createdAt must be an integer`);
+    const type = seed ? AT.seedType(r.type) : r.type;
+    let callbacks;
+    if (!seed) {
+      need(Array.isArray(r.callbacks), `${where}: callbacks must be a list`);
+      callbacks = r.callbacks.map((p, j) => {
+        need(Array.isArray(p) && p.length === 2 && isInt(p[0]) && (p[1] === null || isInt(p[1])),
+          `${where}.callbacks[${j}]: expected [start, end|null]`);
+        return [p[0], p[1]];
+      });
+    } else {
+      const s = optInt(r.callbackStartedAt), e = optInt(r.callbackEndedAt);
+      callbacks = s !== null && (s || e || type === "root") ? [[s, e !== null && e >= s ? e : null]] : [];
+    }
+    let settled = optInt(r.destroyedAt);
+    if (seed) settled = type === "root" ? settled || duration : settled || null;
+    const sid = optInt(r.stackTraceId);
+    const res = {
+      id: r.asyncId, trigger: r.triggerId, type, created: r.createdAt, settled,
+      state: seed ? (settled !== null ? "ok" : "pending") : String(r.state || "pending"),
+      stack: sid !== null && stacks.has(sid) ? stacks.get(sid) : [],
+      callbacks, notes: {}, children: [], awaitedBy: r.awaitedBy || [],
+    };
+    res.end = Math.max(res.settled !== null ? res.settled : duration, res.created);
+    res.sync = callbacks.reduce((t, [s, e]) => t + Math.max(0, (e === null ? duration : e) - s), 0);
+    res.wait = Math.max(0, res.end - res.created - res.sync);
+    resources.push(res);
+    byId.set(res.id, res);
+  });
+  need(resources.length > 0, "the trace has no resources");
+  for (const a of doc.annotations || []) {
+    const res = a && byId.get(a.asyncId);
+    if (res) res.notes[String(a.key)] = a.value;
+  }
+  for (const res of resources) {
+    const parent = byId.get(res.trigger);
+    if (parent && parent !== res) parent.children.push(res);
+    res.label = AT.label(res);
+  }
+  const root = resources.find((r) => r.type === "root") || resources[0];
+  const critical = new Set((analysis ? analysis.criticalPath : []).map((s) => s.asyncId));
+  return {
+    traceId: String(doc.traceId || ""), request: doc.request || {}, duration, resources, byId,
+    root, analysis, critical, dropped: doc.dropped || {},
+  };
+};
+
+AT.label = function (res) {
+  // The same names as asgi_asynctrace's analysis.label().
+  const n = res.notes, t = res.type;
+  const short = (s) => String(s).split("<locals>.").pop();
+  if (t === "fetch") return `${n.method || ""} ${n.url || ""}`.trim() || t;
+  if (t === "db-query") return String(n.statement || t);
+  if (t.startsWith("cache-") || t.startsWith("kv-")) {
+    const what = n.key !== undefined ? n.key : n.keys !== undefined ? `${n.keys} keys` : "";
+    return `${n.op || t} ${what}`.trim();
+  }
+  if (t === "task") return short(n.coroutine || t);
+  if (t === "thread") return short(n.function || t);
+  if (t === "timer") return `${n.kind || "timer"} ${n.delayMs !== undefined ? n.delayMs : "?"}ms`;
+  if (t === "root") return `${n.method || ""} ${n.path || ""}`.trim() || t;
+  return String(n.name || t);
+};

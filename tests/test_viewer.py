@@ -1,0 +1,219 @@
+"""The viewer in a real headless Chromium: written to a file, and served by the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, annotate, start_resource
+from asgi_asynctrace._viewer import write_viewer
+from tests.helpers import traced
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+HOSTILE = '<img src=x onerror="window.__pwned = 1">'
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason=f"needs Chromium at {CHROMIUM}: apt-get install -y chromium",
+)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    page.close()
+    assert errors == [], errors
+
+
+def shoot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def off_loop(body: Any) -> Trace:
+    """Trace ``body`` in a thread: Playwright's sync API keeps a loop running on this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(traced, body).result()
+
+
+def sample() -> Trace:
+    async def leaf(ms: int) -> None:
+        annotate("ms", ms)
+        await asyncio.sleep(ms / 1000)
+
+    async def body() -> None:
+        async with start_resource("cache-get", op="get", key="user:1") as scope:
+            scope.annotate("hit", False)
+        await asyncio.gather(leaf(3), leaf(6))
+        await asyncio.to_thread(time.sleep, 0.002)
+
+    return off_loop(body)
+
+
+def test_each_view_draws_the_trace_written_to_a_file(page: Any, tmp_path: Path) -> None:
+    trace = sample()
+    path = tmp_path / "trace.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    assert trace.trace_id in page.inner_text("#summary")
+    assert page.get_attribute("#bubbles", "data-bubbles") is not None
+    labels = page.locator(".bubble text.label").all_text_contents()
+    assert any(label.startswith("root GET /") for label in labels)
+    shoot(page, "bubbles")
+
+    # click the root's bubble: it opens into its members, with a breadcrumb back out
+    before = page.locator(".crumbs a").count()
+    page.locator(".bubble").first.click()
+    assert page.locator(".crumbs a").count() == before + 1
+    inner = int(page.get_attribute("#bubbles", "data-bubbles") or 0)
+    assert inner >= 2
+    page.locator(".crumbs a").first.click()
+    assert page.locator(".crumbs a").count() == before
+
+    page.click("#tabs button[data-view=timeline]")
+    lanes = [r for r in trace.resources if r.type != "future"]
+    assert page.get_attribute("#timeline", "data-lanes") == str(len(lanes))
+    page.check("#tl-futures")
+    assert page.get_attribute("#timeline", "data-lanes") == str(len(trace.resources))
+    shoot(page, "timeline")
+
+    page.click("#tabs button[data-view=tree]")
+    assert page.locator("#tree .node").count() == len(trace.resources)
+    critical = analyze(trace).critical_path
+    assert page.locator("#tree .node.critical").count() == len({s.async_id for s in critical})
+    page.fill("#tree-search", "user:1")
+    assert page.get_attribute("#view-tree", "data-matches") == "1"
+    page.fill("#tree-search", "")
+    page.select_option("#tree-type", "task")
+    assert page.get_attribute("#view-tree", "data-matches") == "2"
+    assert not page.locator("#tree .node", has_text="user:1").first.is_visible()
+    page.select_option("#tree-type", "")
+    page.locator("#tree .node", has_text="user:1").first.click()
+    assert "user:1" in page.inner_text("#details-notes")
+    shoot(page, "tree")
+
+
+def test_a_hostile_string_in_a_trace_is_shown_as_text_and_runs_nothing(
+    page: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        annotate("note", HOSTILE)
+        async with start_resource("fetch", method="GET", url=HOSTILE):
+            await asyncio.sleep(0)
+
+    trace = off_loop(body)
+    trace.request["path"] = "/</script><script>window.__pwned = 2</script>"
+    path = tmp_path / "hostile.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    for view in ("bubbles", "timeline", "tree"):
+        page.click(f"#tabs button[data-view={view}]")
+    page.locator("#tree .node", has_text="fetch").first.click()
+    assert HOSTILE in page.inner_text("#details-notes")
+    assert "</script>" in page.inner_text("#summary")
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("img").count() == 0
+
+
+def test_pasted_seed_json_loads_and_bad_input_says_what_is_wrong(page: Any, tmp_path: Path) -> None:
+    path = tmp_path / "empty.html"
+    write_viewer(path, [])
+    page.goto(path.as_uri())
+    page.click("#tabs button[data-view=load]")
+    page.fill("#paste", '{"resources": [{"asyncId": "x"}], "requestDurationNs": 5}')
+    page.click("#paste-load")
+    assert "asyncId and triggerId must be integers" in page.inner_text("#load-error")
+    seed = json.dumps({
+        "requestDurationNs": 2000, "stackTraces": [], "annotations": [],
+        "resources": [
+            {"asyncId": 1, "triggerId": 0, "type": "kRoot", "createdAt": 0, "stackTraceId": 0,
+             "callbackStartedAt": 0, "callbackEndedAt": 1500, "destroyedAt": 0},
+            {"asyncId": 2, "triggerId": 1, "type": "kCacheGet", "createdAt": 100,
+             "stackTraceId": 0, "callbackStartedAt": 0, "callbackEndedAt": 0, "destroyedAt": 900},
+        ],
+    })  # fmt: skip
+    page.fill("#paste", seed)
+    page.click("#paste-load")
+    page.wait_for_selector("body[data-loaded]")
+    assert "2 resources" in page.inner_text("#summary")
+    page.click("#tabs button[data-view=tree]")
+    assert page.locator("#tree .node .type").all_inner_texts() == ["root", "cache-get"]
+    page.click("#tabs button[data-view=load]")
+    page.click("#demo")
+    assert "GET /items" in page.inner_text("#summary")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.001)
+        return PlainTextResponse("ok")
+
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/work", slow)]), log_traces=False)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield base
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: str) -> None:
+    httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
+    response = httpx.get(served + "/__asynctrace/")
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    page.goto(served + "/__asynctrace/")
+    page.wait_for_selector("#store-list a")
+    page.locator("#store-list a").first.click()
+    page.wait_for_selector("body[data-loaded]")
+    assert "GET /work 200" in page.inner_text("#summary")
+    assert "no findings" in page.inner_text("#findings")
+    shoot(page, "served")
