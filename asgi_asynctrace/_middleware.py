@@ -23,8 +23,9 @@ from ._endpoint import serve_store
 from ._failures import report
 from ._gate import TRACE_REQUESTED, Gate
 from ._hooks import TimedCoroutine, acquire_hooks
-from ._model import Trace, TraceLimits
+from ._model import Resource, Trace, TraceLimits
 from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
+from ._streams import BodyStream, record_message
 
 _find_header: Callable[[object, bytes], object] | None
 try:
@@ -215,6 +216,12 @@ class AsyncTraceMiddleware:
             collected.append(trace)
 
 
+def _current(trace: Trace) -> Resource:
+    """The resource that is reading or writing: whoever called receive() or send()."""
+    active = ACTIVE.get()
+    return active[1] if active is not None and active[0] is trace else trace.root
+
+
 def _name(sink: object) -> str:
     return getattr(sink, "__qualname__", None) or type(sink).__qualname__
 
@@ -222,14 +229,24 @@ def _name(sink: object) -> str:
 class _TracedRequest:
     """The state of one traced request: its trace and what the ASGI messages told us."""
 
-    __slots__ = ("disconnected", "owner", "requested", "response_done", "trace")
+    __slots__ = (
+        "body_in",
+        "body_out",
+        "disconnected",
+        "owner",
+        "requested",
+        "response_done",
+        "trace",
+        "websocket",
+    )
 
     def __init__(self, owner: AsyncTraceMiddleware, scope: Scope, requested: bool) -> None:
         self.owner = owner
         self.requested = requested
         self.disconnected = False
         self.response_done = False
-        method = scope.get("method") or ("WS" if scope.get("type") == "websocket" else None)
+        self.websocket = scope.get("type") == "websocket"
+        method = scope.get("method") or ("WS" if self.websocket else None)
         path = scope.get("path")
         trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
         trace.record_futures = owner.record_futures
@@ -241,6 +258,8 @@ class _TracedRequest:
             trace.annotate(root, "client", str(client[0]))
         trace.annotate(root, "traced", "requested" if requested else "sampled")
         self.trace = trace
+        self.body_in = BodyStream(trace, "stream-read")
+        self.body_out = BodyStream(trace, "stream-write")
 
     def acquire_hooks(self) -> Callable[[], None] | None:
         try:
@@ -261,23 +280,41 @@ class _TracedRequest:
         try:
             if self.disconnected and not self.response_done:
                 state = "cancelled"
+            self.body_in.close("cancelled" if self.disconnected else "pending")
+            self.body_out.close("cancelled" if self.disconnected else "pending")
             trace.finish(_now(), state)
         except Exception as exc:
             report("finish", exc)
 
     def receive(self, receive: Receive) -> Receive:
         async def traced_receive() -> Message:
+            started = _now()
             message = await receive()
-            kind = message.get("type")
-            if (kind == "http.disconnect" or kind == "websocket.disconnect") and not (
-                self.response_done
-            ):
-                self.disconnected = True
-                trace = self.trace
-                trace.annotate(trace.root, "disconnectedAt", _now() - trace.origin)
+            try:
+                self._received(message, started, _now())
+            except Exception as exc:
+                report("receive", exc)
             return message
 
         return traced_receive
+
+    def _received(self, message: Message, started: int, ended: int) -> None:
+        kind = message.get("type")
+        trace = self.trace
+        if kind == "http.request":
+            body = message.get("body") or b""
+            last = not message.get("more_body", False)
+            self.body_in.chunk(_current(trace), started, ended, len(body), last)
+        elif kind == "websocket.receive":
+            text, data = message.get("text"), message.get("bytes")
+            size = len(text.encode()) if text is not None else len(data or b"")
+            what = "text" if text is not None else "bytes"
+            record_message(trace, _current(trace), "receive", started, ended, what, size)
+        elif kind == "http.disconnect" and not self.response_done:
+            self.disconnected = True
+            trace.annotate(trace.root, "disconnectedAt", _now() - trace.origin)
+        elif kind == "websocket.disconnect":  # the usual way a websocket ends: not an error
+            trace.annotate(trace.root, "closeCode", message.get("code", 1000))
 
     def send(self, send: Send) -> Send:
         async def traced_send(message: Message) -> None:
@@ -286,9 +323,28 @@ class _TracedRequest:
                 message = self._on_start(message)
             elif kind == "http.response.body" and not message.get("more_body", False):
                 self.response_done = True
+            started = _now()
             await send(message)
+            try:
+                self._sent(message, kind, started, _now())
+            except Exception as exc:
+                report("send", exc)
 
         return traced_send
+
+    def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
+        trace = self.trace
+        if kind == "http.response.body":
+            body = message.get("body") or b""
+            last = not message.get("more_body", False)
+            self.body_out.chunk(_current(trace), started, ended, len(body), last)
+        elif kind == "websocket.send":
+            text, data = message.get("text"), message.get("bytes")
+            size = len(text.encode()) if text is not None else len(data or b"")
+            what = "text" if text is not None else "bytes"
+            record_message(trace, _current(trace), "send", started, ended, what, size)
+        elif kind == "websocket.close":
+            record_message(trace, _current(trace), "send", started, ended, "close", None)
 
     def _on_start(self, message: Message) -> Message:
         trace = self.trace

@@ -22,6 +22,7 @@ from asgi_asynctrace import (
 from tests.helpers import LOOP, _request, run, traced
 
 Tree = list[tuple[str, list[Any]]]
+OWN_SUITES = frozenset({"timer", "stream-read", "stream-write"})
 
 
 def label(trace: Trace, res: Resource) -> str:
@@ -34,19 +35,20 @@ def label(trace: Trace, res: Resource) -> str:
 def tree(trace: Trace, parent: int = 1, types: frozenset[str] | None = None) -> Tree:
     """The causality tree under ``parent`` as nested (label, children), in creation order.
 
-    Timers (from the timers instrumentation, on by default) are left out unless asked for:
-    their own suite is tests/instrumentation/test_timers.py.
+    Timers (from the timers instrumentation, on by default) and the response body the
+    middleware records are left out unless asked for: their own suites are
+    tests/instrumentation/test_timers.py and tests/test_streams.py.
     """
     return [
         (label(trace, r), tree(trace, r.async_id, types))
         for r in trace.resources
-        if r.trigger_id == parent and (r.type in types if types else r.type != "timer")
+        if r.trigger_id == parent and (r.type in types if types else r.type not in OWN_SUITES)
     ]
 
 
 def untimed(trace: Trace) -> list[Resource]:
-    """The trace's resources without its timers (see ``tree``)."""
-    return [r for r in trace.resources if r.type != "timer"]
+    """The trace's resources without its timers and body streams (see ``tree``)."""
+    return [r for r in trace.resources if r.type not in OWN_SUITES]
 
 
 def by_label(trace: Trace, wanted: str) -> list[Resource]:
