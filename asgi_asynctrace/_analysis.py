@@ -35,7 +35,8 @@ MS: Final = 1_000_000
 IO_TYPES: Final = frozenset(
     {
         "fetch", "db-query", "cache-get", "cache-put", "cache-delete",
-        "kv-get", "kv-put", "kv-delete", "kv-list", "queue-send", "queue-receive",
+        "kv-get", "kv-put", "kv-delete", "kv-list", "kv-pipeline", "kv-command",
+        "queue-send", "queue-receive",
         "thread", "websocket",
     }
 )  # fmt: skip
@@ -168,9 +169,11 @@ def label(res: Resource, notes: dict[str, Any]) -> str:
         return f"{notes.get('method', '')} {notes.get('url', '')}".strip() or t
     if t == "db-query":
         return str(notes.get("statement", t))
+    if t == "kv-pipeline":
+        return f"{notes.get('count', '?')} commands: {notes.get('commands', '')}"
     if t.startswith(("cache-", "kv-")):
         what = notes.get("key", f"{notes['keys']} keys" if "keys" in notes else "")
-        return f"{notes.get('op', t)} {what}".strip()
+        return f"{notes.get('op', notes.get('command', t))} {what}".strip()
     if t == "task":
         return _short(str(notes.get("coroutine", t)))
     if t == "thread":

@@ -40,7 +40,7 @@ RESOURCE_TYPES: Final = frozenset(
     {
         "root", "task", "future", "timer", "thread", "fetch",
         "cache-get", "cache-put", "cache-delete",
-        "kv-get", "kv-put", "kv-delete", "kv-list",
+        "kv-get", "kv-put", "kv-delete", "kv-list", "kv-pipeline", "kv-command",
         "db-query", "queue-send", "queue-receive",
         "stream-read", "stream-write", "websocket", "other",
     }

@@ -109,9 +109,10 @@ AT.label = function (res) {
   const short = (s) => String(s).split("<locals>.").pop();
   if (t === "fetch") return `${n.method || ""} ${n.url || ""}`.trim() || t;
   if (t === "db-query") return String(n.statement || t);
+  if (t === "kv-pipeline") return `${n.count !== undefined ? n.count : "?"} commands: ${n.commands || ""}`;
   if (t.startsWith("cache-") || t.startsWith("kv-")) {
     const what = n.key !== undefined ? n.key : n.keys !== undefined ? `${n.keys} keys` : "";
-    return `${n.op || t} ${what}`.trim();
+    return `${n.op || n.command || t} ${what}`.trim();
   }
   if (t === "task") return short(n.coroutine || t);
   if (t === "thread") return short(n.function || t);

@@ -39,6 +39,7 @@ AT.CATEGORY_OF = {
   "stream-read": "data", "stream-write": "data", "queue-send": "data", "queue-receive": "data",
   "cache-get": "storage", "cache-put": "storage", "cache-delete": "storage",
   "kv-get": "storage", "kv-put": "storage", "kv-delete": "storage", "kv-list": "storage",
+  "kv-pipeline": "storage", "kv-command": "storage",
   "db-query": "storage",
   root: "scheduling", task: "scheduling", timer: "scheduling", future: "scheduling",
   thread: "thread",
