@@ -165,7 +165,7 @@ def test_mock_transports_work_and_untraced_calls_record_nothing() -> None:
 
 
 def test_unknown_instrumentation_names_are_refused() -> None:
-    with pytest.raises(ValueError, match="no instrumentation 'nope'; available: .*httpx"):
+    with pytest.raises(ValueError, match=r"no instrumentation 'nope'; available: .*httpx"):
         instrument("nope")
 
 
