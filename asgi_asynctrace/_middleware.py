@@ -184,7 +184,7 @@ class AsyncTraceMiddleware:
         state = "ok"
         try:
             await TimedCoroutine(
-                self.app(scope, run.receive(receive), run.send(send)).__await__(),
+                self.app(scope, run.receive(receive), run.send(send)),
                 run.trace,
                 run.trace.root,
             )

@@ -13,6 +13,11 @@ from asgi_asynctrace import reset_failures
 
 # service -> (host, port, how to start it)
 SERVICES = {
+    "postgres": (
+        "127.0.0.1",
+        5432,
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    ),
     "redis": (
         "127.0.0.1",
         6379,
