@@ -13,6 +13,7 @@ from asgi_asynctrace import reset_failures
 
 # service -> (host, port, how to start it)
 SERVICES = {
+    "rabbitmq": ("127.0.0.1", 5672, "rabbitmq-server -detached"),
     "postgres": (
         "127.0.0.1",
         5432,
