@@ -4,6 +4,7 @@
     asgi-asynctrace extract -o traces/ server.log.gz other.log
     asgi-asynctrace summary trace.json             # breakdown, top waits, critical path, findings
     asgi-asynctrace diagnose traces.jsonl --fail-on medium     # for CI: exit 1 on a finding
+    asgi-asynctrace view trace.json                # the viewer, as one HTML file
     asgi-asynctrace decode-header 'z1:eJzt…'
 
 Exports: main.
@@ -12,55 +13,19 @@ Exports: main.
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
 
-from ._analysis import SEVERITIES, Analysis, AnalysisSettings, analyze
-from ._load import TraceFormatError, load_trace
-from ._model import Trace
-from ._sinks import LOG_PREFIX, decode_trace_header
+from ._analysis import SEVERITIES, AnalysisSettings, analyze
+from ._load import TraceFormatError
+from ._logs import extract, read_traces
+from ._report import format_ns, format_summary
+from ._sinks import decode_trace_header
 
 __all__ = ["main"]
-
-_PREFIX = LOG_PREFIX.encode()
-
-
-def _open(name: str) -> BinaryIO:
-    if name == "-":
-        return sys.stdin.buffer
-    stream = open(name, "rb")  # noqa: SIM115 - closed by the caller
-    if stream.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=stream)  # type: ignore[return-value]
-    return stream
-
-
-def extract(names: Sequence[str]) -> Iterator[tuple[str, int, bytes | str]]:
-    """(source, line number, trace JSON bytes or an error message) for each trace line."""
-    for name in names:
-        stream = _open(name)
-        try:
-            for number, line in enumerate(stream, 1):
-                at = line.find(_PREFIX)
-                if at < 0:
-                    continue
-                data = line[at + len(_PREFIX) :].rstrip()
-                try:
-                    doc = orjson.loads(data)
-                except orjson.JSONDecodeError as exc:
-                    yield name, number, f"malformed or cut trace ({exc})"
-                    continue
-                if not isinstance(doc, dict) or "resources" not in doc:
-                    yield name, number, "not a trace object"
-                    continue
-                yield name, number, data
-        finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()
 
 
 def _extract_command(args: argparse.Namespace) -> int:
@@ -68,7 +33,8 @@ def _extract_command(args: argparse.Namespace) -> int:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     found = bad = 0
-    for name, number, item in extract(args.logs or ["-"]):
+    progress = _progress_bar if sys.stderr.isatty() else None
+    for name, number, item in extract(args.logs or ["-"], progress):
         if isinstance(item, str):
             bad += 1
             print(f"{name}:{number}: skipped: {item}", file=sys.stderr)
@@ -84,6 +50,28 @@ def _extract_command(args: argparse.Namespace) -> int:
     return 0 if bad == 0 else 1
 
 
+def _progress_bar(name: str, done: int, size: int, traces: int) -> None:
+    """One self-overwriting line on a terminal: how far into the file, how many traces."""
+    share = f"{100 * done // size:3d}%" if size else "   …"
+    end = "\n" if size and done >= size else ""
+    print(f"\r{name}: {share} read, {traces} trace(s)", end=end, file=sys.stderr, flush=True)
+
+
+def _view_command(args: argparse.Namespace) -> int:
+    import tempfile
+    import webbrowser
+
+    from ._viewer import viewer_html
+
+    traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    out: Path = args.output or Path(tempfile.mkdtemp(prefix="asynctrace-")) / "trace.html"
+    out.write_bytes(viewer_html(traces))
+    print(f"wrote {out} ({len(traces)} trace(s))", file=sys.stderr)
+    if not args.no_open and not webbrowser.open(out.resolve().as_uri()):
+        print("no browser found here: open that file in one", file=sys.stderr)
+    return 0
+
+
 def _decode_command(args: argparse.Namespace) -> int:
     try:
         doc = decode_trace_header(args.value)
@@ -92,89 +80,6 @@ def _decode_command(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
     return 0
-
-
-def read_traces(name: str) -> Iterator[tuple[str, Trace]]:
-    """Every trace in a file: one JSON trace, JSON lines (``extract``'s output), or a log.
-
-    Yields (where, trace); raises TraceFormatError naming the file and line of a bad one.
-    """
-    stream = _open(name)
-    try:
-        data = stream.read()
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
-    text = data.lstrip()
-    if not text:
-        raise TraceFormatError(f"{name}: empty, no trace in it")
-    if text.startswith(b"{"):
-        try:
-            yield name, load_trace(orjson.loads(text))
-            return
-        except orjson.JSONDecodeError:
-            pass  # not one JSON document: JSON lines or a log, below
-        except TraceFormatError as exc:
-            raise TraceFormatError(f"{name}: {exc}") from None
-    found = 0
-    for number, line in enumerate(data.splitlines(), 1):
-        at = line.find(_PREFIX)
-        body = line[at + len(_PREFIX) :] if at >= 0 else line.strip()
-        if not body.startswith(b"{"):
-            continue
-        try:
-            trace = load_trace(orjson.loads(body))
-        except (orjson.JSONDecodeError, TraceFormatError) as exc:
-            raise TraceFormatError(f"{name}:{number}: {exc}") from None
-        found += 1
-        yield f"{name}:{number}", trace
-    if not found:
-        raise TraceFormatError(f"{name}: no trace found (expected trace JSON, JSON lines or a log)")
-
-
-def _ms(ns: int) -> str:
-    return f"{ns / 1e6:.1f} ms" if ns else "-"
-
-
-def format_summary(a: Analysis) -> str:
-    """The terminal report of ``summary``: plain text, no colour, stable for golden files."""
-    req = a.request
-    head = " ".join(str(x) for x in (req.get("method"), req.get("path"), req.get("status")) if x)
-    lines = [
-        f"{head or 'request'}  {_ms(a.duration)}  trace {a.trace_id}",
-        f"  the request's own code ran {_ms(a.root_sync)} on the loop; "
-        f"it waited {_ms(max(0, a.duration - a.root_sync))}",
-        "",
-        f"  {'type':<14}{'count':>6}{'sync':>12}{'wait':>12}",
-    ]
-    for rtype, row in a.by_type.items():
-        lines.append(f"  {rtype:<14}{row['count']:>6}{_ms(row['sync']):>12}{_ms(row['wait']):>12}")
-    for key, title in (("wait", "longest waits"), ("sync", "most time running")):
-        rows = [t for t in a.top(key) if getattr(t, key) > 0]
-        if rows:
-            lines += ["", f"  {title}"]
-            lines += [
-                f"  {_ms(getattr(t, key)):>10}  {t.type} {t.label}  #{t.async_id}" for t in rows
-            ]
-    lines += ["", "  critical path (what the request was waiting for, in order)"]
-    if not a.critical_path:
-        lines.append("    nothing: the request never waited on anything it started")
-    for step in a.critical_path:
-        lines.append(
-            f"  {_ms(step.start):>10} → {_ms(step.end):<10}{'  ' * step.depth}"
-            f"{step.type} {step.label}  #{step.async_id}"
-        )
-    lines += ["", "  findings"]
-    if not a.findings:
-        lines.append("    none: nothing held this request up beyond its own work")
-    for f in a.findings:
-        lines.append(f"    [{f.severity}] {f.kind}: {f.title}")
-        if f.cost_ns:
-            lines.append(f"        costs {_ms(f.cost_ns)}")
-        lines.append(f"        fix: {f.fix}")
-        if f.site:
-            lines.append(f"        at {f.site}")
-    return "\n".join(lines) + "\n"
 
 
 def _settings(args: argparse.Namespace) -> AnalysisSettings:
@@ -209,10 +114,10 @@ def _diagnose_command(args: argparse.Namespace) -> int:
                 doc = {"source": where, **analysis.to_dict()}
                 sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
             else:
-                print(f"{where}: {head} {_ms(analysis.duration)}: "
+                print(f"{where}: {head} {format_ns(analysis.duration)}: "
                       f"{len(analysis.findings) or 'no'} finding(s)")  # fmt: skip
                 for f in analysis.findings:
-                    cost = f" ({_ms(f.cost_ns)})" if f.cost_ns else ""
+                    cost = f" ({format_ns(f.cost_ns)})" if f.cost_ns else ""
                     print(f"  [{f.severity}] {f.kind}{cost}: {f.title}")
                     print(f"      fix: {f.fix}")
             if threshold is not None:
@@ -244,13 +149,27 @@ def _convert_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="asgi-asynctrace", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="asgi-asynctrace",
+        description=(__doc__ or "").split("\nExports:")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    ex = commands.add_parser("extract", help="pull 'AsyncTrace completed' lines out of logs")
+    formatter = argparse.RawDescriptionHelpFormatter
+    ex = commands.add_parser(
+        "extract",
+        help="pull 'AsyncTrace completed' lines out of logs",
+        description="Examples:\n"
+        "  asgi-asynctrace extract server.log > traces.jsonl     # one trace per line\n"
+        "  asgi-asynctrace extract -o traces/ app.log.gz -       # one <traceId>.json each\n"
+        "  kubectl logs pod/api | asgi-asynctrace extract | asgi-asynctrace diagnose -\n\n"
+        "Finds the marker behind any logger or uvicorn prefix; a cut or malformed line is\n"
+        "reported with its line number and skipped (exit status 1 when any was).",
+        formatter_class=formatter,
+    )
     ex.add_argument("logs", nargs="*", help="log files (plain or gzip); none or - for stdin")
     ex.add_argument("-o", "--output", type=Path, help="write one <traceId>.json per trace here")
     ex.set_defaults(run=_extract_command)
-    formatter = argparse.RawDescriptionHelpFormatter
     su = commands.add_parser(
         "summary",
         help="where one request's time went: by type, top waits, critical path, findings",
@@ -288,7 +207,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     co.add_argument("--to", required=True, choices=("perfetto", "html", "json"))
     co.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     co.set_defaults(run=_convert_command)
-    de = commands.add_parser("decode-header", help="print the trace in an X-Async-Trace-Data value")
+    vi = commands.add_parser(
+        "view",
+        help="open traces in the viewer (one self-contained HTML file)",
+        description="Example:\n  asgi-asynctrace view trace.json\n"
+        "  asgi-asynctrace view server.log -o traces.html --no-open",
+        formatter_class=formatter,
+    )
+    vi.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
+    vi.add_argument("-o", "--output", type=Path, help="where to write it (default: a temp file)")
+    vi.add_argument("--no-open", action="store_true", help="write the file, open no browser")
+    vi.set_defaults(run=_view_command)
+    de = commands.add_parser(
+        "decode-header",
+        help="print the trace in an X-Async-Trace-Data value",
+        description="Example:\n  asgi-asynctrace decode-header \"$(curl -sI -H 'X-Async-Trace: 1' "
+        "localhost:8000/ | sed -n 's/^x-async-trace-data: //p')\"",
+        formatter_class=formatter,
+    )
     de.add_argument("value")
     de.set_defaults(run=_decode_command)
     args = parser.parse_args(argv)

@@ -69,7 +69,7 @@ def assert_no_findings(trace: Trace, *kinds: str, settings: AnalysisSettings | N
     """Fail with the analyzer's summary when the trace has findings (of ``kinds``)."""
     found = findings(trace, *kinds, settings=settings)
     if found:
-        from ._cli import format_summary
+        from ._report import format_summary
 
         report = format_summary(analyze(trace, settings))
         raise AssertionError(f"{len(found)} finding(s): "

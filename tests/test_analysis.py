@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from asgi_asynctrace import Trace, load_trace, start_resource
 from asgi_asynctrace._analysis import AnalysisSettings, analyze
-from asgi_asynctrace._cli import format_summary, main
+from asgi_asynctrace._cli import main
+from asgi_asynctrace._report import format_summary
 from tests.helpers import traced
 
 TracingTransport: Any = importlib.import_module(

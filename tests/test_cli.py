@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from asgi_asynctrace import Trace, load_trace
 from asgi_asynctrace._cli import main
@@ -66,3 +67,43 @@ def test_decode_header_prints_the_trace_and_rejects_what_is_not_one(capsys: obje
     assert orjson.loads(capsys.readouterr().out)["request"]["path"] == "/h"  # type: ignore[attr-defined]
     assert main(["decode-header", "omitted: 9000 bytes > limit 8192"]) == 2
     assert "fetch it by its id" in capsys.readouterr().err  # type: ignore[attr-defined]
+
+
+def test_view_writes_the_viewer_with_the_trace_inside(tmp_path: Path) -> None:
+    out = tmp_path / "view.html"
+    golden = Path(__file__).parent / "golden" / "checkout.json"
+    assert main(["view", str(golden), "-o", str(out), "--no-open"]) == 0
+    page = out.read_text()
+    assert '<script type="application/json" id="asynctrace-data">' in page
+    assert "0123456789abcdef0123456789abcdef" in page and "sequential-awaits" in page
+
+
+def test_convert_to_html_and_to_json_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    golden = Path(__file__).parent / "golden" / "checkout.json"
+    assert main(["convert", str(golden), str(golden), "--to", "json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(
+        load_trace(line).request["path"] == "/checkout" for line in lines
+    )
+    out = tmp_path / "t.html"
+    assert main(["convert", str(golden), "--to", "html", "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(b"<!doctype html>")
+
+
+def test_extract_reports_progress_through_a_large_log(tmp_path: Path) -> None:
+    from asgi_asynctrace._logs import extract
+
+    log = tmp_path / "big.log"
+    trace = b'{"version":1,"resources":[],"requestDurationNs":1}'
+    with log.open("wb") as f:
+        for i in range(10_000):
+            f.write(b"INFO noise line %d\n" % i)
+            if i % 1000 == 0:
+                f.write(b"INFO: AsyncTrace completed; toJson() = " + trace + b"\n")
+    seen: list[tuple[int, int, int]] = []
+    items = list(extract([str(log)], lambda name, done, size, n: seen.append((done, size, n))))
+    assert len(items) == 10
+    assert len(seen) >= 2 and seen[-1] == (log.stat().st_size, log.stat().st_size, 10)
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen)

@@ -1,0 +1,126 @@
+"""Traces out of logs and files: the ``AsyncTrace completed; toJson() = `` lines, trace JSON,
+JSON lines; plain, gzip or stdin; streamed, so a multi-GB log runs in constant memory.
+
+    for source, line, item in extract(["server.log.gz"]): ...   # item: JSON bytes or an error
+    for where, trace in read_traces("traces.jsonl"): ...
+
+Exports: extract, read_traces, LOG_MARKER.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
+
+import orjson
+
+from ._load import TraceFormatError, load_trace
+from ._model import Trace
+from ._sinks import LOG_PREFIX
+
+__all__ = ["LOG_MARKER", "extract", "read_traces"]
+
+LOG_MARKER = LOG_PREFIX.encode()
+_PREFIX = LOG_MARKER
+Progress = Callable[[str, int, int, int], None]  # (name, bytes read, size, traces so far)
+
+
+def _open(name: str) -> BinaryIO:
+    if name == "-":
+        return sys.stdin.buffer
+    stream = open(name, "rb")  # noqa: SIM115 - closed by the caller
+    if stream.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=stream)  # type: ignore[return-value]
+    return stream
+
+
+def extract(
+    names: Sequence[str], progress: Progress | None = None
+) -> Iterator[tuple[str, int, bytes | str]]:
+    """(source, line number, trace JSON bytes or an error message) for each trace line.
+
+    ``progress(name, bytes_read, size, traces)`` is called every few thousand lines.
+    """
+    for name in names:
+        stream = _open(name)
+        raw = getattr(stream, "fileobj", None) or stream  # a gzip file's compressed bytes
+        size = _size(name)
+        found = 0
+        try:
+            for number, line in enumerate(stream, 1):
+                if progress is not None and number % 4096 == 0:
+                    progress(name, _tell(raw), size, found)
+                at = line.find(_PREFIX)
+                if at < 0:
+                    continue
+                data = line[at + len(_PREFIX) :].rstrip()
+                try:
+                    doc = orjson.loads(data)
+                except orjson.JSONDecodeError as exc:
+                    yield name, number, f"malformed or cut trace ({exc})"
+                    continue
+                if not isinstance(doc, dict) or "resources" not in doc:
+                    yield name, number, "not a trace object"
+                    continue
+                found += 1
+                yield name, number, data
+        finally:
+            if progress is not None:
+                progress(name, size, size, found)
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+
+def read_traces(name: str) -> Iterator[tuple[str, Trace]]:
+    """Every trace in a file: one JSON trace, JSON lines (``extract``'s output), or a log.
+
+    Yields (where, trace); raises TraceFormatError naming the file and line of a bad one.
+    """
+    stream = _open(name)
+    try:
+        data = stream.read()
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    text = data.lstrip()
+    if not text:
+        raise TraceFormatError(f"{name}: empty, no trace in it")
+    if text.startswith(b"{"):
+        try:
+            yield name, load_trace(orjson.loads(text))
+            return
+        except orjson.JSONDecodeError:
+            pass  # not one JSON document: JSON lines or a log, below
+        except TraceFormatError as exc:
+            raise TraceFormatError(f"{name}: {exc}") from None
+    found = 0
+    for number, line in enumerate(data.splitlines(), 1):
+        at = line.find(_PREFIX)
+        body = line[at + len(_PREFIX) :] if at >= 0 else line.strip()
+        if not body.startswith(b"{"):
+            continue
+        try:
+            trace = load_trace(orjson.loads(body))
+        except (orjson.JSONDecodeError, TraceFormatError) as exc:
+            raise TraceFormatError(f"{name}:{number}: {exc}") from None
+        found += 1
+        yield f"{name}:{number}", trace
+    if not found:
+        raise TraceFormatError(f"{name}: no trace found (expected trace JSON, JSON lines or a log)")
+
+
+def _size(name: str) -> int:
+    try:
+        return os.path.getsize(name) if name != "-" else 0
+    except OSError:
+        return 0
+
+
+def _tell(stream: object) -> int:
+    try:
+        return int(stream.tell())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return 0
