@@ -1,103 +1,152 @@
-"""Routes that do a little of everything the tracer records.
+"""A Starlette app that does a little of everything the tracer records, one route per pattern.
 
-    uvicorn sample_app.app:app
+    python -m sample_app            # or: uvicorn sample_app.app:app
     curl -si -H 'X-Async-Trace: 1' http://127.0.0.1:8000/items
 
-Embedded defaults only: an in-memory cache and a SQLite file in the system's temp folder.
+The index page lists every route with a link that runs it traced and opens its trace in the
+viewer. The same routes are mounted under /fastapi from a FastAPI app (sample_app.fastapi_app).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sqlite3
-import tempfile
-import time
 from collections.abc import AsyncIterator
 
-import httpx
-from aiocache import SimpleMemoryCache
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from asgi_asynctrace import AsyncTraceMiddleware, annotate, start_resource
-from asgi_asynctrace.instrumentation.httpx import TracingTransport  # type: ignore[import-not-found]
+from asgi_asynctrace import AsyncTraceMiddleware
 
-DB_PATH = os.environ.get("SAMPLE_DB", os.path.join(tempfile.gettempdir(), "asynctrace-sample.db"))
-# aiocache's in-memory backend; the middleware instruments aiocache, so reads and writes show
-# up as cache-get / cache-put with their key, hit or miss, and TTL.
-cache = SimpleMemoryCache(namespace="sample:")
+from . import patterns as p
+from .fastapi_app import api
 
-
-def _query_items() -> list[dict[str, object]]:
-    with sqlite3.connect(DB_PATH) as db:
-        db.execute("create table if not exists items (id integer primary key, name text)")
-        if not db.execute("select count(*) from items").fetchone()[0]:
-            db.executemany("insert into items (name) values (?)", [("apple",), ("pear",)])
-        rows = db.execute("select id, name from items order by id").fetchall()
-    return [{"id": i, "name": n} for i, n in rows]
-
-
-async def upstream_price(request: Request) -> Response:
-    await asyncio.sleep(0.01)
-    return JSONResponse({"price": 1.5})
-
-
-# A pricing service the app calls over HTTP; served in-process so the sample needs no network.
-upstream = Starlette(routes=[Route("/price/{item_id}", upstream_price)])
-pricing = httpx.AsyncClient(
-    transport=TracingTransport(httpx.ASGITransport(app=upstream)), base_url="http://pricing"
-)
-
-
-async def price(item_id: object) -> float:
-    annotate("item", str(item_id))
-    response = await pricing.get(f"/price/{item_id}")
-    return float(response.json()["price"])
+ROUTES = {
+    "/items": "cache-aside load (cache miss → SQL → cache put), then prices fetched in parallel",
+    "/sequential": "the same prices fetched one after another (the analyzer names it)",
+    "/parallel": "three fetches with asyncio.gather",
+    "/race": "wait(FIRST_COMPLETED) and as_completed over fetches",
+    "/nested": "tasks three deep",
+    "/iteration": "async iteration over an async generator",
+    "/timers": "call_later, a wait_for timing out, a sleep",
+    "/cache": "a cache miss, a put, a hit, a delete",
+    "/sql": "SQL through SQLAlchemy's async engine",
+    "/sync": "a sync endpoint, run in the thread pool",
+    "/stream": "a streamed response",
+    "/slow": "the planted problem: a query per item and a blocking call",
+    "/chat": "a websocket chat room (the trace of each connection)",
+    "/fastapi/items": "the same, from the FastAPI app",
+}
 
 
 async def items(request: Request) -> Response:
-    rows = await cache.get("items")
-    if rows is None:
-        async with start_resource("db-query", statement="select id, name from items"):
-            rows = await asyncio.to_thread(_query_items)
-        await cache.set("items", rows, ttl=30)
-    assert isinstance(rows, list)
-    prices = await asyncio.gather(*(price(row["id"]) for row in rows))
-    return JSONResponse({"items": rows, "prices": prices})
+    rows = await p.load_items()
+    return JSONResponse({"items": rows, "prices": await p.prices_in_parallel(rows)})
 
 
 async def sequential(request: Request) -> Response:
-    await asyncio.sleep(0.02)
-    await asyncio.sleep(0.02)
-    return JSONResponse({"waited_ms": 40})
+    rows = await p.load_items()
+    return JSONResponse({"prices": await p.prices_one_by_one(rows)})
+
+
+async def parallel(request: Request) -> Response:
+    return JSONResponse({"prices": await asyncio.gather(*(p.price(i) for i in (1, 2, 3)))})
+
+
+async def race(request: Request) -> Response:
+    return JSONResponse(await p.race())
+
+
+async def nested(request: Request) -> Response:
+    return JSONResponse({"depth": await p.nested(3)})
+
+
+async def iteration(request: Request) -> Response:
+    return JSONResponse({"ticks": [i async for i in p.ticks(4)]})
+
+
+async def timers(request: Request) -> Response:
+    return JSONResponse(await p.timers())
+
+
+async def cache(request: Request) -> Response:
+    return JSONResponse(await p.cache_hit_and_miss())
+
+
+async def sql(request: Request) -> Response:
+    return JSONResponse({"items": await p.query_items()})
 
 
 def sync_report(request: Request) -> Response:
-    time.sleep(0.005)
-    annotate("rows", 2)
-    return JSONResponse({"ok": True})
+    return JSONResponse({"rows": p.report_rows()})
 
 
 async def stream(request: Request) -> Response:
     async def chunks() -> AsyncIterator[bytes]:
-        for i in range(3):
-            await asyncio.sleep(0.005)
+        async for i in p.ticks(3):
             yield f"chunk {i}\n".encode()
 
     return StreamingResponse(chunks(), media_type="text/plain")
 
 
+async def slow(request: Request) -> Response:
+    return JSONResponse(await p.slow_report())
+
+
+class ChatRoom:
+    """Everyone connected to /ws hears what anyone says."""
+
+    def __init__(self) -> None:
+        self.members: set[WebSocket] = set()
+
+    async def join(self, ws: WebSocket) -> None:
+        await ws.accept()
+        self.members.add(ws)
+        try:
+            while True:
+                said = await ws.receive_text()
+                await asyncio.gather(*(m.send_text(said) for m in list(self.members)))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.members.discard(ws)
+
+
+room = ChatRoom()
+
+CHAT_PAGE = """<!doctype html><meta charset=utf-8><title>chat</title>
+<p>A connection is traced when its handshake carries <code>X-Async-Trace: 1</code>, which a
+browser cannot send: connect with a client such as <code>python -m websockets</code> or
+<code>websocat -H 'X-Async-Trace: 1' ws://127.0.0.1:8000/ws</code>, and its trace appears in
+<a href="/__asynctrace/">the viewer</a> when it leaves.</p>
+<ol id=log></ol><input id=say placeholder="say something" autofocus>
+<script>
+const ws = new WebSocket(`ws://${location.host}/ws`);
+ws.onmessage = (e) => { const li = document.createElement("li"); li.textContent = e.data;
+  document.getElementById("log").append(li); };
+document.getElementById("say").onkeydown = (e) => {
+  if (e.key === "Enter") { ws.send(e.target.value); e.target.value = ""; } };
+</script>"""
+
+
+async def chat(request: Request) -> Response:
+    return HTMLResponse(CHAT_PAGE)
+
+
 async def index(request: Request) -> Response:
-    links = "".join(
-        f'<li><a href="{p}">{p}</a></li>' for p in ("/items", "/sequential", "/sync", "/stream")
+    rows = "".join(
+        f'<li><a href="/__asynctrace/?run={path}">{path}</a> — {what} '
+        f'(<a href="{path}">plain</a>)</li>'
+        for path, what in ROUTES.items()
     )
     return HTMLResponse(
-        "<h1>asgi-asynctrace sample</h1><p>Send <code>X-Async-Trace: 1</code> to trace a "
-        f"request; recent traces: <a href='/__asynctrace/traces'>/__asynctrace/traces</a></p>"
-        f"<ul>{links}</ul>"
+        "<!doctype html><meta charset=utf-8><title>asgi-asynctrace sample</title>"
+        "<h1>asgi-asynctrace sample</h1><p>Each link runs the route with "
+        "<code>X-Async-Trace: 1</code> and opens its trace in the viewer. "
+        "From a terminal: <code>curl -si -H 'X-Async-Trace: 1' http://127.0.0.1:8000/items</code>"
+        f"</p><ul>{rows}</ul>"
     )
 
 
@@ -106,8 +155,22 @@ app = Starlette(
         Route("/", index),
         Route("/items", items),
         Route("/sequential", sequential),
+        Route("/parallel", parallel),
+        Route("/race", race),
+        Route("/nested", nested),
+        Route("/iteration", iteration),
+        Route("/timers", timers),
+        Route("/cache", cache),
+        Route("/sql", sql),
         Route("/sync", sync_report),
         Route("/stream", stream),
-    ]
+        Route("/slow", slow),
+        Route("/chat", chat),
+        WebSocketRoute("/ws", room.join),
+        Mount("/fastapi", app=api),
+    ],
+    lifespan=p.lifespan,
 )
 app.add_middleware(AsyncTraceMiddleware)
+
+__all__ = ["ROUTES", "app"]

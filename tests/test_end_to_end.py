@@ -78,7 +78,7 @@ def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
     assert trace["traceId"] == trace_id and trace["request"]["status"] == 200
     types = [r["type"] for r in trace["resources"]]
     assert types[0] == "root"
-    assert {"task", "thread", "cache-get", "cache-put", "db-query", "fetch", "timer"} <= set(types)
+    assert {"task", "cache-get", "cache-put", "db-query", "fetch", "timer"} <= set(types)
     notes: dict[int, dict[str, object]] = {}
     for a in trace["annotations"]:
         notes.setdefault(a["asyncId"], {})[a["key"]] = a["value"]
@@ -90,7 +90,7 @@ def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
     fetches = {r["asyncId"] for r in trace["resources"] if r["type"] == "fetch"}
     timers = [r for r in trace["resources"] if r["type"] == "timer"]
     sleeps = [t for t in timers if notes[t["asyncId"]]["kind"] == "sleep"]
-    assert len(sleeps) == 2  # one per price() call
+    assert len(sleeps) == 3  # one per price() call: three items
     for timer in sleeps:
         chain, node = [], timer["asyncId"]
         while node:
@@ -106,6 +106,6 @@ def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
     tasks = [r for r in trace["resources"] if r["type"] == "task"]
     assert all(t["state"] == "ok" for t in tasks)
     prices = [t for t in tasks if notes[t["asyncId"]].get("coroutine") == "price"]
-    assert len(prices) == 2 and all(t["triggerId"] == 1 for t in prices)
+    assert len(prices) == 3 and all(t["triggerId"] == 1 for t in prices)
     frames = [f for s in trace["stackTraces"] for f in s["frames"]]
     assert any(f.startswith("items @ sample_app/app.py:") for f in frames)

@@ -95,6 +95,27 @@
     return node ? JSON.parse(node.textContent) : null;
   }
 
+  async function loadTrace(base, id) {
+    // The app stores a trace once the request has fully ended, just after the client got the
+    // last byte: ask again briefly before giving up.
+    for (let attempt = 0; attempt < 20; attempt++) {
+      const got = await fetch(`${base}traces/${encodeURIComponent(id)}?analysis=1`);
+      if (got.ok) return use(await got.json());
+      if (got.status !== 404) throw new AT.LoadError((await got.json()).error || got.statusText);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    throw new AT.LoadError(`trace ${id} never reached the store`);
+  }
+
+  async function runTraced(base, path) {
+    // /__asynctrace/?run=/items: send that request traced, then show its trace.
+    if (!path.startsWith("/") || path.startsWith("//")) throw new AT.LoadError("run= takes a path on this app");
+    const res = await fetch(path, { headers: { "X-Async-Trace": "1" } });
+    const id = res.headers.get("x-async-trace-id");
+    if (!id) throw new AT.LoadError(`${path} answered ${res.status} without a trace (is this client allowed to trace?)`);
+    await loadTrace(base, id);
+  }
+
   async function loadStore(base) {
     $("store").hidden = false;
     const list = $("store-list");
@@ -104,11 +125,7 @@
       list.replaceChildren(...body.traces.map((t) => AT.el("li", {},
         AT.el("a", { href: "#", onclick: async (e) => {
           e.preventDefault();
-          try {
-            const got = await fetch(`${base}traces/${encodeURIComponent(t.traceId)}?analysis=1`);
-            if (!got.ok) throw new AT.LoadError((await got.json()).error || got.statusText);
-            use(await got.json());
-          } catch (err) { fail(err); }
+          try { await loadTrace(base, t.traceId); } catch (err) { fail(err); }
         } }, `${t.method || ""} ${t.path || ""} ${t.status || ""} · ${AT.fmt(t.durationNs)} · ${t.resources} resources`))));
       if (!body.traces.length) list.append(AT.el("li", {}, "no traces yet: send a request with X-Async-Trace: 1"));
     } catch (e) {
@@ -129,7 +146,11 @@
     $("demo").addEventListener("click", () => { try { use(demo); } catch (e) { fail(e); } });
     const data = embedded("asynctrace-data");
     const store = document.querySelector('meta[name="asynctrace-store"]');
-    if (store) loadStore(store.content);
+    if (store) {
+      const run = new URLSearchParams(location.search).get("run");
+      if (run) runTraced(store.content, run).catch(fail).finally(() => loadStore(store.content));
+      else loadStore(store.content);
+    }
     if (data && data.traces && data.traces.length) {
       try { use(data.traces[0]); } catch (e) { fail(e); }
       if (data.traces.length > 1) {
@@ -140,7 +161,7 @@
             `${(t.trace || t).request?.method || ""} ${(t.trace || t).request?.path || ""} #${i + 1}`))));
       }
     } else {
-      show(store ? "load" : "load");
+      show("load");
     }
   });
 })();

@@ -1,0 +1,170 @@
+"""Every route of the sample app, traced, shows the pattern it is there to show."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from asgi_asynctrace import Trace, analyze, capture_traces
+from tests.helpers import run
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import os
+
+    os.environ["SAMPLE_DB"] = str(tmp_path_factory.mktemp("sample") / "sample.db")
+    from sample_app import patterns
+    from sample_app.app import app
+
+    patterns.DATABASE_URL = f"sqlite+aiosqlite:///{os.environ['SAMPLE_DB']}"
+    patterns._engine = None
+    yield app
+    patterns._engine = None
+
+
+def traced_get(app: Any, path: str) -> tuple[httpx.Response, Trace]:
+    async def main() -> httpx.Response:
+        from sample_app import patterns
+
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://sample") as client:
+            response = await client.get(path, headers={"X-Async-Trace": "1"})
+        if patterns._engine is not None:  # its connections belong to this loop
+            await patterns._engine.dispose()
+            patterns._engine = None
+        return response
+
+    with capture_traces() as traces:
+        response = run(main())
+    assert response.status_code == 200, response.text
+    assert len(traces) == 1
+    return response, traces[0]
+
+
+def types(trace: Trace) -> set[str]:
+    return {r.type for r in trace.resources}
+
+
+def kinds(trace: Trace) -> list[str]:
+    return [f.kind for f in analyze(trace).findings]
+
+
+def test_the_index_links_every_route_to_its_trace_in_the_viewer(sample: Any) -> None:
+    from sample_app.app import ROUTES
+
+    async def main() -> str:
+        transport = httpx.ASGITransport(app=sample, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://sample") as client:
+            return (await client.get("/")).text
+
+    page = run(main())
+    for path in ROUTES:
+        assert f'href="/__asynctrace/?run={path}"' in page
+
+
+def test_items_is_cache_aside_then_parallel_fetches(sample: Any) -> None:
+    response, trace = traced_get(sample, "/items")
+    assert len(response.json()["prices"]) == 3
+    assert {"cache-get", "db-query", "cache-put", "fetch", "timer", "task"} <= types(trace)
+    assert "n-plus-one" not in kinds(trace) and "sequential-awaits" not in kinds(trace)
+
+
+def test_sequential_and_slow_carry_their_planted_problems(sample: Any) -> None:
+    _, trace = traced_get(sample, "/sequential")
+    assert kinds(trace)[0] in ("n-plus-one", "sequential-awaits")
+    _, trace = traced_get(sample, "/slow")
+    assert {"n-plus-one", "blocked-loop"} <= set(kinds(trace))
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/parallel", {"fetch", "task"}),
+        ("/race", {"fetch", "task", "timer"}),
+        ("/nested", {"task", "timer"}),
+        ("/iteration", {"timer"}),
+        ("/timers", {"timer", "future", "task"}),
+        ("/cache", {"cache-get", "cache-put", "cache-delete"}),
+        ("/sql", {"db-query"}),
+        ("/sync", {"thread"}),
+        ("/stream", {"stream-write", "timer"}),
+        ("/fastapi/items", {"thread", "fetch", "cache-get"}),
+        ("/fastapi/sync", {"thread"}),
+    ],
+)
+def test_each_route_records_what_it_shows(sample: Any, path: str, expected: set[str]) -> None:
+    _, trace = traced_get(sample, path)
+    assert expected <= types(trace), types(trace)
+    assert trace.root.state == "ok"
+
+
+def test_the_race_cancels_the_loser_and_nested_tasks_chain(sample: Any) -> None:
+    _, trace = traced_get(sample, "/race")
+    states = [r.state for r in trace.resources if r.type == "task"]
+    assert "cancelled" in states
+    _, trace = traced_get(sample, "/nested")
+    chain = [r for r in trace.resources if r.type == "task"]
+    assert len(chain) == 3 and [r.trigger_id for r in chain[1:]] == [chain[0].async_id,
+                                                                     chain[1].async_id]  # fmt: skip
+
+
+def test_the_chat_room_over_a_real_server(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import websockets
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "SAMPLE_DB": str(tmp_path / "chat.db")}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port",
+                             str(port)], cwd=root, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no server"
+                time.sleep(0.1)
+
+        async def talk() -> list[str]:
+            url = f"ws://127.0.0.1:{port}/ws"
+            async with websockets.connect(url, additional_headers={"X-Async-Trace": "1"}) as a, \
+                    websockets.connect(url) as b:  # fmt: skip
+                await a.send("hello room")
+                heard = [str(await asyncio.wait_for(a.recv(), 5)),
+                         str(await asyncio.wait_for(b.recv(), 5))]  # fmt: skip
+            return heard
+
+        assert asyncio.run(talk()) == ["hello room", "hello room"]
+        listing: list[dict[str, Any]] = []
+        for _ in range(50):  # the trace is stored once the connection has closed
+            listing = httpx.get(f"http://127.0.0.1:{port}/__asynctrace/traces").json()["traces"]
+            if listing:
+                break
+            time.sleep(0.1)
+        (summary,) = listing  # only the connection that asked is traced
+        assert summary["method"] == "WS" and summary["path"] == "/ws"
+        doc = httpx.get(f"http://127.0.0.1:{port}/__asynctrace/traces/{summary['traceId']}").json()
+        notes = {(a["asyncId"], a["key"]): a["value"] for a in doc["annotations"]}
+        messages = [r for r in doc["resources"] if r["type"] == "websocket"]
+        directions = [notes[(r["asyncId"], "direction")] for r in messages]
+        # what went through this connection; the send to b went through b's own connection
+        assert directions == ["receive", "send"]
+        assert sum(r["type"] == "task" for r in doc["resources"]) == 2  # gather: one per member
+    finally:
+        proc.terminate()
+        proc.wait(10)
