@@ -217,3 +217,9 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     assert "GET /work 200" in page.inner_text("#summary")
     assert "no findings" in page.inner_text("#findings")
     shoot(page, "served")
+
+    # the sample app's index links here with ?run=<path>: run it traced, show its trace
+    page.goto(served + "/__asynctrace/?run=/work")
+    page.wait_for_selector("body[data-loaded]")
+    assert "GET /work 200" in page.inner_text("#summary")
+    assert len(httpx.get(served + "/__asynctrace/traces").json()["traces"]) == 2
