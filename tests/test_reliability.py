@@ -122,7 +122,7 @@ def test_1000_concurrent_requests_each_trace_holds_only_its_own_work(
 
     async def references() -> dict[int, httpx.Response]:
         untraced = [n for n, traced, _ in results if not traced]
-        return dict(zip(untraced, await asyncio.gather(*(reference(n) for n in untraced))))
+        return dict(zip(untraced, await asyncio.gather(*map(reference, untraced)), strict=True))
 
     alone = run(references())
     for n, traced, response in results:
