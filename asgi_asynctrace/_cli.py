@@ -130,6 +130,15 @@ def _diagnose_command(args: argparse.Namespace) -> int:
 
 def _convert_command(args: argparse.Namespace) -> int:
     traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    if args.to == "bubbleprof":
+        from ._bubbleprof import write_bubbleprof
+
+        if args.output is None:
+            raise TraceFormatError("--to bubbleprof writes a directory: give it with -o DIR")
+        where = write_bubbleprof(traces, args.output)
+        print(f"wrote {len(traces)} trace(s) to {where}; view it with:\n"
+              f"  clinic bubbleprof --visualize-only {where}", file=sys.stderr)  # fmt: skip
+        return 0
     if args.to == "perfetto":
         from ._perfetto import to_perfetto
 
@@ -196,15 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     di.set_defaults(run=_diagnose_command)
     co = commands.add_parser(
         "convert",
-        help="write traces as a Perfetto trace, the viewer's HTML, or format-v1 JSON lines",
+        help="write traces as Perfetto, clinic bubbleprof data, the viewer's HTML, or JSON lines",
         description="Examples:\n"
         "  asgi-asynctrace convert trace.json --to perfetto -o trace.pftrace   # ui.perfetto.dev\n"
         "  asgi-asynctrace convert server.log --to html -o traces.html\n"
+        "  asgi-asynctrace convert traces.jsonl --to bubbleprof -o out/   # clinic bubbleprof\n"
         "  asgi-asynctrace convert sample-seed.json --to json     # the seed's format to v1",
         formatter_class=formatter,
     )
     co.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
-    co.add_argument("--to", required=True, choices=("perfetto", "html", "json"))
+    co.add_argument("--to", required=True, choices=("perfetto", "bubbleprof", "html", "json"))
     co.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     co.set_defaults(run=_convert_command)
     vi = commands.add_parser(
