@@ -57,6 +57,20 @@ def _progress_bar(name: str, done: int, size: int, traces: int) -> None:
     print(f"\r{name}: {share} read, {traces} trace(s)", end=end, file=sys.stderr, flush=True)
 
 
+def _join_command(args: argparse.Namespace) -> int:
+    from ._join import join_traces
+
+    traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    joined = join_traces(traces)
+    data = b"".join(trace.to_json() + b"\n" for trace in joined)
+    if args.output is None:
+        sys.stdout.buffer.write(data)
+    else:
+        args.output.write_bytes(data)
+    print(f"joined {len(traces)} trace(s) into {len(joined)}", file=sys.stderr)
+    return 0
+
+
 def _view_command(args: argparse.Namespace) -> int:
     import tempfile
     import webbrowser
@@ -217,6 +231,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     co.add_argument("--to", required=True, choices=("perfetto", "bubbleprof", "html", "json"))
     co.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     co.set_defaults(run=_convert_command)
+    jo = commands.add_parser(
+        "join",
+        help="put the traces of one request across services together",
+        description="Example:\n  asgi-asynctrace join frontend.json backend.json -o whole.json\n"
+        "  asgi-asynctrace extract */server.log | asgi-asynctrace join - | "
+        "asgi-asynctrace view -\n\n"
+        "A trace whose request names an upstream (X-Async-Trace-Parent, sent to the hosts in\n"
+        "the middleware's propagate_to) goes under that upstream's fetch.",
+        formatter_class=formatter,
+    )
+    jo.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
+    jo.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    jo.set_defaults(run=_join_command)
     vi = commands.add_parser(
         "view",
         help="open traces in the viewer (one self-contained HTML file)",

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from . import _instrument
@@ -70,6 +71,9 @@ class AsyncTraceMiddleware:
     limits: caps per trace (resources, callbacks, annotations, stacks).
     record_futures: record every future the request creates (off for lighter traces).
     perfetto_path: stream every trace into this .pftrace file too (needs ``perfetto``).
+    propagate_to: hosts (``host`` or ``host:port``) that outgoing httpx calls of a traced
+        request ask to trace the call too (``X-Async-Trace``, with their secret when given as
+        a mapping ``{host: secret}``; ``"1"`` for a list) and name it as their upstream.
     instrument: turn on library instrumentation when the middleware is made: True for every
         one whose library is installed (timers, httpx, caches, ...), a list of names for
         those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
@@ -90,6 +94,7 @@ class AsyncTraceMiddleware:
         record_futures: bool = True,
         instrument: bool | Sequence[str] = True,
         perfetto_path: str | os.PathLike[str] | None = None,
+        propagate_to: Mapping[str, str] | Sequence[str] = (),
         logger: logging.Logger | None = None,
     ) -> None:
         if header_limit < 0:
@@ -116,6 +121,10 @@ class AsyncTraceMiddleware:
         self._sinks = tuple(named)
         self._sampling = sample_rate > 0
         self._store_path = path_prefix if self.store is not None else ""
+        hosts = (
+            propagate_to if isinstance(propagate_to, Mapping) else dict.fromkeys(propagate_to, "1")
+        )
+        self.propagate_to = {str(k): str(v) for k, v in hosts.items()}
         if instrument is True:
             _instrument.instrument()
         elif instrument:
@@ -216,6 +225,18 @@ class AsyncTraceMiddleware:
             collected.append(trace)
 
 
+_PARENT = re.compile(rb"([0-9a-f]{32}):([0-9]{1,9})")
+
+
+def _upstream(scope: Scope) -> tuple[str, int] | None:
+    """The calling service's trace and fetch, from ``X-Async-Trace-Parent: <trace>:<id>``."""
+    for name, value in scope.get("headers") or ():
+        if name == b"x-async-trace-parent":
+            match = _PARENT.fullmatch(value)
+            return (match[1].decode(), int(match[2])) if match else None
+    return None
+
+
 def _current(trace: Trace) -> Resource:
     """The resource that is reading or writing: whoever called receive() or send()."""
     active = ACTIVE.get()
@@ -250,6 +271,7 @@ class _TracedRequest:
         path = scope.get("path")
         trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
         trace.record_futures = owner.record_futures
+        trace.propagate_to = owner.propagate_to
         root = trace.root
         trace.annotate(root, "method", method)
         trace.annotate(root, "path", path)
@@ -257,6 +279,11 @@ class _TracedRequest:
         if client:
             trace.annotate(root, "client", str(client[0]))
         trace.annotate(root, "traced", "requested" if requested else "sampled")
+        parent = _upstream(scope) if requested else None
+        if parent is not None:
+            trace.request["parent"] = {"traceId": parent[0], "asyncId": parent[1]}
+            trace.annotate(root, "upstreamTraceId", parent[0])
+            trace.annotate(root, "upstreamAsyncId", parent[1])
         self.trace = trace
         self.body_in = BodyStream(trace, "stream-read")
         self.body_out = BodyStream(trace, "stream-write")

@@ -42,7 +42,7 @@ RESOURCE_TYPES: Final = frozenset(
         "cache-get", "cache-put", "cache-delete",
         "kv-get", "kv-put", "kv-delete", "kv-list", "kv-pipeline", "kv-command",
         "db-query", "queue-send", "queue-receive",
-        "stream-read", "stream-write", "websocket", "other",
+        "stream-read", "stream-write", "websocket", "remote-root", "other",
     }
 )  # fmt: skip
 STATES: Final = ("ok", "error", "cancelled", "pending")
@@ -155,6 +155,7 @@ class Trace:
         "finishers",
         "limits",
         "origin",
+        "propagate_to",
         "record_futures",
         "request",
         "resources",
@@ -188,6 +189,9 @@ class Trace:
         self.dropped = Dropped()
         self.closed = False
         self.record_futures = True
+        # host or host:port -> the X-Async-Trace value an outgoing call there carries, so the
+        # service behind it traces that request too and names this trace as its upstream.
+        self.propagate_to: dict[str, str] = {}
         # Called as fn(trace, now) when the request ends, before the trace closes: for
         # recorders that can only settle their resources then (a cancelled uvloop timer).
         self.finishers: list[Callable[[Trace, int], None]] = []

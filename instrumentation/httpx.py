@@ -4,6 +4,10 @@
     client = httpx.AsyncClient(transport=TracingTransport())        # wraps the default one
     client = httpx.AsyncClient(transport=TracingTransport(httpx.MockTransport(handler)))
 
+Toward the hosts given to the middleware's ``propagate_to``, a call carries ``X-Async-Trace``
+and ``X-Async-Trace-Parent: <trace id>:<fetch id>``, so a service there running the same
+middleware traces it too, and ``asgi-asynctrace join`` puts the two traces together.
+
 Or ``asgi_asynctrace.instrument("httpx")`` once at startup: every ``AsyncClient`` created
 afterwards gets its transports wrapped. Clients created before that call, sync ``httpx.Client``
 and transports swapped in later by hand are not covered; wrap those yourself.
@@ -77,6 +81,18 @@ class _TracedBody(httpx.AsyncByteStream):
             settle_from_exception(trace, res, now, exc)
 
 
+def _propagate(request: httpx.Request, trace: Trace, res: Resource) -> None:
+    """Toward an allowed host, ask the service there to trace this call and name its parent."""
+    url = request.url
+    port = url.port or (443 if url.scheme == "https" else 80)
+    value = trace.propagate_to.get(f"{url.host}:{port}") or trace.propagate_to.get(url.host)
+    if value is None:
+        return
+    request.headers["x-async-trace"] = value
+    request.headers["x-async-trace-parent"] = f"{trace.trace_id}:{res.async_id}"
+    trace.annotate(res, "propagated", True)
+
+
 class TracingTransport(httpx.AsyncBaseTransport):
     """Wraps any async transport; records each request it sends inside a traced request."""
 
@@ -96,6 +112,8 @@ class TracingTransport(httpx.AsyncBaseTransport):
             if res is not None:
                 trace.annotate(res, "method", request.method)
                 trace.annotate(res, "url", safe_url(request.url, self.mask_query))
+                if trace.propagate_to:
+                    _propagate(request, trace, res)
         except Exception as exc:
             report("httpx", exc)
             res = None

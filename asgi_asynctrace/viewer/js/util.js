@@ -35,7 +35,7 @@ AT.fmt = function (ns) {
 
 // Categories as bubbleprof colours them.
 AT.CATEGORY_OF = {
-  fetch: "network", websocket: "network",
+  fetch: "network", websocket: "network", "remote-root": "network",
   "stream-read": "data", "stream-write": "data", "queue-send": "data", "queue-receive": "data",
   "cache-get": "storage", "cache-put": "storage", "cache-delete": "storage",
   "kv-get": "storage", "kv-put": "storage", "kv-delete": "storage", "kv-list": "storage",

@@ -1,0 +1,129 @@
+"""One request across two services, each a real uvicorn app on loopback: traced in both,
+and joined into one trace with the backend's root under the frontend's fetch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_asynctrace import AsyncTraceMiddleware, analyze, load_trace
+from asgi_asynctrace._cli import main
+from asgi_asynctrace._join import join_traces
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, thread
+
+
+@pytest.fixture
+def services() -> Iterator[tuple[str, str]]:
+    back_port, front_port, elsewhere = _port(), _port(), _port()
+
+    async def stock(request: Request) -> Response:
+        await asyncio.sleep(0.01)
+        return PlainTextResponse("7")
+
+    async def page(request: Request) -> Response:
+        async with httpx.AsyncClient() as client:  # the global httpx switch wraps it
+            stock = (await client.get(f"http://127.0.0.1:{back_port}/stock")).text
+            # a host not in propagate_to learns nothing of the trace
+            with contextlib.suppress(httpx.TransportError):
+                await client.get(f"http://127.0.0.1:{elsewhere}/", timeout=0.5)
+        return PlainTextResponse(f"in stock: {stock}")
+
+    backend = AsyncTraceMiddleware(Starlette(routes=[Route("/stock", stock)]), log_traces=False)
+    frontend = AsyncTraceMiddleware(Starlette(routes=[Route("/page", page)]), log_traces=False,
+                                    propagate_to=[f"127.0.0.1:{back_port}"])  # fmt: skip
+    running = [_serve(backend, back_port), _serve(frontend, front_port)]
+    yield f"http://127.0.0.1:{front_port}", f"http://127.0.0.1:{back_port}"
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _stored(base: str) -> list[bytes]:
+    for _ in range(50):
+        listing = httpx.get(base + "/__asynctrace/traces").json()["traces"]
+        if listing:
+            return [httpx.get(f"{base}/__asynctrace/traces/{t['traceId']}").content
+                    for t in listing]  # fmt: skip
+        time.sleep(0.05)
+    return []
+
+
+def test_the_backend_traces_the_call_and_joins_under_the_frontends_fetch(
+    services: tuple[str, str], tmp_path: Path
+) -> None:
+    front, back = services
+    response = httpx.get(front + "/page", headers={"X-Async-Trace": "1"})
+    assert response.text == "in stock: 7"
+    (front_data,) = _stored(front)
+    (back_data,) = _stored(back)
+    upstream, downstream = load_trace(front_data), load_trace(back_data)
+    fetches = [r for r in upstream.resources if r.type == "fetch"]
+    assert len(fetches) == 2
+    told = [upstream.annotations_of(f.async_id).get("propagated") for f in fetches]
+    assert told == [True, None]  # only toward the allowed host
+    assert downstream.request["parent"] == {"traceId": upstream.trace_id,
+                                            "asyncId": fetches[0].async_id}  # fmt: skip
+
+    (whole,) = join_traces([downstream, upstream])
+    remote = next(r for r in whole.resources if r.type == "remote-root")
+    assert remote.trigger_id == fetches[0].async_id
+    assert len(whole.resources) == len(upstream.resources) + len(downstream.resources)
+    # placed by wall clock: the backend's work happened while the fetch was in flight
+    fetch = next(r for r in whole.resources if r.async_id == fetches[0].async_id)
+    assert fetch.settled_at is not None
+    assert fetch.created_at <= remote.created_at <= fetch.settled_at
+    # the backend's sleep: numbered after the frontend's resources, under the remote root
+    (sleep,) = [r for r in whole.resources if r.type == "timer" and r.async_id > remote.async_id
+                and whole.annotations_of(r.async_id).get("kind") == "sleep"]  # fmt: skip
+    assert sleep.settled_at is not None
+    assert fetch.created_at < sleep.created_at < sleep.settled_at < fetch.settled_at
+    path = analyze(whole).critical_path
+    assert path[0].type == "fetch" and "remote-root" in [s.type for s in path]
+
+    (tmp_path / "front.json").write_bytes(front_data)
+    (tmp_path / "back.json").write_bytes(back_data)
+    out = tmp_path / "whole.jsonl"
+    assert main(["join", str(tmp_path / "back.json"), str(tmp_path / "front.json"),
+                 "-o", str(out)]) == 0  # fmt: skip
+    (line,) = out.read_bytes().splitlines()
+    assert sum(r.type == "remote-root" for r in load_trace(line).resources) == 1
+
+
+def test_a_forged_parent_header_from_an_untraced_or_remote_client_is_ignored(
+    services: tuple[str, str],
+) -> None:
+    _, back = services
+    httpx.get(back + "/stock", headers={"X-Async-Trace-Parent": "0" * 32 + ":1"})
+    httpx.get(back + "/stock", headers={"X-Async-Trace": "1", "X-Async-Trace-Parent": "nope"})
+    (data,) = _stored(back)
+    assert "parent" not in load_trace(data).request
