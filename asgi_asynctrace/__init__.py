@@ -14,6 +14,7 @@ from ._context import ResourceScope, annotate, current_resource, current_trace, 
 from ._failures import failure_counts, reset_failures
 from ._hooks import install_hooks, uninstall_hooks
 from ._instrument import instrument, uninstrument
+from ._join import join_traces
 from ._load import TraceFormatError, load_trace
 from ._middleware import AsyncTraceMiddleware
 from ._model import (
@@ -26,6 +27,8 @@ from ._model import (
     TraceLimits,
     frame_origin,
 )
+from ._otel import OtelSink
+from ._perfetto import PerfettoSink
 from ._sinks import (
     LOG_PREFIX,
     LogSink,
@@ -48,6 +51,8 @@ __all__ = [
     "Finding",
     "FrameOrigin",
     "LogSink",
+    "OtelSink",
+    "PerfettoSink",
     "Resource",
     "ResourceScope",
     "Trace",
@@ -65,6 +70,7 @@ __all__ = [
     "frame_origin",
     "install_hooks",
     "instrument",
+    "join_traces",
     "load_trace",
     "reset_failures",
     "start_resource",

@@ -226,15 +226,21 @@ class AsyncTraceMiddleware:
 
 
 _PARENT = re.compile(rb"([0-9a-f]{32}):([0-9]{1,9})")
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope.get("headers") or ():
+        if name == wanted:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 def _upstream(scope: Scope) -> tuple[str, int] | None:
     """The calling service's trace and fetch, from ``X-Async-Trace-Parent: <trace>:<id>``."""
-    for name, value in scope.get("headers") or ():
-        if name == b"x-async-trace-parent":
-            match = _PARENT.fullmatch(value)
-            return (match[1].decode(), int(match[2])) if match else None
-    return None
+    value = _header(scope, b"x-async-trace-parent")
+    match = _PARENT.fullmatch(value) if value is not None else None
+    return (match[1].decode(), int(match[2])) if match else None
 
 
 def _current(trace: Trace) -> Resource:
@@ -279,6 +285,9 @@ class _TracedRequest:
         if client:
             trace.annotate(root, "client", str(client[0]))
         trace.annotate(root, "traced", "requested" if requested else "sampled")
+        traceparent = _header(scope, b"traceparent")
+        if traceparent is not None and _TRACEPARENT.fullmatch(traceparent):
+            trace.request["traceparent"] = traceparent.decode()  # for OpenTelemetry export
         parent = _upstream(scope) if requested else None
         if parent is not None:
             trace.request["parent"] = {"traceId": parent[0], "asyncId": parent[1]}

@@ -1,0 +1,80 @@
+"""OpenTelemetry spans from traces, checked with the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_asynctrace import AsyncTraceMiddleware, OtelSink, start_resource
+from tests.helpers import call
+
+PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{PARENT_TRACE}-00f067aa0ba902b7-01"
+
+
+async def child() -> None:
+    await asyncio.sleep(0.002)
+
+
+async def endpoint(request: Request) -> Response:
+    await asyncio.gather(child(), child())
+    try:
+        with start_resource("db-query", statement="select 1"):
+            raise LookupError("no row")
+    except LookupError:
+        pass
+    return PlainTextResponse("ok")
+
+
+def spans_of(headers: dict[str, str]) -> tuple[list[Any], Any]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/orders", endpoint)]), log_traces=False,
+                               sinks=[OtelSink(tracer_provider=provider)])  # fmt: skip
+
+    async def get(client: Any) -> Any:
+        return await client.get("/orders", headers={"X-Async-Trace": "1", **headers})
+
+    response = call(app, get)
+    return list(exporter.get_finished_spans()), response
+
+
+def test_each_resource_is_a_span_under_its_trigger_with_steps_and_attributes() -> None:
+    spans, response = spans_of({})
+    by_name = {s.name: s for s in spans}
+    root = by_name["GET /orders"]
+    assert root.kind == SpanKind.SERVER and root.parent is None
+    assert root.attributes["asynctrace.trace_id"] == response.headers["x-async-trace-id"]
+    tasks = [s for s in spans if s.attributes["asynctrace.type"] == "task"]
+    assert len(tasks) == 2 and all(t.parent.span_id == root.context.span_id for t in tasks)
+    timers = [s for s in spans if s.attributes["asynctrace.type"] == "timer"]
+    assert {t.parent.span_id for t in timers} == {t.context.span_id for t in tasks}
+    assert all(t.attributes["asynctrace.kind"] == "sleep" for t in timers)
+    assert all(len(t.events) >= 2 and t.events[0].name == "step" for t in tasks)
+    assert all(s.start_time <= s.end_time for s in spans)
+    assert all(root.start_time <= s.start_time for s in spans)
+    query = by_name["db-query select 1"]
+    assert query.status.status_code == StatusCode.ERROR
+    assert query.attributes["asynctrace.error"] == "LookupError"
+    assert not any(s.attributes["asynctrace.type"] == "future" for s in spans)
+    assert len({s.context.trace_id for s in spans}) == 1
+
+
+def test_an_incoming_traceparent_makes_the_root_span_its_child() -> None:
+    spans, _ = spans_of({"traceparent": TRACEPARENT})
+    root = next(s for s in spans if s.name == "GET /orders")
+    assert f"{root.context.trace_id:032x}" == PARENT_TRACE
+    assert root.parent is not None and f"{root.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert {f"{s.context.trace_id:032x}" for s in spans} == {PARENT_TRACE}
+    spans, _ = spans_of({"traceparent": "garbage"})
+    assert next(s for s in spans if s.name == "GET /orders").parent is None
