@@ -310,28 +310,43 @@ class Trace:
     def to_dict(self) -> dict[str, Any]:
         """The trace in format v1 (a plain dict, ready for any JSON encoder)."""
         o = self.origin
-        resources = []
-        for r in sorted(self.resources, key=_by_id) if self._out_of_order() else self.resources:
+        resources: list[dict[str, Any]] = []
+        add = resources.append
+        ordered = self.resources
+        if self._out_of_order():
+            ordered = sorted(ordered, key=_by_id)
+        # One pass, locals only: this runs once per traced request over every resource.
+        for r in ordered:
             cb = r.callbacks
-            pairs = [
-                [cb[i] - o, cb[i + 1] - o if i + 1 < len(cb) else None]
-                for i in range(0, len(cb), 2)
-            ]
-            item: dict[str, Any] = {
+            if cb:
+                n = len(cb)
+                pairs: list[list[int | None]] = [
+                    [cb[i] - o, cb[i + 1] - o] for i in range(0, n - 1, 2)
+                ]
+                if n & 1:
+                    pairs.append([cb[-1] - o, None])
+                first: int | None = cb[0] - o
+                last: int | None = (
+                    cb[n - 1] - o if not n & 1 else (cb[n - 2] - o if n > 1 else None)
+                )
+            else:
+                pairs, first, last = [], None, None
+            settled = r.settled_at
+            item = {
                 "asyncId": r.async_id,
                 "triggerId": r.trigger_id,
                 "type": r.type,
                 "stackTraceId": r.stack_id,
                 "createdAt": r.created_at - o,
-                "callbackStartedAt": pairs[0][0] if pairs else None,
-                "callbackEndedAt": _last_end(pairs),
-                "destroyedAt": r.settled_at - o if r.settled_at is not None else None,
+                "callbackStartedAt": first,
+                "callbackEndedAt": last,
+                "destroyedAt": settled - o if settled is not None else None,
                 "callbacks": pairs,
                 "state": r.state,
             }
             if r.awaited_by:
                 item["awaitedBy"] = list(r.awaited_by)
-            resources.append(item)
+            add(item)
         return {
             "version": FORMAT_VERSION,
             "traceId": self.trace_id,
@@ -357,13 +372,6 @@ class Trace:
 
 def _by_id(r: Resource) -> int:
     return r.async_id
-
-
-def _last_end(pairs: list[list[int | None]]) -> int | None:
-    for pair in reversed(pairs):
-        if pair[1] is not None:
-            return pair[1]
-    return None
 
 
 def frame_origin(frame: str) -> FrameOrigin:

@@ -57,16 +57,22 @@ def engine() -> AsyncEngine:
     return _engine
 
 
+_schema_ready = False
+SEED = [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}, {"id": 3, "name": "plum"}]
+
+
 async def _ensure_schema() -> None:
+    global _schema_ready
+    if _schema_ready:
+        return
     async with engine().begin() as conn:
         await conn.execute(
             text("create table if not exists items (id integer primary key, name text)")
         )
-        count = (await conn.execute(text("select count(*) from items"))).scalar_one()
-        if not count:
-            await conn.execute(text("insert into items (id, name) values (:id, :name)"),
-                               [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"},
-                                {"id": 3, "name": "plum"}])  # fmt: skip
+        # concurrent first requests may both get here: the second insert does nothing
+        insert = "insert into items (id, name) values (:id, :name) on conflict do nothing"
+        await conn.execute(text(insert), SEED)
+    _schema_ready = True
 
 
 async def upstream_price(request: Request) -> Response:

@@ -1,0 +1,281 @@
+"""The sample app's routes with and without the tracer, and under the tools users pick instead.
+
+    python -m benchmarks.bench_routes            # a Markdown table per section
+    python -m benchmarks.bench_routes --quick    # fewer rounds, for a smoke check
+
+In-process ASGI (no sockets) with 50 requests in flight at a time, every variant in every
+round, ratios against the bare app taken round by round, medians reported. Variants: the bare
+app (no instrumentation installed); the middleware with every instrumentation installed and the
+request untraced; 1 % sampled; every request traced; OpenTelemetry's ASGI + httpx
+instrumentation with the SDK (batch processor, in-memory exporter); pyinstrument profiling each
+request (its per-request middleware recipe); viztracer with ``log_async`` around each request
+(the two profilers only one request at a time: they profile the whole process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+ROUTES = ["/parallel", "/nested", "/timers", "/cache", "/sync", "/items"]
+
+
+def _scope(path: str, traced: bool) -> dict[str, Any]:
+    headers = [(b"host", b"bench"), (b"accept", b"*/*")]
+    if traced:
+        headers.append((b"x-async-trace", b"1"))
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000)}  # fmt: skip
+
+
+async def _one(app: ASGIApp, path: str, traced: bool) -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await app(_scope(path, traced), receive, send)
+
+
+async def throughput(app: ASGIApp, path: str, n: int, traced: bool = False) -> float:
+    """Requests per second with 50 in flight."""
+    gate = asyncio.Semaphore(50)
+
+    async def guarded() -> None:
+        async with gate:
+            await _one(app, path, traced)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(guarded() for _ in range(n)))
+    return n / (time.perf_counter() - start)
+
+
+def _wrap_per_request(app: ASGIApp, around: Callable[[], Any]) -> ASGIApp:
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        with around():
+            await app(scope, receive, send)
+
+    return wrapped
+
+
+def _pyinstrument() -> Any:
+    import contextlib
+
+    from pyinstrument import Profiler
+
+    @contextlib.contextmanager
+    def profile() -> Any:
+        profiler = Profiler(async_mode="enabled")
+        profiler.start()
+        try:
+            yield
+        finally:
+            profiler.stop()
+            profiler.output_text()  # the recipe renders each profile: part of its cost
+
+    return profile
+
+
+def _viztracer(scratch: str) -> Any:
+    import contextlib
+
+    from viztracer import VizTracer
+
+    @contextlib.contextmanager
+    def trace() -> Any:
+        tracer = VizTracer(log_async=True, verbose=0)
+        tracer.start()
+        try:
+            yield
+        finally:
+            tracer.stop()
+            tracer.save(os.path.join(scratch, "viz.json"))
+
+    return trace
+
+
+def _otel(bare: ASGIApp) -> tuple[ASGIApp, Callable[[], None], Callable[[], None]]:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    app = OpenTelemetryMiddleware(bare, tracer_provider=provider)
+    from sample_app import patterns
+
+    def on() -> None:
+        HTTPXClientInstrumentor.instrument_client(patterns.pricing, tracer_provider=provider)
+
+    def off() -> None:
+        HTTPXClientInstrumentor.uninstrument_client(patterns.pricing)
+        exporter.clear()
+
+    return app, on, off
+
+
+async def routes_table(rounds: int, n: int) -> list[str]:
+    """Throughput with 50 requests in flight, relative to the bare app in the same round."""
+    import asgi_asynctrace
+    from asgi_asynctrace import AsyncTraceMiddleware
+    from sample_app.app import app as sample
+
+    bare = _bare(sample)
+    idle = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
+    sampled = AsyncTraceMiddleware(bare, log_traces=False, store_size=100, sample_rate=0.01)
+    otel, otel_on, otel_off = _otel(bare)
+    for path in ROUTES:  # warm every path: caches filled, schema made, imports done
+        await throughput(idle, path, 20, traced=True)
+        await throughput(bare, path, 20)
+    rows = ["| route | bare app | middleware idle | 1 % sampled | every request traced | "
+            "OpenTelemetry ASGI + httpx |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for path in ROUTES:
+        got: dict[str, list[float]] = {k: [] for k in ("bare", "idle", "sampled", "traced", "otel")}
+        for _ in range(rounds):
+            asgi_asynctrace.uninstrument()
+            base = await throughput(bare, path, n)
+            got["bare"].append(base)
+            otel_on()
+            got["otel"].append(await throughput(otel, path, n) / base)
+            otel_off()
+            asgi_asynctrace.instrument()
+            got["idle"].append(await throughput(idle, path, n) / base)
+            got["sampled"].append(await throughput(sampled, path, n) / base)
+            got["traced"].append(await throughput(idle, path, n, traced=True) / base)
+        m = {k: statistics.median(v) for k, v in got.items()}
+        rows.append(f"| {path} | {m['bare']:.0f} req/s | {m['idle']:.3f}x | {m['sampled']:.3f}x "
+                    f"| {m['traced']:.2f}x | {m['otel']:.2f}x |")  # fmt: skip
+    return rows
+
+
+def _bare(sample: Any) -> ASGIApp:
+    """The sample app's routes without the middleware."""
+    from starlette.applications import Starlette
+
+    from sample_app import patterns
+
+    return Starlette(routes=sample.routes, lifespan=patterns.lifespan)
+
+
+async def latency_table(rounds: int) -> list[str]:
+    """One request at a time: each way of looking at a request, over the bare app's latency.
+
+    pyinstrument and viztracer profile the whole process, so their per-request recipes only
+    work one request at a time: that is how all of them are compared here.
+    """
+    from asgi_asynctrace import AsyncTraceMiddleware
+    from sample_app.app import app as sample
+
+    bare = _bare(sample)
+    traced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
+    otel, otel_on, otel_off = _otel(bare)
+    profiled = _wrap_per_request(bare, _pyinstrument())
+    vized = _wrap_per_request(bare, _viztracer(tempfile.mkdtemp(prefix="asynctrace-bench-")))
+    rows = ["| route | bare app | traced | OpenTelemetry | pyinstrument | viztracer |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+
+    async def timed(app: ASGIApp, path: str, header: bool = False) -> int:
+        start = time.perf_counter_ns()
+        await _one(app, path, header)
+        return time.perf_counter_ns() - start
+
+    for path in ROUTES:
+        got: dict[str, list[float]] = {k: [] for k in ("bare", "traced", "otel", "pyi", "viz")}
+        for _ in range(rounds * 5):
+            base = await timed(bare, path)
+            got["bare"].append(base)
+            got["traced"].append(await timed(traced, path, True) / base)
+            otel_on()
+            got["otel"].append(await timed(otel, path) / base)
+            otel_off()
+            got["pyi"].append(await timed(profiled, path) / base)
+            got["viz"].append(await timed(vized, path) / base)
+        m = {k: statistics.median(v) for k, v in got.items()}
+        rows.append(f"| {path} | {m['bare'] / 1e6:.2f} ms | {m['traced']:.2f}x | "
+                    f"{m['otel']:.2f}x | {m['pyi']:.2f}x | {m['viz']:.2f}x |")  # fmt: skip
+    return rows
+
+
+async def size_table() -> list[str]:
+    """Serializing a 10,000-resource trace; memory per trace and per 10,000 stored traces."""
+    from asgi_asynctrace import AsyncTraceMiddleware, Trace, TraceStore, capture_traces
+    from asgi_asynctrace._context import ACTIVE, ResourceScope
+    from sample_app.app import app as sample
+
+    big = Trace.start()
+    token = ACTIVE.set((big, big.root))
+    for i in range(9_999):
+        with ResourceScope("cache-get", key=f"item:{i}"):
+            pass
+    ACTIVE.reset(token)
+    big.finish(time.perf_counter_ns())
+    times = []
+    for _ in range(20):
+        start = time.perf_counter_ns()
+        data = big.to_json()
+        times.append(time.perf_counter_ns() - start)
+    app = AsyncTraceMiddleware(_bare(sample), log_traces=False, store_size=100)
+    with capture_traces() as traces:
+        await _one(app, "/parallel", True)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    store = TraceStore(10_000)
+    payload = traces[0].to_json()
+    for i in range(10_000):
+        traces[0].trace_id = f"{i:032x}"
+        store(traces[0], bytes(bytearray(payload)))  # a copy each, as real traces are
+    stored = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return [
+        "| measure | result | target |",
+        "|---|---|---|",
+        f"| serialize a 10,000-resource trace to JSON (orjson) | "
+        f"{statistics.median(times) / 1e6:.1f} ms ({len(data) // 1024} KiB) | <= 10 ms |",
+        f"| one /parallel trace as JSON | {len(payload) / 1024:.1f} KiB | - |",
+        f"| 10,000 such traces in the store | {stored / 2**20:.0f} MiB | - |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke check)")
+    args = parser.parse_args()
+    rounds, n = (2, 100) if args.quick else (7, 400)
+    os.environ.setdefault("SAMPLE_DB", os.path.join(tempfile.mkdtemp(), "bench.db"))
+    import logging
+
+    logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
+
+    async def everything() -> tuple[list[str], list[str], list[str]]:
+        return await routes_table(rounds, n), await latency_table(rounds), await size_table()
+
+    routes, latency, sizes = asyncio.run(everything())
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {rounds} rounds of {n} "
+          "requests per route and variant, 50 in flight; medians\n")  # fmt: skip
+    print("Throughput, 50 requests in flight, relative to the bare app (1.000x = no cost):\n")
+    print("\n".join(routes))
+    print("\nLatency of one request at a time, relative to the bare app (lower is better):\n")
+    print("\n".join(latency))
+    print()
+    print("\n".join(sizes))
+
+
+if __name__ == "__main__":
+    main()
