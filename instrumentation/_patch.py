@@ -4,14 +4,17 @@
     patches.replace(httpx.AsyncClient, "__init__", traced_init)
     patches.restore()          # everything back, in reverse order
 
-Exports: Patches.
+Exports: Patches, untraced_fast_path.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 from typing import Any
 
-__all__ = ["Patches"]
+__all__ = ["Patches", "untraced_fast_path"]
 
 _MISSING = object()
 
@@ -37,3 +40,28 @@ class Patches:
 
     def __bool__(self) -> bool:
         return bool(self._originals)
+
+
+def untraced_fast_path(original: Any, record: Any) -> Any:
+    """A wrapper for an async method that costs one ContextVar read outside traced requests.
+
+    Outside a traced request it returns ``original(...)``'s coroutine itself (no extra
+    coroutine frame per call); inside one it returns ``record(...)``'s. Still reported as a
+    coroutine function by ``inspect`` and ``asyncio``.
+    """
+    from asgi_asynctrace._context import ACTIVE
+
+    get = ACTIVE.get
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if get() is None:
+            return original(*args, **kwargs)
+        return record(*args, **kwargs)
+
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:
+        mark(wrapper)
+    else:  # Python 3.10 / 3.11: asyncio's own marker
+        wrapper._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return wrapper

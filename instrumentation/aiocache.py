@@ -20,15 +20,14 @@ Supports aiocache >= 0.12. Exports: AiocacheInstrumentation, instrumentation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from asgi_asynctrace import start_resource
-from asgi_asynctrace._context import ACTIVE
 
 from ._base import Instrumentation
+from ._patch import untraced_fast_path
 
 __all__ = ["AiocacheInstrumentation", "instrumentation"]
 
@@ -47,10 +46,7 @@ _OPS = {
 
 
 def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
     async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if ACTIVE.get() is None:
-            return await original(self, *args, **kwargs)
         backend = getattr(self, "NAME", type(self).__name__)
         notes: dict[str, Any] = {"backend": f"aiocache:{backend}", "op": op}
         first = args[0] if args else kwargs.get("keys", kwargs.get("pairs", kwargs.get("key")))
@@ -71,7 +67,7 @@ def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., An
                 scope.annotate("hits", sum(v is not None for v in result or ()))
             return result
 
-    return traced
+    return untraced_fast_path(original, traced)  # type: ignore[no-any-return]
 
 
 class AiocacheInstrumentation(Instrumentation):

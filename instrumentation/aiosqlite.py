@@ -12,7 +12,6 @@ Exports: AiosqliteInstrumentation, instrumentation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -20,13 +19,13 @@ from typing import Any
 from asgi_asynctrace import start_resource
 
 from ._base import Instrumentation
+from ._patch import untraced_fast_path
 from ._sql import inside_query, normalize
 
 __all__ = ["AiosqliteInstrumentation", "instrumentation"]
 
 
 def _wrap(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
     async def query(self: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
         if inside_query():
             return await original(self, statement, *args, **kwargs)
@@ -41,7 +40,7 @@ def _wrap(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
                     scope.annotate("rows", rowcount)
             return result
 
-    return query
+    return untraced_fast_path(original, query)  # type: ignore[no-any-return]
 
 
 _CONNECTION_METHODS = (

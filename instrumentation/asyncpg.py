@@ -13,7 +13,6 @@ Exports: AsyncpgInstrumentation, instrumentation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from asgi_asynctrace import start_resource
 
 from ._base import Instrumentation
+from ._patch import untraced_fast_path
 from ._sql import inside_query, normalize, rows_from_status
 
 __all__ = ["AsyncpgInstrumentation", "instrumentation"]
@@ -37,7 +37,6 @@ def _rows(method: str, result: Any) -> int | None:
 
 
 def _wrap(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
     async def query(self: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
         if inside_query():
             return await original(self, statement, *args, **kwargs)
@@ -49,7 +48,7 @@ def _wrap(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 scope.annotate("rows", rows)
             return result
 
-    return query
+    return untraced_fast_path(original, query)  # type: ignore[no-any-return]
 
 
 class AsyncpgInstrumentation(Instrumentation):

@@ -20,15 +20,14 @@ A pipeline or transaction is one ``kv-pipeline`` resource listing its commands. 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
 from asgi_asynctrace import start_resource
-from asgi_asynctrace._context import ACTIVE
 
 from ._base import Instrumentation
+from ._patch import untraced_fast_path
 
 __all__ = ["RedisInstrumentation", "instrumentation"]
 
@@ -73,9 +72,8 @@ def _ttl(name: str, args: Sequence[Any]) -> float | None:
 
 
 def _wrap_command(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
     async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        if ACTIVE.get() is None or not args:
+        if not args:
             return await original(self, *args, **options)
         name = _text(args[0]).upper()
         rtype = _TYPES.get(name, "kv-command")
@@ -97,14 +95,13 @@ def _wrap_command(original: Callable[..., Any]) -> Callable[..., Any]:
                 scope.annotate("hits", sum(v is not None for v in result))
             return result
 
-    return execute_command
+    return untraced_fast_path(original, execute_command)  # type: ignore[no-any-return]
 
 
 def _wrap_pipeline(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
     async def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         stack = getattr(self, "command_stack", None) or []
-        if ACTIVE.get() is None or not stack:
+        if not stack:
             return await original(self, *args, **kwargs)
         names = [_text(entry[0][0]).upper() for entry in stack if entry and entry[0]]
         listed = ",".join(names[:_MAX_LISTED]) + (",…" if len(names) > _MAX_LISTED else "")
@@ -114,7 +111,7 @@ def _wrap_pipeline(original: Callable[..., Any]) -> Callable[..., Any]:
                             transaction=transaction):  # fmt: skip
             return await original(self, *args, **kwargs)
 
-    return execute
+    return untraced_fast_path(original, execute)  # type: ignore[no-any-return]
 
 
 class RedisInstrumentation(Instrumentation):
