@@ -1,0 +1,90 @@
+"""End to end: uvicorn on loopback under wrk, the sample app bare vs with the middleware.
+
+    python -m benchmarks.bench_e2e           # needs wrk (apt-get install wrk)
+
+Each variant (bare, middleware idle, 1 % sampled) runs in its own uvicorn process; wrk drives
+one route for a bounded time with 50 connections; variants alternate over the rounds and the
+ratios of requests per second to the bare app are medians. Two cores are shared by uvicorn
+and wrk, so absolute numbers are low; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+VARIANTS = ("bare", "idle", "sampled")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(variant: str, port: int, db: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ASYNCTRACE_BENCH_VARIANT": variant, "SAMPLE_DB": db}
+    command = [sys.executable, "-m", "uvicorn", "benchmarks.e2e_app:app", "--port", str(port),
+               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    proc = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/parallel", timeout=2)
+            return proc
+        except httpx.TransportError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"uvicorn ({variant}) did not start") from None
+            time.sleep(0.1)
+
+
+def _wrk(url: str, seconds: int) -> float:
+    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", url], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--route", default="/parallel")
+    args = parser.parse_args()
+    db = os.path.join(tempfile.mkdtemp(), "e2e.db")
+    ports = {v: _port() for v in VARIANTS}
+    procs = {v: _serve(v, ports[v], db) for v in VARIANTS}
+    try:
+        results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(args.rounds):
+            for v in VARIANTS:
+                results[v].append(_wrk(f"http://127.0.0.1:{ports[v]}{args.route}", args.seconds))
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(10)
+    bare = results["bare"]
+    print(f"Python {sys.version.split()[0]}, uvicorn on loopback, wrk -t1 -c50 -d{args.seconds}s "
+          f"on {args.route}, {args.rounds} rounds; medians\n")  # fmt: skip
+    print("| variant | requests/s | vs bare | target |")
+    print("|---|---|---|---|")
+    rows = (("bare", "bare app", "-"), ("idle", "middleware, untraced", ">= 0.99x"),
+            ("sampled", "1 % sampled", ">= 0.98x"))  # fmt: skip
+    for v, label, target in rows:
+        ratio = statistics.median(r / b for r, b in zip(results[v], bare, strict=True))
+        print(f"| {label} | {statistics.median(results[v]):.0f} | {ratio:.3f}x | {target} |")
+
+
+if __name__ == "__main__":
+    main()
