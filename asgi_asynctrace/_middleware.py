@@ -28,11 +28,11 @@ from ._model import Resource, Trace, TraceLimits
 from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
 from ._streams import BodyStream, record_message
 
-_find_header: Callable[[object, bytes], object] | None
+_check: Callable[[object, bytes, str], object] | None
 try:
-    from ._speedups import find_header as _find_header
-except ImportError:  # built without a compiler
-    _find_header = None
+    from ._speedups import untraced_check as _check
+except ImportError:  # built without a compiler: _check_in_python
+    _check = None
 
 __all__ = ["AsyncTraceMiddleware"]
 
@@ -131,30 +131,36 @@ class AsyncTraceMiddleware:
             _instrument.instrument(*instrument)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The path of every untraced request: one header scan and a prefix test.
-        slow = False
-        value: Any = None
+        # The path of every untraced request: one C call (or, without the accelerator, one
+        # header scan and a prefix test), then straight to the app.
         try:
-            if scope["type"] in _TRACEABLE:
-                headers = scope.get("headers") or ()
-                value = NotImplemented if _find_header is None else _find_header(headers, _HEADER)
-                if value is NotImplemented:
-                    value = _scan(headers)
-                slow = (
-                    value is not None
-                    or self._sampling
-                    or (
-                        self._store_path != ""
-                        and (scope.get("path") or "").startswith(self._store_path)
-                    )
-                )
+            value = NotImplemented if _check is None else _check(scope, _HEADER, self._store_path)
+            if value is None:
+                slow = self._sampling
+            elif value is True:
+                value, slow = None, True
+            elif value is NotImplemented:
+                value, slow = self._check_in_python(scope)
+            else:
+                slow = True
         except Exception as exc:
             report("gate", exc)
             slow = False
         # Outside the try: an exception from the app must pass through untouched.
         if slow:
-            return await self._slow_path(scope, receive, send, value)
+            return await self._slow_path(scope, receive, send, value)  # type: ignore[arg-type]
         return await self.app(scope, receive, send)
+
+    def _check_in_python(self, scope: Scope) -> tuple[Any, bool]:
+        if scope["type"] not in _TRACEABLE:
+            return None, False
+        value = _scan(scope.get("headers") or ())
+        slow = (
+            value is not None
+            or self._sampling
+            or (self._store_path != "" and (scope.get("path") or "").startswith(self._store_path))
+        )
+        return value, slow
 
     async def _slow_path(
         self, scope: Scope, receive: Receive, send: Send, value: bytes | None

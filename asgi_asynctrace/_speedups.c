@@ -121,7 +121,82 @@ find_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* untraced_check(scope, header, prefix): the middleware's whole per-request decision in one
+ * call. None: nothing asks for tracing (an untraced request goes straight to the app);
+ * the header's value when the request carries it; True for a path under ``prefix`` (the
+ * store and viewer) without it; NotImplemented for anything unusual (checked in Python). */
+/* Interned once: dictionary lookups with them hit on the pointer, with no string built. */
+static PyObject *s_type, *s_headers, *s_path, *s_http, *s_websocket;
+
+static int
+same_text(PyObject *a, PyObject *b)
+{
+    return a == b || PyUnicode_Compare(a, b) == 0;
+}
+
+static PyObject *
+untraced_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[1]) || !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "untraced_check(scope, header: bytes, prefix: str)");
+        return NULL;
+    }
+    PyObject *scope = args[0];
+    if (!PyDict_CheckExact(scope)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *type = PyDict_GetItemWithError(scope, s_type); /* borrowed */
+    if (type == NULL || !PyUnicode_Check(type)) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    if (!same_text(type, s_http) && !same_text(type, s_websocket)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *headers = PyDict_GetItemWithError(scope, s_headers);
+    if (headers != NULL && headers != Py_None) {
+        PyObject *found_args[2] = {headers, args[1]};
+        PyObject *found = find_header(module, found_args, 2);
+        if (found != Py_None) {
+            return found; /* the value, NotImplemented, or NULL on error */
+        }
+        Py_DECREF(found);
+    }
+    else if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *prefix = args[2];
+    Py_ssize_t want = PyUnicode_GET_LENGTH(prefix);
+    if (want > 0) {
+        PyObject *path = PyDict_GetItemWithError(scope, s_path);
+        if (path != NULL && PyUnicode_Check(path) && PyUnicode_GET_LENGTH(path) >= want) {
+            if (PyUnicode_IS_ASCII(path) && PyUnicode_IS_ASCII(prefix)) {
+                if (memcmp(PyUnicode_DATA(path), PyUnicode_DATA(prefix), (size_t)want) == 0) {
+                    Py_RETURN_TRUE;
+                }
+            }
+            else {
+                Py_ssize_t at = PyUnicode_Tailmatch(path, prefix, 0, PY_SSIZE_T_MAX, -1);
+                if (at < 0) {
+                    return NULL;
+                }
+                if (at) {
+                    Py_RETURN_TRUE;
+                }
+            }
+        }
+        else if (path == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
+     "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
     {"find_header", (PyCFunction)(void (*)(void))find_header, METH_FASTCALL,
      "find_header(headers, name) -> value, None, or NotImplemented for unusual shapes."},
     {"stack_key", (PyCFunction)(void (*)(void))stack_key, METH_FASTCALL,
@@ -137,5 +212,13 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    s_type = PyUnicode_InternFromString("type");
+    s_headers = PyUnicode_InternFromString("headers");
+    s_path = PyUnicode_InternFromString("path");
+    s_http = PyUnicode_InternFromString("http");
+    s_websocket = PyUnicode_InternFromString("websocket");
+    if (!s_type || !s_headers || !s_path || !s_http || !s_websocket) {
+        return NULL;
+    }
     return PyModule_Create(&module);
 }

@@ -473,3 +473,29 @@ def test_the_header_is_found_in_any_shape_of_header_list(headers: Any) -> None:
     run(wrapped(scope, print, send))  # type: ignore[arg-type]
     assert len(traces) == 1
     assert failure_counts() == {}
+
+
+def test_the_c_check_and_the_python_check_agree() -> None:
+    from asgi_asynctrace import _middleware
+
+    check = _middleware._check
+    assert check is not None  # built in the dev install
+    mw = AsyncTraceMiddleware(lambda s, r, se: None, log_traces=False)  # type: ignore[arg-type,return-value]
+    scopes: list[dict[str, Any]] = [
+        {"type": "http", "path": "/x", "headers": [(b"a", b"1")]},
+        {"type": "http", "path": "/x", "headers": [(b"x-async-trace", b"yes")]},
+        {"type": "websocket", "path": "/__asynctrace/traces", "headers": []},
+        {"type": "http", "path": "/__asynctracé", "headers": []},
+        {"type": "http", "path": "/é/x", "headers": []},
+        {"type": "lifespan"},
+        {"type": "http"},
+    ]
+    for scope in scopes:
+        value = check(scope, b"x-async-trace", "/__asynctrace")
+        python_value, python_slow = mw._check_in_python(scope)
+        if value is True:
+            assert python_slow and python_value is None
+        elif value is None:
+            assert not python_slow
+        else:
+            assert python_slow and python_value == value
