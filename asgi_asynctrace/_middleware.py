@@ -26,7 +26,7 @@ from ._gate import TRACE_REQUESTED, Gate
 from ._hooks import TimedCoroutine, acquire_hooks
 from ._model import Resource, Trace, TraceLimits
 from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
-from ._streams import BodyStream, record_message
+from ._streams import BodyStream, message_size, record_message
 
 _check: Callable[[object, bytes, str], object] | None
 try:
@@ -348,9 +348,7 @@ class _TracedRequest:
             last = not message.get("more_body", False)
             self.body_in.chunk(_current(trace), started, ended, len(body), last)
         elif kind == "websocket.receive":
-            text, data = message.get("text"), message.get("bytes")
-            size = len(text.encode()) if text is not None else len(data or b"")
-            what = "text" if text is not None else "bytes"
+            what, size = message_size(message)
             record_message(trace, _current(trace), "receive", started, ended, what, size)
         elif kind == "http.disconnect" and not self.response_done:
             self.disconnected = True
@@ -381,9 +379,7 @@ class _TracedRequest:
             last = not message.get("more_body", False)
             self.body_out.chunk(_current(trace), started, ended, len(body), last)
         elif kind == "websocket.send":
-            text, data = message.get("text"), message.get("bytes")
-            size = len(text.encode()) if text is not None else len(data or b"")
-            what = "text" if text is not None else "bytes"
+            what, size = message_size(message)
             record_message(trace, _current(trace), "send", started, ended, what, size)
         elif kind == "websocket.close":
             record_message(trace, _current(trace), "send", started, ended, "close", None)

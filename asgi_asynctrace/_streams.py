@@ -7,16 +7,18 @@
 A body is one resource however many chunks it has: each chunk is one callback interval, from
 the moment the app asked for it (``receive()``) or handed it over (``send()``) to the moment it
 came back, so the time spent blocked on a slow client shows as the intervals' length. A
-websocket message is a resource of its own. Exports: BodyStream, record_message.
+websocket message is a resource of its own. Exports: BodyStream, message_size, record_message.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from ._model import Resource, Trace
 
-__all__ = ["BodyStream", "record_message"]
+__all__ = ["BodyStream", "message_size", "record_message"]
 
 _now = time.perf_counter_ns
 
@@ -65,6 +67,14 @@ class BodyStream:
         if res is not None:
             self.trace.annotate(res, "bytes", self.size)
             self.trace.annotate(res, "chunks", self.chunks)
+
+
+def message_size(message: Mapping[str, Any]) -> tuple[str, int]:
+    """A websocket message's kind ("text" or "bytes") and its size in bytes."""
+    text = message.get("text")
+    if text is not None:
+        return "text", len(text.encode())
+    return "bytes", len(message.get("bytes") or b"")
 
 
 def record_message(

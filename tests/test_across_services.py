@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -23,28 +19,12 @@ from starlette.routing import Route
 from asgi_asynctrace import AsyncTraceMiddleware, analyze, load_trace
 from asgi_asynctrace._cli import main
 from asgi_asynctrace._join import join_traces
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return server, thread
+from tests.servers import free_port, serving
 
 
 @pytest.fixture
 def services() -> Iterator[tuple[str, str]]:
-    back_port, front_port, elsewhere = _port(), _port(), _port()
+    back_port, front_port, elsewhere = free_port(), free_port(), free_port()
 
     async def stock(request: Request) -> Response:
         await asyncio.sleep(0.01)
@@ -61,11 +41,8 @@ def services() -> Iterator[tuple[str, str]]:
     backend = AsyncTraceMiddleware(Starlette(routes=[Route("/stock", stock)]), log_traces=False)
     frontend = AsyncTraceMiddleware(Starlette(routes=[Route("/page", page)]), log_traces=False,
                                     propagate_to=[f"127.0.0.1:{back_port}"])  # fmt: skip
-    running = [_serve(backend, back_port), _serve(frontend, front_port)]
-    yield f"http://127.0.0.1:{front_port}", f"http://127.0.0.1:{back_port}"
-    for server, thread in running:
-        server.should_exit = True
-        thread.join(10)
+    with serving(backend, back_port) as back, serving(frontend, front_port) as front:
+        yield front, back
 
 
 def _stored(base: str) -> list[bytes]:

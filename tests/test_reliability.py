@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
-import socket
 import sys
-import threading
-import time
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from aiocache import SimpleMemoryCache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,6 +31,7 @@ from asgi_asynctrace import (
     start_resource,
 )
 from tests.helpers import run
+from tests.servers import serving
 
 TracingTransport: Any = importlib.import_module(
     "asgi_asynctrace.instrumentation.httpx"
@@ -78,19 +75,8 @@ def busy_app() -> Starlette:
 def server() -> Iterator[tuple[str, list[Trace]]]:
     traces: list[Trace] = []
     app = AsyncTraceMiddleware(busy_app(), log_traces=False, sinks=[lambda t, d: traces.append(t)])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", traces
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base, traces
 
 
 def test_1000_concurrent_requests_each_trace_holds_only_its_own_work(

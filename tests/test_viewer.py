@@ -6,8 +6,6 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -24,6 +21,7 @@ from starlette.routing import Route
 from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, annotate, start_resource
 from asgi_asynctrace._viewer import write_viewer
 from tests.helpers import traced
+from tests.servers import serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -178,12 +176,6 @@ def test_pasted_seed_json_loads_and_bad_input_says_what_is_wrong(page: Any, tmp_
     assert "GET /items" in page.inner_text("#summary")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served() -> Iterator[str]:
     async def slow(request: Request) -> Response:
@@ -191,18 +183,8 @@ def served() -> Iterator[str]:
         return PlainTextResponse("ok")
 
     app = AsyncTraceMiddleware(Starlette(routes=[Route("/work", slow)]), log_traces=False)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base
 
 
 def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: str) -> None:

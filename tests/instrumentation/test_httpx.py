@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
@@ -20,6 +16,7 @@ from starlette.routing import Route
 
 from asgi_asynctrace import Trace, instrument, uninstrument
 from tests.helpers import traced
+from tests.servers import free_port, serving
 
 # By name: the folder is installed under this name, which mypy cannot follow.
 _module: Any = importlib.import_module("asgi_asynctrace.instrumentation.httpx")
@@ -49,29 +46,14 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(chunks())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     app = Starlette(
         routes=[Route("/ok", ok), Route("/redirect", redirect), Route("/slow", slow),
                 Route("/stream", stream)]
     )  # fmt: skip
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    with serving(app, lifespan="off") as base:
+        yield base
 
 
 def fetches(trace: Trace) -> list[dict[str, object]]:
@@ -118,7 +100,7 @@ def test_a_streamed_body_keeps_the_fetch_open_until_it_is_read(upstream: str) ->
 def test_a_refused_connection_and_a_timeout_settle_as_errors_with_their_type(
     upstream: str,
 ) -> None:
-    closed = f"http://127.0.0.1:{_free_port()}/"
+    closed = f"http://127.0.0.1:{free_port()}/"
 
     async def body() -> None:
         async with httpx.AsyncClient(transport=TracingTransport(), timeout=0.2) as client:
