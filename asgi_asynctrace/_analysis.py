@@ -276,7 +276,8 @@ def _critical_path(
             ]  # fmt: skip
             if not candidates:
                 break
-            child = max(candidates, key=lambda k: (k.ended, -k.created))
+            # a remote request ends with its fetch (joined traces): what the fetch waited for
+            child = max(candidates, key=lambda k: (k.ended, k.type == "remote-root", -k.created))
             picked.append(child)
             budget[0] -= 1
             moment = child.created

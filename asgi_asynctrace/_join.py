@@ -82,12 +82,19 @@ def _attach(up: Trace, down: Trace) -> None:
     for i, frames in enumerate(down.stacks):
         stacks[i] = len(up.stacks)
         up.stacks.append(frames)
+    fetch = next(r for r in up.resources if r.async_id == fetch_id)
     for r in down.resources:
         is_root = r.trigger_id == 0
         trigger = fetch_id if is_root else r.trigger_id + offset
         c = _clone(r, offset, shift, trigger, stacks)
         if is_root:
             c.type = "remote-root"
+            # The service finishes its bookkeeping after the last byte leaves; as the caller
+            # saw it, the remote request was over when its fetch was.
+            end = fetch.settled_at
+            if end is not None and c.settled_at is not None and c.settled_at > end:
+                up.annotations.append((c.async_id, "endedAfterFetchNs", c.settled_at - end))
+                c.settled_at = max(end, c.created_at)
         up.resources.append(c)
     for rid, key, value in down.annotations:
         up.annotations.append((rid + offset, key, value))

@@ -77,15 +77,18 @@ def test_the_backend_traces_the_call_and_joins_under_the_frontends_fetch(
     assert len(whole.resources) == len(upstream.resources) + len(downstream.resources)
     # placed by wall clock: the backend's work happened while the fetch was in flight
     fetch = next(r for r in whole.resources if r.async_id == fetches[0].async_id)
-    assert fetch.settled_at is not None
-    assert fetch.created_at <= remote.created_at <= fetch.settled_at
+    assert fetch.settled_at is not None and remote.settled_at is not None
+    assert fetch.created_at <= remote.created_at <= remote.settled_at <= fetch.settled_at
     # the backend's sleep: numbered after the frontend's resources, under the remote root
     (sleep,) = [r for r in whole.resources if r.type == "timer" and r.async_id > remote.async_id
                 and whole.annotations_of(r.async_id).get("kind") == "sleep"]  # fmt: skip
     assert sleep.settled_at is not None
     assert fetch.created_at < sleep.created_at < sleep.settled_at < fetch.settled_at
-    path = analyze(whole).critical_path
-    assert path[0].type == "fetch" and "remote-root" in [s.type for s in path]
+    # the frontend waited on the fetch, and inside it (after the connection was set up) on
+    # the backend's request: the remote root is on the path, one level under that fetch
+    path = [(s.async_id, s.depth) for s in analyze(whole).critical_path]
+    assert path[0] == (fetch.async_id, 0)
+    assert (remote.async_id, 1) in path[: path.index((fetch.async_id, 0)) + 4]
 
     (tmp_path / "front.json").write_bytes(front_data)
     (tmp_path / "back.json").write_bytes(back_data)
