@@ -302,3 +302,22 @@ def test_credentials_in_headers_query_and_urls_never_reach_a_trace() -> None:
     data = traces[0].to_json().decode()
     assert SECRET not in data
     assert "http://up/api?token=*" in data
+
+
+def test_a_database_that_is_down_fails_the_request_as_ever_and_the_trace_says_so() -> None:
+    import asyncpg
+
+    async def endpoint(request: Request) -> Response:
+        await asyncpg.connect("postgresql://postgres@127.0.0.1:1/test", timeout=2)
+        return PlainTextResponse("unreachable")
+
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/", endpoint)]), log_traces=False)
+    bare = Starlette(routes=[Route("/", endpoint)])
+    with capture_traces() as traces, pytest.raises(OSError) as traced_error:
+        run(_call(app, _scope()))
+    with pytest.raises(OSError) as bare_error:
+        run(_call(bare, _scope()))
+    assert type(traced_error.value) is type(bare_error.value)
+    (trace,) = traces
+    assert trace.root.state == "error"
+    assert trace.annotations_of(1)["error"] == type(traced_error.value).__qualname__

@@ -168,3 +168,45 @@ def test_the_chat_room_over_a_real_server(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.service("redis")
+@pytest.mark.service("postgres")
+def test_the_sample_runs_on_redis_and_postgresql_when_their_urls_are_set(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.servers import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "SAMPLE_REDIS_URL": "redis://127.0.0.1:6379",
+           "SAMPLE_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port",
+                             str(port)], cwd=root, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/sql",
+                                     headers={"X-Async-Trace": "1"}, timeout=5)  # fmt: skip
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no server"
+                time.sleep(0.1)
+        assert response.status_code == 200 and len(response.json()["items"]) == 3
+        cached = httpx.get(f"http://127.0.0.1:{port}/cache", headers={"X-Async-Trace": "1"})
+        assert cached.json() == {"miss": None, "hit": 1}
+        listing = httpx.get(f"http://127.0.0.1:{port}/__asynctrace/traces").json()["traces"]
+        docs = [httpx.get(f"http://127.0.0.1:{port}/__asynctrace/traces/{t['traceId']}").json()
+                for t in listing]  # fmt: skip
+        notes = [a for d in docs for a in d["annotations"]]
+        assert {"key": "driver", "value": "asyncpg"} in [
+            {"key": a["key"], "value": a["value"]} for a in notes]  # fmt: skip
+        assert any(a["key"] == "backend" and a["value"] == "aiocache:redis" for a in notes)
+        assert any(r["type"] == "kv-get" for d in docs for r in d["resources"])
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -175,6 +175,15 @@ def test_pasted_seed_json_loads_and_bad_input_says_what_is_wrong(page: Any, tmp_
     page.click("#demo")
     assert "GET /items" in page.inner_text("#summary")
 
+    # a log file chosen with the file picker: the trace line is found behind its prefix
+    log = tmp_path / "server.log"
+    golden = (Path(__file__).parent / "golden" / "checkout.json").read_text().replace("\n", "")
+    log.write_text(f"INFO: started\nINFO: AsyncTrace completed; toJson() = {golden}\n")
+    page.click("#tabs button[data-view=load]")
+    page.set_input_files("#file", str(log))
+    page.wait_for_function("document.getElementById('summary').innerText.includes('/checkout')")
+    assert "POST /checkout 201" in page.inner_text("#summary")
+
 
 @pytest.fixture
 def served() -> Iterator[str]:
