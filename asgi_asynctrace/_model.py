@@ -310,43 +310,11 @@ class Trace:
     def to_dict(self) -> dict[str, Any]:
         """The trace in format v1 (a plain dict, ready for any JSON encoder)."""
         o = self.origin
-        resources: list[dict[str, Any]] = []
-        add = resources.append
         ordered = self.resources
         if self._out_of_order():
             ordered = sorted(ordered, key=_by_id)
-        # One pass, locals only: this runs once per traced request over every resource.
-        for r in ordered:
-            cb = r.callbacks
-            if cb:
-                n = len(cb)
-                pairs: list[list[int | None]] = [
-                    [cb[i] - o, cb[i + 1] - o] for i in range(0, n - 1, 2)
-                ]
-                if n & 1:
-                    pairs.append([cb[-1] - o, None])
-                first: int | None = cb[0] - o
-                last: int | None = (
-                    cb[n - 1] - o if not n & 1 else (cb[n - 2] - o if n > 1 else None)
-                )
-            else:
-                pairs, first, last = [], None, None
-            settled = r.settled_at
-            item = {
-                "asyncId": r.async_id,
-                "triggerId": r.trigger_id,
-                "type": r.type,
-                "stackTraceId": r.stack_id,
-                "createdAt": r.created_at - o,
-                "callbackStartedAt": first,
-                "callbackEndedAt": last,
-                "destroyedAt": settled - o if settled is not None else None,
-                "callbacks": pairs,
-                "state": r.state,
-            }
-            if r.awaited_by:
-                item["awaitedBy"] = list(r.awaited_by)
-            add(item)
+        resources = resource_dicts(ordered, o)
+        annotations = [{"asyncId": a, "key": k, "value": v} for a, k, v in self.annotations]
         return {
             "version": FORMAT_VERSION,
             "traceId": self.trace_id,
@@ -355,7 +323,7 @@ class Trace:
             "requestDurationNs": self.duration_ns,
             "resources": resources,
             "stackTraces": [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)],
-            "annotations": [{"asyncId": a, "key": k, "value": v} for a, k, v in self.annotations],
+            "annotations": annotations,
             "dropped": self.dropped.to_dict(),
         }
 
@@ -368,6 +336,42 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"<Trace {self.trace_id} {len(self.resources)} resources>"
+
+
+def resource_dicts(ordered: list[Resource], o: int) -> list[dict[str, Any]]:
+    """Resources as format-v1 objects. (A C version measured no faster: building the dicts
+    and ints is the cost, in either language.)"""
+    resources: list[dict[str, Any]] = []
+    add = resources.append
+    # One pass, locals only: this runs once per traced request over every resource.
+    for r in ordered:
+        cb = r.callbacks
+        if cb:
+            n = len(cb)
+            pairs: list[list[int | None]] = [[cb[i] - o, cb[i + 1] - o] for i in range(0, n - 1, 2)]
+            if n & 1:
+                pairs.append([cb[-1] - o, None])
+            first: int | None = cb[0] - o
+            last: int | None = cb[n - 1] - o if not n & 1 else (cb[n - 2] - o if n > 1 else None)
+        else:
+            pairs, first, last = [], None, None
+        settled = r.settled_at
+        item = {
+            "asyncId": r.async_id,
+            "triggerId": r.trigger_id,
+            "type": r.type,
+            "stackTraceId": r.stack_id,
+            "createdAt": r.created_at - o,
+            "callbackStartedAt": first,
+            "callbackEndedAt": last,
+            "destroyedAt": settled - o if settled is not None else None,
+            "callbacks": pairs,
+            "state": r.state,
+        }
+        if r.awaited_by:
+            item["awaitedBy"] = list(r.awaited_by)
+        add(item)
+    return resources
 
 
 def _by_id(r: Resource) -> int:

@@ -93,7 +93,10 @@ def test_a_query_per_row_is_named_n_plus_one() -> None:
             async with start_resource("db-query", statement="select * from prices where id = ?"):
                 await asyncio.to_thread(query, i)
 
-    trace = traced(body)
+    try:
+        trace = traced(body)
+    finally:
+        db.close()
     first = analyze(trace).findings[0]
     assert first.kind == "n-plus-one" and len(first.resources) == 4
     assert first.cost_ns >= 9 * 10**6  # three of the four could have overlapped the first
