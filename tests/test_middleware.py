@@ -479,7 +479,8 @@ def test_the_c_check_and_the_python_check_agree() -> None:
     from asgi_asynctrace import _middleware
 
     check = _middleware._check
-    assert check is not None  # built in the dev install
+    if check is None:
+        pytest.skip("built without the C accelerator: only the Python check exists")
     mw = AsyncTraceMiddleware(lambda s, r, se: None, log_traces=False)  # type: ignore[arg-type,return-value]
     scopes: list[dict[str, Any]] = [
         {"type": "http", "path": "/x", "headers": [(b"a", b"1")]},
