@@ -8,19 +8,22 @@
 Times are nanoseconds from the request's start. A resource's *sync* time is the sum of its
 callback intervals (code running on the loop, or in a worker thread); its *wait* time is the rest
 of its life, from creation to settlement. The CLI, the viewer and ``asgi_asynctrace.testing``
-all read traces through this module. Exports: analyze, Analysis, Finding, ResourceTimes,
-PathStep, AnalysisSettings, label.
+all read traces through this module; the diagnoses themselves are in ``_findings``.
+Exports: analyze, Analysis, ResourceTimes, PathStep, label (and, from _findings, Finding,
+AnalysisSettings, SEVERITIES).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
-from ._model import Resource, Trace, frame_origin
+from ._findings import SEVERITIES, AnalysisSettings, Finding, diagnose
+from ._model import Resource, Trace
 
 __all__ = [
+    "SEVERITIES",
     "Analysis",
     "AnalysisSettings",
     "Finding",
@@ -29,35 +32,6 @@ __all__ = [
     "analyze",
     "label",
 ]
-
-MS: Final = 1_000_000
-# What a request waits on: the operations a diagnosis talks about.
-IO_TYPES: Final = frozenset(
-    {
-        "fetch", "db-query", "cache-get", "cache-put", "cache-delete",
-        "kv-get", "kv-put", "kv-delete", "kv-list", "kv-pipeline", "kv-command",
-        "queue-send", "queue-receive",
-        "thread", "websocket",
-    }
-)  # fmt: skip
-# Runs its callbacks on the event loop (a long one blocks every other request).
-LOOP_TYPES: Final = frozenset({"root", "task", "timer"})
-SEVERITIES: Final = ("low", "medium", "high")
-
-
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """Thresholds of the diagnoses (milliseconds, or a share of the request's duration)."""
-
-    blocked_step_ms: float = 20.0  # one step on the loop longer than this blocks it
-    sequential_gap_ms: float = 2.0  # the parent ran at most this long between two operations
-    min_cost_ms: float = 1.0  # findings that would save less are not reported
-    n_plus_one_min: int = 3  # this many repeats from one call site in a row is N+1
-    slow_upstream_share: float = 0.5  # one operation taking this share of the request...
-    slow_upstream_ms: float = 100.0  # ...and at least this long is a slow upstream
-    thread_queue_ms: float = 10.0  # a thread job waiting this long to start
-    high_share: float = 0.25  # a finding costing this share of the request is high severity
-    medium_share: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -82,38 +56,6 @@ class PathStep:
     start: int
     end: int
     depth: int
-
-
-@dataclass(frozen=True)
-class Finding:
-    kind: str  # sequential-awaits, n-plus-one, blocked-loop, slow-upstream, thread-starvation,
-    # unawaited-task
-    title: str
-    cost_ns: int  # the time it cost the request (what fixing it would save, at most)
-    resources: tuple[int, ...]
-    fix: str
-    severity: str
-    stack: tuple[str, ...] = ()
-
-    @property
-    def site(self) -> str:
-        """Where in the app's own code it happened: its first app frame (else the first)."""
-        for frame in self.stack:
-            if frame_origin(frame) == "app":
-                return frame
-        return self.stack[0] if self.stack else ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "title": self.title,
-            "costNs": self.cost_ns,
-            "resources": list(self.resources),
-            "fix": self.fix,
-            "severity": self.severity,
-            "site": self.site,
-            "stack": list(self.stack),
-        }
 
 
 @dataclass
@@ -206,7 +148,7 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     for r in trace.resources:
         children[r.trigger_id].append(r)
     path = _critical_path(trace, times, children)
-    findings = _diagnose(trace, times, children, path, notes, s, duration)
+    findings = diagnose(trace, times, children, path, notes, s, duration)
     return Analysis(
         trace_id=trace.trace_id,
         request=dict(trace.request),
@@ -289,175 +231,3 @@ def _critical_path(
 
     walk(root.async_id, times[root.async_id].ended, 0, [500])
     return out
-
-
-def _severity(cost: int, duration: int, s: AnalysisSettings) -> str:
-    share = cost / duration if duration > 0 else 0.0
-    if share >= s.high_share:
-        return "high"
-    if share >= s.medium_share:
-        return "medium"
-    return "low"
-
-
-def _ms(ns: int) -> str:
-    return f"{ns / MS:.1f} ms"
-
-
-def _diagnose(
-    trace: Trace,
-    times: dict[int, ResourceTimes],
-    children: dict[int, list[Resource]],
-    path: list[PathStep],
-    notes: dict[int, dict[str, Any]],
-    s: AnalysisSettings,
-    duration: int,
-) -> list[Finding]:
-    found: list[Finding] = []
-    by_id = {r.async_id: r for r in trace.resources}
-
-    def stack_of(rid: int) -> tuple[str, ...]:
-        sid = by_id[rid].stack_id
-        return trace.stacks[sid] if sid is not None and sid < len(trace.stacks) else ()
-
-    def add(kind: str, title: str, cost: int, rids: tuple[int, ...], fix: str) -> None:
-        if cost < s.min_cost_ms * MS and kind != "unawaited-task":
-            return
-        found.append(
-            Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), stack_of(rids[0]))
-        )
-
-    # Sequential awaits and N+1: runs of operations under one parent, each starting after the
-    # previous one ended, with the parent doing next to nothing in between.
-    gap = s.sequential_gap_ms * MS
-    for kids in children.values():
-        ops = sorted((times[k.async_id] for k in kids if k.type in IO_TYPES),
-                     key=lambda t: t.created)  # fmt: skip
-        run: list[ResourceTimes] = []
-        for op in ops:
-            if run and run[-1].ended <= op.created <= run[-1].ended + gap:
-                run.append(op)
-                continue
-            _runs(run, by_id, notes, add, s)
-            run = [op]
-        _runs(run, by_id, notes, add, s)
-
-    # The loop blocked: one step on the loop longer than the threshold.
-    limit = s.blocked_step_ms * MS
-    for r in trace.resources:
-        if r.type not in LOOP_TYPES:
-            continue
-        for start, end in r.intervals():
-            ran = (end if end is not None else trace.origin + duration) - start
-            if ran >= limit:
-                t = times[r.async_id]
-                add("blocked-loop",
-                    f"{t.label} ran {_ms(ran)} without yielding: every other request on this "
-                    "process waited", ran, (r.async_id,),
-                    "move the blocking call off the loop (asyncio.to_thread, an async client) "
-                    "or split the work with await points")  # fmt: skip
-
-    # A slow upstream: one operation dominating the critical path.
-    for step in path:
-        if step.type in IO_TYPES and step.type != "thread":
-            took = step.end - step.start
-            if took >= s.slow_upstream_ms * MS and took >= s.slow_upstream_share * duration:
-                add("slow-upstream",
-                    f"{step.type} {step.label} took {_ms(took)}, "
-                    f"{100 * took // duration}% of the request", took, (step.async_id,),
-                    "cache its result, set a tighter timeout, or make the upstream faster; "
-                    "nothing else in this request matters as much")  # fmt: skip
-
-    # Thread-pool starvation: jobs that waited long for a worker.
-    queued = s.thread_queue_ms * MS
-    for r in trace.resources:
-        if r.type == "thread" and r.callbacks:
-            delay = r.callbacks[0] - r.created_at
-            if delay >= queued:
-                add("thread-starvation",
-                    f"{times[r.async_id].label} waited {_ms(delay)} for a free worker thread",
-                    delay, (r.async_id,),
-                    "the thread pool is saturated: make the blocking calls async, or give the "
-                    "executor (anyio's limiter for Starlette) more workers")  # fmt: skip
-
-    # Tasks nobody waited for, still running when the request ended.
-    for r in trace.resources:
-        if r.type == "task" and r.state == "pending":
-            add("unawaited-task",
-                f"task {times[r.async_id].label} was still pending when the request ended",
-                0, (r.async_id,),
-                "await it, keep a reference and cancel it on the way out, or make it a "
-                "BackgroundTask so its lifetime is explicit")  # fmt: skip
-
-    found.sort(key=lambda f: (-f.cost_ns, f.kind, f.resources))
-    return found
-
-
-_READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-_READ_STATEMENTS: Final = ("select", "with", "show", "explain", "values")
-
-
-def _is_read(t: ResourceTimes, notes: dict[str, Any]) -> bool:
-    """Reads can be reordered; writes, and reads after a write, are taken as dependent."""
-    if t.type in ("cache-get", "kv-get", "kv-list"):
-        return True
-    if t.type == "fetch":
-        return str(notes.get("method", "")).upper() in _READ_METHODS
-    if t.type == "db-query":
-        return str(notes.get("statement", "")).lstrip().lower().startswith(_READ_STATEMENTS)
-    return False
-
-
-def _runs(
-    run: list[ResourceTimes],
-    by_id: dict[int, Resource],
-    notes: dict[int, dict[str, Any]],
-    add: Any,
-    s: AnalysisSettings,
-) -> None:
-    """Diagnose one run of back-to-back operations: N+1 first, then independent reads."""
-    if len(run) < 2:
-        return
-    site = [(by_id[t.async_id].type, by_id[t.async_id].stack_id) for t in run]
-    in_n1 = [False] * len(run)
-    i = 0
-    while i < len(run):
-        j = i
-        while j + 1 < len(run) and site[j + 1] == site[i]:
-            j += 1
-        if j - i + 1 >= s.n_plus_one_min and site[i][1] is not None:
-            group = run[i : j + 1]
-            spans = [t.ended - t.created for t in group]
-            add("n-plus-one",
-                f"{len(group)} x {group[0].type} from one call site, one after another "
-                f"({group[0].label}, ...)", sum(spans) - max(spans),
-                tuple(t.async_id for t in group),
-                "fetch them in one batch (one query with IN, a multi-get, one request for "
-                "all), or run them together with asyncio.gather")  # fmt: skip
-            in_n1[i : j + 1] = [True] * (j - i + 1)
-        i = j + 1
-    chain: list[ResourceTimes] = []
-    for k, t in enumerate(run):
-        note = notes[t.async_id]
-        if in_n1[k] or not _is_read(t, note):
-            _sequential(chain, add)
-            chain = []
-            continue
-        chain.append(t)
-        if note.get("hit") is False:  # a miss: what follows fills it, so depends on it
-            _sequential(chain, add)
-            chain = []
-    _sequential(chain, add)
-
-
-def _sequential(chain: list[ResourceTimes], add: Any) -> None:
-    if len(chain) < 2:
-        return
-    spans = [t.ended - t.created for t in chain]
-    names = ", then ".join(f"{t.type} {t.label}" for t in chain[:4])
-    more = f" (+{len(chain) - 4} more)" if len(chain) > 4 else ""
-    add("sequential-awaits",
-        f"{len(chain)} independent reads ran one after another: {names}{more}",
-        sum(spans) - max(spans), tuple(t.async_id for t in chain),
-        "if they do not need each other's results, start them together "
-        "(asyncio.gather or a TaskGroup); the request would wait only for the slowest")  # fmt: skip

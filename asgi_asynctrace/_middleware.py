@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import _instrument
@@ -23,10 +22,10 @@ from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
 from ._gate import TRACE_REQUESTED, Gate
-from ._hooks import TimedCoroutine, acquire_hooks
-from ._model import Resource, Trace, TraceLimits
-from ._sinks import LogSink, TraceSink, TraceStore, encode_trace_header, global_sinks
-from ._streams import BodyStream, message_size, record_message
+from ._hooks import TimedCoroutine
+from ._model import Trace, TraceLimits
+from ._request import Receive, Scope, Send, TracedRequest
+from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
 
 _check: Callable[[object, bytes, str], object] | None
 try:
@@ -36,10 +35,6 @@ except ImportError:  # built without a compiler: _check_in_python
 
 __all__ = ["AsyncTraceMiddleware"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _now = time.perf_counter_ns
@@ -190,7 +185,7 @@ class AsyncTraceMiddleware:
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, requested: bool) -> None:
         try:
-            run = _TracedRequest(self, scope, requested)
+            run = TracedRequest(self, scope, requested)
         except Exception as exc:
             report("start-trace", exc)
             return await self.app(scope, receive, send)
@@ -231,186 +226,5 @@ class AsyncTraceMiddleware:
             collected.append(trace)
 
 
-_PARENT = re.compile(rb"([0-9a-f]{32}):([0-9]{1,9})")
-_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-
-
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope.get("headers") or ():
-        if name == wanted:
-            return value  # type: ignore[no-any-return]
-    return None
-
-
-def _upstream(scope: Scope) -> tuple[str, int] | None:
-    """The calling service's trace and fetch, from ``X-Async-Trace-Parent: <trace>:<id>``."""
-    value = _header(scope, b"x-async-trace-parent")
-    match = _PARENT.fullmatch(value) if value is not None else None
-    return (match[1].decode(), int(match[2])) if match else None
-
-
-def _current(trace: Trace) -> Resource:
-    """The resource that is reading or writing: whoever called receive() or send()."""
-    active = ACTIVE.get()
-    return active[1] if active is not None and active[0] is trace else trace.root
-
-
 def _name(sink: object) -> str:
     return getattr(sink, "__qualname__", None) or type(sink).__qualname__
-
-
-class _TracedRequest:
-    """The state of one traced request: its trace and what the ASGI messages told us."""
-
-    __slots__ = (
-        "body_in",
-        "body_out",
-        "disconnected",
-        "owner",
-        "requested",
-        "response_done",
-        "trace",
-        "websocket",
-    )
-
-    def __init__(self, owner: AsyncTraceMiddleware, scope: Scope, requested: bool) -> None:
-        self.owner = owner
-        self.requested = requested
-        self.disconnected = False
-        self.response_done = False
-        self.websocket = scope.get("type") == "websocket"
-        method = scope.get("method") or ("WS" if self.websocket else None)
-        path = scope.get("path")
-        trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
-        trace.record_futures = owner.record_futures
-        trace.propagate_to = owner.propagate_to
-        root = trace.root
-        trace.annotate(root, "method", method)
-        trace.annotate(root, "path", path)
-        client = scope.get("client")
-        if client:
-            trace.annotate(root, "client", str(client[0]))
-        trace.annotate(root, "traced", "requested" if requested else "sampled")
-        traceparent = _header(scope, b"traceparent")
-        if traceparent is not None and _TRACEPARENT.fullmatch(traceparent):
-            trace.request["traceparent"] = traceparent.decode()  # for OpenTelemetry export
-        parent = _upstream(scope) if requested else None
-        if parent is not None:
-            trace.request["parent"] = {"traceId": parent[0], "asyncId": parent[1]}
-            trace.annotate(root, "upstreamTraceId", parent[0])
-            trace.annotate(root, "upstreamAsyncId", parent[1])
-        self.trace = trace
-        self.body_in = BodyStream(trace, "stream-read")
-        self.body_out = BodyStream(trace, "stream-write")
-
-    def acquire_hooks(self) -> Callable[[], None] | None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None  # trio or another loop: record what the middleware sees, no hooks
-        try:
-            return acquire_hooks(loop)
-        except Exception as exc:
-            report("hooks", exc)
-            return None
-
-    def client_gone(self, exc: BaseException) -> bool:
-        return self.disconnected or type(exc).__name__ == "ClientDisconnected"
-
-    def finish(self, state: str) -> None:
-        trace = self.trace
-        try:
-            if self.disconnected and not self.response_done:
-                state = "cancelled"
-            self.body_in.close("cancelled" if self.disconnected else "pending")
-            self.body_out.close("cancelled" if self.disconnected else "pending")
-            trace.finish(_now(), state)
-        except Exception as exc:
-            report("finish", exc)
-
-    def receive(self, receive: Receive) -> Receive:
-        async def traced_receive() -> Message:
-            started = _now()
-            message = await receive()
-            try:
-                self._received(message, started, _now())
-            except Exception as exc:
-                report("receive", exc)
-            return message
-
-        return traced_receive
-
-    def _received(self, message: Message, started: int, ended: int) -> None:
-        kind = message.get("type")
-        trace = self.trace
-        if kind == "http.request":
-            body = message.get("body") or b""
-            last = not message.get("more_body", False)
-            self.body_in.chunk(_current(trace), started, ended, len(body), last)
-        elif kind == "websocket.receive":
-            what, size = message_size(message)
-            record_message(trace, _current(trace), "receive", started, ended, what, size)
-        elif kind == "http.disconnect" and not self.response_done:
-            self.disconnected = True
-            trace.annotate(trace.root, "disconnectedAt", _now() - trace.origin)
-        elif kind == "websocket.disconnect":  # the usual way a websocket ends: not an error
-            trace.annotate(trace.root, "closeCode", message.get("code", 1000))
-
-    def send(self, send: Send) -> Send:
-        async def traced_send(message: Message) -> None:
-            kind = message.get("type")
-            if kind == "http.response.start" or kind == "websocket.accept":
-                message = self._on_start(message)
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                self.response_done = True
-            started = _now()
-            await send(message)
-            try:
-                self._sent(message, kind, started, _now())
-            except Exception as exc:
-                report("send", exc)
-
-        return traced_send
-
-    def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
-        trace = self.trace
-        if kind == "http.response.body":
-            body = message.get("body") or b""
-            last = not message.get("more_body", False)
-            self.body_out.chunk(_current(trace), started, ended, len(body), last)
-        elif kind == "websocket.send":
-            what, size = message_size(message)
-            record_message(trace, _current(trace), "send", started, ended, what, size)
-        elif kind == "websocket.close":
-            record_message(trace, _current(trace), "send", started, ended, "close", None)
-
-    def _on_start(self, message: Message) -> Message:
-        trace = self.trace
-        try:
-            status = message.get("status")
-            if status is not None:
-                trace.request["status"] = status
-                trace.annotate(trace.root, "status", status)
-            trace.annotate(trace.root, "responseStartedAt", _now() - trace.origin)
-            if not self.requested:
-                return message
-            headers = list(message.get("headers") or ())
-            headers.append((b"x-async-trace-id", trace.trace_id.encode()))
-            headers.append((b"x-async-trace-data", self._inline().encode("ascii")))
-            return {**message, "headers": headers}
-        except Exception as exc:
-            report("response-headers", exc)
-            return message
-
-    def _inline(self) -> str:
-        limit = self.owner.header_limit
-        data = self.trace.to_json()
-        encoded = encode_trace_header(data) if limit else ""
-        if limit and len(encoded) <= limit:
-            return encoded
-        where = (
-            f"; GET {self.owner.path_prefix}/traces/{self.trace.trace_id}"
-            if self.owner.store is not None
-            else ""
-        )
-        return f"omitted: {len(encoded) or len(data)} bytes > limit {limit}{where}"
