@@ -16,6 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -171,6 +172,20 @@ def _convert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(
+    commands: Any, name: str, run: Any, help: str, description: str, traces: bool = True
+) -> argparse.ArgumentParser:
+    """One subcommand: its help, its examples kept as written, and (usually) TRACE files."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    if traces:
+        parser.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
+    parser.set_defaults(run=run)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="asgi-asynctrace",
@@ -178,92 +193,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    formatter = argparse.RawDescriptionHelpFormatter
-    ex = commands.add_parser(
+    ex = _command(
+        commands,
         "extract",
-        help="pull 'AsyncTrace completed' lines out of logs",
-        description="Examples:\n"
+        _extract_command,
+        "pull 'AsyncTrace completed' lines out of logs",
+        "Examples:\n"
         "  asgi-asynctrace extract server.log > traces.jsonl     # one trace per line\n"
         "  asgi-asynctrace extract -o traces/ app.log.gz -       # one <traceId>.json each\n"
         "  kubectl logs pod/api | asgi-asynctrace extract | asgi-asynctrace diagnose -\n\n"
         "Finds the marker behind any logger or uvicorn prefix; a cut or malformed line is\n"
         "reported with its line number and skipped (exit status 1 when any was).",
-        formatter_class=formatter,
+        traces=False,
     )
     ex.add_argument("logs", nargs="*", help="log files (plain or gzip); none or - for stdin")
     ex.add_argument("-o", "--output", type=Path, help="write one <traceId>.json per trace here")
-    ex.set_defaults(run=_extract_command)
-    su = commands.add_parser(
+    su = _command(
+        commands,
         "summary",
-        help="where one request's time went: by type, top waits, critical path, findings",
-        description="Example:\n  asgi-asynctrace summary trace.json\n"
+        _summary_command,
+        "where one request's time went: by type, top waits, critical path, findings",
+        "Example:\n  asgi-asynctrace summary trace.json\n"
         "  asgi-asynctrace extract server.log | asgi-asynctrace summary -\n\n"
         "TRACE is a trace's JSON, JSON lines from `extract`, or a log holding trace lines.",
-        formatter_class=formatter,
     )
-    su.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
     su.add_argument("--json", action="store_true", help="the analysis as JSON, one per trace")
     su.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
-    su.set_defaults(run=_summary_command)
-    di = commands.add_parser(
+    di = _command(
+        commands,
         "diagnose",
-        help="the findings of each trace, ranked; --fail-on for CI",
-        description="Example:\n  asgi-asynctrace diagnose traces/*.json --fail-on medium\n\n"
+        _diagnose_command,
+        "the findings of each trace, ranked; --fail-on for CI",
+        "Example:\n  asgi-asynctrace diagnose traces/*.json --fail-on medium\n\n"
         "Exit status 1 when a finding at or above --fail-on is found.",
-        formatter_class=formatter,
     )
-    di.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
     di.add_argument("--fail-on", choices=SEVERITIES, help="exit 1 on findings this severe")
     di.add_argument("--json", action="store_true", help="one JSON object per trace")
     di.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
-    di.set_defaults(run=_diagnose_command)
-    co = commands.add_parser(
+    co = _command(
+        commands,
         "convert",
-        help="write traces as Perfetto, clinic bubbleprof data, the viewer's HTML, or JSON lines",
-        description="Examples:\n"
+        _convert_command,
+        "write traces as Perfetto, clinic bubbleprof data, the viewer's HTML, or JSON lines",
+        "Examples:\n"
         "  asgi-asynctrace convert trace.json --to perfetto -o trace.pftrace   # ui.perfetto.dev\n"
         "  asgi-asynctrace convert server.log --to html -o traces.html\n"
         "  asgi-asynctrace convert traces.jsonl --to bubbleprof -o out/   # clinic bubbleprof\n"
         "  asgi-asynctrace convert sample-seed.json --to json     # the seed's format to v1",
-        formatter_class=formatter,
     )
-    co.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
     co.add_argument("--to", required=True, choices=("perfetto", "bubbleprof", "html", "json"))
     co.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
-    co.set_defaults(run=_convert_command)
-    jo = commands.add_parser(
+    jo = _command(
+        commands,
         "join",
-        help="put the traces of one request across services together",
-        description="Example:\n  asgi-asynctrace join frontend.json backend.json -o whole.json\n"
+        _join_command,
+        "put the traces of one request across services together",
+        "Example:\n  asgi-asynctrace join frontend.json backend.json -o whole.json\n"
         "  asgi-asynctrace extract */server.log | asgi-asynctrace join - | "
         "asgi-asynctrace view -\n\n"
         "A trace whose request names an upstream (X-Async-Trace-Parent, sent to the hosts in\n"
         "the middleware's propagate_to) goes under that upstream's fetch.",
-        formatter_class=formatter,
     )
-    jo.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
     jo.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
-    jo.set_defaults(run=_join_command)
-    vi = commands.add_parser(
+    vi = _command(
+        commands,
         "view",
-        help="open traces in the viewer (one self-contained HTML file)",
-        description="Example:\n  asgi-asynctrace view trace.json\n"
+        _view_command,
+        "open traces in the viewer (one self-contained HTML file)",
+        "Example:\n  asgi-asynctrace view trace.json\n"
         "  asgi-asynctrace view server.log -o traces.html --no-open",
-        formatter_class=formatter,
     )
-    vi.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
     vi.add_argument("-o", "--output", type=Path, help="where to write it (default: a temp file)")
     vi.add_argument("--no-open", action="store_true", help="write the file, open no browser")
-    vi.set_defaults(run=_view_command)
-    de = commands.add_parser(
+    de = _command(
+        commands,
         "decode-header",
-        help="print the trace in an X-Async-Trace-Data value",
-        description="Example:\n  asgi-asynctrace decode-header \"$(curl -sI -H 'X-Async-Trace: 1' "
+        _decode_command,
+        "print the trace in an X-Async-Trace-Data value",
+        "Example:\n  asgi-asynctrace decode-header \"$(curl -sI -H 'X-Async-Trace: 1' "
         "localhost:8000/ | sed -n 's/^x-async-trace-data: //p')\"",
-        formatter_class=formatter,
+        traces=False,
     )
     de.add_argument("value")
-    de.set_defaults(run=_decode_command)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
