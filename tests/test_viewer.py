@@ -184,6 +184,18 @@ def test_pasted_seed_json_loads_and_bad_input_says_what_is_wrong(page: Any, tmp_
     page.wait_for_function("document.getElementById('summary').innerText.includes('/checkout')")
     assert "POST /checkout 201" in page.inner_text("#summary")
 
+    # the same, dropped onto the drop zone
+    page.click("#demo")
+    page.click("#tabs button[data-view=load]")
+    dropped = page.evaluate_handle(
+        """(text) => { const data = new DataTransfer();
+             data.items.add(new File([text], "trace.json", { type: "application/json" }));
+             return data; }""",
+        golden,
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    page.wait_for_function("document.getElementById('summary').innerText.includes('/checkout')")
+
 
 @pytest.fixture
 def served() -> Iterator[str]:
