@@ -184,8 +184,10 @@ def test_pasted_seed_json_loads_and_bad_input_says_what_is_wrong(page: Any, tmp_
     page.wait_for_function("document.getElementById('summary').innerText.includes('/checkout')")
     assert "POST /checkout 201" in page.inner_text("#summary")
 
-    # the same, dropped onto the drop zone
+    # the same, dropped onto the drop zone (after the demo, so the drop is what changes it)
+    page.click("#tabs button[data-view=load]")
     page.click("#demo")
+    assert "/checkout" not in page.inner_text("#summary")
     page.click("#tabs button[data-view=load]")
     dropped = page.evaluate_handle(
         """(text) => { const data = new DataTransfer();
