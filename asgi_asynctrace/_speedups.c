@@ -69,9 +69,9 @@ stack_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBytes_FromStringAndSize((const char *)buf, n * (Py_ssize_t)sizeof(entry));
 }
 
-/* find_header(headers, name) -> the value of the first header called name, None when there
- * is none, or NotImplemented when headers is not a list or tuple of (bytes, bytes) pairs
- * (the caller then scans them in Python). The middleware's scan on every request. */
+/* The value of the first header called name, None when there is none, or NotImplemented
+ * when headers is not a list or tuple of (bytes, bytes) pairs (the caller then scans them in
+ * Python). Part of untraced_check. */
 static PyObject *
 find_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -197,8 +197,6 @@ untraced_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
-    {"find_header", (PyCFunction)(void (*)(void))find_header, METH_FASTCALL,
-     "find_header(headers, name) -> value, None, or NotImplemented for unusual shapes."},
     {"stack_key", (PyCFunction)(void (*)(void))stack_key, METH_FASTCALL,
      "stack_key(skip, max_depth, stop_code) -> bytes: the exact key of the caller's stack."},
     {NULL, NULL, 0, NULL},
