@@ -11,7 +11,9 @@ are ``TracedFuture``s, which record when they settle and which task waited for t
 
 Hooks are reference-counted per loop: installed when the first traced request starts and
 removed when the last one ends, so a process that is not tracing pays nothing at all.
-Exports: TimedCoroutine, TracedFuture, acquire_hooks, install_hooks, uninstall_hooks.
+Instrumentation adds its own per-loop methods to them (``add_loop_patch``: the timers).
+Exports: TimedCoroutine, TracedFuture, acquire_hooks, install_hooks, uninstall_hooks,
+add_loop_patch, remove_loop_patch, LoopPatch.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     from asgi_asynctrace.instrumentation import available
     available()        # names of the instrumentation modules shipped in this version
 
-The source lives in the project's top-level ``instrumentation/`` folder. Modules for httpx,
-cache backends, timers, Redis, SQL drivers and queues follow; each records through
-``asgi_asynctrace.start_resource`` so a user can instrument their own client the same way.
+The source lives in the project's top-level ``instrumentation/`` folder: timers, httpx,
+aiocache, cashews, redis, asyncpg, aiosqlite, sqlalchemy and aio_pika, all of one shape
+(``_base.Instrumentation``); each records through ``asgi_asynctrace.start_resource`` (or the
+same machinery), so a user can instrument their own client the same way.
 """
 
 from __future__ import annotations
