@@ -2,6 +2,9 @@
 
     python -m sample_app.generate        # sample_app/traces/*.json, all.pftrace, all.html
 
+The JSON traces are committed; all.pftrace and all.html are written for you to open (and are
+not committed: the page would be a second copy of the viewer's sources).
+
 Runs every route of the sample app in-process with ``X-Async-Trace: 1`` on embedded defaults,
 writes each trace as ``<route>.json``, all of them as one Perfetto trace and one viewer page,
 and refreshes the viewer's built-in demo (the /items trace).

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -38,3 +39,45 @@ def serving(app: Any, port: int | None = None, **config: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def sample_app_process(env: dict[str, str], stderr: Any = None) -> Iterator[tuple[str, Any]]:
+    """The sample app as a user runs it: ``uvicorn sample_app.app:app`` in its own process.
+
+    Yields the base URL and the process (``stderr=subprocess.PIPE`` to read its log lines).
+    """
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if stderr is None else stderr,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(base + "/", timeout=1)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the sample app did not start") from None
+            time.sleep(0.1)
+    try:
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,46 +11,16 @@ import orjson
 import pytest
 
 from asgi_asynctrace import LOG_PREFIX, decode_trace_header
+from tests.servers import sample_app_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
-    env = {**os.environ, "SAMPLE_DB": str(tmp_path / "sample.db")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(base + "/", timeout=1)
-            break
-        except httpx.TransportError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("uvicorn did not start") from None
-            time.sleep(0.1)
-    try:
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
-        assert proc.stderr is not None
-        proc.stderr.close()
+    env = {"SAMPLE_DB": str(tmp_path / "sample.db")}
+    with sample_app_process(env, stderr=subprocess.PIPE) as running:
+        yield running
 
 
 def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(

@@ -12,6 +12,7 @@ import pytest
 
 from asgi_asynctrace import Trace, analyze, capture_traces
 from tests.helpers import run
+from tests.servers import sample_app_process
 
 
 @pytest.fixture(scope="module")
@@ -115,30 +116,12 @@ def test_the_race_cancels_the_loser_and_nested_tasks_chain(sample: Any) -> None:
 
 
 def test_the_chat_room_over_a_real_server(tmp_path: Path) -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
     import time
 
     import websockets
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "SAMPLE_DB": str(tmp_path / "chat.db")}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port",
-                             str(port)], cwd=root, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None, "no server"
-                time.sleep(0.1)
+    with sample_app_process({"SAMPLE_DB": str(tmp_path / "chat.db")}) as (base, _):
+        port = base.rsplit(":", 1)[1]
 
         async def talk() -> list[str]:
             url = f"ws://127.0.0.1:{port}/ws"
@@ -165,37 +148,16 @@ def test_the_chat_room_over_a_real_server(tmp_path: Path) -> None:
         # what went through this connection; the send to b went through b's own connection
         assert directions == ["receive", "send"]
         assert sum(r["type"] == "task" for r in doc["resources"]) == 2  # gather: one per member
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.service("redis")
 @pytest.mark.service("postgres")
-def test_the_sample_runs_on_redis_and_postgresql_when_their_urls_are_set(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from tests.servers import free_port
-
-    port = free_port()
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "SAMPLE_REDIS_URL": "redis://127.0.0.1:6379",
+def test_the_sample_runs_on_redis_and_postgresql_when_their_urls_are_set() -> None:
+    env = {"SAMPLE_REDIS_URL": "redis://127.0.0.1:6379",
            "SAMPLE_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port",
-                             str(port)], cwd=root, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/sql",
-                                     headers={"X-Async-Trace": "1"}, timeout=5)  # fmt: skip
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None, "no server"
-                time.sleep(0.1)
+    with sample_app_process(env) as (base, _):
+        port = base.rsplit(":", 1)[1]
+        response = httpx.get(f"{base}/sql", headers={"X-Async-Trace": "1"}, timeout=10)
         assert response.status_code == 200 and len(response.json()["items"]) == 3
         cached = httpx.get(f"http://127.0.0.1:{port}/cache", headers={"X-Async-Trace": "1"})
         assert cached.json() == {"miss": None, "hit": 1}
@@ -207,6 +169,3 @@ def test_the_sample_runs_on_redis_and_postgresql_when_their_urls_are_set(tmp_pat
             {"key": a["key"], "value": a["value"]} for a in notes]  # fmt: skip
         assert any(a["key"] == "backend" and a["value"] == "aiocache:redis" for a in notes)
         assert any(r["type"] == "kv-get" for d in docs for r in d["resources"])
-    finally:
-        proc.terminate()
-        proc.wait(10)
