@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from ._analysis import analyze
+from ._analysis import AnalysisSettings, analyze
 from ._load import load_trace
 from ._sinks import TraceStore
 from ._viewer import viewer_html
@@ -55,7 +55,11 @@ async def _respond(
 
 
 async def serve_store(
-    store: TraceStore, prefix: str, scope: MutableMapping[str, Any], send: Send
+    store: TraceStore,
+    prefix: str,
+    scope: MutableMapping[str, Any],
+    send: Send,
+    settings: AnalysisSettings | None = None,
 ) -> bool:
     path: str = scope.get("path") or ""
     rest = path[len(prefix) :]
@@ -80,7 +84,7 @@ async def serve_store(
         return True
     query = scope.get("query_string") or b""
     if b"analysis=1" in query.split(b"&"):
-        trace = load_trace(data)
-        data = orjson.dumps({"trace": orjson.Fragment(data), "analysis": analyze(trace).to_dict()})
+        analysis = analyze(load_trace(data), settings).to_dict()
+        data = orjson.dumps({"trace": orjson.Fragment(data), "analysis": analysis})
     await _respond(send, 200, data)
     return True

@@ -120,20 +120,26 @@ def diagnose(
             Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), stack_of(rids[0]))
         )
 
-    # Sequential awaits and N+1: runs of operations under one parent, each starting after the
-    # previous one ended, with the parent doing next to nothing in between.
+    # N+1: one call site issuing the same operation again and again, each after the last ended,
+    # whatever the loop does in between. Sequential awaits: the other runs of operations under
+    # one parent, each starting after the previous one ended, the parent doing next to nothing
+    # in between.
     gap = s.sequential_gap_ms * MS
     for kids in children.values():
         ops = sorted((times[k.async_id] for k in kids if k.type in IO_TYPES),
                      key=lambda t: t.created)  # fmt: skip
+        in_n1 = _n_plus_one(ops, by_id, add, s)
         run: list[ResourceTimes] = []
         for op in ops:
-            if run and run[-1].ended <= op.created <= run[-1].ended + gap:
+            if op.async_id in in_n1:
+                _runs(run, notes, add)
+                run = []
+            elif run and run[-1].ended <= op.created <= run[-1].ended + gap:
                 run.append(op)
-                continue
-            _runs(run, by_id, notes, add, s)
-            run = [op]
-        _runs(run, by_id, notes, add, s)
+            else:
+                _runs(run, notes, add)
+                run = [op]
+        _runs(run, notes, add)
 
     # The loop blocked: one step on the loop longer than the threshold.
     limit = s.blocked_step_ms * MS
@@ -201,38 +207,41 @@ def _is_read(t: ResourceTimes, notes: dict[str, Any]) -> bool:
     return False
 
 
-def _runs(
-    run: list[ResourceTimes],
-    by_id: dict[int, Resource],
-    notes: dict[int, dict[str, Any]],
-    add: Any,
-    s: AnalysisSettings,
-) -> None:
-    """Diagnose one run of back-to-back operations: N+1 first, then independent reads."""
-    if len(run) < 2:
-        return
-    site = [(by_id[t.async_id].type, by_id[t.async_id].stack_id) for t in run]
-    in_n1 = [False] * len(run)
-    i = 0
-    while i < len(run):
-        j = i
-        while j + 1 < len(run) and site[j + 1] == site[i]:
-            j += 1
-        if j - i + 1 >= s.n_plus_one_min and site[i][1] is not None:
-            group = run[i : j + 1]
-            spans = [t.ended - t.created for t in group]
-            add("n-plus-one",
-                f"{len(group)} x {group[0].type} from one call site, one after another "
-                f"({group[0].label}, ...)", sum(spans) - max(spans),
-                tuple(t.async_id for t in group),
-                "fetch them in one batch (one query with IN, a multi-get, one request for "
-                "all), or run them together with asyncio.gather")  # fmt: skip
-            in_n1[i : j + 1] = [True] * (j - i + 1)
-        i = j + 1
+def _n_plus_one(
+    ops: list[ResourceTimes], by_id: dict[int, Resource], add: Any, s: AnalysisSettings
+) -> set[int]:
+    """Name each chain of operations from one call site run one after another; return them."""
+    sites: dict[tuple[str, int], list[ResourceTimes]] = {}
+    for t in ops:
+        r = by_id[t.async_id]
+        if r.stack_id is not None:
+            sites.setdefault((r.type, r.stack_id), []).append(t)
+    named: set[int] = set()
+    for same in sites.values():
+        chain: list[ResourceTimes] = []
+        for t in [*same, None]:
+            if t is not None and (not chain or chain[-1].ended <= t.created):
+                chain.append(t)
+                continue
+            if len(chain) >= s.n_plus_one_min:
+                spans = [c.ended - c.created for c in chain]
+                add("n-plus-one",
+                    f"{len(chain)} x {chain[0].type} from one call site, one after another "
+                    f"({chain[0].label}, ...)", sum(spans) - max(spans),
+                    tuple(c.async_id for c in chain),
+                    "fetch them in one batch (one query with IN, a multi-get, one request for "
+                    "all), or run them together with asyncio.gather")  # fmt: skip
+                named.update(c.async_id for c in chain)
+            chain = [t] if t is not None else []
+    return named
+
+
+def _runs(run: list[ResourceTimes], notes: dict[int, dict[str, Any]], add: Any) -> None:
+    """Diagnose one run of back-to-back operations: which of them are independent reads."""
     chain: list[ResourceTimes] = []
-    for k, t in enumerate(run):
+    for t in run:
         note = notes[t.async_id]
-        if in_n1[k] or not _is_read(t, note):
+        if not _is_read(t, note):
             _sequential(chain, add)
             chain = []
             continue

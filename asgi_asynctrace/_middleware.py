@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import _instrument
+from ._analysis import AnalysisSettings
 from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
@@ -72,6 +73,8 @@ class AsyncTraceMiddleware:
     instrument: turn on library instrumentation when the middleware is made: True for every
         one whose library is installed (timers, httpx, caches, ...), a list of names for
         those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
+    analysis: the thresholds of the findings the trace store serves with each trace (and the
+        viewer shows); the defaults when None.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class AsyncTraceMiddleware:
         perfetto_path: str | os.PathLike[str] | None = None,
         propagate_to: Mapping[str, str] | Sequence[str] = (),
         logger: logging.Logger | None = None,
+        analysis: AnalysisSettings | None = None,
     ) -> None:
         if header_limit < 0:
             raise ValueError(f"header_limit must be >= 0, got {header_limit}")
@@ -103,6 +107,7 @@ class AsyncTraceMiddleware:
         self.path_prefix = path_prefix
         self.limits = limits or TraceLimits()
         self.record_futures = record_futures
+        self.analysis = analysis or AnalysisSettings()
         named: list[tuple[str, TraceSink]] = []
         if log_traces:
             named.append(("sink:log", LogSink(logger)))
@@ -173,7 +178,7 @@ class AsyncTraceMiddleware:
             report("gate", exc)
             decision = None
         if serve and self.store is not None:
-            if await serve_store(self.store, self.path_prefix, scope, send):
+            if await serve_store(self.store, self.path_prefix, scope, send, self.analysis):
                 return None
             decision = self.gate.decide(scope, value)
         if decision is None or ACTIVE.get() is not None:

@@ -102,6 +102,20 @@ def test_a_query_per_row_is_named_n_plus_one() -> None:
     assert first.cost_ns >= 9 * 10**6  # three of the four could have overlapped the first
 
 
+def test_a_query_per_row_stays_n_plus_one_when_the_loop_does_work_between() -> None:
+    async def body() -> None:
+        for _ in range(3):
+            async with start_resource("db-query", statement="select * from prices where id = ?"):
+                await asyncio.sleep(0.003)
+            await asyncio.sleep(0.006)  # handling each row: far more than the sequential gap
+            async with start_resource("fetch", method="POST", url="http://audit/log"):
+                await asyncio.sleep(0.002)
+
+    found = analyze(traced(body)).findings
+    assert [(f.kind, len(f.resources)) for f in found] == [("n-plus-one", 3)] * 2
+    assert {f.title.split(" from")[0] for f in found} == {"3 x db-query", "3 x fetch"}
+
+
 def test_a_blocking_call_on_the_loop_is_named_with_its_duration() -> None:
     async def body() -> None:
         await asyncio.sleep(0)

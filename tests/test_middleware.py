@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_asynctrace import (
+    AnalysisSettings,
     AsyncTraceMiddleware,
     Trace,
     annotate,
@@ -68,6 +70,29 @@ def traced_app(**settings: Any) -> Starlette:
 
 async def _get(c: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None) -> Any:
     return await c.get(path, headers=headers or {})
+
+
+def test_the_store_serves_each_trace_with_its_analysis_under_the_apps_thresholds() -> None:
+    async def blocking(request: Request) -> Response:
+        time.sleep(0.03)  # longer than the default blocked-step threshold of 20 ms
+        return PlainTextResponse("done")
+
+    def served_kinds(settings: AnalysisSettings | None) -> list[str]:
+        app = AsyncTraceMiddleware(
+            Starlette(routes=[Route("/block", blocking)]), log_traces=False, analysis=settings
+        )
+
+        async def go(c: httpx.AsyncClient) -> httpx.Response:
+            r = await c.get("/block", headers=ON)
+            path = f"/__asynctrace/traces/{r.headers['x-async-trace-id']}?analysis=1"
+            return await c.get(path)
+
+        body = call(app, go).json()
+        assert body["trace"]["request"]["path"] == "/block"
+        return [f["kind"] for f in body["analysis"]["findings"]]
+
+    assert "blocked-loop" in served_kinds(None)
+    assert "blocked-loop" not in served_kinds(AnalysisSettings(blocked_step_ms=5_000))
 
 
 def test_a_loopback_request_with_the_header_gets_its_trace_in_headers_log_and_store(

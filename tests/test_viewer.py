@@ -18,7 +18,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, annotate, start_resource
+from asgi_asynctrace import (
+    AnalysisSettings,
+    AsyncTraceMiddleware,
+    Trace,
+    analyze,
+    annotate,
+    start_resource,
+)
 from asgi_asynctrace._viewer import write_viewer
 from tests.helpers import traced
 from tests.servers import serving
@@ -205,7 +212,13 @@ def served() -> Iterator[str]:
         await asyncio.sleep(0.001)
         return PlainTextResponse("ok")
 
-    app = AsyncTraceMiddleware(Starlette(routes=[Route("/work", slow)]), log_traces=False)
+    # Chromium shares the two cores with this server, so a step can stretch past the default
+    # 20 ms blocked-loop threshold; a high one keeps "no findings" about the page, not the CPU.
+    app = AsyncTraceMiddleware(
+        Starlette(routes=[Route("/work", slow)]),
+        log_traces=False,
+        analysis=AnalysisSettings(blocked_step_ms=5_000),
+    )
     with serving(app) as base:
         yield base
 
