@@ -219,9 +219,9 @@ def _n_plus_one(
     named: set[int] = set()
     for same in sites.values():
         chain: list[ResourceTimes] = []
-        for t in [*same, None]:
-            if t is not None and (not chain or chain[-1].ended <= t.created):
-                chain.append(t)
+        for op in [*same, None]:
+            if op is not None and (not chain or chain[-1].ended <= op.created):
+                chain.append(op)
                 continue
             if len(chain) >= s.n_plus_one_min:
                 spans = [c.ended - c.created for c in chain]
@@ -232,7 +232,7 @@ def _n_plus_one(
                     "fetch them in one batch (one query with IN, a multi-get, one request for "
                     "all), or run them together with asyncio.gather")  # fmt: skip
                 named.update(c.async_id for c in chain)
-            chain = [t] if t is not None else []
+            chain = [op] if op is not None else []
     return named
 
 
