@@ -2,8 +2,18 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from asgi_asynctrace import Trace, TraceFormatError, TraceLimits, frame_origin, load_trace
+from asgi_asynctrace import (
+    Trace,
+    TraceFormatError,
+    TraceLimits,
+    failure_counts,
+    frame_origin,
+    load_trace,
+)
+from asgi_asynctrace._stacks import ACCELERATED
 
 SEED_SAMPLE = {
     "requestDurationNs": 5_000_000,
@@ -166,3 +176,65 @@ def test_frames_tell_the_apps_code_from_dependencies_and_the_runtime(
     frame: str, origin: str
 ) -> None:
     assert frame_origin(frame) == origin
+
+
+# -- the C writer and the Python path write the same bytes ------------------------------------
+
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)  # JSON-encodable
+_VALUES = st.one_of(
+    st.none(), st.booleans(), _TEXT, st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+)  # fmt: skip
+
+
+@st.composite
+def _traces(draw: st.DrawFn) -> Trace:
+    origin = draw(st.integers(0, 2**40))
+    trace = Trace(trace_id="t", request={"method": "GET", "path": draw(_TEXT)}, origin=origin)
+    root = trace.add("root", 0, None, origin)
+    assert root is not None
+    made = [root]
+    for _ in range(draw(st.integers(0, 12))):
+        parent = draw(st.sampled_from(made))
+        sid = draw(st.none() | st.integers(0, 3))
+        stack = None if sid is None else trace.stack_id(sid, (f"f{sid} @ app.py:{sid}:1",))
+        at = origin + draw(st.integers(-5, 10**12))  # a clock read just before the origin too
+        res = trace.add(
+            draw(st.sampled_from(["task", "fetch", 'ty"pe\n', "tâche"])), parent.async_id, stack, at
+        )
+        assert res is not None
+        made.append(res)
+        for t in sorted(draw(st.lists(st.integers(0, 10**9), max_size=7))):
+            trace.begin(res, at + t) if len(res.callbacks) % 2 == 0 else trace.end(res, at + t)
+        if draw(st.booleans()):
+            trace.settle(
+                res, at + draw(st.integers(0, 10**9)), draw(st.sampled_from(["ok", "error"]))
+            )
+        if draw(st.booleans()):
+            res.awaited_by = draw(st.lists(st.integers(1, 99), min_size=1, max_size=3))
+        for key, value in draw(st.lists(st.tuples(_TEXT, _VALUES), max_size=3)):
+            trace.annotate(res, key, value)
+    if draw(st.booleans()):
+        trace.resources.reverse()  # written sorted by id whatever the order they were added in
+    trace.finish(origin + 10**13)
+    return trace
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+@settings(max_examples=300, deadline=None)
+@given(_traces())
+def test_the_c_writer_writes_the_bytes_the_python_path_writes(trace: Trace) -> None:
+    assert trace.to_json() == orjson.dumps(trace.to_dict())
+
+
+def test_values_json_cannot_hold_are_written_escaped_and_the_trace_kept() -> None:
+    trace = _sample()
+    child = trace.resources[1]
+    trace.annotate(child, "file", "caf\udce9.txt")  # a filename decoded with surrogateescape
+    trace.annotate(child, "huge", 2**70)
+    before = failure_counts().get("serialize", 0)
+    doc = orjson.loads(trace.to_json())
+    values = {a["key"]: a["value"] for a in doc["annotations"]}
+    assert values == {"url": "https://api.example/x", "file": "caf\\udce9.txt", "huge": str(2**70)}
+    assert failure_counts()["serialize"] == before + 1
+    assert failure_counts().get("serialize-accelerated", 0) == 0
