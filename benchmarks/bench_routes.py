@@ -4,18 +4,22 @@
     python -m benchmarks.bench_routes --quick    # fewer rounds, for a smoke check
 
 In-process ASGI (no sockets) with 50 requests in flight at a time, every variant in every
-round, ratios against the bare app taken round by round, medians reported. Variants: the bare
-app (no instrumentation installed); the middleware with every instrumentation installed and the
-request untraced; 1 % sampled; every request traced; OpenTelemetry's ASGI + httpx
-instrumentation with the SDK (batch processor, in-memory exporter); pyinstrument profiling each
-request (its per-request middleware recipe); viztracer with ``log_async`` around each request
-(the two profilers only one request at a time: they profile the whole process).
+round (each one first in turn, after a full garbage collection), ratios against the bare app
+taken round by round, medians reported; throughput per second of wall-clock time, and, for the
+untraced variants, per second of the process's CPU time too (steadier on a shared machine).
+Variants: the bare app (no instrumentation installed); the middleware with every
+instrumentation installed and the request untraced; 1 % sampled; every request traced;
+OpenTelemetry's ASGI + httpx instrumentation with the SDK (batch processor, in-memory
+exporter); pyinstrument profiling each request (its per-request middleware recipe); viztracer
+with ``log_async`` around each request (the two profilers only one request at a time: they
+profile the whole process).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
 import sys
@@ -51,15 +55,22 @@ async def _one(app: ASGIApp, path: str, traced: bool) -> None:
 
 async def throughput(app: ASGIApp, path: str, n: int, traced: bool = False) -> float:
     """Requests per second with 50 in flight."""
+    return (await measured(app, path, n, traced))[0]
+
+
+async def measured(app: ASGIApp, path: str, n: int, traced: bool = False) -> tuple[float, float]:
+    """Requests per second of wall-clock time, and per second of this process's CPU time
+    (which leaves out the time the machine gave to other processes), with 50 in flight."""
     gate = asyncio.Semaphore(50)
 
     async def guarded() -> None:
         async with gate:
             await _one(app, path, traced)
 
-    start = time.perf_counter()
+    gc.collect()  # every variant starts from the same heap, not the last one's garbage
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(guarded() for _ in range(n)))
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
 def _wrap_per_request(app: ASGIApp, around: Callable[[], Any]) -> ASGIApp:
@@ -145,23 +156,42 @@ async def routes_table(rounds: int, n: int) -> list[str]:
         await throughput(idle, path, 20, traced=True)
         await throughput(bare, path, 20)
     rows = ["| route | bare app | middleware idle | 1 % sampled | every request traced | "
-            "OpenTelemetry ASGI + httpx |", "|---|---|---|---|---|---|"]  # fmt: skip
+            "OpenTelemetry ASGI + httpx | idle, CPU | 1 % sampled, CPU |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    variants: dict[str, tuple[ASGIApp, bool, bool]] = {  # app, instrumented, traced
+        "bare": (bare, False, False),
+        "otel": (otel, False, False),
+        "idle": (idle, True, False),
+        "sampled": (sampled, True, False),
+        "traced": (idle, True, True),
+    }
+    names = list(variants)
     for path in ROUTES:
-        got: dict[str, list[float]] = {k: [] for k in ("bare", "idle", "sampled", "traced", "otel")}
-        for _ in range(rounds):
-            asgi_asynctrace.uninstrument()
-            base = await throughput(bare, path, n)
+        got: dict[str, list[float]] = {k: [] for k in [*names, "idle-cpu", "sampled-cpu"]}
+        for r in range(rounds):
+            rates: dict[str, tuple[float, float]] = {}
+            for name in names[r % 5 :] + names[: r % 5]:  # each variant first in turn
+                app, instrumented, traced = variants[name]
+                if instrumented:
+                    asgi_asynctrace.instrument()
+                else:
+                    asgi_asynctrace.uninstrument()
+                if name == "otel":
+                    otel_on()
+                rates[name] = await measured(app, path, n, traced)
+                if name == "otel":
+                    otel_off()
+            base, base_cpu = rates["bare"]
             got["bare"].append(base)
-            otel_on()
-            got["otel"].append(await throughput(otel, path, n) / base)
-            otel_off()
-            asgi_asynctrace.instrument()
-            got["idle"].append(await throughput(idle, path, n) / base)
-            got["sampled"].append(await throughput(sampled, path, n) / base)
-            got["traced"].append(await throughput(idle, path, n, traced=True) / base)
+            for name in names[1:]:
+                got[name].append(rates[name][0] / base)
+            got["idle-cpu"].append(rates["idle"][1] / base_cpu)
+            got["sampled-cpu"].append(rates["sampled"][1] / base_cpu)
         m = {k: statistics.median(v) for k, v in got.items()}
         rows.append(f"| {path} | {m['bare']:.0f} req/s | {m['idle']:.3f}x | {m['sampled']:.3f}x "
-                    f"| {m['traced']:.2f}x | {m['otel']:.2f}x |")  # fmt: skip
+                    f"| {m['traced']:.2f}x | {m['otel']:.2f}x | {m['idle-cpu']:.3f}x "
+                    f"| {m['sampled-cpu']:.3f}x |")  # fmt: skip
+    asgi_asynctrace.instrument()
     return rows
 
 
