@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _now = time.perf_counter_ns
 _TRACEABLE = frozenset(("http", "websocket"))
 _HEADER = b"x-async-trace"
+_random = random.random
+# What __call__ passes on as the header value of a request it sampled: decided once, there.
+_SAMPLED: Any = object()
 
 
 def _scan(headers: Any) -> bytes | None:
@@ -120,6 +124,7 @@ class AsyncTraceMiddleware:
         named.extend((f"sink:{_name(s)}", s) for s in sinks)
         self._sinks = tuple(named)
         self._sampling = sample_rate > 0
+        self._sample_rate = sample_rate
         self._store_path = path_prefix if self.store is not None else ""
         hosts = (
             propagate_to if isinstance(propagate_to, Mapping) else dict.fromkeys(propagate_to, "1")
@@ -135,8 +140,10 @@ class AsyncTraceMiddleware:
         # header scan and a prefix test), then straight to the app.
         try:
             value = NotImplemented if _check is None else _check(scope, _HEADER, self._store_path)
-            if value is None:
-                slow = self._sampling
+            if value is None:  # sampled here, so an unsampled request costs one random()
+                slow = self._sampling and _random() < self._sample_rate
+                if slow:
+                    value = _SAMPLED
             elif value is True:
                 value, slow = None, True
             elif value is NotImplemented:
@@ -155,16 +162,21 @@ class AsyncTraceMiddleware:
         if scope["type"] not in _TRACEABLE:
             return None, False
         value = _scan(scope.get("headers") or ())
-        slow = (
-            value is not None
-            or self._sampling
-            or (self._store_path != "" and (scope.get("path") or "").startswith(self._store_path))
-        )
-        return value, slow
+        if value is not None or (
+            self._store_path != "" and (scope.get("path") or "").startswith(self._store_path)
+        ):
+            return value, True
+        if self._sampling and _random() < self._sample_rate:
+            return _SAMPLED, True
+        return None, False
 
     async def _slow_path(
         self, scope: Scope, receive: Receive, send: Send, value: bytes | None
     ) -> None:
+        if value is _SAMPLED:
+            if ACTIVE.get() is not None:
+                return await self.app(scope, receive, send)
+            return await self._traced(scope, receive, send, False)
         serve = False
         try:
             serve = (

@@ -190,6 +190,29 @@ def test_sampled_requests_are_traced_without_any_response_header() -> None:
     assert len(traces) == 1 and traces[0].annotations_of(1)["traced"] == "sampled"
 
 
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_sample_rate_traces_that_fraction_of_requests(
+    accelerated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_asynctrace import _middleware
+
+    if not accelerated:
+        monkeypatch.setattr(_middleware, "_check", None)  # the pure-Python scan
+    elif _middleware._check is None:
+        pytest.skip("built without the C accelerator")
+    traces: list[Trace] = []
+    app = traced_app(sample_rate=0.25, sinks=[lambda t, d: traces.append(t)])
+
+    async def go(c: httpx.AsyncClient) -> None:
+        for _ in range(800):
+            await c.get("/hello")
+
+    call(app, go, host="203.0.113.9")
+    # 200 expected; a binomial(800, 0.25) falls outside 140..260 about once in 10**7 runs
+    assert 140 <= len(traces) <= 260
+    assert {t.annotations_of(1)["traced"] for t in traces} == {"sampled"}
+
+
 def test_a_trace_too_big_for_the_header_says_where_to_fetch_it() -> None:
     app = traced_app(header_limit=200)
     r = call(app, lambda c: _get(c, "/big", ON))
