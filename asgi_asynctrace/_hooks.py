@@ -31,12 +31,22 @@ from ._context import ACTIVE, new_resource, settle_from_exception
 from ._failures import report
 from ._model import Resource, Trace
 
+_CDispatch: Callable[..., Any] | None
+_CTaskCall: Callable[..., Any] | None
+try:  # the optional C accelerator (see _speedups.c); dispatch_python is the same in Python
+    from ._speedups import Dispatch as _CDispatch
+    from ._speedups import TaskCall as _CTaskCall
+except ImportError:  # pragma: no cover - built everywhere the tests run
+    _CDispatch = _CTaskCall = None
+
 __all__ = [
     "LoopPatch",
     "TimedCoroutine",
     "TracedFuture",
     "acquire_hooks",
     "add_loop_patch",
+    "dispatch",
+    "dispatch_python",
     "install_hooks",
     "remove_loop_patch",
     "uninstall_hooks",
@@ -140,6 +150,26 @@ class TimedCoroutine:
                 waited.awaited_by = [rid]
             elif rid not in waited.awaited_by:
                 waited.awaited_by.append(rid)
+
+
+def dispatch_python(untraced: Callable[..., Any], traced: Callable[..., Any]) -> Callable[..., Any]:
+    """A callable that calls ``untraced`` outside traced requests and ``traced`` inside one."""
+    get = ACTIVE.get
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if get() is None:
+            return untraced(*args, **kwargs)
+        return traced(*args, **kwargs)
+
+    return call
+
+
+def dispatch(untraced: Callable[..., Any], traced: Callable[..., Any]) -> Callable[..., Any]:
+    """``dispatch_python``, in C when the accelerator is built: what the hooks put on a loop
+    while any traced request runs, so every other request's calls cost one context lookup."""
+    if _CDispatch is not None:
+        return _CDispatch(ACTIVE, untraced, traced)  # type: ignore[no-any-return]
+    return dispatch_python(untraced, traced)
 
 
 # Registered rather than subclassed: asyncio accepts it as a coroutine, and creating one
@@ -305,21 +335,25 @@ def uninstall_hooks(loop: asyncio.AbstractEventLoop | None = None) -> None:
 Task = asyncio.Task
 
 
-def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
-    def make(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        if previous is not None:
-            return previous(loop, coro, **kwargs)
+def _plain_factory() -> TaskFactory:
+    """What asyncio does with no task factory set, as a factory."""
+    if _CTaskCall is not None:
+        return _CTaskCall(Task)  # type: ignore[no-any-return]
+
+    def plain(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         return Task(coro, loop=loop, **kwargs)
+
+    return plain
+
+
+def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
+    make = previous if previous is not None else _plain_factory()
 
     def asynctrace_task_factory(
         loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
     ) -> asyncio.Future[Any]:
         active = ACTIVE.get()
-        if active is None:  # every untraced task while a traced request runs: keep it short
-            if previous is None:
-                return Task(coro, loop=loop, **kwargs)
-            return previous(loop, coro, **kwargs)
-        if active[0].closed or not asyncio.iscoroutine(coro):
+        if active is None or active[0].closed or not asyncio.iscoroutine(coro):
             return make(loop, coro, **kwargs)
         try:
             trace = active[0]
@@ -349,7 +383,8 @@ def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
         finally:
             ACTIVE.reset(token)
 
-    return asynctrace_task_factory
+    # Every untraced task made while a traced request runs goes straight to ``make``.
+    return dispatch(make, asynctrace_task_factory)
 
 
 def _make_create_future(
@@ -368,4 +403,4 @@ def _make_create_future(
             report("create-future", exc)
         return fut
 
-    return create_future
+    return dispatch(original, create_future)

@@ -1,6 +1,6 @@
 /* Hot loops that pure Python cannot make cheap: the key of a creation stack, the
- * middleware's header scan on every request, and a trace's resources and annotations
- * written as JSON.
+ * middleware's header scan on every request, a trace's resources and annotations written as
+ * JSON, and the loop methods the hooks replace while a traced request runs (Dispatch).
  *
  *   key = stack_key(skip, max_depth, stop_code)
  *
@@ -665,6 +665,215 @@ fail:
     return NULL;
 }
 
+/* Dispatch(var, untraced, traced): a callable that calls ``untraced`` with its arguments
+ * when the ContextVar ``var`` is unset or None, and ``traced`` otherwise. The hooks put it in
+ * place of a loop's create_future, call_later, call_at and task factory while any traced
+ * request runs: the calls of every other request then cost one context lookup, with no
+ * Python frame of ours. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *var;
+    PyObject *untraced;
+    PyObject *traced;
+    vectorcallfunc vectorcall;
+} Dispatch;
+
+static PyObject *
+dispatch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Dispatch *d = (Dispatch *)self;
+    PyObject *value = NULL;
+    if (PyContextVar_Get(d->var, NULL, &value) < 0) {
+        return NULL;
+    }
+    PyObject *target = (value == NULL || value == Py_None) ? d->untraced : d->traced;
+    Py_XDECREF(value);
+    return PyObject_Vectorcall(target, args, nargsf, kwnames);
+}
+
+static PyObject *
+dispatch_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *var, *untraced, *traced;
+    if (!PyArg_ParseTuple(args, "OOO:Dispatch", &var, &untraced, &traced)) {
+        return NULL;
+    }
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Dispatch(var, untraced, traced) takes no keywords");
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(var) || !PyCallable_Check(untraced) ||
+        !PyCallable_Check(traced)) {
+        PyErr_SetString(PyExc_TypeError, "Dispatch(var: ContextVar, untraced, traced: callable)");
+        return NULL;
+    }
+    Dispatch *d = (Dispatch *)type->tp_alloc(type, 0);
+    if (d == NULL) {
+        return NULL;
+    }
+    d->var = Py_NewRef(var);
+    d->untraced = Py_NewRef(untraced);
+    d->traced = Py_NewRef(traced);
+    d->vectorcall = dispatch_call;
+    return (PyObject *)d;
+}
+
+static int
+dispatch_traverse(Dispatch *d, visitproc visit, void *arg)
+{
+    Py_VISIT(d->var);
+    Py_VISIT(d->untraced);
+    Py_VISIT(d->traced);
+    return 0;
+}
+
+static int
+dispatch_clear(Dispatch *d)
+{
+    Py_CLEAR(d->var);
+    Py_CLEAR(d->untraced);
+    Py_CLEAR(d->traced);
+    return 0;
+}
+
+static void
+dispatch_dealloc(Dispatch *d)
+{
+    PyObject_GC_UnTrack(d);
+    dispatch_clear(d);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+static PyObject *
+dispatch_repr(Dispatch *d)
+{
+    return PyUnicode_FromFormat("<Dispatch untraced=%R traced=%R>", d->untraced, d->traced);
+}
+
+static PyMemberDef dispatch_members[] = {
+    {"untraced", T_OBJECT, offsetof(Dispatch, untraced), READONLY, "called outside traces"},
+    {"traced", T_OBJECT, offsetof(Dispatch, traced), READONLY, "called inside a trace"},
+    {NULL},
+};
+
+static PyTypeObject DispatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.Dispatch",
+    .tp_basicsize = sizeof(Dispatch),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Dispatch(var, untraced, traced): calls untraced while var is unset or None.",
+    .tp_new = dispatch_new,
+    .tp_traverse = (traverseproc)dispatch_traverse,
+    .tp_clear = (inquiry)dispatch_clear,
+    .tp_dealloc = (destructor)dispatch_dealloc,
+    .tp_repr = (reprfunc)dispatch_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Dispatch, vectorcall),
+    .tp_members = dispatch_members,
+};
+
+/* TaskCall(task_type): a task factory, ``(loop, coro, **kw) -> task_type(coro, loop=loop,
+ * **kw)``, what asyncio does with no factory set: the untraced side of the hooks' factory. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *task_type;
+    vectorcallfunc vectorcall;
+} TaskCall;
+
+static PyObject *s_loop_only; /* ("loop",) */
+
+static PyObject *
+taskcall_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "a task factory takes (loop, coro, **kwargs)");
+        return NULL;
+    }
+    PyObject *type = ((TaskCall *)self)->task_type;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nkw == 0) {
+        PyObject *stack[2] = {args[1], args[0]};
+        return PyObject_Vectorcall(type, stack, 1, s_loop_only);
+    }
+    if (nkw > 8) {
+        PyErr_SetString(PyExc_TypeError, "too many keyword arguments for a task factory");
+        return NULL;
+    }
+    PyObject *stack[10];
+    stack[0] = args[1];
+    stack[1] = args[0];
+    PyObject *names = PyTuple_New(nkw + 1);
+    if (names == NULL) {
+        return NULL;
+    }
+    PyTuple_SET_ITEM(names, 0, Py_NewRef(PyTuple_GET_ITEM(s_loop_only, 0)));
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyTuple_SET_ITEM(names, i + 1, Py_NewRef(PyTuple_GET_ITEM(kwnames, i)));
+        stack[2 + i] = args[2 + i];
+    }
+    PyObject *out = PyObject_Vectorcall(type, stack, 1, names);
+    Py_DECREF(names);
+    return out;
+}
+
+static PyObject *
+taskcall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *task_type;
+    if (!PyArg_ParseTuple(args, "O:TaskCall", &task_type)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(task_type)) {
+        PyErr_SetString(PyExc_TypeError, "TaskCall(task_type: callable)");
+        return NULL;
+    }
+    TaskCall *t = (TaskCall *)type->tp_alloc(type, 0);
+    if (t == NULL) {
+        return NULL;
+    }
+    t->task_type = Py_NewRef(task_type);
+    t->vectorcall = taskcall_call;
+    return (PyObject *)t;
+}
+
+static int
+taskcall_traverse(TaskCall *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->task_type);
+    return 0;
+}
+
+static int
+taskcall_clear(TaskCall *t)
+{
+    Py_CLEAR(t->task_type);
+    return 0;
+}
+
+static void
+taskcall_dealloc(TaskCall *t)
+{
+    PyObject_GC_UnTrack(t);
+    taskcall_clear(t);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyTypeObject TaskCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TaskCall",
+    .tp_basicsize = sizeof(TaskCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "TaskCall(task_type): the task factory (loop, coro, **kw) -> task_type(coro, "
+              "loop=loop, **kw).",
+    .tp_new = taskcall_new,
+    .tp_traverse = (traverseproc)taskcall_traverse,
+    .tp_clear = (inquiry)taskcall_clear,
+    .tp_dealloc = (destructor)taskcall_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TaskCall, vectorcall),
+};
+
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
@@ -690,8 +899,21 @@ PyInit__speedups(void)
     s_path = PyUnicode_InternFromString("path");
     s_http = PyUnicode_InternFromString("http");
     s_websocket = PyUnicode_InternFromString("websocket");
-    if (!s_type || !s_headers || !s_path || !s_http || !s_websocket) {
+    s_loop_only = Py_BuildValue("(s)", "loop");
+    if (!s_type || !s_headers || !s_path || !s_http || !s_websocket || !s_loop_only) {
         return NULL;
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Dispatch", (PyObject *)&DispatchType) < 0 ||
+        PyModule_AddObjectRef(m, "TaskCall", (PyObject *)&TaskCallType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

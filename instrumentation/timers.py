@@ -28,7 +28,7 @@ from typing import Any
 
 from asgi_asynctrace._context import ACTIVE, new_resource
 from asgi_asynctrace._failures import report
-from asgi_asynctrace._hooks import add_loop_patch, remove_loop_patch
+from asgi_asynctrace._hooks import add_loop_patch, dispatch, remove_loop_patch
 from asgi_asynctrace._model import Resource, Trace
 
 from ._base import Instrumentation
@@ -161,6 +161,8 @@ def _record(
     return handle
 
 
+# Both go through dispatch(): outside traced requests the loop's own method is called
+# directly (in C when the accelerator is built), with no frame of ours.
 def _make_call_later(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
     def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
         active = ACTIVE.get()
@@ -169,7 +171,7 @@ def _make_call_later(loop: Any, original: Callable[..., Any]) -> Callable[..., A
         return _record(loop, original, loop.time() + delay, delay, callback, args, context,
                        "call_later")  # fmt: skip
 
-    return call_later
+    return dispatch(original, call_later)
 
 
 def _make_call_at(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,7 +182,7 @@ def _make_call_at(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]
         return _record(loop, original, when, when - loop.time(), callback, args, context,
                        "call_at")  # fmt: skip
 
-    return call_at
+    return dispatch(original, call_at)
 
 
 def _make_cancelled(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:

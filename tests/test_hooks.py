@@ -566,3 +566,94 @@ def test_anyio_task_groups_record_their_children() -> None:
     assert len(tasks) == 2 and all(t.trigger_id == 1 and t.state == "ok" for t in tasks)
     assert sorted(trace.annotations_of(t.async_id)["delay"] or 0 for t in tasks) == [0.001, 0.002]
     assert_plausible(trace)
+
+
+# -- the loop methods the hooks replace: C and Python give the same calls ---------------------
+
+
+def _dispatchers() -> list[Any]:
+    from asgi_asynctrace import _hooks
+
+    found = [_hooks.dispatch_python]
+    if _hooks._CDispatch is not None:
+        found.append(_hooks.dispatch)
+    return found
+
+
+@pytest.mark.parametrize("make", _dispatchers())
+def test_dispatch_calls_the_untraced_side_outside_a_trace_and_the_traced_side_inside(
+    make: Any,
+) -> None:
+    from asgi_asynctrace._context import ACTIVE
+
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def untraced(*args: Any, **kwargs: Any) -> str:
+        calls.append(("untraced", args, kwargs))
+        return "u"
+
+    def traced_side(*args: Any, **kwargs: Any) -> str:
+        if kwargs.get("fail"):
+            raise KeyError("passed through")
+        calls.append(("traced", args, kwargs))
+        return "t"
+
+    both = make(untraced, traced_side)
+    assert both(1, 2, key="v") == "u"
+    trace = Trace.start()
+    token = ACTIVE.set((trace, trace.root))
+    try:
+        assert both(3, key="w") == "t"
+        with pytest.raises(KeyError, match="passed through"):
+            both(fail=True)
+    finally:
+        ACTIVE.reset(token)
+    assert calls == [("untraced", (1, 2), {"key": "v"}), ("traced", (3,), {"key": "w"})]
+
+
+def test_the_untraced_task_factory_makes_the_task_asyncio_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contextvars
+
+    from asgi_asynctrace import _hooks
+
+    seen = contextvars.ContextVar("seen", default="outside")
+    with_context = sys.version_info >= (3, 11)  # Task(context=...) is new in 3.11
+
+    async def body() -> str:
+        return seen.get()
+
+    async def main(factory: Any) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        plain = factory(loop, body())
+        context = contextvars.copy_context()
+        context.run(seen.set, "inside")
+        extra = {"context": context} if with_context else {}
+        named = factory(loop, body(), name="named", **extra)
+        return [type(plain), await plain, await named, named.get_name()]
+
+    accelerated = run(main(_hooks._plain_factory()))
+    monkeypatch.setattr(_hooks, "_CTaskCall", None)
+    python = run(main(_hooks._plain_factory()))
+    inside = "inside" if with_context else "outside"
+    assert accelerated == python == [asyncio.Task, "outside", inside, "named"]
+
+
+def test_without_the_accelerator_the_hooks_record_the_same_resources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgi_asynctrace import _hooks
+
+    async def body() -> None:
+        await asyncio.gather(asyncio.sleep(0.001), asyncio.create_task(asyncio.sleep(0)))
+        await asyncio.wait_for(asyncio.sleep(0), timeout=1)
+
+    def shape(trace: Trace) -> list[tuple[str, int, str]]:
+        return [(r.type, r.trigger_id, r.state) for r in trace.resources]
+
+    accelerated = traced(body, futures=True)
+    monkeypatch.setattr(_hooks, "_CDispatch", None)
+    monkeypatch.setattr(_hooks, "_CTaskCall", None)
+    assert shape(traced(body, futures=True)) == shape(accelerated)
+    assert {"task", "future", "timer"} <= {r.type for r in accelerated.resources}
