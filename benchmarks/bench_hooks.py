@@ -4,13 +4,15 @@
     python -m benchmarks.bench_hooks --quick    # fewer rounds, for a smoke check
 
 In-process ASGI calls (no sockets), so the numbers are stable: every variant serves the
-same Starlette route, rounds interleave the variants, and each figure is a median.
+same Starlette route, rounds interleave the variants (each one first in turn, after a full
+garbage collection), and each figure is a median.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -93,17 +95,33 @@ async def request_overhead(rounds: int, n: int) -> dict[str, float]:
     await serve(with_mw, 200)
     await serve(with_mw, 50, traced=True)
     ratios: dict[str, list[float]] = {"floor": [], "idle": [], "pinned": [], "traced": []}
-    for _ in range(rounds):
-        t_bare = await serve(bare, n)
-        ratios["floor"].append(t_bare / await serve(floor, n))
-        t_idle = await serve(with_mw, n)
+
+    async def pinned(k: int) -> float:
         install_hooks()
-        t_pinned = await serve(with_mw, n)
-        uninstall_hooks()
-        t_traced = await serve(with_mw, n // 4, traced=True) * 4
-        ratios["idle"].append(t_bare / t_idle)
-        ratios["pinned"].append(t_bare / t_pinned)
-        ratios["traced"].append(t_traced / t_bare)
+        try:
+            return await serve(with_mw, k)
+        finally:
+            uninstall_hooks()
+
+    async def traced(k: int) -> float:
+        return await serve(with_mw, k // 4, traced=True) * 4
+
+    variants: dict[str, Callable[[int], Awaitable[float]]] = {
+        "bare": lambda k: serve(bare, k),
+        "floor": lambda k: serve(floor, k),
+        "idle": lambda k: serve(with_mw, k),
+        "pinned": pinned,
+        "traced": traced,
+    }
+    names = list(variants)
+    for r in range(rounds):
+        took: dict[str, float] = {}
+        for name in names[r % 5 :] + names[: r % 5]:  # each variant first in turn
+            gc.collect()  # and each starts from a collected heap
+            took[name] = await variants[name](n)
+        for name in ("floor", "idle", "pinned"):
+            ratios[name].append(took["bare"] / took[name])
+        ratios["traced"].append(took["traced"] / took["bare"])
     return {k: statistics.median(v) for k, v in ratios.items()}
 
 
