@@ -79,6 +79,9 @@ class TraceLimits:
                 raise ValueError(f"TraceLimits.{name} must be an int >= {least}, got {value!r}")
 
 
+_DEFAULT_LIMITS: Final = TraceLimits()
+
+
 class Dropped:
     """Counts of what a trace left out because a cap was hit."""
 
@@ -188,7 +191,7 @@ class Trace:
         self.origin = origin
         self.started_at_unix_ns = started_at_unix_ns
         self.ended_at: int | None = None
-        self.limits = limits or TraceLimits()
+        self.limits = limits or _DEFAULT_LIMITS
         # Copies of two limits read on every new resource (TraceLimits is frozen).
         self._max_resources = self.limits.max_resources
         self.stack_depth = self.limits.max_stack_depth
@@ -336,7 +339,9 @@ class Trace:
                 resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps)
                 annotations = _c_annotations_json(self.annotations, dumps)
                 fragment = orjson.Fragment
-                return dumps(self._as_dict(fragment(resources), fragment(annotations)))
+                out = self._as_dict(fragment(resources), fragment(annotations), stacks=False)
+                out["stackTraces"] = fragment(_stacks_json(self.stacks))
+                return dumps(out)
             except Exception as exc:
                 accelerated = exc
         try:
@@ -355,7 +360,7 @@ class Trace:
         return sorted(ordered, key=_by_id) if self._out_of_order() else ordered
 
     def _as_dict(
-        self, resources: Any, annotations: Any = None, safe: bool = False
+        self, resources: Any, annotations: Any = None, safe: bool = False, stacks: bool = True
     ) -> dict[str, Any]:
         if annotations is None:
             annotations = [{"asyncId": a, "key": k, "value": v} for a, k, v in self.annotations]
@@ -366,7 +371,11 @@ class Trace:
             "startedAtUnixNs": self.started_at_unix_ns,
             "requestDurationNs": self.duration_ns,
             "resources": resources,
-            "stackTraces": [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)],
+            "stackTraces": (
+                [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)]
+                if stacks
+                else None
+            ),
             "annotations": annotations,
             "dropped": self.dropped.to_dict(),
         }
@@ -433,6 +442,22 @@ _SLOTS: Final = tuple(
 
 
 _ID: Final = operator.attrgetter("async_id")
+# Each distinct stack's frames as JSON, written once: call sites repeat across requests.
+_frames_json: dict[tuple[str, ...], bytes] = {}
+_MAX_FRAMES_JSON: Final = 20_000
+
+
+def _stacks_json(stacks: list[tuple[str, ...]]) -> bytes:
+    """``stackTraces`` as orjson writes ``[{"id": i, "frames": [...]}, ...]``, from the cache."""
+    parts = []
+    for i, frames in enumerate(stacks):
+        done = _frames_json.get(frames)
+        if done is None:
+            if len(_frames_json) >= _MAX_FRAMES_JSON:
+                _frames_json.clear()
+            done = _frames_json[frames] = orjson.dumps(frames)
+        parts.append(b'{"id":%d,"frames":%b}' % (i, done))
+    return b"[" + b",".join(parts) + b"]"
 
 
 def _json_safe(value: Any) -> Any:

@@ -197,7 +197,8 @@ def _traces(draw: st.DrawFn) -> Trace:
     for _ in range(draw(st.integers(0, 12))):
         parent = draw(st.sampled_from(made))
         sid = draw(st.none() | st.integers(0, 3))
-        stack = None if sid is None else trace.stack_id(sid, (f"f{sid} @ app.py:{sid}:1",))
+        frames = (f"f{sid} @ app.py:{sid}:1", draw(_TEXT))  # the second one hostile text
+        stack = None if sid is None else trace.stack_id(sid, frames)
         at = origin + draw(st.integers(-5, 10**12))  # a clock read just before the origin too
         res = trace.add(
             draw(st.sampled_from(["task", "fetch", 'ty"pe\n', "tâche"])), parent.async_id, stack, at
