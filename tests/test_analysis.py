@@ -56,7 +56,7 @@ def test_two_independent_fetches_awaited_in_turn_are_named_sequential() -> None:
             await client.get("/slow?ms=20")
 
     trace = traced(body)
-    first = analyze(trace).findings[0]
+    first = analyze(trace, NO_BLOCKING).findings[0]
     fetches = tuple(r.async_id for r in trace.resources if r.type == "fetch")
     assert first.kind == "sequential-awaits" and first.resources == fetches
     # what running them together would save: the shorter of the two, which could overlap
@@ -103,7 +103,7 @@ def test_a_query_per_row_is_named_n_plus_one() -> None:
         trace = traced(body)
     finally:
         db.close()
-    first = analyze(trace).findings[0]
+    first = analyze(trace, NO_BLOCKING).findings[0]
     assert first.kind == "n-plus-one" and len(first.resources) == 4
     assert first.cost_ns >= 9 * 10**6  # three of the four could have overlapped the first
 
@@ -117,7 +117,7 @@ def test_a_query_per_row_stays_n_plus_one_when_the_loop_does_work_between() -> N
             async with start_resource("fetch", method="POST", url="http://audit/log"):
                 await asyncio.sleep(0.002)
 
-    found = analyze(traced(body)).findings
+    found = analyze(traced(body), NO_BLOCKING).findings
     assert [(f.kind, len(f.resources)) for f in found] == [("n-plus-one", 3)] * 2
     assert {f.title.split(" from")[0] for f in found} == {"3 x db-query", "3 x fetch"}
 
@@ -142,7 +142,7 @@ def test_one_fetch_taking_most_of_the_request_is_a_slow_upstream() -> None:
             await client.get("/slow?ms=120")
 
     trace = traced(body)
-    first = analyze(trace).findings[0]
+    first = analyze(trace, NO_BLOCKING).findings[0]
     (fetch,) = [r.async_id for r in trace.resources if r.type == "fetch"]
     assert first.kind == "slow-upstream" and first.resources == (fetch,)
 
@@ -158,7 +158,7 @@ def test_jobs_queued_behind_a_full_thread_pool_are_thread_starvation() -> None:
         trace = traced(body)
     finally:
         pool.shutdown()
-    findings = analyze(trace).findings
+    findings = analyze(trace, NO_BLOCKING).findings
     assert findings[0].kind == "thread-starvation"
     starved = [f for f in findings if f.kind == "thread-starvation"]
     assert len(starved) == 2 and starved[0].cost_ns >= 35 * 10**6  # the third waited for two
@@ -172,7 +172,7 @@ def test_a_task_left_running_is_named_unawaited() -> None:
         asyncio.create_task(forgotten())  # noqa: RUF006 - the planted problem
         await asyncio.sleep(0)
 
-    findings = analyze(traced(body)).findings
+    findings = analyze(traced(body), NO_BLOCKING).findings
     assert [f.kind for f in findings] == ["unawaited-task"]
     assert "forgotten" in findings[0].title
 
