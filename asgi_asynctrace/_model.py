@@ -23,8 +23,8 @@ import orjson
 
 from ._failures import report
 
-_c_resources_json: Callable[[list[Any], int, tuple[object, ...], object], bytes] | None
-_c_annotations_json: Callable[[list[Any], object], bytes] | None
+_c_resources_json: Callable[..., bytes] | None
+_c_annotations_json: Callable[..., bytes] | None
 try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same in Python
     from ._speedups import annotations_json as _c_annotations_json
     from ._speedups import resources_json as _c_resources_json
@@ -336,8 +336,11 @@ class Trace:
         if _c_resources_json is not None and _c_annotations_json is not None:
             try:
                 dumps = orjson.dumps
-                resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps)
-                annotations = _c_annotations_json(self.annotations, dumps)
+                strings = _json_strings
+                if len(strings) > _MAX_JSON_STRINGS:
+                    strings.clear()
+                resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps, strings)
+                annotations = _c_annotations_json(self.annotations, dumps, strings)
                 fragment = orjson.Fragment
                 out = self._as_dict(fragment(resources), fragment(annotations), stacks=False)
                 out["stackTraces"] = fragment(_stacks_json(self.stacks))
@@ -442,21 +445,27 @@ _SLOTS: Final = tuple(
 
 
 _ID: Final = operator.attrgetter("async_id")
-# Each distinct stack's frames as JSON, written once: call sites repeat across requests.
-_frames_json: dict[tuple[str, ...], bytes] = {}
+# Types, states and annotation keys as JSON, for the C writer: a few dozen in a real app.
+_json_strings: dict[str, bytes] = {}
+_MAX_JSON_STRINGS: Final = 4096
+# Each distinct stack's frames as JSON, written once: call sites repeat across requests. Keyed
+# by the frames tuple's identity (the stack cache hands out one per call site); the entry
+# holds the tuple, so its id cannot be reused while the entry lives.
+_frames_json: dict[int, tuple[tuple[str, ...], bytes]] = {}
 _MAX_FRAMES_JSON: Final = 20_000
 
 
 def _stacks_json(stacks: list[tuple[str, ...]]) -> bytes:
     """``stackTraces`` as orjson writes ``[{"id": i, "frames": [...]}, ...]``, from the cache."""
+    cache = _frames_json
     parts = []
     for i, frames in enumerate(stacks):
-        done = _frames_json.get(frames)
-        if done is None:
-            if len(_frames_json) >= _MAX_FRAMES_JSON:
-                _frames_json.clear()
-            done = _frames_json[frames] = orjson.dumps(frames)
-        parts.append(b'{"id":%d,"frames":%b}' % (i, done))
+        hit = cache.get(id(frames))
+        if hit is None or hit[0] is not frames:
+            if len(cache) >= _MAX_FRAMES_JSON:
+                cache.clear()
+            hit = cache[id(frames)] = (frames, b',"frames":' + orjson.dumps(frames) + b"}")
+        parts.append(b'{"id":%d%b' % (i, hit[1]))
     return b"[" + b",".join(parts) + b"]"
 
 

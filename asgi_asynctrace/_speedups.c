@@ -197,13 +197,14 @@ untraced_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 
-/* resources_json(resources, origin, slots, encode): the "resources" array of format v1 as
+/* resources_json(resources, origin, slots, encode[, cache]): the "resources" array of format v1 as
  * JSON bytes, the same bytes orjson writes for _model.resource_dicts(resources, origin), with
  * no dict, list or int made on the way (building those is what the Python path spends its
  * time on, and what wakes the garbage collector). ``slots`` are the member descriptors of
  * Resource's async_id, trigger_id, type, stack_id, created_at, callbacks, settled_at, state
  * and awaited_by, read straight at their offsets; ``encode`` (orjson.dumps) writes each
- * distinct string once per call, so escaping stays exactly orjson's. */
+ * distinct string once (into ``cache``, str -> bytes, kept across calls when given), so
+ * escaping stays exactly orjson's. */
 enum { R_ID, R_TRIGGER, R_TYPE, R_STACK, R_CREATED, R_CALLBACKS, R_SETTLED, R_STATE, R_AWAITED,
        R_SLOTS };
 
@@ -439,10 +440,11 @@ put_resource(buffer *b, PyObject *r, const Py_ssize_t *off, long long o, PyObjec
 static PyObject *
 resources_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyList_Check(args[0]) || !PyTuple_Check(args[2]) ||
+    if (nargs < 4 || nargs > 5 || !PyList_Check(args[0]) || !PyTuple_Check(args[2]) ||
         PyTuple_GET_SIZE(args[2]) != R_SLOTS) {
         PyErr_SetString(PyExc_TypeError,
-                        "resources_json(resources: list, origin: int, slots: tuple of 9, encode)");
+                        "resources_json(resources: list, origin: int, slots: tuple of 9, encode"
+                        "[, cache: dict])");
         return NULL;
     }
     PyObject *resources = args[0];
@@ -467,7 +469,7 @@ resources_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         owner = t;
         off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
     }
-    PyObject *cache = PyDict_New();
+    PyObject *cache = nargs == 5 && PyDict_CheckExact(args[4]) ? Py_NewRef(args[4]) : PyDict_New();
     if (cache == NULL) {
         return NULL;
     }
@@ -563,19 +565,20 @@ put_text(buffer *b, PyObject *s, PyObject *encode)
     return 0;
 }
 
-/* annotations_json(annotations, encode): format v1's "annotations" array as JSON bytes, the
+/* annotations_json(annotations, encode[, cache]): format v1's "annotations" array as JSON, the
  * same bytes orjson writes for [{"asyncId": a, "key": k, "value": v}, ...] made from the
  * trace's (async_id, key, value) tuples. Values other than str, int, bool and None (floats,
  * int subclasses) go through ``encode``, so every one is written as orjson would. */
 static PyObject *
 annotations_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "annotations_json(annotations: list, encode)");
+    if (nargs < 2 || nargs > 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "annotations_json(annotations: list, encode[, cache: dict])");
         return NULL;
     }
     PyObject *items = args[0], *encode = args[1];
-    PyObject *keys = PyDict_New();
+    PyObject *keys = nargs == 3 && PyDict_CheckExact(args[2]) ? Py_NewRef(args[2]) : PyDict_New();
     if (keys == NULL) {
         return NULL;
     }
@@ -880,9 +883,9 @@ static PyMethodDef methods[] = {
     {"stack_key", (PyCFunction)(void (*)(void))stack_key, METH_FASTCALL,
      "stack_key(skip, max_depth, stop_code) -> bytes: the exact key of the caller's stack."},
     {"resources_json", (PyCFunction)(void (*)(void))resources_json, METH_FASTCALL,
-     "resources_json(resources, origin, slots, encode) -> bytes: format v1's resources array."},
+     "resources_json(resources, origin, slots, encode[, cache]) -> bytes: v1's resources."},
     {"annotations_json", (PyCFunction)(void (*)(void))annotations_json, METH_FASTCALL,
-     "annotations_json(annotations, encode) -> bytes: format v1's annotations array."},
+     "annotations_json(annotations, encode[, cache]) -> bytes: v1's annotations."},
     {NULL, NULL, 0, NULL},
 };
 

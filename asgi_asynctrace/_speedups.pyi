@@ -3,9 +3,16 @@ from typing import Any
 def stack_key(skip: int, max_depth: int, stop_code: object, /) -> bytes: ...
 def untraced_check(scope: object, header: bytes, prefix: str, /) -> object: ...
 def resources_json(
-    resources: list[Any], origin: int, slots: tuple[object, ...], encode: object, /
+    resources: list[Any],
+    origin: int,
+    slots: tuple[object, ...],
+    encode: object,
+    cache: dict[str, bytes] = ...,
+    /,
 ) -> bytes: ...
-def annotations_json(annotations: list[Any], encode: object, /) -> bytes: ...
+def annotations_json(
+    annotations: list[Any], encode: object, cache: dict[str, bytes] = ..., /
+) -> bytes: ...
 
 class Dispatch:
     untraced: Any
