@@ -342,9 +342,8 @@ class Trace:
                 resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps, strings)
                 annotations = _c_annotations_json(self.annotations, dumps, strings)
                 fragment = orjson.Fragment
-                out = self._as_dict(fragment(resources), fragment(annotations), stacks=False)
-                out["stackTraces"] = fragment(_stacks_json(self.stacks))
-                return dumps(out)
+                stacks = fragment(_stacks_json(self.stacks))
+                return dumps(self._as_dict(fragment(resources), fragment(annotations), stacks))
             except Exception as exc:
                 accelerated = exc
         try:
@@ -360,13 +359,15 @@ class Trace:
 
     def _ordered(self) -> list[Resource]:
         ordered = self.resources
-        return sorted(ordered, key=_by_id) if self._out_of_order() else ordered
+        return sorted(ordered, key=_ID) if self._out_of_order() else ordered
 
     def _as_dict(
-        self, resources: Any, annotations: Any = None, safe: bool = False, stacks: bool = True
+        self, resources: Any, annotations: Any = None, stacks: Any = None, safe: bool = False
     ) -> dict[str, Any]:
         if annotations is None:
             annotations = [{"asyncId": a, "key": k, "value": v} for a, k, v in self.annotations]
+        if stacks is None:
+            stacks = [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)]
         out = {
             "version": FORMAT_VERSION,
             "traceId": self.trace_id,
@@ -374,11 +375,7 @@ class Trace:
             "startedAtUnixNs": self.started_at_unix_ns,
             "requestDurationNs": self.duration_ns,
             "resources": resources,
-            "stackTraces": (
-                [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)]
-                if stacks
-                else None
-            ),
+            "stackTraces": stacks,
             "annotations": annotations,
             "dropped": self.dropped.to_dict(),
         }
@@ -476,10 +473,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         return str(value)
     return value
-
-
-def _by_id(r: Resource) -> int:
-    return r.async_id
 
 
 def frame_origin(frame: str) -> FrameOrigin:
