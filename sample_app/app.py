@@ -35,7 +35,7 @@ ROUTES = {
     "/sql": "SQL through SQLAlchemy's async engine",
     "/sync": "a sync endpoint, run in the thread pool",
     "/stream": "a streamed response",
-    "/slow": "the planted problem: a query per item and a blocking call",
+    "/slow": "the planted problems: a query per order line and a blocking call",
     "/chat": "a websocket chat room (the trace of each connection)",
     "/fastapi/items": "the same, from the FastAPI app",
 }

@@ -172,10 +172,15 @@ def report_rows() -> int:
     return 2
 
 
+# The item of each line of an order that /slow reports on.
+ORDER_LINES = [1 + line % 3 for line in range(20)]
+
+
 async def slow_report() -> dict[str, Any]:
-    """The planted problem for the analyzer: a query per item, and a blocking call."""
+    """The planted problems for the analyzer: a query per order line (an N+1 big enough to
+    cost milliseconds on any machine), and a blocking call."""
     names = []
-    for item_id in (1, 2, 3, 4):
+    for item_id in ORDER_LINES:
         async with engine().connect() as conn:
             result = await conn.execute(text("select name from items where id = :id"),
                                         {"id": item_id})  # fmt: skip
