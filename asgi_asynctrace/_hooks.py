@@ -13,7 +13,7 @@ Hooks are reference-counted per loop: installed when the first traced request st
 removed when the last one ends, so a process that is not tracing pays nothing at all.
 Instrumentation adds its own per-loop methods to them (``add_loop_patch``: the timers).
 Exports: TimedCoroutine, TracedFuture, acquire_hooks, install_hooks, uninstall_hooks,
-add_loop_patch, remove_loop_patch, LoopPatch.
+add_loop_patch, remove_loop_patch, hooks_on_ns, LoopPatch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import time
+import types
 import weakref
 from collections.abc import Callable, Coroutine
 from contextvars import Context
@@ -47,6 +48,7 @@ __all__ = [
     "add_loop_patch",
     "dispatch",
     "dispatch_python",
+    "hooks_on_ns",
     "install_hooks",
     "remove_loop_patch",
     "uninstall_hooks",
@@ -54,10 +56,13 @@ __all__ = [
 
 _now = time.perf_counter_ns
 TaskFactory = Callable[..., "asyncio.Future[Any]"]
-#: make(loop, original_method) -> the method to put on that loop while the hooks are on.
-LoopPatch = Callable[[asyncio.AbstractEventLoop, Callable[..., Any]], Callable[..., Any]]
-# Per-loop methods that instrumentation (timers) adds to the hooks, by method name.
-_loop_patches: dict[str, LoopPatch] = {}
+#: make(original) -> what runs in place of a loop method while the hooks are on, called as
+#: ``method(loop, *args, **kwargs)``; ``original`` is called the same way, loop first.
+LoopPatch = Callable[[Callable[..., Any]], Callable[..., Any]]
+# Loop methods that instrumentation (timers) adds to the hooks: name -> (make, always), where
+# ``always`` says the method runs on every call, not only inside traced requests.
+_loop_patches: dict[str, tuple[LoopPatch, bool]] = {}
+_MISSING: Any = object()
 
 
 class TimedCoroutine:
@@ -205,45 +210,127 @@ class TracedFuture(asyncio.Future):  # type: ignore[type-arg]
             self._asynctrace_trace.settle(res, _now(), state)
 
 
+class _ClassPatch:
+    """One method of a loop class replaced while any loop of that class has hooks on."""
+
+    __slots__ = ("ours", "previous", "refs")
+
+    def __init__(self, previous: Any, ours: Any) -> None:
+        self.previous = previous  # what the class itself held under that name, or _MISSING
+        self.ours = ours
+        self.refs = 0
+
+
+# (loop class, method name) -> its patch. Classes, not instances: on CPython 3.11+ an object's
+# attributes live in a compact array until its __dict__ is first asked for, and from then on
+# every attribute and method lookup on it is slower (about 10 ns a loop method call, for the
+# life of the loop). Patching the class leaves the loop's own attributes as they were.
+_class_patches: dict[tuple[type, str], _ClassPatch] = {}
+
+
+def _patch_on_class(loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
+                    always: bool) -> tuple[type, str] | None:  # fmt: skip
+    """Put ``name`` on the loop's class (shared by its loops); its key, or None if it cannot go
+    there: the loop has its own ``name`` already, or its class takes no new attributes."""
+    cls = type(loop)
+    original = getattr(cls, name, None)
+    if original is None:
+        return None
+    for key, patch in _class_patches.items():  # ours already, put on a base class
+        if patch.ours is original:
+            patch.refs += 1
+            return key
+    bind = getattr(type(original), "__get__", None)
+    if bind is None or getattr(loop, name, None) != bind(original, loop, cls):
+        return None  # the instance has its own: only an instance patch can come before it
+    traced = make(original)
+    ours = traced if always else dispatch(original, traced)
+    previous = cls.__dict__.get(name, _MISSING)
+    try:
+        setattr(cls, name, ours)
+    except (TypeError, AttributeError):
+        return None  # a static type: patched per instance instead
+    patch = _class_patches[(cls, name)] = _ClassPatch(previous, ours)
+    patch.refs = 1
+    return (cls, name)
+
+
+def _unpatch_class(key: tuple[type, str]) -> None:
+    patch = _class_patches.get(key)
+    if patch is None:
+        return
+    patch.refs -= 1
+    if patch.refs:
+        return
+    del _class_patches[key]
+    cls, name = key
+    if cls.__dict__.get(name) is not patch.ours:
+        return  # someone replaced it after us: theirs stays, ours passes through anyway
+    if patch.previous is _MISSING:
+        delattr(cls, name)
+    else:
+        setattr(cls, name, patch.previous)
+
+
 class _LoopHooks:
     """The hooks installed on one loop, and how to take them off again.
 
-    Methods are overridden in the loop instance's ``__dict__`` (asyncio's loops and uvloop's
-    ``Loop`` both have one), so other loops and the loop classes are never touched.
+    Loop methods are replaced on the loop's class (asyncio's loops and uvloop's ``Loop`` are
+    Python classes), shared by reference count with other loops of that class and passing
+    straight through outside traced requests; only where the instance already carries its own
+    method, or its class is a static type, does the replacement go in the instance's
+    ``__dict__``. The task factory is the loop's own setting.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.refs = 0
+        self.on_since = 0  # when install() last ran (perf_counter_ns), while refs > 0
         self.previous_factory: TaskFactory | None = None
         self.factory: TaskFactory | None = None
-        # name -> (what was in the instance dict before, what we put there)
-        self.methods: dict[str, tuple[Any, Any]] = {}
+        # name -> ("class", key) or ("instance", what the instance held before, what we put)
+        self.methods: dict[str, tuple[str, Any, Any]] = {}
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.on_since = _now()
         self.previous_factory = loop.get_task_factory()
         self.factory = _make_task_factory(self.previous_factory)
         loop.set_task_factory(self.factory)
         _threads.acquire()
-        self.put(loop, "create_future", _make_create_future)
-        for name, make in list(_loop_patches.items()):
-            self.put(loop, name, make)
+        self.put(loop, "create_future", _make_create_future, False)
+        for name, (make, always) in list(_loop_patches.items()):
+            self.put(loop, name, make, always)
 
-    def put(self, loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch) -> None:
-        namespace = getattr(loop, "__dict__", None)
-        original = getattr(loop, name, None)
-        if namespace is None or original is None or name in self.methods:
-            return  # a loop we cannot extend, or without that method: left out
+    def put(self, loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
+            always: bool) -> None:  # fmt: skip
+        if name in self.methods:
+            return
         try:
-            replacement = make(loop, original)
+            key = _patch_on_class(loop, name, make, always)
+            if key is not None:
+                self.methods[name] = ("class", key, None)
+                return
+            namespace = getattr(loop, "__dict__", None)
+            bound = getattr(loop, name, None)
+            if namespace is None or bound is None:
+                return  # a loop we cannot extend, or without that method: left out
+
+            def original(_loop: Any, *args: Any, **kwargs: Any) -> Any:
+                return bound(*args, **kwargs)
+
+            method = types.MethodType(make(original), loop)
+            ours = method if always else dispatch(bound, method)
         except Exception as exc:
             report(f"loop-patch:{name}", exc)
             return
-        self.methods[name] = (namespace.get(name), replacement)
-        namespace[name] = replacement
+        self.methods[name] = ("instance", namespace.get(name), ours)
+        namespace[name] = ours
 
     def take(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
-        previous, ours = self.methods.pop(name, (None, None))
-        namespace = getattr(loop, "__dict__", None)
+        kind, previous, ours = self.methods.pop(name, ("", None, None))
+        if kind == "class":
+            _unpatch_class(previous)
+            return
+        namespace = getattr(loop, "__dict__", None) if kind else None
         if ours is None or namespace is None or namespace.get(name) is not ours:
             return  # someone replaced it after us: theirs stays, ours passes through anyway
         if previous is None:
@@ -260,6 +347,21 @@ class _LoopHooks:
         for name in list(self.methods):
             self.take(loop, name)
         self.factory = None
+        global _on_ns
+        _on_ns += _now() - self.on_since
+
+
+_on_ns = 0  # how long hooks were on, summed over loops, up to their last uninstall
+
+
+def hooks_on_ns() -> int:
+    """How long the hooks have been on in this process, summed over loops, in nanoseconds.
+
+    What 1 % sampling costs the untraced requests depends on it: while any traced request is
+    in flight, every other request's task, future and timer goes through the hooks.
+    """
+    now = _now()
+    return _on_ns + sum(now - h.on_since for h in list(_loops.values()) if h.refs)
 
 
 _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHooks] = (
@@ -289,16 +391,19 @@ def acquire_hooks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     return release
 
 
-def add_loop_patch(name: str, make: LoopPatch) -> None:
-    """Put ``make(loop, loop.<name>)`` in place of ``loop.<name>`` whenever the hooks are on.
+def add_loop_patch(name: str, make: LoopPatch, *, always: bool = False) -> None:
+    """Run ``make(original)`` in place of the loop method ``name`` whenever the hooks are on.
 
-    Applies at once to loops with hooks on now. The replacement must pass calls straight
-    through outside a traced request: it stays on the loop while any traced request runs.
+    The replacement is called as ``method(loop, *args, **kwargs)`` and calls ``original`` the
+    same way. It runs only inside traced requests (other calls go straight to the original,
+    in C when the accelerator is built) unless ``always``: then on every call, for as long
+    as any traced request runs, and it must pass untraced calls through itself. Applies at
+    once to loops with hooks on now.
     """
-    _loop_patches[name] = make
+    _loop_patches[name] = (make, always)
     for loop, hooks in list(_loops.items()):
         if hooks.refs:
-            hooks.put(loop, name, make)
+            hooks.put(loop, name, make, always)
 
 
 def remove_loop_patch(name: str) -> None:
@@ -387,13 +492,11 @@ def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
     return dispatch(make, asynctrace_task_factory)
 
 
-def _make_create_future(
-    loop: asyncio.AbstractEventLoop, original: Callable[..., Any]
-) -> Callable[[], asyncio.Future[Any]]:
-    def create_future() -> asyncio.Future[Any]:
+def _make_create_future(original: Callable[..., Any]) -> Callable[..., asyncio.Future[Any]]:
+    def create_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         active = ACTIVE.get()
         if active is None or active[0].closed or not active[0].record_futures:
-            return original()  # type: ignore[no-any-return]
+            return original(loop)  # type: ignore[no-any-return]
         fut = TracedFuture(loop=loop)
         fut._asynctrace_trace = active[0]
         fut._asynctrace_res = None
@@ -403,4 +506,4 @@ def _make_create_future(
             report("create-future", exc)
         return fut
 
-    return dispatch(original, create_future)
+    return create_future

@@ -672,7 +672,7 @@ fail:
  * when the ContextVar ``var`` is unset or None, and ``traced`` otherwise. The hooks put it in
  * place of a loop's create_future, call_later, call_at and task factory while any traced
  * request runs: the calls of every other request then cost one context lookup, with no
- * Python frame of ours. */
+ * Python frame of ours. In a class it is a method (see dispatch_get). */
 typedef struct {
     PyObject_HEAD
     PyObject *var;
@@ -747,6 +747,19 @@ dispatch_dealloc(Dispatch *d)
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
 
+/* Put in a class's namespace, it binds like a function: ``loop.create_future`` is a method
+ * whose first argument is the loop (and, with Py_TPFLAGS_METHOD_DESCRIPTOR, a method call
+ * passes the loop along without making a bound method at all). In an instance's namespace,
+ * as ever, it is called as it is. */
+static PyObject *
+dispatch_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
 static PyObject *
 dispatch_repr(Dispatch *d)
 {
@@ -763,8 +776,10 @@ static PyTypeObject DispatchType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "asgi_asynctrace._speedups.Dispatch",
     .tp_basicsize = sizeof(Dispatch),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
     .tp_doc = "Dispatch(var, untraced, traced): calls untraced while var is unset or None.",
+    .tp_descr_get = dispatch_get,
     .tp_new = dispatch_new,
     .tp_traverse = (traverseproc)dispatch_traverse,
     .tp_clear = (inquiry)dispatch_clear,

@@ -11,7 +11,7 @@ was cancelled). Annotations: ``kind`` (sleep, timeout, wait_for, call_later, cal
 ``delayMs`` as requested, ``lateMs`` (how long after its due time it ran: a busy loop shows
 here), and ``callback`` for timers scheduled directly.
 
-The loop methods are replaced on the loop instance only while a traced request is in flight
+The loop methods are replaced on the loop's class only while a traced request is in flight
 (with the asyncio hooks), on asyncio's loops and uvloop alike. On asyncio's loops a cancel is
 recorded when it happens; uvloop gives no hook for it, so there a cancelled timer is settled
 ``cancelled`` when the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
@@ -28,7 +28,7 @@ from typing import Any
 
 from asgi_asynctrace._context import ACTIVE, new_resource
 from asgi_asynctrace._failures import report
-from asgi_asynctrace._hooks import add_loop_patch, dispatch, remove_loop_patch
+from asgi_asynctrace._hooks import add_loop_patch, remove_loop_patch
 from asgi_asynctrace._model import Resource, Trace
 
 from ._base import Instrumentation
@@ -150,9 +150,9 @@ def _record(
     except Exception as exc:
         report("timers", exc)
     if wrapper is None:
-        return original(arg, callback, *args, context=context)
+        return original(loop, arg, callback, *args, context=context)
     try:
-        handle = original(arg, wrapper, *args, context=context)
+        handle = original(loop, arg, wrapper, *args, context=context)
     except BaseException as exc:  # refused by the loop (a bad delay, a closed loop): as ever
         wrapper.trace.settle(wrapper.res, _now(), "error")
         wrapper.trace.annotate(wrapper.res, "error", type(exc).__qualname__)
@@ -161,41 +161,42 @@ def _record(
     return handle
 
 
-# Both go through dispatch(): outside traced requests the loop's own method is called
+# The hooks run these only inside traced requests: elsewhere the loop's own method is called
 # directly (in C when the accelerator is built), with no frame of ours.
-def _make_call_later(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
-    def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
+def _make_call_later(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_later(loop: Any, delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
         active = ACTIVE.get()
         if active is None or active[0].closed or type(callback) is _TimerCallback:
-            return original(delay, callback, *args, context=context)
+            return original(loop, delay, callback, *args, context=context)
         return _record(loop, original, loop.time() + delay, delay, callback, args, context,
                        "call_later")  # fmt: skip
 
-    return dispatch(original, call_later)
+    return call_later
 
 
-def _make_call_at(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
-    def call_at(when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_at(loop: Any, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
         active = ACTIVE.get()
         if active is None or active[0].closed or type(callback) is _TimerCallback:
-            return original(when, callback, *args, context=context)
+            return original(loop, when, callback, *args, context=context)
         return _record(loop, original, when, when - loop.time(), callback, args, context,
                        "call_at")  # fmt: skip
 
-    return dispatch(original, call_at)
+    return call_at
 
 
-def _make_cancelled(loop: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+def _make_cancelled(original: Callable[..., Any]) -> Callable[..., Any]:
     # asyncio's TimerHandle.cancel() tells its loop through this method, before it forgets
-    # the callback: the one place a cancel can be seen as it happens.
-    def _timer_handle_cancelled(handle: asyncio.TimerHandle) -> Any:
+    # the callback: the one place a cancel can be seen as it happens. Runs on every cancel
+    # while the hooks are on: a traced timer may be cancelled from anywhere.
+    def _timer_handle_cancelled(loop: Any, handle: asyncio.TimerHandle) -> Any:
         callback = getattr(handle, "_callback", None)
         if type(callback) is _TimerCallback:
             try:
                 callback.cancelled()
             except Exception as exc:
                 report("timers", exc)
-        return original(handle)
+        return original(loop, handle)
 
     return _timer_handle_cancelled
 
@@ -208,7 +209,7 @@ class TimersInstrumentation(Instrumentation):
     def _install(self, module: ModuleType) -> None:
         add_loop_patch("call_later", _make_call_later)
         add_loop_patch("call_at", _make_call_at)
-        add_loop_patch("_timer_handle_cancelled", _make_cancelled)
+        add_loop_patch("_timer_handle_cancelled", _make_cancelled, always=True)
 
     def uninstall(self) -> None:
         for name in ("call_later", "call_at", "_timer_handle_cancelled"):

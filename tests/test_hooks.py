@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import inspect
 import sys
 import time
@@ -427,26 +428,77 @@ def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
     states: dict[str, Any] = {}
     original_submit = concurrent.futures.ThreadPoolExecutor.submit
 
+    def patched(loop: asyncio.AbstractEventLoop) -> bool:
+        return "create_future" in type(loop).__dict__
+
     async def body() -> None:
         loop = asyncio.get_running_loop()
         states["traced" if current_resource() else "untraced"] = (
             loop.get_task_factory() is not None,
-            "create_future" in vars(loop),
+            patched(loop),
             concurrent.futures.ThreadPoolExecutor.submit is not original_submit,
         )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        states["before"] = (loop.get_task_factory(), "create_future" in vars(loop))
+        states["before"] = (loop.get_task_factory(), patched(loop))
         await _request(body)
         await _request(body, traced=False)
-        states["after"] = (loop.get_task_factory(), "create_future" in vars(loop))
+        states["after"] = (loop.get_task_factory(), patched(loop))
 
     run(main())
     assert states["before"] == states["after"] == (None, False)
     assert states["traced"] == (True, True, True)
     assert states["untraced"] == (False, False, False)
     assert concurrent.futures.ThreadPoolExecutor.submit is original_submit
+
+
+def test_hooks_leave_the_loops_own_attributes_alone() -> None:
+    """The hooks patch the loop's class, never the loop: on CPython 3.11+ an object whose
+    ``__dict__`` was once asked for keeps a slower attribute lookup for the rest of its life,
+    and every loop method call would pay for it after the first traced request."""
+
+    async def body() -> None:
+        await asyncio.sleep(0.001)
+        await asyncio.gather(leaf(), leaf())
+
+    async def main() -> tuple[bool, bool, list[str]]:
+        loop = asyncio.get_running_loop()
+
+        def materialized() -> bool:  # the loop's namespace exists as a dict object of its own
+            return any(type(r) is dict and "_ready" in r for r in gc.get_referents(loop))
+
+        before = materialized()
+        trace = await _request(body, futures=True)
+        assert trace is not None
+        return before, materialized(), sorted({r.type for r in trace.resources})
+
+    before, after, types = run(main())
+    assert {"future", "task", "timer"} <= set(types)  # the hooks did their work
+    if sys.version_info >= (3, 11):
+        assert not before and not after
+
+
+def test_the_time_hooks_are_on_is_counted_while_traced_requests_run_and_only_then() -> None:
+    from asgi_asynctrace._hooks import hooks_on_ns
+
+    async def body() -> None:
+        await asyncio.sleep(0.02)
+
+    async def main() -> tuple[int, int, int, int]:
+        start = hooks_on_ns()
+        await _request(body, traced=False)
+        untraced = hooks_on_ns()
+        task = asyncio.create_task(_request(body))
+        await asyncio.sleep(0.01)
+        during = hooks_on_ns()  # the request is in flight: its open interval counts
+        await task
+        return start, untraced, during, hooks_on_ns()
+
+    start, untraced, during, after = run(main())
+    assert untraced == start
+    assert start < during < after
+    assert after - start >= 20_000_000  # the traced request's sleep, at least
 
 
 def test_a_task_factory_already_on_the_loop_is_chained_and_restored() -> None:
@@ -609,6 +661,31 @@ def test_dispatch_calls_the_untraced_side_outside_a_trace_and_the_traced_side_in
     finally:
         ACTIVE.reset(token)
     assert calls == [("untraced", (1, 2), {"key": "v"}), ("traced", (3,), {"key": "w"})]
+
+
+@pytest.mark.parametrize("make", _dispatchers())
+def test_dispatch_put_in_a_class_is_a_method_of_its_instances(make: Any) -> None:
+    """The hooks put it on loop classes: the loop arrives first, however it is called."""
+    from asgi_asynctrace._context import ACTIVE
+
+    class Loop:
+        def ping(self, x: int, *, key: str = "") -> tuple[str, Any, int, str]:
+            return ("untraced", self, x, key)
+
+    def traced_side(self: Any, x: int, *, key: str = "") -> tuple[str, Any, int, str]:
+        return ("traced", self, x, key)
+
+    Loop.ping = make(Loop.__dict__["ping"], traced_side)  # type: ignore[method-assign]
+    loop = Loop()
+    bound = loop.ping  # an attribute read binds as a method does
+    assert loop.ping(1, key="k") == bound(1, key="k") == ("untraced", loop, 1, "k")
+    trace = Trace.start()
+    token = ACTIVE.set((trace, trace.root))
+    try:
+        assert loop.ping(2) == bound(2) == ("traced", loop, 2, "")
+    finally:
+        ACTIVE.reset(token)
+    assert Loop.__dict__["ping"].__get__(None, Loop) is Loop.__dict__["ping"]
 
 
 def test_the_untraced_task_factory_makes_the_task_asyncio_would(
