@@ -10,8 +10,9 @@ coroutine returns or raises. Futures made by ``loop.create_future()`` inside a t
 are ``TracedFuture``s, which record when they settle and which task waited for them.
 
 Hooks are reference-counted per loop: installed when the first traced request starts and
-removed when the last one ends, so a process that is not tracing pays nothing at all.
-Instrumentation adds its own per-loop methods to them (``add_loop_patch``: the timers).
+removed when the last one ends, so a process that is not tracing pays nothing at all. Loop
+methods are replaced on the loop's class, never on the loop object (see ``_class_patches``).
+Instrumentation adds its own loop methods to them (``add_loop_patch``: the timers).
 Exports: TimedCoroutine, TracedFuture, acquire_hooks, install_hooks, uninstall_hooks,
 add_loop_patch, remove_loop_patch, hooks_on_ns, LoopPatch.
 """
@@ -226,6 +227,8 @@ class _ClassPatch:
 # every attribute and method lookup on it is slower (about 10 ns a loop method call, for the
 # life of the loop). Patching the class leaves the loop's own attributes as they were.
 _class_patches: dict[tuple[type, str], _ClassPatch] = {}
+# (loop class, method name) -> (original, make, always, what goes on the class)
+_made: dict[tuple[type, str], tuple[Any, LoopPatch, bool, Any]] = {}
 
 
 def _patch_on_class(loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
@@ -243,8 +246,12 @@ def _patch_on_class(loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
     bind = getattr(type(original), "__get__", None)
     if bind is None or getattr(loop, name, None) != bind(original, loop, cls):
         return None  # the instance has its own: only an instance patch can come before it
-    traced = make(original)
-    ours = traced if always else dispatch(original, traced)
+    made = _made.get((cls, name))
+    if made is None or made[0] is not original or made[1] is not make or made[2] is not always:
+        traced = make(original)  # made once per class and method, not on every install
+        made = (original, make, always, traced if always else dispatch(original, traced))
+        _made[(cls, name)] = made
+    ours = made[3]
     previous = cls.__dict__.get(name, _MISSING)
     try:
         setattr(cls, name, ours)
@@ -293,7 +300,7 @@ class _LoopHooks:
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self.on_since = _now()
         self.previous_factory = loop.get_task_factory()
-        self.factory = _make_task_factory(self.previous_factory)
+        self.factory = _task_factory_over(self.previous_factory)
         loop.set_task_factory(self.factory)
         _threads.acquire()
         self.put(loop, "create_future", _make_create_future, False)
@@ -449,6 +456,20 @@ def _plain_factory() -> TaskFactory:
         return Task(coro, loop=loop, **kwargs)
 
     return plain
+
+
+_last_factory: tuple[TaskFactory | None, TaskFactory] | None = None
+
+
+def _task_factory_over(previous: TaskFactory | None) -> TaskFactory:
+    """Our factory chained over ``previous``; the last one made is reused for the same one."""
+    global _last_factory
+    last = _last_factory
+    if last is not None and last[0] is previous:
+        return last[1]
+    factory = _make_task_factory(previous)
+    _last_factory = (previous, factory)
+    return factory
 
 
 def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:

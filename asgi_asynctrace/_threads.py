@@ -112,7 +112,9 @@ def _patch_anyio() -> None:
     if _anyio_backend is not None or "anyio" not in sys.modules:
         return
     # anyio loads its backend on first use, which may be inside this very request.
-    module = importlib.import_module("anyio._backends._asyncio")
+    module = sys.modules.get("anyio._backends._asyncio") or importlib.import_module(
+        "anyio._backends._asyncio"
+    )
     backend = getattr(module, "AsyncIOBackend", None)
     if backend is None:
         return
