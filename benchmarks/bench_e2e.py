@@ -3,9 +3,10 @@
     python -m benchmarks.bench_e2e           # needs wrk (apt-get install wrk)
 
 Each variant (bare, a do-nothing middleware, middleware idle, 1 % sampled) runs in its own
-uvicorn process; wrk drives one route for a bounded time with 50 connections; the variants'
+uvicorn process; wrk drives each route (``--routes``, by default ``/parallel``, which waits on
+fetches, and ``/cache``, which is all CPU) for a bounded time with 50 connections; the variants'
 order rotates from round to round and the ratios of requests per second to the bare app (taken
-within each round) are medians. Two cores are shared by uvicorn
+within each round) are medians, with their interquartile range. Two cores are shared by uvicorn
 and wrk, so absolute numbers are low; the ratios are what to read.
 """
 
@@ -61,32 +62,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=4)
-    parser.add_argument("--route", default="/parallel")
+    parser.add_argument("--routes", default="/parallel,/cache",
+                        help="comma-separated: a route that waits, one all CPU")  # fmt: skip
     args = parser.parse_args()
+    routes = args.routes.split(",")
     db = os.path.join(tempfile.mkdtemp(), "e2e.db")
     ports = {v: _port() for v in VARIANTS}
     procs = {v: _serve(v, ports[v], db) for v in VARIANTS}
     try:
-        results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        results: dict[tuple[str, str], list[float]] = {
+            (route, v): [] for route in routes for v in VARIANTS
+        }
         for r in range(args.rounds):
             order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-            for v in order:  # rotated, so no variant always runs first or last
-                results[v].append(_wrk(f"http://127.0.0.1:{ports[v]}{args.route}", args.seconds))
+            for route in routes:
+                for v in order:  # rotated, so no variant always runs first or last
+                    url = f"http://127.0.0.1:{ports[v]}{route}"
+                    results[(route, v)].append(_wrk(url, args.seconds))
     finally:
         for proc in procs.values():
             proc.terminate()
             proc.wait(10)
-    bare = results["bare"]
-    print(f"Python {sys.version.split()[0]}, uvicorn on loopback, wrk -t1 -c50 -d{args.seconds}s "
-          f"on {args.route}, {args.rounds} rounds; medians\n")  # fmt: skip
-    print("| variant | requests/s | vs bare | target |")
-    print("|---|---|---|---|")
+    print(f"Python {sys.version.split()[0]}, uvicorn on loopback, wrk -t1 -c50 -d{args.seconds}s, "
+          f"{args.rounds} rounds; medians, and in brackets the middle half of the rounds' "
+          "ratios (how much they moved)\n")  # fmt: skip
+    print("| route | variant | requests/s | vs bare | target |")
+    print("|---|---|---|---|---|")
     rows = (("bare", "bare app", "-"), ("floor", "a do-nothing middleware (the floor)", "-"),
             ("idle", "middleware, untraced", ">= 0.99x"),
             ("sampled", "1 % sampled", ">= 0.98x"))  # fmt: skip
-    for v, label, target in rows:
-        ratio = statistics.median(r / b for r, b in zip(results[v], bare, strict=True))
-        print(f"| {label} | {statistics.median(results[v]):.0f} | {ratio:.3f}x | {target} |")
+    for route in routes:
+        bare = results[(route, "bare")]
+        for v, label, target in rows:
+            ratios = [r / b for r, b in zip(results[(route, v)], bare, strict=True)]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            spread = f" ({q1:.2f} to {q3:.2f})" if v != "bare" else ""
+            print(f"| {route} | {label} | {statistics.median(results[(route, v)]):.0f} "
+                  f"| {statistics.median(ratios):.3f}x{spread} | {target} |")  # fmt: skip
 
 
 if __name__ == "__main__":
