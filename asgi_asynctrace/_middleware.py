@@ -24,7 +24,7 @@ from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
 from ._gate import TRACE_REQUESTED, Gate
-from ._hooks import TimedCoroutine
+from ._hooks import LINGER_S, TimedCoroutine
 from ._model import Trace, TraceLimits
 from ._request import Receive, Scope, Send, TracedRequest
 from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
@@ -79,6 +79,9 @@ class AsyncTraceMiddleware:
         those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
     analysis: the thresholds of the findings the trace store serves with each trace (and the
         viewer shows); the defaults when None.
+    hooks_linger: seconds the asyncio hooks stay on after the last traced request ends, in
+        case another comes (taking them off and on again costs far more than leaving them on
+        under steady sampling); 0 takes them off at once.
     """
 
     def __init__(
@@ -99,9 +102,13 @@ class AsyncTraceMiddleware:
         propagate_to: Mapping[str, str] | Sequence[str] = (),
         logger: logging.Logger | None = None,
         analysis: AnalysisSettings | None = None,
+        hooks_linger: float = LINGER_S,
     ) -> None:
         if header_limit < 0:
             raise ValueError(f"header_limit must be >= 0, got {header_limit}")
+        if not hooks_linger >= 0:
+            raise ValueError(f"hooks_linger must be >= 0 seconds, got {hooks_linger}")
+        self.hooks_linger = float(hooks_linger)
         if not path_prefix.startswith("/") or path_prefix.endswith("/"):
             raise ValueError(f"path_prefix must start and not end with '/', got {path_prefix!r}")
         self.app = app

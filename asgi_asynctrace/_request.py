@@ -110,7 +110,7 @@ class TracedRequest:
         except RuntimeError:
             return None  # trio or another loop: record what the middleware sees, no hooks
         try:
-            return acquire_hooks(loop)
+            return acquire_hooks(loop, self.owner.hooks_linger)
         except Exception as exc:
             report("hooks", exc)
             return None

@@ -105,15 +105,26 @@ async def request_overhead(rounds: int, n: int) -> dict[str, float]:
     await serve(with_mw, 50, traced=True)
     ratios: dict[str, list[float]] = {"floor": [], "idle": [], "pinned": [], "traced": []}
 
+    async def settle() -> None:
+        # Hooks linger after a traced request, and taking them off changes the loop's class:
+        # off now, and the lookups CPython re-learns then re-learned here, untimed, so that
+        # cost does not land on whichever variant comes next.
+        uninstall_hooks()
+        await serve(bare, 20)
+        await serve(with_mw, 20)
+
     async def pinned(k: int) -> float:
         install_hooks()
         try:
             return await serve(with_mw, k)
         finally:
-            uninstall_hooks()
+            await settle()
 
     async def traced(k: int) -> float:
-        return await serve(with_mw, k // 4, traced=True) * 4
+        try:
+            return await serve(with_mw, k // 4, traced=True) * 4
+        finally:
+            await settle()
 
     variants: dict[str, Callable[[int], Awaitable[float]]] = {
         "bare": lambda k: serve(bare, k),

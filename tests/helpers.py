@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import httpx
 
 from asgi_asynctrace import AsyncTraceMiddleware, Trace
+from asgi_asynctrace._hooks import LINGER_S
 
 T = TypeVar("T")
 LOOP = os.environ.get("ASYNCTRACE_TEST_LOOP", "asyncio")
@@ -48,6 +49,7 @@ async def _request(
     futures: bool = False,
     traced: bool = True,
     instrument: bool = True,
+    linger: float | None = None,
 ) -> Trace | None:
     """Run ``body`` as the handler of one request through the middleware; return its trace."""
 
@@ -64,6 +66,7 @@ async def _request(
         record_futures=futures,
         instrument=instrument,
         sinks=[lambda trace, data: traces.append(trace)],
+        hooks_linger=LINGER_S if linger is None else linger,
     )
     headers = [(b"x-async-trace", b"1")] if traced else []
     scope = {"type": "http", "method": "GET", "path": "/", "headers": headers,

@@ -442,7 +442,7 @@ def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         states["before"] = (loop.get_task_factory(), patched(loop))
-        await _request(body)
+        await _request(body, linger=0)  # off the moment the traced request ends
         await _request(body, traced=False)
         states["after"] = (loop.get_task_factory(), patched(loop))
 
@@ -451,6 +451,54 @@ def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
     assert states["traced"] == (True, True, True)
     assert states["untraced"] == (False, False, False)
     assert concurrent.futures.ThreadPoolExecutor.submit is original_submit
+
+
+def test_hooks_linger_after_the_last_traced_request_then_come_off() -> None:
+    """Taking the hooks off and on changes the loop's class, which costs every request far
+    more than leaving them on: they stay ``hooks_linger`` seconds for the next traced one."""
+    from asgi_asynctrace import _hooks
+
+    async def body() -> None:
+        await asyncio.sleep(0)
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+
+        def state() -> tuple[bool, bool]:
+            return loop.get_task_factory() is not None, "create_future" in type(loop).__dict__
+
+        seen: list[Any] = []
+        await _request(body, linger=0.2)
+        seen.append(state())  # lingering
+        first = _hooks._loops[loop].held.on_since
+        await asyncio.sleep(0.05)
+        await _request(body, linger=0.2)  # within the linger: the same hooks, not new ones
+        seen.append(_hooks._loops[loop].held.on_since == first)
+        await asyncio.sleep(0.1)
+        seen.append(state())  # 0.1 s after the second request: still on
+        await asyncio.sleep(0.3)
+        seen.append(state())  # its linger has passed
+        return seen
+
+    assert run(main()) == [(True, True), True, (True, True), (False, False)]
+
+
+def test_a_loop_closed_while_its_hooks_linger_takes_them_off() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0)
+
+    loops: list[asyncio.AbstractEventLoop] = []
+    before: dict[str, Any] = {}
+
+    async def main() -> bool:
+        loops.append(asyncio.get_running_loop())
+        before.update(type(loops[0]).__dict__)
+        await _request(body, linger=60)
+        return "create_future" in type(loops[0]).__dict__
+
+    assert run(main()) is True  # on when the request ended, and run() closed the loop
+    assert loops[0].is_closed()
+    assert dict(type(loops[0]).__dict__) == before  # the class exactly as it was
 
 
 def test_hooks_leave_the_loops_own_attributes_alone() -> None:
@@ -515,7 +563,7 @@ def test_a_task_factory_already_on_the_loop_is_chained_and_restored() -> None:
         async def body() -> None:
             await asyncio.create_task(leaf())
 
-        trace = await _request(body)
+        trace = await _request(body, linger=0)
         assert loop.get_task_factory() is factory
         return trace
 
