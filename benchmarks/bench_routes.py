@@ -200,6 +200,7 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
                     otel_on()
                 if name == "pinned":
                     install_hooks()
+                    await measured(idle, path, 20)  # the steady state, untimed
                 on, start = hooks_on_ns(), time.perf_counter_ns()
                 rates[name] = await measured(app, path, n, traced)
                 if name == "sampled":
