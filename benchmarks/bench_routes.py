@@ -247,6 +247,42 @@ def _bare(sample: Any) -> ASGIApp:
     return Starlette(routes=sample.routes, lifespan=patterns.lifespan)
 
 
+async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
+    """What one traced request costs as traced requests get rarer, on a CPU-bound route: the
+    throughput at 1 traced request in 20 ... 1 in 400, against the idle middleware, each run
+    after 100 requests at that rate (the steady state: hooks on, lingering)."""
+    import asgi_asynctrace
+    from asgi_asynctrace import AsyncTraceMiddleware, _middleware
+    from asgi_asynctrace._hooks import uninstall_hooks
+    from sample_app.app import app as sample
+
+    asgi_asynctrace.instrument()
+    bare = _bare(sample)
+    idle = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
+    sampled = AsyncTraceMiddleware(bare, log_traces=False, store_size=100, sample_rate=0.5)
+    every = (20, 50, 100, 200, 400)
+    names: list[int] = [0, *every]  # 0: the idle middleware
+    got: dict[int, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        rates: dict[int, float] = {}
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            app = idle if k == 0 else sampled
+            if k:  # exactly one request in k is traced (the draw is made a counter)
+                _middleware._random = itertools.cycle([0.9] * (k - 1) + [0.0]).__next__
+            await measured(app, path, 100)
+            rates[k] = (await measured(app, path, n))[1]
+            uninstall_hooks()
+            await measured(idle, path, 20)
+        for k in every:
+            got[k].append(rates[k] / rates[0])
+    rows = ["| one request traced in | throughput vs idle | a traced request costs |",
+            "|---|---|---|"]  # fmt: skip
+    for k in every:
+        ratio = statistics.median(got[k])
+        rows.append(f"| {k} | {ratio:.3f}x | {(1 / ratio - 1) * k + 1:.1f} untraced |")
+    return rows
+
+
 async def latency_table(rounds: int) -> list[str]:
     """One request at a time: each way of looking at a request, over the bare app's latency.
 
@@ -339,16 +375,20 @@ def main() -> None:
 
     logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
 
-    async def everything() -> tuple[tuple[list[str], list[str]], list[str], list[str]]:
-        return await routes_table(rounds, n), await latency_table(rounds), await size_table()
+    async def everything() -> tuple[tuple[list[str], list[str]], list[str], list[str], list[str]]:
+        return (await routes_table(rounds, n), await rate_table(rounds, 5 * n),
+                await latency_table(rounds), await size_table())  # fmt: skip
 
-    (routes, sampling), latency, sizes = asyncio.run(everything())
+    (routes, sampling), by_rate, latency, sizes = asyncio.run(everything())
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {rounds} rounds of {n} "
           "requests per route and variant, 50 in flight; medians\n")  # fmt: skip
     print("Throughput, 50 requests in flight, relative to the bare app (1.000x = no cost):\n")
     print("\n".join(routes))
     print("\nWhat 1 % sampling costs, in CPU time per request, taken apart (50 in flight):\n")
     print("\n".join(sampling))
+    print(f"\nOn /cache, as traced requests get rarer (CPU time, {5 * n} requests a run, "
+          "50 in flight):\n")  # fmt: skip
+    print("\n".join(by_rate))
     print("\nLatency of one request at a time, relative to the bare app (lower is better):\n")
     print("\n".join(latency))
     print()
