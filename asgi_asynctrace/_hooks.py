@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import threading
 import time
 import types
 import weakref
@@ -232,15 +233,27 @@ _class_patches: dict[tuple[type, str], _ClassPatch] = {}
 _made: dict[tuple[type, str], tuple[Any, LoopPatch, bool, Any]] = {}
 
 
+# Loops of one class may run in several threads (a loop per thread, asgiref's async_to_sync):
+# the shared class patches are counted under a lock. Re-entrant: a loop garbage collected in
+# the middle of a patch gives its own back from inside the collection.
+_class_lock = threading.RLock()
+
+
 def _patch_on_class(loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
                     always: bool) -> tuple[type, str] | None:  # fmt: skip
     """Put ``name`` on the loop's class (shared by its loops); its key, or None if it cannot go
     there: the loop has its own ``name`` already, or its class takes no new attributes."""
+    with _class_lock:
+        return _patch_on_class_locked(loop, name, make, always)
+
+
+def _patch_on_class_locked(loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
+                           always: bool) -> tuple[type, str] | None:  # fmt: skip
     cls = type(loop)
     original = getattr(cls, name, None)
     if original is None:
         return None
-    for key, patch in _class_patches.items():  # ours already, put on a base class
+    for key, patch in list(_class_patches.items()):  # ours already, put on a base class
         if patch.ours is original:
             patch.refs += 1
             return key
@@ -264,6 +277,11 @@ def _patch_on_class(loop: asyncio.AbstractEventLoop, name: str, make: LoopPatch,
 
 
 def _unpatch_class(key: tuple[type, str]) -> None:
+    with _class_lock:
+        _unpatch_class_locked(key)
+
+
+def _unpatch_class_locked(key: tuple[type, str]) -> None:
     patch = _class_patches.get(key)
     if patch is None:
         return

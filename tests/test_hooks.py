@@ -501,6 +501,42 @@ def test_a_loop_closed_while_its_hooks_linger_takes_them_off() -> None:
     assert dict(type(loops[0]).__dict__) == before  # the class exactly as it was
 
 
+def test_loops_in_two_threads_share_the_class_patches_and_give_them_back() -> None:
+    """Each thread's loop traces its own requests; the class is left exactly as it was."""
+    import threading
+
+    traces: list[Trace | None] = []
+    classes: list[type] = []
+    before: dict[str, Any] = {}
+    ready = threading.Barrier(2)
+
+    def worker(label: str) -> None:
+        async def body() -> None:
+            for _ in range(10):
+                await asyncio.gather(leaf(0.001), leaf(0.001))
+
+        async def main() -> Trace | None:
+            classes.append(type(asyncio.get_running_loop()))
+            if not before:
+                before.update(classes[0].__dict__)
+            ready.wait(5)  # both loops are running: their requests overlap
+            return await _request(body, linger=0.01)
+
+        traces.append(run(main()))
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(traces) == 2 and all(t is not None for t in traces)
+    for trace in traces:
+        assert trace is not None
+        assert sum(r.type == "task" for r in trace.resources) == 20
+    assert classes[0] is classes[1]
+    assert dict(classes[0].__dict__) == before
+
+
 def test_hooks_leave_the_loops_own_attributes_alone() -> None:
     """The hooks patch the loop's class, never the loop: on CPython 3.11+ an object whose
     ``__dict__`` was once asked for keeps a slower attribute lookup for the rest of its life,
