@@ -221,7 +221,7 @@ class _ClassPatch:
     def __init__(self, previous: Any, ours: Any) -> None:
         self.previous = previous  # what the class itself held under that name, or _MISSING
         self.ours = ours
-        self.refs = 0
+        self.refs = 1
 
 
 # (loop class, method name) -> its patch. Classes, not instances: on CPython 3.11+ an object's
@@ -271,8 +271,7 @@ def _patch_on_class_locked(loop: asyncio.AbstractEventLoop, name: str, make: Loo
         setattr(cls, name, ours)
     except (TypeError, AttributeError):
         return None  # a static type: patched per instance instead
-    patch = _class_patches[(cls, name)] = _ClassPatch(previous, ours)
-    patch.refs = 1
+    _class_patches[(cls, name)] = _ClassPatch(previous, ours)
     return (cls, name)
 
 
