@@ -233,6 +233,20 @@ reserve(buffer *b, Py_ssize_t more)
     return 0;
 }
 
+/* Close a JSON array in ``b`` and hand it over as bytes; ``b``'s memory is freed either way. */
+static PyObject *
+close_array(buffer *b)
+{
+    PyObject *out = NULL;
+    if (reserve(b, 1) == 0) {
+        b->data[b->len++] = ']';
+        out = PyBytes_FromStringAndSize(b->data, b->len);
+    }
+    PyMem_Free(b->data);
+    b->data = NULL;
+    return out;
+}
+
 /* Writers reserve first: ROOM before each resource and after each string, enough for any
  * run of keys and ints up to the next reserve (an int is at most 20 characters). */
 #define ROOM 512
@@ -492,12 +506,7 @@ resources_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
     }
-    if (reserve(&b, 1) < 0) {
-        goto fail;
-    }
-    b.data[b.len++] = ']';
-    PyObject *out = PyBytes_FromStringAndSize(b.data, b.len);
-    PyMem_Free(b.data);
+    PyObject *out = close_array(&b);
     Py_DECREF(cache);
     return out;
 fail:
@@ -654,12 +663,7 @@ annotations_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         b.data[b.len++] = '}';
     }
-    if (reserve(&b, 1) < 0) {
-        goto fail;
-    }
-    b.data[b.len++] = ']';
-    PyObject *out = PyBytes_FromStringAndSize(b.data, b.len);
-    PyMem_Free(b.data);
+    PyObject *out = close_array(&b);
     Py_DECREF(keys);
     return out;
 fail:
