@@ -11,6 +11,7 @@ Exports: AsyncTraceMiddleware.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import random
@@ -142,9 +143,12 @@ class AsyncTraceMiddleware:
         elif instrument:
             _instrument.instrument(*instrument)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # The path of every untraced request: one C call (or, without the accelerator, one
-        # header scan and a prefix test), then straight to the app.
+        # header scan and a prefix test), then the app's own coroutine is handed back for the
+        # server to await: no frame of ours stays in the request's await chain, which every
+        # step of the request would otherwise pass through. (Marked a coroutine function
+        # below, for servers that check before choosing the ASGI 3 interface.)
         try:
             value = NotImplemented if _check is None else _check(scope, _HEADER, self._store_path)
             if value is None:  # sampled here, so an unsampled request costs one random()
@@ -162,8 +166,15 @@ class AsyncTraceMiddleware:
             slow = False
         # Outside the try: an exception from the app must pass through untouched.
         if slow:
-            return await self._slow_path(scope, receive, send, value)  # type: ignore[arg-type]
-        return await self.app(scope, receive, send)
+            return self._slow_path(scope, receive, send, value)  # type: ignore[arg-type]
+        return self.app(scope, receive, send)
+
+    # What inspect and asyncio (and through them uvicorn, hypercorn, Starlette) ask to tell an
+    # ASGI 3 app: __call__ returns the awaitable an ``async def`` would.
+    if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
+        inspect.markcoroutinefunction(__call__)
+    if hasattr(asyncio.coroutines, "_is_coroutine"):  # asyncio.iscoroutinefunction, < 3.14
+        __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
     def _check_in_python(self, scope: Scope) -> tuple[Any, bool]:
         if scope["type"] not in _TRACEABLE:

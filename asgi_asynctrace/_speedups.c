@@ -683,6 +683,7 @@ typedef struct {
     PyObject *untraced;
     PyObject *traced;
     vectorcallfunc vectorcall;
+    PyObject *dict; /* __dict__: functools.wraps' attributes, a coroutine function's mark */
 } Dispatch;
 
 static PyObject *
@@ -731,6 +732,7 @@ dispatch_traverse(Dispatch *d, visitproc visit, void *arg)
     Py_VISIT(d->var);
     Py_VISIT(d->untraced);
     Py_VISIT(d->traced);
+    Py_VISIT(d->dict);
     return 0;
 }
 
@@ -740,6 +742,7 @@ dispatch_clear(Dispatch *d)
     Py_CLEAR(d->var);
     Py_CLEAR(d->untraced);
     Py_CLEAR(d->traced);
+    Py_CLEAR(d->dict);
     return 0;
 }
 
@@ -776,6 +779,11 @@ static PyMemberDef dispatch_members[] = {
     {NULL},
 };
 
+static PyGetSetDef dispatch_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
 static PyTypeObject DispatchType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "asgi_asynctrace._speedups.Dispatch",
@@ -792,6 +800,8 @@ static PyTypeObject DispatchType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(Dispatch, vectorcall),
     .tp_members = dispatch_members,
+    .tp_getset = dispatch_getset,
+    .tp_dictoffset = offsetof(Dispatch, dict),
 };
 
 /* TaskCall(task_type): a task factory, ``(loop, coro, **kw) -> task_type(coro, loop=loop,

@@ -43,25 +43,21 @@ class Patches:
 
 
 def untraced_fast_path(original: Any, record: Any) -> Any:
-    """A wrapper for an async method that costs one ContextVar read outside traced requests.
+    """A replacement for an async method that costs one ContextVar read outside traced requests.
 
-    Outside a traced request it returns ``original(...)``'s coroutine itself (no extra
-    coroutine frame per call); inside one it returns ``record(...)``'s. Still reported as a
-    coroutine function by ``inspect`` and ``asyncio``.
+    Outside a traced request a call returns ``original(...)``'s coroutine itself; inside one,
+    ``record(...)``'s. It is the hooks' ``dispatch`` (in C when the accelerator is built: no
+    Python frame at all on the untraced side), carrying ``original``'s name, docstring and
+    ``__wrapped__``, and still reported as a coroutine function by ``inspect`` and ``asyncio``.
     """
-    from asgi_asynctrace._context import ACTIVE
+    from asgi_asynctrace._hooks import dispatch
 
-    get = ACTIVE.get
-
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if get() is None:
-            return original(*args, **kwargs)
-        return record(*args, **kwargs)
-
+    wrapper = dispatch(original, record)
+    functools.update_wrapper(wrapper, original)
     mark = getattr(inspect, "markcoroutinefunction", None)
     if mark is not None:
         mark(wrapper)
-    else:  # Python 3.10 / 3.11: asyncio's own marker
-        wrapper._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    marker = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio's own, before 3.14
+    if marker is not None:
+        wrapper._is_coroutine = marker  # type: ignore[attr-defined]
     return wrapper

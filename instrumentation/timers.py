@@ -158,6 +158,11 @@ def _record(
         wrapper.trace.annotate(wrapper.res, "error", type(exc).__qualname__)
         raise
     wrapper.handle = handle
+    if type(handle) is asyncio.TimerHandle:  # asyncio's loops (uvloop's handles are its own)
+        try:
+            handle.__class__ = _TracedTimerHandle
+        except TypeError as exc:
+            report("timers", exc)
     return handle
 
 
@@ -185,20 +190,24 @@ def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
     return call_at
 
 
-def _make_cancelled(original: Callable[..., Any]) -> Callable[..., Any]:
-    # asyncio's TimerHandle.cancel() tells its loop through this method, before it forgets
-    # the callback: the one place a cancel can be seen as it happens. Runs on every cancel
-    # while the hooks are on: a traced timer may be cancelled from anywhere.
-    def _timer_handle_cancelled(loop: Any, handle: asyncio.TimerHandle) -> Any:
-        callback = getattr(handle, "_callback", None)
-        if type(callback) is _TimerCallback:
+class _TracedTimerHandle(asyncio.TimerHandle):
+    """What a traced timer's handle becomes on asyncio's loops: a ``TimerHandle`` whose
+    ``cancel()`` records the cancel as it happens. Only traced timers' handles take this class
+    (assigned after the loop made them, same layout), so no other cancel pays anything."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        callback = self._callback  # type: ignore[attr-defined]
+        if not self._cancelled and type(callback) is _TimerCallback:
             try:
                 callback.cancelled()
             except Exception as exc:
                 report("timers", exc)
-        return original(loop, handle)
+        super().cancel()
 
-    return _timer_handle_cancelled
+
+_TracedTimerHandle.__name__ = "TimerHandle"  # its repr() stays asyncio's
 
 
 class TimersInstrumentation(Instrumentation):
@@ -209,10 +218,9 @@ class TimersInstrumentation(Instrumentation):
     def _install(self, module: ModuleType) -> None:
         add_loop_patch("call_later", _make_call_later)
         add_loop_patch("call_at", _make_call_at)
-        add_loop_patch("_timer_handle_cancelled", _make_cancelled, always=True)
 
     def uninstall(self) -> None:
-        for name in ("call_later", "call_at", "_timer_handle_cancelled"):
+        for name in ("call_later", "call_at"):
             remove_loop_patch(name)
         super().uninstall()
 

@@ -19,13 +19,19 @@ T = TypeVar("T")
 LOOP = os.environ.get("ASYNCTRACE_TEST_LOOP", "asyncio")
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion on a fresh loop of the kind under test."""
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run ``coro`` (or any awaitable: an ASGI app's call) to completion on a fresh loop of the
+    kind under test."""
+    main: Coroutine[Any, Any, T] = coro if isinstance(coro, Coroutine) else _awaited(coro)
     if LOOP == "uvloop":
         import uvloop
 
-        return uvloop.run(coro)
-    return asyncio.run(coro)
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def client(app: Any, client_host: str = "127.0.0.1") -> httpx.AsyncClient:

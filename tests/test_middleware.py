@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -142,6 +144,37 @@ def test_untraced_requests_are_served_exactly_as_without_the_middleware() -> Non
         )
     assert "x-async-trace-id" not in remote.headers and remote.text == "hello"
     assert traces == []
+
+
+def test_an_untraced_request_runs_without_a_frame_of_the_middleware() -> None:
+    """Untraced, the middleware hands the app's own coroutine to the server: nothing of ours
+    stays in the request's await chain, which every step of the request passes through."""
+    seen: list[str] = []
+
+    async def where(request: Request) -> Response:
+        seen.extend(f.filename for f in inspect.stack(0))
+        return PlainTextResponse("ok")
+
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/", where)]), log_traces=False)
+    assert call(app, lambda c: c.get("/")).text == "ok"
+    ours = os.path.join("asgi_asynctrace", "_middleware.py")
+    assert seen and not [f for f in seen if f.endswith(ours)]
+    assert call(app, lambda c: c.get("/", headers=ON)).text == "ok"  # traced: ours is there
+    assert [f for f in seen if f.endswith(ours)]
+
+
+def test_servers_see_an_asgi3_app() -> None:
+    """uvicorn (like other servers) picks ASGI 2 or 3 by asking whether ``__call__`` is a
+    coroutine function: the middleware's answers yes, though it returns the app's awaitable."""
+    import uvicorn
+
+    app = AsyncTraceMiddleware(Starlette(routes=routes()), log_traces=False)
+    assert asyncio.iscoroutinefunction(app.__call__)
+    if hasattr(inspect, "markcoroutinefunction"):
+        assert inspect.iscoroutinefunction(app.__call__)
+    config = uvicorn.Config(app, log_level="warning")
+    config.load()
+    assert config.interface == "asgi3"
 
 
 @pytest.mark.parametrize(

@@ -163,3 +163,25 @@ def test_untraced_calls_record_nothing_and_uninstrument_restores_the_libraries()
 
     trace = run(_request(body, instrument=False))
     assert trace is not None and cache_calls(trace) == []
+
+
+def test_an_instrumented_method_is_the_libraries_own_outside_traced_requests() -> None:
+    """Untraced, ``cache.get(...)`` returns aiocache's own coroutine (no frame of ours in
+    between), and the method still looks like what it replaced to inspect and asyncio."""
+    import inspect
+
+    import aiocache.base
+
+    instrument("aiocache")
+    method = aiocache.base.BaseCache.get
+    original = method.__wrapped__
+    cache = SimpleMemoryCache()
+    coro = cache.get("k")
+    try:
+        assert coro.cr_code is original.__code__
+    finally:
+        coro.close()
+    assert method.__name__ == "get" and method.__doc__ == original.__doc__
+    assert asyncio.iscoroutinefunction(cache.get)
+    assert inspect.signature(cache.get) == inspect.signature(original.__get__(cache))
+    assert asyncio.run(cache.get("nothing", default=3)) == 3

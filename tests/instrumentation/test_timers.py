@@ -80,6 +80,31 @@ def test_a_sleep_whose_task_is_cancelled_is_a_cancelled_timer() -> None:
         assert timer.settled_at < trace.ended_at
 
 
+def test_a_traced_timers_handle_is_still_asyncios_timer_handle() -> None:
+    handles: list[Any] = []
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        handles.append(loop.call_later(10, print))
+        handles[0].cancel()
+
+    async def main() -> Trace | None:
+        trace = await _request(body)
+        handles.append(asyncio.get_running_loop().call_later(10, print))  # untraced
+        handles[1].cancel()
+        return trace
+
+    trace = run(main())
+    assert trace is not None
+    (timer,) = timers(trace)
+    assert timer.state == "cancelled"
+    traced_handle, plain = handles
+    assert isinstance(traced_handle, type(plain)) and traced_handle.cancelled()
+    assert repr(traced_handle).startswith(f"<{type(plain).__name__} cancelled")
+    if LOOP == "asyncio":  # the untraced one is exactly asyncio's; only traced ones record
+        assert type(plain) is asyncio.TimerHandle
+
+
 def test_a_wait_for_deadline_that_is_not_reached_is_cancelled_and_one_that_is_fires() -> None:
     async def body() -> None:
         await asyncio.wait_for(asyncio.sleep(0.001), timeout=5)
