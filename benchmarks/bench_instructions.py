@@ -1,0 +1,155 @@
+"""Instructions per request under valgrind: the overhead ratios without the machine's noise.
+
+    python -m benchmarks.bench_instructions            # a Markdown table (needs valgrind)
+    python -m benchmarks.bench_instructions --quick    # fewer requests, for a smoke check
+
+Timing ratios on a shared two-core VM move by a few per cent from run to run, as much as the
+effects they should show. Counting the instructions a request executes does not move: callgrind
+counts the same work the same way whatever else the machine is doing. Each variant runs in its
+own process under ``valgrind --tool=callgrind`` (two at a time, one per core): it serves every
+route, first untimed (imports, caches, CPython's specialization settle), then the counted
+requests, 50 in flight, between two calls of ``os.getpgrp()`` that tell callgrind to cut its
+count there (``--dump-before=getpgrp``). Instructions are not time: a cache miss costs no
+instructions and many cycles, so a path that runs rarely (a traced request under 1 % sampling)
+costs more time than its count says; the timed benchmarks show that part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import gc
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# (route label, app, path): bench_hooks' route, and the sample app's CPU-bound routes
+ROUTES = [("/ (gather of 2 tasks)", "hooks", "/"), ("/cache", "sample", "/cache"),
+          ("/nested", "sample", "/nested")]  # fmt: skip
+VARIANTS = {
+    "bare": "bare app",
+    "floor": "a do-nothing middleware (the floor)",
+    "idle": "middleware, every instrumentation, untraced",
+    "pinned": "the same, hooks on (a traced request in flight)",
+    "sampled": "1 % sampled (1 request in 100 traced)",
+    "traced": "every request traced",
+}
+TARGETS = {"idle": ">= 0.99x", "pinned": ">= 0.99x", "sampled": ">= 0.98x"}
+
+
+def _app(kind: str, variant: str) -> Any:
+    """The ASGI app a variant serves for one route."""
+    from asgi_asynctrace import AsyncTraceMiddleware, install_hooks
+
+    from .bench_hooks import PassThrough, endpoint
+
+    if kind == "hooks":
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        bare: Any = Starlette(routes=[Route("/", endpoint)])
+    else:
+        from sample_app.app import app as sample
+
+        from .bench_routes import _bare
+
+        bare = _bare(sample)
+    if variant == "bare":
+        return bare
+    if variant == "floor":
+        return PassThrough(bare)
+    app = AsyncTraceMiddleware(bare, log_traces=False, store_size=100,
+                               sample_rate=0.5 if variant == "sampled" else 0.0)  # fmt: skip
+    if variant == "pinned":
+        install_hooks()
+    return app
+
+
+async def _serve(app: Any, path: str, n: int, traced: bool) -> None:
+    from .bench_routes import _one
+
+    gate = asyncio.Semaphore(50)
+
+    async def guarded() -> None:
+        async with gate:
+            await _one(app, path, traced)
+
+    await asyncio.gather(*(guarded() for _ in range(n)))
+
+
+async def _work(variant: str, warmup: int, n: int) -> None:
+    """What one process runs: every route, warm-up then the counted requests."""
+    from asgi_asynctrace import _middleware
+
+    if variant == "sampled":  # exactly one request in 100 traced, evenly spaced
+        _middleware._random = itertools.cycle([0.9] * 99 + [0.0]).__next__
+    traced = variant == "traced"
+    for _, kind, path in ROUTES:
+        app = _app(kind, variant)
+        await _serve(app, path, warmup, traced)
+        gc.collect()  # not counted: every variant starts its count from a collected heap
+        os.getpgrp()  # callgrind cuts its count here ...
+        await _serve(app, path, n, traced)
+        os.getpgrp()  # ... and here
+
+
+def _count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
+    """Instructions per request, per route, for one variant (one process under callgrind)."""
+    out = os.path.join(scratch, f"{variant}.out")
+    cmd = ["valgrind", "--tool=callgrind", "--dump-before=getpgrp", f"--callgrind-out-file={out}",
+           sys.executable, "-m", "benchmarks.bench_instructions", "--worker", variant,
+           "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed under valgrind:\n{done.stderr[-3000:]}")
+    counts = []
+    for i in range(len(ROUTES)):  # dump 1 is the start-up; then counted, between, counted, ...
+        part = Path(f"{out}.{2 * i + 2}").read_text()
+        totals = [line for line in part.splitlines() if line.startswith("totals:")]
+        counts.append(int(totals[0].split()[1]) // n)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke check)")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=1000, help=argparse.SUPPRESS)
+    parser.add_argument("-n", type=int, default=2000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import logging
+
+        logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
+        asyncio.run(_work(args.worker, args.warmup, args.n))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("needs valgrind (Debian's package valgrind)")
+    warmup, n = (300, 300) if args.quick else (1000, 2000)
+    with tempfile.TemporaryDirectory() as scratch, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = {v: pool.submit(_count, v, warmup, n, scratch) for v in VARIANTS}
+        counts = {v: job.result() for v, job in jobs.items()}
+    print(
+        f"Python {sys.version.split()[0]}, valgrind callgrind; instructions per request, "
+        f"{n} requests per route and variant (50 in flight) after {warmup} uncounted\n"
+    )
+    print("| route | variant | instructions per request | vs bare app | target |")
+    print("|---|---|---|---|---|")
+    for i, (label, _, _) in enumerate(ROUTES):
+        base = counts["bare"][i]
+        for variant, name in VARIANTS.items():
+            got = counts[variant][i]
+            ratio = base / got  # as throughput: the bare app's work over this variant's
+            print(f"| {label} | {name} | {got:,} | {ratio:.3f}x | {TARGETS.get(variant, '-')} |")
+
+
+if __name__ == "__main__":
+    main()
