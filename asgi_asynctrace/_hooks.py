@@ -60,8 +60,11 @@ __all__ = [
 _now = time.perf_counter_ns
 TaskFactory = Callable[..., "asyncio.Future[Any]"]
 #: make(original) -> what runs in place of a loop method while the hooks are on, called as
-#: ``method(loop, *args, **kwargs)``; ``original`` is called the same way, loop first.
-LoopPatch = Callable[[Callable[..., Any]], Callable[..., Any]]
+#: ``method(loop, *args, **kwargs)``; ``original`` is called the same way, loop first. None:
+#: this loop's method needs no patch (it calls another patched method that records it).
+LoopPatch = Callable[[Callable[..., Any]], "Callable[..., Any] | None"]
+# What _patch_on_class says of a method whose patch declined it: leave the method alone.
+_NOT_NEEDED: Any = ("", "")
 # Loop methods that instrumentation (timers) adds to the hooks: name -> (make, always), where
 # ``always`` says the method runs on every call, not only inside traced requests.
 _loop_patches: dict[str, tuple[LoopPatch, bool]] = {}
@@ -263,9 +266,15 @@ def _patch_on_class_locked(loop: asyncio.AbstractEventLoop, name: str, make: Loo
     made = _made.get((cls, name))
     if made is None or made[0] is not original or made[1] is not make or made[2] is not always:
         traced = make(original)  # made once per class and method, not on every install
-        made = (original, make, always, traced if always else dispatch(original, traced))
+        untraced = _exact_equivalents().get(original, original)
+        if traced is None or always:
+            made = (original, make, always, traced)
+        else:
+            made = (original, make, always, dispatch(untraced, traced))
         _made[(cls, name)] = made
     ours = made[3]
+    if ours is None:
+        return _NOT_NEEDED  # type: ignore[no-any-return]
     previous = cls.__dict__.get(name, _MISSING)
     try:
         setattr(cls, name, ours)
@@ -273,6 +282,14 @@ def _patch_on_class_locked(loop: asyncio.AbstractEventLoop, name: str, make: Loo
         return None  # a static type: patched per instance instead
     _class_patches[(cls, name)] = _ClassPatch(previous, ours)
     return (cls, name)
+
+
+def _exact_equivalents() -> dict[Any, Any]:
+    """Loop methods of asyncio's own that C does exactly, for the untraced side of a patch: an
+    untraced call then runs no Python frame at all (asyncio's is one line of Python)."""
+    if _CTaskCall is None:
+        return {}
+    return {asyncio.BaseEventLoop.create_future: _CTaskCall(asyncio.Future)}
 
 
 def _unpatch_class(key: tuple[type, str]) -> None:
@@ -341,6 +358,8 @@ class _LoopHooks:
             return
         try:
             key = _patch_on_class(loop, name, make, always)
+            if key is _NOT_NEEDED:
+                return
             if key is not None:
                 self.methods[name] = ("class", key, None)
                 self.held.keys.append(key)
@@ -353,7 +372,10 @@ class _LoopHooks:
             def original(_loop: Any, *args: Any, **kwargs: Any) -> Any:
                 return bound(*args, **kwargs)
 
-            method = types.MethodType(make(original), loop)
+            patch = make(original)
+            if patch is None:
+                return
+            method = types.MethodType(patch, loop)
             ours = method if always else dispatch(bound, method)
         except Exception as exc:
             report(f"loop-patch:{name}", exc)

@@ -455,15 +455,23 @@ _MAX_FRAMES_JSON: Final = 20_000
 def _stacks_json(stacks: list[tuple[str, ...]]) -> bytes:
     """``stackTraces`` as orjson writes ``[{"id": i, "frames": [...]}, ...]``, from the cache."""
     cache = _frames_json
-    parts = []
+    # Frames are most of a trace's bytes: each cached piece is copied once, by the one join.
+    parts = [b"["]
+    append = parts.append
     for i, frames in enumerate(stacks):
         hit = cache.get(id(frames))
         if hit is None or hit[0] is not frames:
             if len(cache) >= _MAX_FRAMES_JSON:
                 cache.clear()
             hit = cache[id(frames)] = (frames, b',"frames":' + orjson.dumps(frames) + b"}")
-        parts.append(b'{"id":%d%b' % (i, hit[1]))
-    return b"[" + b",".join(parts) + b"]"
+        append(b'{"id":%d' % i)
+        append(hit[1])
+        append(b",")
+    if len(parts) > 1:
+        parts[-1] = b"]"
+    else:
+        append(b"]")
+    return b"".join(parts)
 
 
 def _json_safe(value: Any) -> Any:

@@ -805,7 +805,9 @@ static PyTypeObject DispatchType = {
 };
 
 /* TaskCall(task_type): a task factory, ``(loop, coro, **kw) -> task_type(coro, loop=loop,
- * **kw)``, what asyncio does with no factory set: the untraced side of the hooks' factory. */
+ * **kw)``, what asyncio does with no factory set: the untraced side of the hooks' factory.
+ * Called with the loop alone, ``task_type(loop=loop)``: TaskCall(Future) is asyncio's
+ * ``loop.create_future()`` without its Python frame. */
 typedef struct {
     PyObject_HEAD
     PyObject *task_type;
@@ -818,12 +820,15 @@ static PyObject *
 taskcall_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "a task factory takes (loop, coro, **kwargs)");
-        return NULL;
-    }
     PyObject *type = ((TaskCall *)self)->task_type;
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs == 1 && nkw == 0) { /* (loop) -> type(loop=loop): asyncio's create_future */
+        return PyObject_Vectorcall(type, args, 0, s_loop_only);
+    }
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "takes (loop, coro, **kwargs) or (loop)");
+        return NULL;
+    }
     if (nkw == 0) {
         PyObject *stack[2] = {args[1], args[0]};
         return PyObject_Vectorcall(type, stack, 1, s_loop_only);

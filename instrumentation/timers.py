@@ -21,6 +21,7 @@ Exports: TimersInstrumentation, instrumentation.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -36,6 +37,10 @@ from ._base import Instrumentation
 __all__ = ["TimersInstrumentation", "instrumentation"]
 
 _now = time.perf_counter_ns
+# asyncio's call_later computes the due time and calls call_at: on asyncio's loops only call_at
+# is patched, and a call from call_later is recorded as what it was.
+_ASYNCIO_CALL_LATER: Any = asyncio.BaseEventLoop.call_later
+_CALL_LATER_CODE = _ASYNCIO_CALL_LATER.__code__
 
 
 def _kind(callback: Any, default: str) -> str:
@@ -130,14 +135,15 @@ def _unsettled(trace: Trace) -> _Unsettled:
 
 def _record(
     loop: Any, original: Callable[..., Any], when: float, delay: float,
-    callback: Any, args: tuple[Any, ...], context: Any, default_kind: str,
+    callback: Any, args: tuple[Any, ...], context: Any, default_kind: str, takes_delay: bool,
+    skip: int = 3,
 ) -> Any:  # fmt: skip
-    arg = delay if default_kind == "call_later" else when
+    arg = delay if takes_delay else when  # what ``original`` takes: a delay or a due time
     wrapper = None
     try:
         trace, parent = ACTIVE.get()  # type: ignore[misc]
         # The stack starts at whoever called call_later: asyncio.sleep, a timeout, the app.
-        res = new_resource("timer", trace, parent, skip=3)
+        res = new_resource("timer", trace, parent, skip=skip)
         if res is not None:
             wrapper = _TimerCallback(callback, trace, res, loop, when)
             kind = _kind(callback, default_kind)
@@ -168,13 +174,16 @@ def _record(
 
 # The hooks run these only inside traced requests: elsewhere the loop's own method is called
 # directly (in C when the accelerator is built), with no frame of ours.
-def _make_call_later(original: Callable[..., Any]) -> Callable[..., Any]:
+def _make_call_later(original: Callable[..., Any]) -> Callable[..., Any] | None:
+    if original is _ASYNCIO_CALL_LATER:
+        return None  # it calls call_at, whose patch records it: one dispatch per call, not two
+
     def call_later(loop: Any, delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
         active = ACTIVE.get()
         if active is None or active[0].closed or type(callback) is _TimerCallback:
             return original(loop, delay, callback, *args, context=context)
         return _record(loop, original, loop.time() + delay, delay, callback, args, context,
-                       "call_later")  # fmt: skip
+                       "call_later", True)  # fmt: skip
 
     return call_later
 
@@ -184,8 +193,14 @@ def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
         active = ACTIVE.get()
         if active is None or active[0].closed or type(callback) is _TimerCallback:
             return original(loop, when, callback, *args, context=context)
+        caller = sys._getframe(1)
+        if caller.f_code is _CALL_LATER_CODE:  # asyncio's call_later: recorded as one
+            delay = caller.f_locals.get("delay")
+            if isinstance(delay, (int, float)):
+                return _record(loop, original, when, delay, callback, args, context,
+                               "call_later", False, skip=4)  # fmt: skip
         return _record(loop, original, when, when - loop.time(), callback, args, context,
-                       "call_at")  # fmt: skip
+                       "call_at", False)  # fmt: skip
 
     return call_at
 

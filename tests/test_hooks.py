@@ -818,3 +818,25 @@ def test_without_the_accelerator_the_hooks_record_the_same_resources(
     monkeypatch.setattr(_hooks, "_CTaskCall", None)
     assert shape(traced(body, futures=True)) == shape(accelerated)
     assert {"task", "future", "timer"} <= {r.type for r in accelerated.resources}
+
+
+def test_while_hooks_are_on_an_untraced_create_future_is_asyncios_own() -> None:
+    """The untraced side of the create_future patch may be C doing what asyncio's does: the
+    future must be the very same kind, on the same loop, and behave the same."""
+    from asgi_asynctrace import _hooks
+
+    async def main() -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        plain = loop.create_future()
+        release = _hooks.acquire_hooks(loop, 0)
+        try:
+            patched = "create_future" in type(loop).__dict__
+            fut = loop.create_future()
+            loop.call_soon(fut.set_result, 7)
+            value = await fut
+        finally:
+            release()
+        return patched, type(fut), type(plain), fut.get_loop() is loop, value
+
+    patched, kind, plain_kind, same_loop, value = run(main())
+    assert patched and kind is plain_kind and same_loop and value == 7

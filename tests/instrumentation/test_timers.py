@@ -7,6 +7,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,6 +164,14 @@ def test_call_later_runs_its_callback_as_the_timers_step_and_records_what_it_doe
     assert notes(trace, at)["kind"] == "call_at"
     assert at.state == "error" and notes(trace, at)["error"] == "InvalidStateError"
     assert len(errors) == 1  # the loop's exception handler still got the error, as ever
+    assert notes(trace, later)["delayMs"] == 5.0  # exactly as asked
+    for timer, line in ((later, "loop.call_later("), (at, "loop.call_at(")):
+        # each stack starts at the line that scheduled it, whichever way the loop recorded it
+        assert timer.stack_id is not None
+        first = trace.stacks[timer.stack_id][0]
+        assert first.startswith("test_call_later_runs_its_callback_as_the_timers_step_and")
+        lineno = int(first.rsplit(":", 2)[1])
+        assert line in Path(__file__).read_text().splitlines()[lineno - 1]
 
 
 def test_a_blocked_loop_shows_as_lateness() -> None:
