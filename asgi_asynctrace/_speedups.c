@@ -674,9 +674,10 @@ fail:
 
 /* Dispatch(var, untraced, traced): a callable that calls ``untraced`` with its arguments
  * when the ContextVar ``var`` is unset or None, and ``traced`` otherwise. The hooks put it in
- * place of a loop's create_future, call_later, call_at and task factory while any traced
- * request runs: the calls of every other request then cost one context lookup, with no
- * Python frame of ours. In a class it is a method (see dispatch_get). */
+ * place of a loop's create_future, call_at (call_later on uvloop) and task factory while any
+ * traced request runs, and instrumentation in place of library methods: the calls of every
+ * other request then cost one context lookup, with no Python frame of ours. In a class it is a
+ * method (see dispatch_get); its __dict__ takes functools.wraps' attributes. */
 typedef struct {
     PyObject_HEAD
     PyObject *var;
