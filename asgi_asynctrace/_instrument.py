@@ -12,8 +12,15 @@ Exports: instrument, uninstrument.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import logging
+import sys
+import threading
+from types import ModuleType
 from typing import Any
+
+from ._failures import report
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -36,14 +43,25 @@ def _instrumentation(name: str) -> Any | None:
         return None
 
 
+# The library each instrumentation module instruments, where it is not the module's own name.
+_LIBRARY = {"timers": "asyncio"}
+
+
 def instrument(*names: str) -> dict[str, bool]:
     """Install the named instrumentations (all available when none is named).
 
     Returns which ones are now on; a library that is missing or too old is skipped with one
-    log line, never an exception. An unknown name is a ValueError.
+    log line, never an exception. An unknown name is a ValueError. With no name, a library the
+    app has not imported yet is not imported for it: its instrumentation goes on the moment
+    the app first imports it (so an installed library the app never uses costs nothing).
     """
     result = {}
     for name in names or _available():
+        library = _LIBRARY.get(name, name)
+        if not names and library not in sys.modules and importlib.util.find_spec(library):
+            _after_import.wait_for(library, name)
+            result[name] = False
+            continue
         module = _instrumentation(name)
         result[name] = module is not None and bool(module.install())
     return result
@@ -52,6 +70,98 @@ def instrument(*names: str) -> dict[str, bool]:
 def uninstrument(*names: str) -> None:
     """Undo ``instrument()`` for the named instrumentations (all when none is named)."""
     for name in names or _available():
+        _after_import.forget(name)
         module = _instrumentation(name)
         if module is not None:
             module.uninstall()
+
+
+def _install_now(name: str) -> None:
+    try:
+        module = _instrumentation(name)
+        if module is not None:
+            module.install()
+    except Exception as exc:  # never into the app's import
+        report(f"instrument:{name}", exc)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Installs an instrumentation the moment the app first imports its library.
+
+    On ``sys.meta_path`` only while some library is awaited. It finds nothing itself: for an
+    awaited name it asks the finders after it, and wraps the loader they give so the
+    instrumentation is installed right after the library's module has run; the module's
+    ``__loader__`` and ``__spec__.loader`` are then given back the real loader.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, list[str]] = {}  # library -> instrumentation names
+        self.lock = threading.Lock()
+
+    def wait_for(self, library: str, name: str) -> None:
+        with self.lock:
+            names = self.waiting.setdefault(library, [])
+            if name not in names:
+                names.append(name)
+            if self not in sys.meta_path:
+                sys.meta_path.insert(0, self)
+
+    def forget(self, name: str) -> None:
+        with self.lock:
+            for library, names in list(self.waiting.items()):
+                if name in names:
+                    names.remove(name)
+                if not names:
+                    del self.waiting[library]
+            if not self.waiting and self in sys.meta_path:
+                sys.meta_path.remove(self)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.waiting:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is not None and hasattr(loader, "exec_module"):
+            with self.lock:
+                names = self.waiting.pop(fullname, [])
+                if not self.waiting and self in sys.meta_path:
+                    sys.meta_path.remove(self)
+            spec.loader = _ThenInstall(loader, names)
+        return spec
+
+
+class _ThenInstall:
+    """A loader that runs the real one, then installs the waiting instrumentations."""
+
+    def __init__(self, loader: Any, names: list[str]) -> None:
+        self._loader = loader
+        self._names = names
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        try:
+            self._loader.exec_module(module)
+        finally:
+            spec: Any = module.__spec__
+            if spec is not None and spec.loader is self:
+                spec.loader = self._loader
+            if getattr(module, "__loader__", None) is self:
+                module.__loader__ = self._loader
+        for name in self._names:
+            _install_now(name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+_after_import = _AfterImport()

@@ -76,8 +76,9 @@ class AsyncTraceMiddleware:
         request ask to trace the call too (``X-Async-Trace``, with their secret when given as
         a mapping ``{host: secret}``; ``"1"`` for a list) and name it as their upstream.
     instrument: turn on library instrumentation when the middleware is made: True for every
-        one whose library is installed (timers, httpx, caches, ...), a list of names for
-        those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
+        one whose library is installed (timers, httpx, caches, ...; one the app has not
+        imported yet goes on when the app imports it, and is never imported for it), a list
+        of names for those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
     analysis: the thresholds of the findings the trace store serves with each trace (and the
         viewer shows); the defaults when None.
     hooks_linger: seconds the asyncio hooks stay on after the last traced request ends, in
