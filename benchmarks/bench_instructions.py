@@ -9,10 +9,10 @@ counts the same work the same way whatever else the machine is doing. Each varia
 own process under ``valgrind --tool=callgrind`` (two at a time, one per core): it serves every
 route, first untimed (imports, caches, CPython's specialization settle), then the counted
 requests, 50 in flight, between two calls of ``os.getpgrp()`` that tell callgrind to cut its
-count there (``--dump-before=getpgrp``). The middleware's ``instrument=True`` imports every
-supported library that is installed, and a bigger heap makes each garbage collection longer: so
-the ratios are given against the bare app as it is and against the bare app with those libraries
-imported (what an app that uses them has loaded anyway). Instructions are not time: a cache
+count there (``--dump-before=getpgrp``), the heap collected and frozen before (``gc.freeze()``:
+the collections during the count walk what the requests made, whatever else is loaded). The
+ratios are given against the bare app as it is and against the bare app with every instrumented
+library imported (what an app that uses them has loaded anyway). Instructions are not time: a cache
 miss costs no instructions and many cycles, so a path that runs rarely (a traced request under
 1 % sampling) costs more time than its count says; the timed benchmarks show that part.
 """
@@ -114,10 +114,16 @@ async def _work(variant: str, warmup: int, n: int) -> None:
     for _, kind, path in ROUTES:
         app = _app(kind, variant)
         await _serve(app, path, warmup, traced)
-        gc.collect()  # not counted: every variant starts its count from a collected heap
+        # Not counted: every variant starts from a collected heap, frozen, so the collections
+        # during the count walk only what its requests made, not the modules each variant
+        # happens to have loaded (a full collection now and then would otherwise land inside
+        # one variant's count and not another's).
+        gc.collect()
+        gc.freeze()
         os.getpgrp()  # callgrind cuts its count here ...
         await _serve(app, path, n, traced)
         os.getpgrp()  # ... and here
+        gc.unfreeze()
 
 
 def _count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
