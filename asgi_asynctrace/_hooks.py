@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import inspect
 import threading
 import time
 import types
@@ -173,6 +174,18 @@ def dispatch_python(untraced: Callable[..., Any], traced: Callable[..., Any]) ->
         return traced(*args, **kwargs)
 
     return call
+
+
+def mark_coroutine_function(fn: Any) -> None:
+    """Make ``inspect`` and ``asyncio`` (and through them servers, Starlette and libraries that
+    check) report ``fn`` as a coroutine function: it returns the coroutine an ``async def``
+    would, without being one."""
+    mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+    if mark is not None:
+        mark(fn)
+    marker = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio's own, before 3.14
+    if marker is not None:
+        fn._is_coroutine = marker
 
 
 def dispatch(untraced: Callable[..., Any], traced: Callable[..., Any]) -> Callable[..., Any]:

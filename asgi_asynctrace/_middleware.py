@@ -11,7 +11,6 @@ Exports: AsyncTraceMiddleware.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import random
@@ -25,7 +24,7 @@ from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
 from ._gate import TRACE_REQUESTED, Gate
-from ._hooks import LINGER_S, TimedCoroutine
+from ._hooks import LINGER_S, TimedCoroutine, mark_coroutine_function
 from ._model import Trace, TraceLimits
 from ._request import Receive, Scope, Send, TracedRequest
 from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
@@ -170,12 +169,8 @@ class AsyncTraceMiddleware:
             return self._slow_path(scope, receive, send, value)  # type: ignore[arg-type]
         return self.app(scope, receive, send)
 
-    # What inspect and asyncio (and through them uvicorn, hypercorn, Starlette) ask to tell an
-    # ASGI 3 app: __call__ returns the awaitable an ``async def`` would.
-    if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
-        inspect.markcoroutinefunction(__call__)
-    if hasattr(asyncio.coroutines, "_is_coroutine"):  # asyncio.iscoroutinefunction, < 3.14
-        __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    # What uvicorn, hypercorn and others ask to tell an ASGI 3 app.
+    mark_coroutine_function(__call__)
 
     def _check_in_python(self, scope: Scope) -> tuple[Any, bool]:
         if scope["type"] not in _TRACEABLE:

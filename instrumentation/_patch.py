@@ -9,9 +9,7 @@ Exports: Patches, untraced_fast_path.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import inspect
 from typing import Any
 
 __all__ = ["Patches", "untraced_fast_path"]
@@ -50,14 +48,9 @@ def untraced_fast_path(original: Any, record: Any) -> Any:
     Python frame at all on the untraced side), carrying ``original``'s name, docstring and
     ``__wrapped__``, and still reported as a coroutine function by ``inspect`` and ``asyncio``.
     """
-    from asgi_asynctrace._hooks import dispatch
+    from asgi_asynctrace._hooks import dispatch, mark_coroutine_function
 
     wrapper = dispatch(original, record)
     functools.update_wrapper(wrapper, original)
-    mark = getattr(inspect, "markcoroutinefunction", None)
-    if mark is not None:
-        mark(wrapper)
-    marker = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio's own, before 3.14
-    if marker is not None:
-        wrapper._is_coroutine = marker  # type: ignore[attr-defined]
+    mark_coroutine_function(wrapper)
     return wrapper
