@@ -43,7 +43,8 @@ def _instrumentation(name: str) -> Any | None:
         return None
 
 
-# The library each instrumentation module instruments, where it is not the module's own name.
+# The library each instrumentation module instruments, where it is not the module's own name
+# (known here so that waiting for a library needs no import of its instrumentation module).
 _LIBRARY = {"timers": "asyncio"}
 
 
@@ -113,8 +114,11 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                     names.remove(name)
                 if not names:
                     del self.waiting[library]
-            if not self.waiting and self in sys.meta_path:
-                sys.meta_path.remove(self)
+            self._step_aside_if_idle()
+
+    def _step_aside_if_idle(self) -> None:  # under the lock
+        if not self.waiting and self in sys.meta_path:
+            sys.meta_path.remove(self)
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname not in self.waiting:
@@ -132,8 +136,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         if loader is not None and hasattr(loader, "exec_module"):
             with self.lock:
                 names = self.waiting.pop(fullname, [])
-                if not self.waiting and self in sys.meta_path:
-                    sys.meta_path.remove(self)
+                self._step_aside_if_idle()
             spec.loader = _ThenInstall(loader, names)
         return spec
 
