@@ -1,20 +1,37 @@
-/* Hot loops that pure Python cannot make cheap: the key of a creation stack, the
+/* Hot loops that pure Python cannot make cheap: the walk of a creation stack, the
  * middleware's header scan on every request, a trace's resources and annotations written as
  * JSON, and the loop methods the hooks replace while a traced request runs (Dispatch).
  *
- *   key = stack_key(skip, max_depth, stop_code)
+ *   got = stack_lookup(skip, max_depth, stop_code, cache)   # a Stack, or (hash, packed walk)
  *
  * Walks from the caller's frame (skip = 0) outwards, at most max_depth frames, stopping
- * before a frame running stop_code, and returns the (code object address, last instruction)
- * of each frame packed into one bytes object: an exact key, one allocation, hashed once.
- * The Python fallback in _stacks.py builds the same key as a tuple; both are only ever
- * compared with keys made by the same function. Optional at build time: without a compiler
- * the package runs on the fallback.
+ * before a frame running stop_code, and looks the (code object address, last instruction)
+ * pairs of the walk up in the cache, allocating nothing the garbage collector sees on a hit.
+ * The Python fallback in _stacks.py keys its own cache by the same pairs as a tuple; the two
+ * caches never meet. Optional at build time: without a compiler the package runs on the
+ * fallback.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
 #include <structmember.h>
+
+/* On CPython 3.11-3.13 the walk reads the interpreter's own frame records instead of asking for
+ * frame objects: PyFrame_GetBack() makes a frame object (a garbage-collected allocation) for
+ * every frame it passes that has none yet, which was most of what a stack cost. Which frames
+ * count is decided by the interpreter's own _PyFrame_IsIncomplete, the test PyFrame_GetBack()
+ * applies, so both walks see the same frames. Other versions use the public API. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000 && !defined(PYPY_VERSION)
+#define INTERNAL_FRAMES 1
+#ifndef Py_BUILD_CORE
+#define Py_BUILD_CORE 1
+#define UNDEF_BUILD_CORE 1
+#endif
+#include <internal/pycore_frame.h>
+#ifdef UNDEF_BUILD_CORE
+#undef Py_BUILD_CORE
+#endif
+#endif
 
 #define MAX_FRAMES 256
 
@@ -23,25 +40,45 @@ typedef struct {
     long long lasti;
 } entry;
 
-static PyObject *
-stack_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Fills buf with the (code, last instruction) of at most depth frames, from the caller's frame
+ * (skip = 0) outwards, stopping before a frame running stop; returns how many. */
+static Py_ssize_t
+walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "stack_key(skip, max_depth, stop_code)");
-        return NULL;
-    }
-    Py_ssize_t skip = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t depth = PyLong_AsSsize_t(args[1]);
-    if ((skip == -1 || depth == -1) && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (depth > MAX_FRAMES) {
-        depth = MAX_FRAMES;
-    }
-    PyObject *stop = args[2];
-    entry buf[MAX_FRAMES];
     Py_ssize_t n = 0;
-
+#ifdef INTERNAL_FRAMES
+    PyThreadState *tstate = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030D0000
+    _PyInterpreterFrame *f = tstate->current_frame;
+#define FRAME_CODE(f) ((PyObject *)(f)->f_executable)
+#else
+    _PyInterpreterFrame *f = tstate->cframe->current_frame;
+#define FRAME_CODE(f) ((PyObject *)(f)->f_code)
+#endif
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    for (Py_ssize_t i = 0; i < skip && f != NULL; i++) {
+        f = f->previous;
+        while (f != NULL && _PyFrame_IsIncomplete(f)) {
+            f = f->previous;
+        }
+    }
+    while (f != NULL && n < depth) {
+        PyObject *code = FRAME_CODE(f);
+        if (code == stop) {
+            break;
+        }
+        buf[n].code = (void *)code;
+        buf[n].lasti = _PyInterpreterFrame_LASTI(f);
+        n++;
+        f = f->previous;
+        while (f != NULL && _PyFrame_IsIncomplete(f)) {
+            f = f->previous;
+        }
+    }
+#undef FRAME_CODE
+#else
     PyFrameObject *f = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(f);
     for (Py_ssize_t i = 0; i < skip && f != NULL; i++) {
@@ -68,7 +105,81 @@ stack_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         f = back;
     }
     Py_XDECREF(f);
-    return PyBytes_FromStringAndSize((const char *)buf, n * (Py_ssize_t)sizeof(entry));
+#endif
+    return n;
+}
+
+static int
+walk_args(PyObject *const *args, Py_ssize_t *skip, Py_ssize_t *depth)
+{
+    *skip = PyLong_AsSsize_t(args[0]);
+    *depth = PyLong_AsSsize_t(args[1]);
+    if ((*skip == -1 || *depth == -1) && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*depth > MAX_FRAMES) {
+        *depth = MAX_FRAMES;
+    }
+    if (*skip < 0 || *depth < 0) {
+        PyErr_SetString(PyExc_ValueError, "skip and max_depth must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* stack_lookup(skip, max_depth, stop_code, cache): the caller's walk, looked up in cache
+ * (a dict: hash of the walk -> (its packed key, the Stack made for it)) without building the
+ * key: on a hit, the Stack; on a miss, (hash, packed key) for the caller to format and store.
+ * The hash only finds the entry: the packed key is compared in full, so two walks that share
+ * a hash can never share a Stack. */
+static PyObject *
+stack_lookup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "stack_lookup(skip, max_depth, stop_code, cache: dict)");
+        return NULL;
+    }
+    Py_ssize_t skip, depth;
+    if (walk_args(args, &skip, &depth) < 0) {
+        return NULL;
+    }
+    entry buf[MAX_FRAMES];
+    Py_ssize_t n = walk(skip, depth, args[2], buf);
+    Py_ssize_t size = n * (Py_ssize_t)sizeof(entry);
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h = (h ^ (uint64_t)(uintptr_t)buf[i].code) * 0xFF51AFD7ED558CCDULL;
+        h = (h ^ (uint64_t)buf[i].lasti ^ (h >> 29)) * 0xC4CEB9FE1A85EC53ULL;
+    }
+    h ^= h >> 32;
+    PyObject *key = PyLong_FromUnsignedLongLong(h);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *hit = PyDict_GetItemWithError(args[3], key); /* borrowed */
+    if (hit == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    if (hit != NULL && PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 2) {
+        PyObject *packed = PyTuple_GET_ITEM(hit, 0);
+        if (PyBytes_CheckExact(packed) && PyBytes_GET_SIZE(packed) == size &&
+            memcmp(PyBytes_AS_STRING(packed), buf, (size_t)size) == 0) {
+            Py_DECREF(key);
+            PyObject *stack = PyTuple_GET_ITEM(hit, 1);
+            Py_INCREF(stack);
+            return stack;
+        }
+    }
+    PyObject *packed = PyBytes_FromStringAndSize((const char *)buf, size);
+    if (packed == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *miss = PyTuple_Pack(2, key, packed);
+    Py_DECREF(key);
+    Py_DECREF(packed);
+    return miss;
 }
 
 /* The value of the first header called name, None when there is none, or NotImplemented
@@ -915,8 +1026,8 @@ static PyTypeObject TaskCallType = {
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
-    {"stack_key", (PyCFunction)(void (*)(void))stack_key, METH_FASTCALL,
-     "stack_key(skip, max_depth, stop_code) -> bytes: the exact key of the caller's stack."},
+    {"stack_lookup", (PyCFunction)(void (*)(void))stack_lookup, METH_FASTCALL,
+     "stack_lookup(skip, max_depth, stop_code, cache) -> the cached Stack, or (hash, key)."},
     {"resources_json", (PyCFunction)(void (*)(void))resources_json, METH_FASTCALL,
      "resources_json(resources, origin, slots, encode[, cache]) -> bytes: v1's resources."},
     {"annotations_json", (PyCFunction)(void (*)(void))annotations_json, METH_FASTCALL,

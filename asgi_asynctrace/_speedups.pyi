@@ -1,6 +1,8 @@
 from typing import Any
 
-def stack_key(skip: int, max_depth: int, stop_code: object, /) -> bytes: ...
+def stack_lookup(
+    skip: int, max_depth: int, stop_code: object, cache: dict[int, tuple[bytes, Any]], /
+) -> object: ...
 def untraced_check(scope: object, header: bytes, prefix: str, /) -> object: ...
 def resources_json(
     resources: list[Any],

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Final
 
-_c_stack_key: Callable[[int, int, object], bytes] | None
+_c_lookup: Callable[..., object] | None
 try:
-    from ._speedups import stack_key as _c_stack_key
+    from ._speedups import stack_lookup as _c_lookup
 except ImportError:  # built without a compiler: the pure-Python walk below
-    _c_stack_key = None
+    _c_lookup = None
 #: Whether creation stacks are walked by the C accelerator.
-ACCELERATED: Final = _c_stack_key is not None
+ACCELERATED: Final = _c_lookup is not None
 
 __all__ = ["ACCELERATED", "Stack", "capture", "capture_python", "format_frame"]
 
@@ -47,6 +47,9 @@ _MAX_CACHE: Final = 8192
 # (code id, instruction) pairs -> Stack. The Stack keeps those code objects alive, so an id
 # in a key can never be reused by another code object while the entry exists.
 _cache: dict[object, Stack] = {}
+# The C walk's cache: hash of the walk -> (the walk packed as bytes, its Stack). C compares
+# the packed walk in full on every hit, so the hash only finds the entry.
+_c_cache: dict[int, tuple[bytes, Stack]] = {}
 _path_cache: dict[str, str | None] = {}
 _cwd = os.getcwd() + os.sep
 
@@ -64,12 +67,11 @@ class Stack:
 
 def capture(max_depth: int, skip: int = 1) -> Stack:
     """The caller's stack, innermost frame first."""
-    if _c_stack_key is not None:
-        packed: bytes = _c_stack_key(skip, max_depth, _STOP_CODE)
-        hit = _cache.get(packed)
-        if hit is not None:
-            return hit
-        return _format_and_cache(packed, skip + 1, len(packed) // 16)
+    if _c_lookup is not None:
+        got = _c_lookup(skip, max_depth, _STOP_CODE, _c_cache)
+        if type(got) is Stack:
+            return got
+        return _format_and_cache_c(got, skip + 1)  # type: ignore[arg-type]
     return capture_python(max_depth, skip + 1)
 
 
@@ -94,7 +96,24 @@ def capture_python(max_depth: int, skip: int = 1) -> Stack:
     return _format_and_cache(k, skip + 1, n)
 
 
+def _format_and_cache_c(miss: tuple[int, bytes], skip: int) -> Stack:
+    h, packed = miss
+    stack = _format(skip + 1, len(packed) // 16)
+    if len(_c_cache) >= _MAX_CACHE:
+        _c_cache.clear()
+    _c_cache[h] = (packed, stack)
+    return stack
+
+
 def _format_and_cache(key: object, skip: int, n: int) -> Stack:
+    stack = _format(skip + 1, n)
+    if len(_cache) >= _MAX_CACHE:
+        _cache.clear()
+    _cache[key] = stack
+    return stack
+
+
+def _format(skip: int, n: int) -> Stack:
     f = sys._getframe(skip)
     frames: list[str] = []
     codes: list[CodeType] = []
@@ -106,11 +125,7 @@ def _format_and_cache(key: object, skip: int, n: int) -> Stack:
         if path is not None:
             frames.append(format_frame(f.f_code, f.f_lasti, f.f_lineno, path))
         f = f.f_back  # type: ignore[assignment]
-    stack = Stack(tuple(frames), tuple(codes))
-    if len(_cache) >= _MAX_CACHE:
-        _cache.clear()
-    _cache[key] = stack
-    return stack
+    return Stack(tuple(frames), tuple(codes))
 
 
 def format_frame(code: CodeType, lasti: int, lineno: int | None, path: str) -> str:

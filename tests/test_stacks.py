@@ -106,3 +106,62 @@ def test_the_c_walk_keys_a_call_site_by_position_not_just_by_function() -> None:
     again = [capture(8, skip=1) for _ in range(2)]
     assert a is not b
     assert again[0] is again[1]
+
+
+def _deep(k: int) -> tuple[int, int]:
+    """Two captures from the same place k plain calls deep: the GC-tracked objects each made."""
+    if k:
+        return _deep(k - 1)
+    import gc
+
+    made = []
+    gc.disable()
+    try:
+        for _ in range(2):  # one call site: a miss, then a hit
+            before = gc.get_count()[0]
+            capture(16, skip=1)
+            made.append(gc.get_count()[0] - before)
+    finally:
+        gc.enable()
+    return made[0], made[1]
+
+
+@pytest.mark.skipif(not _stacks.ACCELERATED, reason="the C walk is not built")
+@pytest.mark.skipif(
+    not (3, 11) <= sys.version_info[:2] <= (3, 13), reason="reads CPython 3.11-3.13's frames"
+)
+def test_a_cached_stack_costs_no_garbage_collected_allocation() -> None:
+    # The public walk (PyFrame_GetBack) made a frame object for every frame it passed, each
+    # a collectable object for the GC to count and walk; the C walk reads the frames as they
+    # are, and a hit builds no key object the collector sees.
+    first, again = _deep(12)
+    assert first > 0  # a miss formats the stack: tuples, strings
+    assert again == 0
+
+
+@pytest.mark.skipif(not _stacks.ACCELERATED, reason="the C walk is not built")
+def test_the_c_lookup_compares_the_whole_walk_not_only_its_hash() -> None:
+    from asgi_asynctrace._speedups import stack_lookup
+
+    def look(cache: dict[int, tuple[bytes, object]]) -> object:
+        return stack_lookup(0, 8, _stacks._STOP_CODE, cache)
+
+    cache: dict[int, tuple[bytes, object]] = {}
+    found = object()
+    got: list[object] = []
+    h, packed = 0, b""
+    for step in range(3):  # one call site, so one walk
+        got.append(look(cache))
+        if step == 0:
+            assert isinstance(got[0], tuple)
+            h, packed = got[0]
+            cache[h] = (packed, found)
+        elif step == 1:
+            cache[h] = (packed[:-1] + bytes([packed[-1] ^ 1]), found)  # same hash, other walk
+    assert len(packed) % 16 == 0 and len(packed) // 16 >= 2  # look() and this test at least
+    assert got[1] is found
+    assert got[2] == (h, packed)
+    with pytest.raises(TypeError):
+        stack_lookup(0, 8, None, [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        stack_lookup(-1, 8, None, {})
