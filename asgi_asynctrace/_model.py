@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 
@@ -26,10 +26,11 @@ from ._failures import report
 _c_resources_json: Callable[..., bytes] | None
 _c_annotations_json: Callable[..., bytes] | None
 try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same in Python
+    from ._speedups import Resource as _CResource
     from ._speedups import annotations_json as _c_annotations_json
     from ._speedups import resources_json as _c_resources_json
 except ImportError:  # pragma: no cover - built everywhere the tests run
-    _c_resources_json = _c_annotations_json = None
+    _c_resources_json = _c_annotations_json = _CResource = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "RESOURCE_TYPES",
@@ -105,7 +106,13 @@ class Dropped:
 
 
 class Resource:
-    """One async resource. ``callbacks`` is flat: start, end, start, end, ... (raw clock)."""
+    """One async resource. ``callbacks`` is flat: start, end, start, end, ... (raw clock).
+
+    Holds ints, strings, None and lists of ints only. With the C accelerator built, resources
+    are ``_speedups.Resource``, the same record as a type the garbage collector does not track
+    (a traced request makes one per resource, and none can be part of a cycle), whose
+    ``callbacks`` list is made on first use.
+    """
 
     __slots__ = (
         "annotation_count",
@@ -141,6 +148,11 @@ class Resource:
 
     def __repr__(self) -> str:
         return f"<Resource {self.async_id} {self.type} <-{self.trigger_id} {self.state}>"
+
+
+_PyResource = Resource  # the pure-Python record, kept for tests that compare the two
+if _CResource is not None and not TYPE_CHECKING:
+    Resource = _CResource
 
 
 def _new_trace_id() -> str:
@@ -433,10 +445,12 @@ def resource_dicts(ordered: list[Resource], o: int) -> list[dict[str, Any]]:
     return resources
 
 
-# What the C writer reads of each resource, in the order it expects.
+# What the C writer reads of each resource, in the order it expects (the C record's
+# callbacks list at its raw field, which is empty until first used).
 _SLOTS: Final = tuple(
     vars(Resource)[name]
-    for name in ("async_id", "trigger_id", "type", "stack_id", "created_at", "callbacks",
+    for name in ("async_id", "trigger_id", "type", "stack_id", "created_at",
+                 "callbacks" if Resource is _PyResource else "_callbacks",
                  "settled_at", "state", "awaited_by")
 )  # fmt: skip
 

@@ -457,16 +457,21 @@ put_resource(buffer *b, PyObject *r, const Py_ssize_t *off, long long o, PyObjec
                                          "awaited_by"};
     PyObject *v[R_SLOTS];
     for (int i = 0; i < R_SLOTS; i++) {
+        /* A Resource's callbacks list is made on first use: none yet reads as empty. */
+        if (i == R_CALLBACKS && *(PyObject **)((char *)r + off[i]) == NULL) {
+            v[i] = NULL;
+            continue;
+        }
         if ((v[i] = slot(r, off[i], names[i])) == NULL) {
             return -1;
         }
     }
     PyObject *cb = v[R_CALLBACKS];
-    if (!PyList_Check(cb)) {
+    if (cb != NULL && !PyList_Check(cb)) {
         PyErr_SetString(PyExc_TypeError, "resource callbacks must be a list");
         return -1;
     }
-    Py_ssize_t n = PyList_GET_SIZE(cb);
+    Py_ssize_t n = cb != NULL ? PyList_GET_SIZE(cb) : 0;
     if (reserve(b, ROOM) < 0) {
         return -1;
     }
@@ -1023,6 +1028,165 @@ static PyTypeObject TaskCallType = {
     .tp_vectorcall_offset = offsetof(TaskCall, vectorcall),
 };
 
+/* Resource: one record of the trace model (see _model.Resource, the same in Python). Not
+ * garbage-collected: it holds only ints, strings, None and lists of ints, so it can never be
+ * part of a reference cycle, and a traced request makes one per resource; as a collected
+ * object each one was counted towards the next collection and walked by every collection
+ * while its request ran. Its callbacks list is made on first use: most resources (futures,
+ * timers, cache calls) never run a callback. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *async_id;
+    PyObject *trigger_id;
+    PyObject *type;
+    PyObject *stack_id;
+    PyObject *created_at;
+    PyObject *callbacks; /* NULL until first asked for */
+    PyObject *settled_at;
+    PyObject *state;
+    PyObject *annotation_count;
+    PyObject *awaited_by;
+} ResourceObject;
+
+static PyObject *s_pending, *zero;
+
+static PyObject *
+resource_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"async_id", "trigger_id", "type", "stack_id", "created_at", NULL};
+    PyObject *a[5];
+    if (kwds == NULL && PyTuple_GET_SIZE(args) == 5) {
+        for (int i = 0; i < 5; i++) {
+            a[i] = PyTuple_GET_ITEM(args, i);
+        }
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO:Resource", kwlist, &a[0], &a[1],
+                                          &a[2], &a[3], &a[4])) {
+        return NULL;
+    }
+    ResourceObject *self = (ResourceObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->async_id = Py_NewRef(a[0]);
+    self->trigger_id = Py_NewRef(a[1]);
+    self->type = Py_NewRef(a[2]);
+    self->stack_id = Py_NewRef(a[3]);
+    self->created_at = Py_NewRef(a[4]);
+    self->callbacks = NULL;
+    self->settled_at = Py_NewRef(Py_None);
+    self->state = Py_NewRef(s_pending);
+    self->annotation_count = Py_NewRef(zero);
+    self->awaited_by = Py_NewRef(Py_None);
+    return (PyObject *)self;
+}
+
+static void
+resource_dealloc(ResourceObject *self)
+{
+    Py_XDECREF(self->async_id);
+    Py_XDECREF(self->trigger_id);
+    Py_XDECREF(self->type);
+    Py_XDECREF(self->stack_id);
+    Py_XDECREF(self->created_at);
+    Py_XDECREF(self->callbacks);
+    Py_XDECREF(self->settled_at);
+    Py_XDECREF(self->state);
+    Py_XDECREF(self->annotation_count);
+    Py_XDECREF(self->awaited_by);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+resource_get_callbacks(ResourceObject *self, void *closure)
+{
+    if (self->callbacks == NULL && (self->callbacks = PyList_New(0)) == NULL) {
+        return NULL;
+    }
+    return Py_NewRef(self->callbacks);
+}
+
+static int
+resource_set_callbacks(ResourceObject *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a resource's callbacks cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(self->callbacks, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+resource_intervals(ResourceObject *self, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    PyObject *cb = self->callbacks;
+    if (out == NULL || cb == NULL) {
+        return out;
+    }
+    if (!PyList_Check(cb)) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_TypeError, "resource callbacks must be a list");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(cb); i += 2) {
+        PyObject *end = i + 1 < PyList_GET_SIZE(cb) ? PyList_GET_ITEM(cb, i + 1) : Py_None;
+        PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(cb, i), end);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    return out;
+}
+
+static PyObject *
+resource_repr(ResourceObject *self)
+{
+    return PyUnicode_FromFormat("<Resource %R %S <-%R %S>", self->async_id, self->type,
+                                self->trigger_id, self->state);
+}
+
+#define RMEMBER(name) {#name, T_OBJECT_EX, offsetof(ResourceObject, name), 0, NULL}
+static PyMemberDef resource_members[] = {
+    RMEMBER(async_id), RMEMBER(trigger_id), RMEMBER(type), RMEMBER(stack_id),
+    RMEMBER(created_at), RMEMBER(settled_at), RMEMBER(state), RMEMBER(annotation_count),
+    RMEMBER(awaited_by),
+    /* the raw field, for the JSON writer (which reads members at their offsets) */
+    {"_callbacks", T_OBJECT_EX, offsetof(ResourceObject, callbacks), READONLY, NULL},
+    {NULL},
+};
+#undef RMEMBER
+
+static PyGetSetDef resource_getset[] = {
+    {"callbacks", (getter)resource_get_callbacks, (setter)resource_set_callbacks,
+     "Flat callback times: start, end, start, end, ... (raw clock).", NULL},
+    {NULL},
+};
+
+static PyMethodDef resource_methods[] = {
+    {"intervals", (PyCFunction)resource_intervals, METH_NOARGS,
+     "Callback intervals as (start, end) pairs; end is None for a step still running."},
+    {NULL},
+};
+
+static PyTypeObject ResourceType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.Resource",
+    .tp_basicsize = sizeof(ResourceObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Resource(async_id, trigger_id, type, stack_id, created_at): one async resource.",
+    .tp_new = resource_new,
+    .tp_dealloc = (destructor)resource_dealloc,
+    .tp_repr = (reprfunc)resource_repr,
+    .tp_members = resource_members,
+    .tp_getset = resource_getset,
+    .tp_methods = resource_methods,
+};
+
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
@@ -1049,10 +1213,14 @@ PyInit__speedups(void)
     s_http = PyUnicode_InternFromString("http");
     s_websocket = PyUnicode_InternFromString("websocket");
     s_loop_only = Py_BuildValue("(s)", "loop");
-    if (!s_type || !s_headers || !s_path || !s_http || !s_websocket || !s_loop_only) {
+    s_pending = PyUnicode_InternFromString("pending");
+    zero = PyLong_FromLong(0);
+    if (!s_type || !s_headers || !s_path || !s_http || !s_websocket || !s_loop_only ||
+        !s_pending || !zero) {
         return NULL;
     }
-    if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0) {
+    if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0 ||
+        PyType_Ready(&ResourceType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -1060,7 +1228,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(m, "Dispatch", (PyObject *)&DispatchType) < 0 ||
-        PyModule_AddObjectRef(m, "TaskCall", (PyObject *)&TaskCallType) < 0) {
+        PyModule_AddObjectRef(m, "TaskCall", (PyObject *)&TaskCallType) < 0 ||
+        PyModule_AddObjectRef(m, "Resource", (PyObject *)&ResourceType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

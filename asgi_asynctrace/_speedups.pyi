@@ -26,3 +26,19 @@ class Dispatch:
 class TaskCall:
     def __init__(self, task_type: Any, /) -> None: ...
     def __call__(self, loop: Any, coro: Any, /, **kwargs: Any) -> Any: ...
+
+class Resource:
+    async_id: int
+    trigger_id: int
+    type: str
+    stack_id: int | None
+    created_at: int
+    callbacks: list[int]
+    settled_at: int | None
+    state: str
+    annotation_count: int
+    awaited_by: list[int] | None
+    def __init__(
+        self, async_id: int, trigger_id: int, type: str, stack_id: int | None, created_at: int
+    ) -> None: ...
+    def intervals(self) -> list[tuple[int, int | None]]: ...

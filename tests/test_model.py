@@ -239,3 +239,45 @@ def test_values_json_cannot_hold_are_written_escaped_and_the_trace_kept() -> Non
     assert values == {"url": "https://api.example/x", "file": "caf\\udce9.txt", "huge": str(2**70)}
     assert failure_counts()["serialize"] == before + 1
     assert failure_counts().get("serialize-accelerated", 0) == 0
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+def test_the_c_resource_is_the_python_record_without_the_collectors_cost() -> None:
+    import gc
+
+    from asgi_asynctrace._model import Resource, _PyResource
+
+    assert Resource is not _PyResource
+    c, py = Resource(7, 1, "fetch", None, 100), _PyResource(7, 1, "fetch", None, 100)
+    names = ("async_id", "trigger_id", "type", "stack_id", "created_at", "callbacks",
+             "settled_at", "state", "annotation_count", "awaited_by")  # fmt: skip
+    assert [getattr(c, n) for n in names] == [getattr(py, n) for n in names]
+    assert repr(c) == repr(py) == "<Resource 7 fetch <-1 pending>"
+    # a record the collector never counts or walks: it cannot be part of a cycle
+    assert not gc.is_tracked(c) and gc.is_tracked(py)
+    for r in (c, py):
+        r.callbacks.extend([10, 20, 30])
+        r.state, r.settled_at, r.awaited_by = "ok", 40, [2]
+        r.annotation_count += 1
+    assert [getattr(c, n) for n in names] == [getattr(py, n) for n in names]
+    assert c.intervals() == py.intervals() == [(10, 20), (30, None)]
+    keyword = Resource(async_id=2, trigger_id=1, type="task", stack_id=0, created_at=5)
+    assert (keyword.async_id, keyword.stack_id, keyword.created_at) == (2, 0, 5)
+    with pytest.raises(TypeError):
+        Resource(1, 0, "task")  # type: ignore[call-arg]
+    with pytest.raises(AttributeError):
+        c.colour = "red"  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        del c.callbacks
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+def test_a_resource_that_never_ran_a_callback_has_no_list_until_asked() -> None:
+    trace = Trace(trace_id="t", origin=0)
+    res = trace.add("future", 0, None, 5)
+    assert res is not None
+    assert not hasattr(res, "_callbacks")  # the raw field: unset
+    out = orjson.loads(trace.to_json())["resources"][0]
+    assert out["callbacks"] == [] and out["callbackStartedAt"] is None
+    assert not hasattr(res, "_callbacks")  # writing the trace made none
+    assert res.callbacks == [] and res._callbacks == []  # type: ignore[attr-defined]
