@@ -515,18 +515,28 @@ def acquire_hooks(
     if not hooks.installed:
         hooks.install(loop)
     hooks.refs += 1
-    released = False
+    return _Release(hooks, loop, LINGER_S if linger is None else linger)
 
-    def release() -> None:
-        nonlocal released
-        if released:
+
+class _Release:
+    """What ``acquire_hooks`` returns: gives the hooks back once, however often called (an
+    object rather than a closure: one allocation per traced request instead of six)."""
+
+    __slots__ = ("hooks", "linger", "loop")
+
+    def __init__(self, hooks: _LoopHooks, loop: asyncio.AbstractEventLoop, linger: float) -> None:
+        self.hooks: _LoopHooks | None = hooks
+        self.loop = loop
+        self.linger = linger
+
+    def __call__(self) -> None:
+        hooks = self.hooks
+        if hooks is None:
             return
-        released = True
+        self.hooks = None
         hooks.refs -= 1
         if hooks.refs == 0:
-            hooks.idle(loop, LINGER_S if linger is None else linger)
-
-    return release
+            hooks.idle(self.loop, self.linger)
 
 
 def add_loop_patch(name: str, make: LoopPatch, *, always: bool = False) -> None:

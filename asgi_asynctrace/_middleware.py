@@ -166,6 +166,10 @@ class AsyncTraceMiddleware:
             slow = False
         # Outside the try: an exception from the app must pass through untouched.
         if slow:
+            if value is _SAMPLED:  # no gate to ask: straight to the traced run
+                if ACTIVE.get() is not None:  # inside a traced request: the outer trace has it
+                    return self.app(scope, receive, send)
+                return self._traced(scope, receive, send, False)
             return self._slow_path(scope, receive, send, value)  # type: ignore[arg-type]
         return self.app(scope, receive, send)
 
@@ -187,10 +191,6 @@ class AsyncTraceMiddleware:
     async def _slow_path(
         self, scope: Scope, receive: Receive, send: Send, value: bytes | None
     ) -> None:
-        if value is _SAMPLED:
-            if ACTIVE.get() is not None:
-                return await self.app(scope, receive, send)
-            return await self._traced(scope, receive, send, False)
         serve = False
         try:
             serve = (

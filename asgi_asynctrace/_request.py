@@ -64,6 +64,8 @@ class TracedRequest:
     """The state of one traced request: its trace and what the ASGI messages told us."""
 
     __slots__ = (
+        "_receive",
+        "_send",
         "body_in",
         "body_out",
         "disconnected",
@@ -130,16 +132,18 @@ class TracedRequest:
             report("finish", exc)
 
     def receive(self, receive: Receive) -> Receive:
-        async def traced_receive() -> Message:
-            started = _now()
-            message = await receive()
-            try:
-                self._received(message, started, _now())
-            except Exception as exc:
-                report("receive", exc)
-            return message
+        """``receive`` recorded (a bound method, not a closure: fewer objects to collect)."""
+        self._receive = receive
+        return self.traced_receive
 
-        return traced_receive
+    async def traced_receive(self) -> Message:
+        started = _now()
+        message = await self._receive()
+        try:
+            self._received(message, started, _now())
+        except Exception as exc:
+            report("receive", exc)
+        return message
 
     def _received(self, message: Message, started: int, ended: int) -> None:
         kind = message.get("type")
@@ -158,20 +162,22 @@ class TracedRequest:
             trace.annotate(trace.root, "closeCode", message.get("code", 1000))
 
     def send(self, send: Send) -> Send:
-        async def traced_send(message: Message) -> None:
-            kind = message.get("type")
-            if kind == "http.response.start" or kind == "websocket.accept":
-                message = self._on_start(message)
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                self.response_done = True
-            started = _now()
-            await send(message)
-            try:
-                self._sent(message, kind, started, _now())
-            except Exception as exc:
-                report("send", exc)
+        """``send`` recorded, the response headers given the trace when it was asked for."""
+        self._send = send
+        return self.traced_send
 
-        return traced_send
+    async def traced_send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.start" or kind == "websocket.accept":
+            message = self._on_start(message)
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.response_done = True
+        started = _now()
+        await self._send(message)
+        try:
+            self._sent(message, kind, started, _now())
+        except Exception as exc:
+            report("send", exc)
 
     def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
         trace = self.trace
