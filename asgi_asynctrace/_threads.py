@@ -33,6 +33,7 @@ _now = time.perf_counter_ns
 _lock = threading.Lock()
 _refs = 0
 _original_submit = ThreadPoolExecutor.submit
+_submit: Any = None  # what goes on ThreadPoolExecutor while the hooks are on
 _anyio_original: Any = None
 _anyio_backend: Any = None
 
@@ -121,9 +122,14 @@ def _patch_anyio() -> None:
     original = backend.__dict__.get("run_sync_in_worker_thread")
     if not isinstance(original, classmethod):
         return  # an anyio we do not know: leave it alone
+    from ._hooks import dispatch
+
     _anyio_original = backend.run_sync_in_worker_thread
     _anyio_backend = backend
-    backend.run_sync_in_worker_thread = classmethod(_traced_run_sync_in_worker_thread)
+    # Outside traced requests anyio's own method runs, called from C with no frame of ours.
+    backend.run_sync_in_worker_thread = classmethod(
+        dispatch(_anyio_original.__func__, _traced_run_sync_in_worker_thread)
+    )
 
 
 def _unpatch_anyio() -> None:
@@ -134,11 +140,16 @@ def _unpatch_anyio() -> None:
 
 
 def acquire() -> None:
-    global _refs
+    global _refs, _submit
     with _lock:
         _refs += 1
         if _refs == 1:
-            ThreadPoolExecutor.submit = _traced_submit  # type: ignore[method-assign,assignment]
+            if _submit is None:
+                from ._hooks import dispatch
+
+                # Outside traced requests the executor's own submit runs, called from C.
+                _submit = dispatch(_original_submit, _traced_submit)
+            ThreadPoolExecutor.submit = _submit  # type: ignore[method-assign]
         try:
             _patch_anyio()
         except Exception as exc:
@@ -150,6 +161,6 @@ def release() -> None:
     with _lock:
         _refs -= 1
         if _refs == 0:
-            if ThreadPoolExecutor.submit is _traced_submit:
+            if ThreadPoolExecutor.submit is _submit:
                 ThreadPoolExecutor.submit = _original_submit  # type: ignore[method-assign]
             _unpatch_anyio()

@@ -453,6 +453,44 @@ def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
     assert concurrent.futures.ThreadPoolExecutor.submit is original_submit
 
 
+def test_by_default_hooks_stay_on_as_c_pass_throughs_until_uninstalled() -> None:
+    """Taking the hooks off and on again makes CPython re-learn the loop's lookups; left on,
+    each patched method outside a traced request is the C dispatcher calling the original."""
+    from asgi_asynctrace import _speedups, uninstall_hooks
+
+    original_submit = concurrent.futures.ThreadPoolExecutor.submit
+    seen: dict[str, Any] = {}
+
+    async def body() -> None:
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await _request(body)  # the default linger
+        patch = type(loop).__dict__.get("create_future")
+        submit = concurrent.futures.ThreadPoolExecutor.submit
+        seen["after"] = (loop.get_task_factory() is not None, type(patch), type(submit))
+        seen["submit untraced side"] = getattr(submit, "untraced", None)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # untraced: the executor's own
+            seen["ran"] = pool.submit(lambda: 7).result()
+        seen["future"] = type(loop.create_future())
+        trace = await _request(body)  # the same hooks serve the next traced request
+        seen["traced again"] = trace is not None and trace.root.state == "ok"
+        uninstall_hooks()
+        seen["uninstalled"] = (
+            loop.get_task_factory(),
+            "create_future" in type(loop).__dict__,
+            concurrent.futures.ThreadPoolExecutor.submit is original_submit,
+        )
+
+    run(main())
+    assert seen["after"] == (True, _speedups.Dispatch, _speedups.Dispatch)
+    assert seen["submit untraced side"] is original_submit
+    assert seen["ran"] == 7 and seen["future"] is asyncio.Future
+    assert seen["traced again"]
+    assert seen["uninstalled"] == (None, False, True)
+
+
 def test_hooks_linger_after_the_last_traced_request_then_come_off() -> None:
     """Taking the hooks off and on changes the loop's class, which costs every request far
     more than leaving them on: they stay ``hooks_linger`` seconds for the next traced one."""
