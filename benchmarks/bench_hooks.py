@@ -27,7 +27,6 @@ from starlette.routing import Route
 from asgi_asynctrace import (
     AsyncTraceMiddleware,
     Trace,
-    install_hooks,
     start_resource,
     uninstall_hooks,
 )
@@ -91,62 +90,84 @@ async def serve(app: ASGIApp, n: int, traced: bool = False) -> float:
 
 
 async def request_overhead(rounds: int, n: int) -> dict[str, float]:
-    """Throughput ratios of the variants against the bare app, in one process.
+    """Throughput ratios of the variants against the bare app, in one process, in phases.
 
-    Each round serves ``n`` requests per variant in chunks of 100, the variants interleaved
+    Hooks off (as before any traced request): the bare app, a do-nothing middleware and the
+    idle middleware. Hooks on (as after a process's first traced request, for good): the bare
+    app again (its own tasks and futures pass through the hooks' C dispatchers too, as every
+    app in the process does), the middleware untraced, and traced requests. The two phases
+    alternate three times, each after an untimed warm-up: putting the hooks on and off around
+    every chunk would time CPython re-learning the loop's lookups, which a process pays once.
+    Within a phase each round serves ``n`` requests per variant in chunks of 100, interleaved
     chunk by chunk (each first in turn), so a slow patch of the machine hits them all; times
     are this process's CPU time. (Separate processes per variant were tried: two processes
     running the same app differ by up to 15 % here, more than any effect measured.)
     """
     bare, floor, with_mw = make_app(None), make_app(PassThrough), make_app(AsyncTraceMiddleware)
-    await serve(bare, 200)
-    await serve(floor, 200)
-    await serve(with_mw, 200)
-    await serve(with_mw, 50, traced=True)
-    ratios: dict[str, list[float]] = {"floor": [], "idle": [], "pinned": [], "traced": []}
 
-    async def settle() -> None:
-        # Hooks linger after a traced request, and taking them off changes the loop's class:
-        # off now, and the lookups CPython re-learns then re-learned here, untimed, so that
-        # cost does not land on whichever variant comes next.
+    async def traced(k: int) -> float:  # a quarter as many, scaled: traced ones cost more
+        return await serve(with_mw, k // 4, traced=True) * 4
+
+    before: dict[str, list[float]] = {"bare": [], "floor": [], "idle": []}
+    after: dict[str, list[float]] = {"bare": [], "pinned": []}
+    with_traced: dict[str, list[float]] = {"bare": [], "traced": []}
+    effect: list[float] = []  # the bare app with the hooks on vs off, phase by phase
+    turns = 3  # the phases alternate, so a drift of the machine does not pass for an effect
+    for _ in range(turns):
+        share = max(1, rounds // turns)
         uninstall_hooks()
-        await serve(bare, 20)
-        await serve(with_mw, 20)
+        for app in (bare, floor, with_mw):
+            await serve(app, 500)  # lookups re-learned, untimed
+        off = await _interleaved(share, n, {
+            "bare": lambda k: serve(bare, k),
+            "floor": lambda k: serve(floor, k),
+            "idle": lambda k: serve(with_mw, k),
+        })  # fmt: skip
+        await serve(with_mw, 50, traced=True)  # the hooks go on, and stay
+        for app in (bare, with_mw):
+            await serve(app, 500)
+        on = await _interleaved(share, n, {
+            "bare": lambda k: serve(bare, k),
+            "pinned": lambda k: serve(with_mw, k),
+        })  # fmt: skip
+        # apart: what traced requests leave behind (garbage, cold caches) would otherwise
+        # slow whichever untraced chunk comes next
+        tr = await _interleaved(share, n, {"bare": lambda k: serve(bare, k), "traced": traced})
+        for took, got in ((before, off), (after, on), (with_traced, tr)):
+            for name, times in got.items():
+                took[name] += times
+        effect.append(statistics.median(off["bare"]) / statistics.median(on["bare"]))
+    uninstall_hooks()
 
-    async def pinned(k: int) -> float:
-        install_hooks()
-        await serve(with_mw, 20)  # the steady state: lookups re-learned, untimed
-        try:
-            return await serve(with_mw, k)
-        finally:
-            await settle()
+    def ratio(took: dict[str, list[float]], name: str) -> float:  # throughput vs the bare app
+        return statistics.median(b / x for b, x in zip(took["bare"], took[name], strict=True))
 
-    async def traced(k: int) -> float:
-        try:
-            return await serve(with_mw, k // 4, traced=True) * 4
-        finally:
-            await settle()
-
-    variants: dict[str, Callable[[int], Awaitable[float]]] = {
-        "bare": lambda k: serve(bare, k),
-        "floor": lambda k: serve(floor, k),
-        "idle": lambda k: serve(with_mw, k),
-        "pinned": pinned,
-        "traced": traced,
+    return {
+        "floor": ratio(before, "floor"),
+        "idle": ratio(before, "idle"),
+        "pinned": ratio(after, "pinned"),
+        "hooks": statistics.median(effect),
+        "traced": 1 / ratio(with_traced, "traced"),  # latency
     }
+
+
+async def _interleaved(
+    rounds: int, n: int, variants: dict[str, Callable[[int], Awaitable[float]]]
+) -> dict[str, list[float]]:
+    """CPU seconds per round for each variant, chunks of 100 interleaved."""
     names = list(variants)
+    took: dict[str, list[float]] = {name: [] for name in names}
     chunk = 100
     for r in range(rounds):
-        took = dict.fromkeys(names, 0.0)
+        this = dict.fromkeys(names, 0.0)
         gc.collect()
         for c in range(max(1, n // chunk)):
             k = r + c
-            for name in names[k % 5 :] + names[: k % 5]:
-                took[name] += await variants[name](chunk)
-        for name in ("floor", "idle", "pinned"):
-            ratios[name].append(took["bare"] / took[name])
-        ratios["traced"].append(took["traced"] / took["bare"])
-    return {k: statistics.median(v) for k, v in ratios.items()}
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                this[name] += await variants[name](chunk)
+        for name in names:
+            took[name].append(this[name])
+    return took
 
 
 async def middleware_cost(rounds: int) -> float:
@@ -282,8 +303,12 @@ def main() -> None:
         f"| {own:.0f} ns | - |"
     )
     print(
-        f"| untraced throughput, hooks pinned on (a traced request in flight) vs bare app "
-        f"| {overhead['pinned']:.3f}x | >= 0.99x |"
+        f"| hooks on (as after the first traced request): untraced throughput, middleware vs "
+        f"bare app | {overhead['pinned']:.3f}x | >= 0.99x |"
+    )
+    print(
+        f"| hooks on: the bare app's own throughput vs hooks off (the phases alternated) "
+        f"| {overhead['hooks']:.3f}x | - |"
     )
     print(
         f"| traced request latency vs bare app (3 tasks, 2 futures) "

@@ -42,8 +42,9 @@ VARIANTS = {
     "imported": "bare app, the instrumented libraries imported",
     "floor": "a do-nothing middleware (the floor)",
     "idle": "middleware, every instrumentation, untraced",
-    "pinned": "the same, hooks on (a traced request in flight)",
+    "pinned": "the same, hooks on (as after the first traced request)",
     "sampled": "1 % sampled (1 request in 100 traced)",
+    "churn": "1 % sampled, hooks taken off after each traced request (hooks_linger=0)",
     "traced": "every request traced, asked by header (trace in the response header)",
 }
 TARGETS = {"idle": ">= 0.99x", "pinned": ">= 0.99x", "sampled": ">= 0.98x"}
@@ -52,6 +53,7 @@ TARGETS = {"idle": ">= 0.99x", "pinned": ">= 0.99x", "sampled": ">= 0.98x"}
 def _app(kind: str, variant: str) -> Any:
     """The ASGI app a variant serves for one route."""
     from asgi_asynctrace import AsyncTraceMiddleware, install_hooks
+    from asgi_asynctrace._hooks import LINGER_S
 
     from .bench_hooks import PassThrough, endpoint
 
@@ -73,8 +75,10 @@ def _app(kind: str, variant: str) -> Any:
         return bare
     if variant == "floor":
         return PassThrough(bare)
+    sampled = variant in ("sampled", "churn")
     app = AsyncTraceMiddleware(bare, log_traces=False, store_size=100,
-                               sample_rate=0.5 if variant == "sampled" else 0.0)  # fmt: skip
+                               sample_rate=0.5 if sampled else 0.0,
+                               hooks_linger=0 if variant == "churn" else LINGER_S)  # fmt: skip
     if variant == "pinned":
         install_hooks()
     return app
@@ -108,7 +112,7 @@ async def _work(variant: str, warmup: int, n: int) -> None:
     """What one process runs: every route, warm-up then the counted requests."""
     from asgi_asynctrace import _middleware
 
-    if variant == "sampled":  # exactly one request in 100 traced, evenly spaced
+    if variant in ("sampled", "churn"):  # exactly one request in 100 traced, evenly spaced
         _middleware._random = itertools.cycle([0.9] * 99 + [0.0]).__next__
     traced = variant == "traced"
     for _, kind, path in ROUTES:
