@@ -4,8 +4,10 @@
     python -m benchmarks.bench_routes --quick    # fewer rounds, for a smoke check
 
 In-process ASGI (no sockets) with 50 requests in flight at a time, every variant in every
-round (each one first in turn, after a full garbage collection), ratios against the bare app
-taken round by round, medians reported; throughput per second of wall-clock time, and, for the
+round, ratios against the bare app taken round by round, medians reported. Variants that need
+the process in another state (instrumentation installed, hooks on) are grouped by it, the
+state changed only between groups, each group warmed up untimed after the change (CPython
+re-learns its specialized lookups when a class changes), the groups leading in turn; throughput per second of wall-clock time, and, for the
 untraced variants, per second of the process's CPU time too (steadier on a shared machine).
 Variants: the bare app (no instrumentation installed); the middleware with every
 instrumentation installed and the request untraced; 1 % sampled; every request traced;
@@ -13,7 +15,7 @@ OpenTelemetry's ASGI + httpx instrumentation with the SDK (batch processor, in-m
 exporter); pyinstrument profiling each request (its per-request middleware recipe); viztracer
 with ``log_async`` around each request (the two profilers only one request at a time: they
 profile the whole process); and, to take 1 % sampling apart, untraced requests with the hooks
-held on all along (what every request pays while a traced one is in flight).
+on (what every request pays once a request was traced).
 
 What 1 % sampling costs is predicted from the parts measured in the same round, in CPU time per
 request: 99 untraced requests, one traced, and the hooks' cost on the untraced ones for the share
@@ -175,43 +177,51 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
     parts = ["| route | untraced request, CPU | a traced one costs | hooks on, at 1 % sampled "
              "| an untraced request while they are on | 1 % sampled vs idle: predicted "
              "| measured |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    variants: dict[str, tuple[ASGIApp, bool, bool]] = {  # app, instrumented, traced
-        "bare": (bare, False, False),
-        "otel": (otel, False, False),
-        "idle": (idle, True, False),
-        "sampled": (sampled, True, False),
-        "traced": (idle, True, True),
-        "pinned": (idle, True, False),  # untraced, with the hooks held on all along
+    variants: dict[str, tuple[ASGIApp, bool]] = {  # app, traced
+        "bare": (bare, False),
+        "otel": (otel, False),
+        "idle": (idle, False),
+        "sampled": (sampled, False),
+        "traced": (idle, True),
+        "pinned": (idle, False),  # untraced, with the hooks on (as after a traced request)
     }
     names = list(variants)
+    # Variants grouped by the state of the process they need: nothing of ours installed;
+    # instrumentation on, hooks never installed (no request traced yet); hooks on for good.
+    # Changing that state changes classes (the loop's, the instrumented libraries'), after
+    # which CPython re-learns its specialized lookups: so the state changes only between
+    # groups, each group starts with an untimed warm-up, and the groups take turns leading.
+    groups: list[tuple[bool, bool, list[str]]] = [
+        (False, False, ["bare", "otel"]),
+        (True, False, ["idle"]),
+        (True, True, ["pinned", "sampled", "traced"]),
+    ]
     for path in ROUTES:
         got: dict[str, list[float]] = {k: [] for k in [*names, "idle-cpu", "sampled-cpu"]}
         parts_got: dict[str, list[float]] = {k: [] for k in ("u", "t", "p", "on", "pred", "meas")}
         for r in range(rounds):
             rates: dict[str, tuple[float, float]] = {}
-            k = r % len(names)
-            for name in names[k:] + names[:k]:  # each variant first in turn
-                app, instrumented, traced = variants[name]
+            k = r % len(groups)
+            for instrumented, hooks, members in groups[k:] + groups[:k]:
                 if instrumented:
                     asgi_asynctrace.instrument()
                 else:
                     asgi_asynctrace.uninstrument()
-                if name == "otel":
-                    otel_on()
-                if name == "pinned":
+                if hooks:
                     install_hooks()
-                    await measured(idle, path, 20)  # the steady state, untimed
-                on, start = hooks_on_ns(), time.perf_counter_ns()
-                rates[name] = await measured(app, path, n, traced)
-                if name == "sampled":
-                    share = (hooks_on_ns() - on) / (time.perf_counter_ns() - start)
-                if name in ("pinned", "sampled", "traced"):
-                    # Hooks linger after traced requests: off now, and the lookups CPython
-                    # re-learns after the loop's class changes re-learned here, untimed, so
-                    # that cost does not land on the next variant.
+                else:
                     uninstall_hooks()
-                    await measured(idle, path, 20)
-                if name == "otel":
+                if "otel" in members:
+                    otel_on()
+                for name in members:  # untimed: lookups re-learned after the change
+                    await measured(variants[name][0], path, 50, variants[name][1])
+                for name in members:
+                    app, traced = variants[name]
+                    on, start = hooks_on_ns(), time.perf_counter_ns()
+                    rates[name] = await measured(app, path, n, traced)
+                    if name == "sampled":
+                        share = (hooks_on_ns() - on) / (time.perf_counter_ns() - start)
+                if "otel" in members:
                     otel_off()
             base, base_cpu = rates["bare"]
             got["bare"].append(base)
@@ -235,6 +245,7 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
                      f"| {100 * q['on']:.0f} % of the time | {100 * (q['p'] / q['u'] - 1):+.1f} % "
                      f"| {q['pred']:.3f}x | {q['meas']:.3f}x |")  # fmt: skip
     asgi_asynctrace.instrument()
+    uninstall_hooks()
     return rows, parts
 
 
@@ -249,14 +260,16 @@ def _bare(sample: Any) -> ASGIApp:
 
 async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
     """What one traced request costs as traced requests get rarer, on a CPU-bound route: the
-    throughput at 1 traced request in 20 ... 1 in 400, against the idle middleware, each run
-    after 100 requests at that rate (the steady state: hooks on, lingering)."""
+    throughput at 1 traced request in 20 ... 1 in 400, against the middleware untraced, each
+    run after 100 requests at that rate, the hooks on throughout (as after the first traced
+    request)."""
     import asgi_asynctrace
     from asgi_asynctrace import AsyncTraceMiddleware, _middleware
-    from asgi_asynctrace._hooks import uninstall_hooks
+    from asgi_asynctrace._hooks import install_hooks, uninstall_hooks
     from sample_app.app import app as sample
 
     asgi_asynctrace.instrument()
+    install_hooks()
     bare = _bare(sample)
     idle = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
     sampled = AsyncTraceMiddleware(bare, log_traces=False, store_size=100, sample_rate=0.5)
@@ -271,8 +284,6 @@ async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
                 _middleware._random = itertools.cycle([0.9] * (k - 1) + [0.0]).__next__
             await measured(app, path, 100)
             rates[k] = (await measured(app, path, n))[1]
-            uninstall_hooks()
-            await measured(idle, path, 20)
         for k in every:
             got[k].append(rates[k] / rates[0])
     rows = ["| one request traced in | throughput vs idle | a traced request costs |",
@@ -280,6 +291,7 @@ async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
     for k in every:
         ratio = statistics.median(got[k])
         rows.append(f"| {k} | {ratio:.3f}x | {(1 / ratio - 1) * k + 1:.1f} untraced |")
+    uninstall_hooks()
     return rows
 
 
@@ -312,8 +324,6 @@ async def latency_table(rounds: int) -> list[str]:
             base = await timed(bare, path)
             got["bare"].append(base)
             got["traced"].append(await timed(traced, path, True) / base)
-            uninstall_hooks()  # not lingering into the others' turns (see routes_table)
-            await timed(bare, path)
             otel_on()
             got["otel"].append(await timed(otel, path) / base)
             otel_off()
@@ -322,6 +332,7 @@ async def latency_table(rounds: int) -> list[str]:
         m = {k: statistics.median(v) for k, v in got.items()}
         rows.append(f"| {path} | {m['bare'] / 1e6:.2f} ms | {m['traced']:.2f}x | "
                     f"{m['otel']:.2f}x | {m['pyi']:.2f}x | {m['viz']:.2f}x |")  # fmt: skip
+    uninstall_hooks()
     return rows
 
 
