@@ -24,7 +24,6 @@ from typing import Any, Final, TypeVar, cast
 
 from ._failures import report
 from ._model import AnnotationValue, Resource, Trace
-from ._stacks import capture
 
 __all__ = ["ResourceScope", "annotate", "current_resource", "current_trace", "start_resource"]
 
@@ -61,16 +60,9 @@ def annotate(key: str, value: AnnotationValue) -> None:
 
 
 def new_resource(type: str, trace: Trace, parent: Resource, skip: int = 2) -> Resource | None:
-    """Record a resource created now by ``parent``, with the caller's caller's stack."""
-    now = _now()
-    depth = trace.stack_depth
-    if depth:
-        stack = capture(depth, skip + 1)
-        stack_id = trace._stack_ids.get(stack)
-        if stack_id is None:
-            stack_id = trace.stack_id(stack, stack.frames)
-        return trace.add(type, parent.async_id, stack_id, now)
-    return trace.add(type, parent.async_id, None, now)
+    """Record a resource created now by ``parent``, with the caller's caller's stack
+    (``Trace.new_resource``, whose ``skip`` counts from its own caller: this frame)."""
+    return trace.new_resource(type, parent, skip)
 
 
 def settle_from_exception(trace: Trace, res: Resource, now: int, exc: BaseException) -> None:
@@ -126,15 +118,7 @@ class ResourceScope:
         if trace.closed:
             return self
         try:
-            now = _now()
-            depth = trace.stack_depth
-            stack_id = None
-            if depth:
-                stack = capture(depth, 2)
-                stack_id = trace._stack_ids.get(stack)
-                if stack_id is None:
-                    stack_id = trace.stack_id(stack, stack.frames)
-            res = trace.add(self._type, active[1].async_id, stack_id, now)
+            res = trace.new_resource(self._type, active[1], 1)  # the stack from our caller
             if res is not None:
                 if self._annotations:
                     for key, value in self._annotations.items():

@@ -35,7 +35,7 @@ from contextvars import Context
 from typing import Any
 
 from . import _threads
-from ._context import ACTIVE, new_resource, settle_from_exception
+from ._context import ACTIVE, settle_from_exception
 from ._failures import report
 from ._model import Resource, Trace
 
@@ -637,7 +637,7 @@ def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
             return make(loop, coro, **kwargs)
         try:
             trace = active[0]
-            res = new_resource("task", trace, active[1])
+            res = trace.new_resource("task", active[1], 1)
             if res is None:
                 return make(loop, coro, **kwargs)
             name = getattr(coro, "__qualname__", None)
@@ -690,7 +690,7 @@ def _make_create_future(original: Callable[..., Any]) -> Callable[..., asyncio.F
         fut._asynctrace_trace = active[0]
         fut._asynctrace_res = None
         try:
-            fut._asynctrace_res = new_resource("future", active[0], active[1])
+            fut._asynctrace_res = active[0].new_resource("future", active[1], 1)
         except Exception as exc:
             report("create-future", exc)
         return fut

@@ -11,9 +11,9 @@ Exports: Resource, Trace, TraceLimits, Dropped, RESOURCE_TYPES, STATES, frame_or
 
 from __future__ import annotations
 
-import itertools
 import operator
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import orjson
 
 from ._failures import report
+from ._stacks import capture
 
 _c_resources_json: Callable[..., bytes] | None
 _c_annotations_json: Callable[..., bytes] | None
 try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same in Python
     from ._speedups import Resource as _CResource
+    from ._speedups import TraceCore as _CTraceCore
     from ._speedups import annotations_json as _c_annotations_json
     from ._speedups import resources_json as _c_resources_json
 except ImportError:  # pragma: no cover - built everywhere the tests run
-    _c_resources_json = _c_annotations_json = _CResource = None  # type: ignore[assignment,misc]
+    _c_resources_json = _c_annotations_json = _CResource = _CTraceCore = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "RESOURCE_TYPES",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION: Final = 1
+_now = time.perf_counter_ns
 
 RESOURCE_TYPES: Final = frozenset(
     {
@@ -160,21 +163,127 @@ def _new_trace_id() -> str:
     return os.urandom(16).hex()
 
 
-class Trace:
-    """All that one request did asynchronously.
-
-    Recording methods take the clock reading from the caller, so a hook reads the clock once.
-    They are safe to call from worker threads: ids come from an atomic counter and every
-    mutation is a single list operation.
-    """
+class _PyTraceCore:
+    """The recording half of a trace: what every hook calls for every resource. With the C
+    accelerator built, ``Trace`` stands on ``_speedups.TraceCore`` instead, the same methods
+    in C; the tests hold the two to the same results. Limits are plain integers, copied from
+    ``TraceLimits`` by ``Trace.__init__``."""
 
     __slots__ = (
-        "_ids",
+        "_max_annotation_length",
+        "_max_annotations",
+        "_max_callbacks",
         "_max_resources",
+        "_max_stacks",
+        "_next_id",
         "_stack_ids",
         "annotations",
         "closed",
         "dropped",
+        "resources",
+        "stack_depth",
+        "stacks",
+    )
+
+    _max_annotation_length: int
+    _max_annotations: int
+    _max_callbacks: int
+    _max_resources: int
+    _max_stacks: int
+    _next_id: int
+    _stack_ids: dict[object, int]
+    annotations: list[tuple[int, str, AnnotationValue]]
+    closed: bool
+    dropped: Dropped
+    resources: list[Resource]
+    stack_depth: int
+    stacks: list[tuple[str, ...]]
+
+    def add(self, type: str, trigger_id: int, stack_id: int | None, now: int) -> Resource | None:
+        """A new resource, or None when the resource cap is reached (counted as dropped)."""
+        resources = self.resources
+        if len(resources) >= self._max_resources:
+            self.dropped.resources += 1
+            return None
+        res = Resource(self._next_id, trigger_id, type, stack_id, now)
+        self._next_id += 1
+        resources.append(res)
+        return res
+
+    def begin(self, res: Resource, now: int) -> None:
+        """A callback of ``res`` starts running."""
+        cb = res.callbacks
+        if len(cb) < self._max_callbacks:
+            cb.append(now)
+        else:
+            self.dropped.callbacks += 1
+
+    def end(self, res: Resource, now: int) -> None:
+        """The running callback of ``res`` returns (ignored if its start was dropped)."""
+        cb = res.callbacks
+        if len(cb) & 1:
+            cb.append(now)
+
+    def settle(self, res: Resource, now: int, state: str) -> None:
+        """``res`` reached its final state; only the first settlement counts."""
+        if res.settled_at is None:
+            res.settled_at = now
+            res.state = state
+
+    def annotate(self, res: Resource, key: str, value: AnnotationValue) -> None:
+        if res.annotation_count >= self._max_annotations:
+            self.dropped.annotations += 1
+            return
+        limit = self._max_annotation_length
+        if isinstance(value, str):
+            if len(value) > limit:
+                value = value[:limit] + "…"
+                self.dropped.truncated += 1
+        elif value is not None and not isinstance(value, (int, float)):  # bool is an int
+            value = repr(value)[:limit]
+        res.annotation_count += 1
+        self.annotations.append((res.async_id, key, value))
+
+    def stack_id(self, key: object, frames: tuple[str, ...]) -> int | None:
+        """The id of a stack in this trace's table, interned by ``key`` (any hashable)."""
+        sid = self._stack_ids.get(key)
+        if sid is None:
+            if len(self.stacks) >= self._max_stacks:
+                self.dropped.stacks += 1
+                return None
+            sid = len(self.stacks)
+            self.stacks.append(frames)
+            self._stack_ids[key] = sid
+        return sid
+
+    def new_resource(self, type: str, parent: Resource, skip: int) -> Resource | None:
+        """A resource of ``type`` made now by ``parent``, with the creation stack that starts
+        ``skip`` frames out from the calling frame (0: the caller itself)."""
+        now = _now()
+        sid = None
+        if self.stack_depth:
+            stack = capture(self.stack_depth, skip + 2)  # past capture() and this frame
+            sid = self._stack_ids.get(stack)
+            if sid is None:
+                sid = self.stack_id(stack, stack.frames)
+        return self.add(type, parent.async_id, sid, now)
+
+
+if TYPE_CHECKING:
+    _TraceCore = _PyTraceCore
+else:
+    _TraceCore = _PyTraceCore if _CTraceCore is None else _CTraceCore
+
+
+class Trace(_TraceCore):
+    """All that one request did asynchronously.
+
+    Recording methods take the clock reading from the caller, so a hook reads the clock once.
+    They are safe to call from worker threads: each runs under the GIL without giving it up
+    (in C), or is a single list operation on the shared state (in Python).
+    """
+
+    __slots__ = (
         "ended_at",
         "finishers",
         "limits",
@@ -182,9 +291,6 @@ class Trace:
         "propagate_to",
         "record_futures",
         "request",
-        "resources",
-        "stack_depth",
-        "stacks",
         "started_at_unix_ns",
         "trace_id",
     )
@@ -203,10 +309,16 @@ class Trace:
         self.origin = origin
         self.started_at_unix_ns = started_at_unix_ns
         self.ended_at: int | None = None
-        self.limits = limits or _DEFAULT_LIMITS
-        # Copies of two limits read on every new resource (TraceLimits is frozen).
-        self._max_resources = self.limits.max_resources
-        self.stack_depth = self.limits.max_stack_depth
+        self.limits = limits = limits or _DEFAULT_LIMITS
+        # The limits the recording methods read, as machine integers (TraceLimits is frozen;
+        # a limit past sys.maxsize is no limit at all).
+        self._max_resources = min(limits.max_resources, sys.maxsize)
+        self._max_annotations = min(limits.max_annotations_per_resource, sys.maxsize)
+        self._max_annotation_length = min(limits.max_annotation_length, sys.maxsize)
+        self._max_callbacks = min(2 * limits.max_callbacks_per_resource, sys.maxsize)
+        self._max_stacks = min(limits.max_stacks, sys.maxsize)
+        self.stack_depth = min(limits.max_stack_depth, sys.maxsize)
+        self._next_id = 1
         self.resources: list[Resource] = []
         self.stacks: list[tuple[str, ...]] = []
         self.annotations: list[tuple[int, str, AnnotationValue]] = []
@@ -219,7 +331,6 @@ class Trace:
         # Called as fn(trace, now) when the request ends, before the trace closes: for
         # recorders that can only settle their resources then (a cancelled uvloop timer).
         self.finishers: list[Callable[[Trace, int], None]] = []
-        self._ids = itertools.count(1)
         self._stack_ids: dict[object, int] = {}
 
     @classmethod
@@ -245,62 +356,6 @@ class Trace:
     @property
     def root(self) -> Resource:
         return self.resources[0]
-
-    # -- recording ---------------------------------------------------------------------------
-
-    def add(self, type: str, trigger_id: int, stack_id: int | None, now: int) -> Resource | None:
-        """A new resource, or None when the resource cap is reached (counted as dropped)."""
-        resources = self.resources
-        if len(resources) >= self._max_resources:
-            self.dropped.resources += 1
-            return None
-        res = Resource(next(self._ids), trigger_id, type, stack_id, now)
-        resources.append(res)
-        return res
-
-    def begin(self, res: Resource, now: int) -> None:
-        """A callback of ``res`` starts running."""
-        cb = res.callbacks
-        if len(cb) < 2 * self.limits.max_callbacks_per_resource:
-            cb.append(now)
-        else:
-            self.dropped.callbacks += 1
-
-    def end(self, res: Resource, now: int) -> None:
-        """The running callback of ``res`` returns (ignored if its start was dropped)."""
-        cb = res.callbacks
-        if len(cb) & 1:
-            cb.append(now)
-
-    def settle(self, res: Resource, now: int, state: str) -> None:
-        """``res`` reached its final state; only the first settlement counts."""
-        if res.settled_at is None:
-            res.settled_at = now
-            res.state = state
-
-    def annotate(self, res: Resource, key: str, value: AnnotationValue) -> None:
-        if res.annotation_count >= self.limits.max_annotations_per_resource:
-            self.dropped.annotations += 1
-            return
-        if isinstance(value, str) and len(value) > self.limits.max_annotation_length:
-            value = value[: self.limits.max_annotation_length] + "…"
-            self.dropped.truncated += 1
-        elif value is not None and not isinstance(value, (str, int, float, bool)):
-            value = repr(value)[: self.limits.max_annotation_length]
-        res.annotation_count += 1
-        self.annotations.append((res.async_id, key, value))
-
-    def stack_id(self, key: object, frames: tuple[str, ...]) -> int | None:
-        """The id of a stack in this trace's table, interned by ``key`` (any hashable)."""
-        sid = self._stack_ids.get(key)
-        if sid is None:
-            if len(self.stacks) >= self.limits.max_stacks:
-                self.dropped.stacks += 1
-                return None
-            sid = len(self.stacks)
-            self.stacks.append(frames)
-            self._stack_ids[key] = sid
-        return sid
 
     def finish(self, now: int, state: str = "ok") -> None:
         """End the request: close the trace to further recording.

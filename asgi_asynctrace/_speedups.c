@@ -1187,9 +1187,468 @@ static PyTypeObject ResourceType = {
     .tp_methods = resource_methods,
 };
 
+/* TraceCore: the recording half of _model.Trace (its base class when this module is built):
+ * add, begin, end, settle, annotate, stack_id and new_resource, the calls every hook makes
+ * for every resource of a traced request. _model._PyTraceCore is the same in Python; the
+ * tests run both. Limits are kept as plain integers (set by Trace.__init__); what goes over
+ * them is counted on the trace's Dropped object (a rare path: attribute arithmetic). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *resources;   /* list of Resource */
+    PyObject *annotations; /* list of (async_id, key, value) */
+    PyObject *stacks;      /* list of frame tuples */
+    PyObject *stack_ids;   /* dict: stack key -> index in stacks */
+    PyObject *dropped;     /* Dropped */
+    char closed;
+    Py_ssize_t max_resources, max_annotations, max_annotation_length, max_callbacks, max_stacks;
+    Py_ssize_t stack_depth;
+    long long next_id;
+} TraceCore;
+
+static PyObject *perf_counter_ns;    /* time.perf_counter_ns */
+static PyObject *format_stack;       /* _stacks._format_and_cache_c, set by _stacks */
+static PyObject *stack_cache;        /* _stacks._c_cache */
+static PyObject *stop_code;          /* _stacks._STOP_CODE */
+static PyObject *s_frames, *s_ellipsis;
+
+static int
+count_dropped(TraceCore *t, const char *name)
+{
+    if (t->dropped == NULL) {
+        return 0;
+    }
+    PyObject *v = PyObject_GetAttrString(t->dropped, name);
+    if (v == NULL) {
+        return -1;
+    }
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *sum = one ? PyNumber_Add(v, one) : NULL;
+    Py_DECREF(v);
+    Py_XDECREF(one);
+    if (sum == NULL) {
+        return -1;
+    }
+    int rc = PyObject_SetAttrString(t->dropped, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+static int
+core_ready(TraceCore *t)
+{
+    if (t->resources == NULL || t->annotations == NULL || t->stacks == NULL ||
+        t->stack_ids == NULL || !PyList_CheckExact(t->resources) ||
+        !PyList_CheckExact(t->annotations) || !PyList_CheckExact(t->stacks) ||
+        !PyDict_CheckExact(t->stack_ids)) {
+        PyErr_SetString(PyExc_TypeError, "trace not initialised: resources, annotations and "
+                                         "stacks must be lists, _stack_ids a dict");
+        return -1;
+    }
+    return 0;
+}
+
+static ResourceObject *
+as_resource(PyObject *res)
+{
+    if (!Py_IS_TYPE(res, &ResourceType)) {
+        PyErr_Format(PyExc_TypeError, "expected a Resource, got %.100s", Py_TYPE(res)->tp_name);
+        return NULL;
+    }
+    return (ResourceObject *)res;
+}
+
+/* add(type, trigger_id, stack_id, now) -> Resource | None */
+static PyObject *
+core_add_impl(TraceCore *t, PyObject *type, PyObject *trigger, PyObject *stack, PyObject *now)
+{
+    if (core_ready(t) < 0) {
+        return NULL;
+    }
+    if (PyList_GET_SIZE(t->resources) >= t->max_resources) {
+        if (count_dropped(t, "resources") < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    ResourceObject *r = PyObject_New(ResourceObject, &ResourceType);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->async_id = PyLong_FromLongLong(t->next_id);
+    if (r->async_id == NULL) {
+        r->trigger_id = r->type = r->stack_id = r->created_at = r->callbacks = NULL;
+        r->settled_at = r->state = r->annotation_count = r->awaited_by = NULL;
+        Py_DECREF(r);
+        return NULL;
+    }
+    t->next_id++;
+    r->trigger_id = Py_NewRef(trigger);
+    r->type = Py_NewRef(type);
+    r->stack_id = Py_NewRef(stack);
+    r->created_at = Py_NewRef(now);
+    r->callbacks = NULL;
+    r->settled_at = Py_NewRef(Py_None);
+    r->state = Py_NewRef(s_pending);
+    r->annotation_count = Py_NewRef(zero);
+    r->awaited_by = Py_NewRef(Py_None);
+    if (PyList_Append(t->resources, (PyObject *)r) < 0) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    return (PyObject *)r;
+}
+
+static PyObject *
+core_add(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "add(type, trigger_id, stack_id, now)");
+        return NULL;
+    }
+    return core_add_impl(t, args[0], args[1], args[2], args[3]);
+}
+
+static PyObject *
+core_begin(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "begin(res, now)");
+        return NULL;
+    }
+    ResourceObject *r = as_resource(args[0]);
+    if (r == NULL) {
+        return NULL;
+    }
+    if (r->callbacks == NULL && (r->callbacks = PyList_New(0)) == NULL) {
+        return NULL;
+    }
+    if (!PyList_Check(r->callbacks)) {
+        PyErr_SetString(PyExc_TypeError, "resource callbacks must be a list");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(r->callbacks) < t->max_callbacks) {
+        if (PyList_Append(r->callbacks, args[1]) < 0) {
+            return NULL;
+        }
+    }
+    else if (count_dropped(t, "callbacks") < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_end(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "end(res, now)");
+        return NULL;
+    }
+    ResourceObject *r = as_resource(args[0]);
+    if (r == NULL) {
+        return NULL;
+    }
+    PyObject *cb = r->callbacks;
+    if (cb != NULL && PyList_Check(cb) && (PyList_GET_SIZE(cb) & 1)) {
+        if (PyList_Append(cb, args[1]) < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_settle(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "settle(res, now, state)");
+        return NULL;
+    }
+    ResourceObject *r = as_resource(args[0]);
+    if (r == NULL) {
+        return NULL;
+    }
+    if (r->settled_at == Py_None || r->settled_at == NULL) {
+        Py_XSETREF(r->settled_at, Py_NewRef(args[1]));
+        Py_XSETREF(r->state, Py_NewRef(args[2]));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_annotate(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "annotate(res, key, value)");
+        return NULL;
+    }
+    ResourceObject *r = as_resource(args[0]);
+    if (r == NULL || core_ready(t) < 0) {
+        return NULL;
+    }
+    Py_ssize_t count = r->annotation_count ? PyLong_AsSsize_t(r->annotation_count) : 0;
+    if (count == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (count >= t->max_annotations) {
+        if (count_dropped(t, "annotations") < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *value = args[2];
+    Py_ssize_t limit = t->max_annotation_length;
+    if (PyUnicode_Check(value)) {
+        if (PyUnicode_GET_LENGTH(value) > limit) {
+            PyObject *head = PyUnicode_Substring(value, 0, limit);
+            value = head ? PyUnicode_Concat(head, s_ellipsis) : NULL;
+            Py_XDECREF(head);
+            if (value == NULL || count_dropped(t, "truncated") < 0) {
+                Py_XDECREF(value);
+                return NULL;
+            }
+        }
+        else {
+            Py_INCREF(value);
+        }
+    }
+    else if (value == Py_None || PyLong_Check(value) || PyFloat_Check(value)) {
+        Py_INCREF(value); /* bool is an int */
+    }
+    else {
+        PyObject *text = PyObject_Repr(value);
+        if (text == NULL) {
+            return NULL;
+        }
+        value = PyUnicode_Substring(text, 0, Py_MIN(limit, PyUnicode_GET_LENGTH(text)));
+        Py_DECREF(text);
+        if (value == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *n = PyLong_FromSsize_t(count + 1);
+    PyObject *item = n ? PyTuple_Pack(3, r->async_id, args[1], value) : NULL;
+    Py_DECREF(value);
+    if (item == NULL || PyList_Append(t->annotations, item) < 0) {
+        Py_XDECREF(n);
+        Py_XDECREF(item);
+        return NULL;
+    }
+    Py_DECREF(item);
+    Py_XSETREF(r->annotation_count, n);
+    Py_RETURN_NONE;
+}
+
+/* The index of ``key`` in the stack table, adding ``frames`` (or, when NULL, the key's
+ * ``frames`` attribute) under it: a new reference, None when the table is full. */
+static PyObject *
+core_stack_id_impl(TraceCore *t, PyObject *key, PyObject *frames)
+{
+    PyObject *sid = PyDict_GetItemWithError(t->stack_ids, key);
+    if (sid != NULL) {
+        return Py_NewRef(sid);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyList_GET_SIZE(t->stacks) >= t->max_stacks) {
+        if (count_dropped(t, "stacks") < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *owned = NULL;
+    if (frames == NULL && (frames = owned = PyObject_GetAttr(key, s_frames)) == NULL) {
+        return NULL;
+    }
+    sid = PyLong_FromSsize_t(PyList_GET_SIZE(t->stacks));
+    if (sid == NULL || PyList_Append(t->stacks, frames) < 0 ||
+        PyDict_SetItem(t->stack_ids, key, sid) < 0) {
+        Py_XDECREF(owned);
+        Py_XDECREF(sid);
+        return NULL;
+    }
+    Py_XDECREF(owned);
+    return sid;
+}
+
+static PyObject *
+core_stack_id(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "stack_id(key, frames)");
+        return NULL;
+    }
+    if (core_ready(t) < 0) {
+        return NULL;
+    }
+    return core_stack_id_impl(t, args[0], args[1]);
+}
+
+/* new_resource(type, parent, skip): a resource of ``type`` made now by ``parent``, with the
+ * creation stack that starts ``skip`` frames out from the calling frame (0: the caller). */
+static PyObject *
+core_new_resource(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "new_resource(type, parent, skip)");
+        return NULL;
+    }
+    ResourceObject *parent = as_resource(args[1]);
+    Py_ssize_t skip = PyLong_AsSsize_t(args[2]);
+    if (parent == NULL || (skip == -1 && PyErr_Occurred()) || core_ready(t) < 0) {
+        return NULL;
+    }
+    if (skip < 0) {
+        PyErr_SetString(PyExc_ValueError, "skip must be >= 0");
+        return NULL;
+    }
+    PyObject *now = PyObject_CallNoArgs(perf_counter_ns);
+    if (now == NULL) {
+        return NULL;
+    }
+    PyObject *sid = Py_NewRef(Py_None);
+    if (t->stack_depth > 0 && format_stack != NULL && stack_cache != NULL) {
+        PyObject *walk[4] = {args[2], NULL, stop_code, stack_cache};
+        PyObject *depth = PyLong_FromSsize_t(t->stack_depth);
+        walk[1] = depth;
+        PyObject *stack = depth ? stack_lookup(NULL, walk, 4) : NULL;
+        Py_XDECREF(depth);
+        if (stack != NULL && PyTuple_CheckExact(stack)) { /* a miss: (hash, key) to format */
+            PyObject *at = PyLong_FromSsize_t(skip + 1);
+            PyObject *made = at ? PyObject_CallFunctionObjArgs(format_stack, stack, at, NULL)
+                                : NULL;
+            Py_XDECREF(at);
+            Py_SETREF(stack, made);
+        }
+        if (stack == NULL) {
+            Py_DECREF(now);
+            Py_DECREF(sid);
+            return NULL;
+        }
+        Py_SETREF(sid, core_stack_id_impl(t, stack, NULL));
+        Py_DECREF(stack);
+        if (sid == NULL) {
+            Py_DECREF(now);
+            return NULL;
+        }
+    }
+    PyObject *res = core_add_impl(t, args[0], parent->async_id, sid, now);
+    Py_DECREF(sid);
+    Py_DECREF(now);
+    return res;
+}
+
+static int
+core_traverse(TraceCore *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->resources);
+    Py_VISIT(t->annotations);
+    Py_VISIT(t->stacks);
+    Py_VISIT(t->stack_ids);
+    Py_VISIT(t->dropped);
+    return 0;
+}
+
+static int
+core_clear(TraceCore *t)
+{
+    Py_CLEAR(t->resources);
+    Py_CLEAR(t->annotations);
+    Py_CLEAR(t->stacks);
+    Py_CLEAR(t->stack_ids);
+    Py_CLEAR(t->dropped);
+    return 0;
+}
+
+static void
+core_dealloc(TraceCore *t)
+{
+    PyObject_GC_UnTrack(t);
+    core_clear(t);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    TraceCore *t = (TraceCore *)type->tp_alloc(type, 0);
+    if (t != NULL) {
+        t->next_id = 1;
+        t->max_resources = t->max_annotations = t->max_annotation_length = PY_SSIZE_T_MAX;
+        t->max_callbacks = t->max_stacks = PY_SSIZE_T_MAX;
+    }
+    return (PyObject *)t;
+}
+
+/* Set by _stacks: how a missed walk is formatted, where walks are cached, where they stop. */
+static PyObject *
+set_stack_formatter(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyCallable_Check(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_stack_formatter(format, cache: dict, stop_code)");
+        return NULL;
+    }
+    Py_XSETREF(format_stack, Py_NewRef(args[0]));
+    Py_XSETREF(stack_cache, Py_NewRef(args[1]));
+    Py_XSETREF(stop_code, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))core_add, METH_FASTCALL,
+     "add(type, trigger_id, stack_id, now) -> Resource | None (None over the cap)."},
+    {"begin", (PyCFunction)(void (*)(void))core_begin, METH_FASTCALL,
+     "begin(res, now): a callback of res starts running."},
+    {"end", (PyCFunction)(void (*)(void))core_end, METH_FASTCALL,
+     "end(res, now): the running callback of res returns."},
+    {"settle", (PyCFunction)(void (*)(void))core_settle, METH_FASTCALL,
+     "settle(res, now, state): res reached its final state; only the first counts."},
+    {"annotate", (PyCFunction)(void (*)(void))core_annotate, METH_FASTCALL,
+     "annotate(res, key, value): label res."},
+    {"stack_id", (PyCFunction)(void (*)(void))core_stack_id, METH_FASTCALL,
+     "stack_id(key, frames) -> int | None: the stack's index in this trace's table."},
+    {"new_resource", (PyCFunction)(void (*)(void))core_new_resource, METH_FASTCALL,
+     "new_resource(type, parent, skip) -> Resource | None, with its creation stack."},
+    {NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"resources", T_OBJECT_EX, offsetof(TraceCore, resources), 0, NULL},
+    {"annotations", T_OBJECT_EX, offsetof(TraceCore, annotations), 0, NULL},
+    {"stacks", T_OBJECT_EX, offsetof(TraceCore, stacks), 0, NULL},
+    {"_stack_ids", T_OBJECT_EX, offsetof(TraceCore, stack_ids), 0, NULL},
+    {"dropped", T_OBJECT_EX, offsetof(TraceCore, dropped), 0, NULL},
+    {"closed", T_BOOL, offsetof(TraceCore, closed), 0, NULL},
+    {"_max_resources", T_PYSSIZET, offsetof(TraceCore, max_resources), 0, NULL},
+    {"_max_annotations", T_PYSSIZET, offsetof(TraceCore, max_annotations), 0, NULL},
+    {"_max_annotation_length", T_PYSSIZET, offsetof(TraceCore, max_annotation_length), 0, NULL},
+    {"_max_callbacks", T_PYSSIZET, offsetof(TraceCore, max_callbacks), 0, NULL},
+    {"_max_stacks", T_PYSSIZET, offsetof(TraceCore, max_stacks), 0, NULL},
+    {"stack_depth", T_PYSSIZET, offsetof(TraceCore, stack_depth), 0, NULL},
+    {"_next_id", T_LONGLONG, offsetof(TraceCore, next_id), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject TraceCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TraceCore",
+    .tp_basicsize = sizeof(TraceCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The recording methods of a trace (the base of _model.Trace).",
+    .tp_new = core_new,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+};
+
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
+    {"set_stack_formatter", (PyCFunction)(void (*)(void))set_stack_formatter, METH_FASTCALL,
+     "set_stack_formatter(format, cache, stop_code): what TraceCore.new_resource walks with."},
     {"stack_lookup", (PyCFunction)(void (*)(void))stack_lookup, METH_FASTCALL,
      "stack_lookup(skip, max_depth, stop_code, cache) -> the cached Stack, or (hash, key)."},
     {"resources_json", (PyCFunction)(void (*)(void))resources_json, METH_FASTCALL,
@@ -1215,12 +1674,20 @@ PyInit__speedups(void)
     s_loop_only = Py_BuildValue("(s)", "loop");
     s_pending = PyUnicode_InternFromString("pending");
     zero = PyLong_FromLong(0);
+    s_frames = PyUnicode_InternFromString("frames");
+    s_ellipsis = PyUnicode_FromString("\xe2\x80\xa6"); /* U+2026, as _model appends */
+    PyObject *time_module = PyImport_ImportModule("time");
+    perf_counter_ns = time_module ? PyObject_GetAttrString(time_module, "perf_counter_ns") : NULL;
+    Py_XDECREF(time_module);
+    if (!s_frames || !s_ellipsis || !perf_counter_ns) {
+        return NULL;
+    }
     if (!s_type || !s_headers || !s_path || !s_http || !s_websocket || !s_loop_only ||
         !s_pending || !zero) {
         return NULL;
     }
     if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0 ||
-        PyType_Ready(&ResourceType) < 0) {
+        PyType_Ready(&ResourceType) < 0 || PyType_Ready(&TraceCoreType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -1229,7 +1696,8 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(m, "Dispatch", (PyObject *)&DispatchType) < 0 ||
         PyModule_AddObjectRef(m, "TaskCall", (PyObject *)&TaskCallType) < 0 ||
-        PyModule_AddObjectRef(m, "Resource", (PyObject *)&ResourceType) < 0) {
+        PyModule_AddObjectRef(m, "Resource", (PyObject *)&ResourceType) < 0 ||
+        PyModule_AddObjectRef(m, "TraceCore", (PyObject *)&TraceCoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

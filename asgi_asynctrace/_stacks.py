@@ -128,6 +128,12 @@ def _format(skip: int, n: int) -> Stack:
     return Stack(tuple(frames), tuple(codes))
 
 
+if _c_lookup is not None:  # what TraceCore.new_resource formats a missed walk with
+    from ._speedups import set_stack_formatter
+
+    set_stack_formatter(_format_and_cache_c, _c_cache, _STOP_CODE)
+
+
 def format_frame(code: CodeType, lasti: int, lineno: int | None, path: str) -> str:
     """``function @ path:line:column`` (column 1-based; 0 where Python cannot tell)."""
     name = getattr(code, "co_qualname", code.co_name)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import Context
 from typing import Any
 
-from ._context import ACTIVE, Active, new_resource, settle_from_exception
+from ._context import ACTIVE, Active, settle_from_exception
 from ._failures import report
 
 __all__ = ["acquire", "release", "wrap_job"]
@@ -41,7 +41,7 @@ _anyio_backend: Any = None
 def wrap_job(active: Active, fn: Callable[..., Any], skip: int = 3) -> Callable[..., Any]:
     """``fn`` recorded as a thread job of the trace in ``active`` (or ``fn`` if over the cap)."""
     trace = active[0]
-    res = new_resource("thread", trace, active[1], skip)
+    res = trace.new_resource("thread", active[1], skip - 1)
     if res is None:
         return fn
     target = fn

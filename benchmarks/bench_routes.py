@@ -7,8 +7,9 @@ In-process ASGI (no sockets) with 50 requests in flight at a time, every variant
 round, ratios against the bare app taken round by round, medians reported. Variants that need
 the process in another state (instrumentation installed, hooks on) are grouped by it, the
 state changed only between groups, each group warmed up untimed after the change (CPython
-re-learns its specialized lookups when a class changes), the groups leading in turn; throughput per second of wall-clock time, and, for the
-untraced variants, per second of the process's CPU time too (steadier on a shared machine).
+re-learns its specialized lookups when a class changes), the groups leading in turn;
+throughput per second of wall-clock time, and, for the untraced variants, per second of the
+process's CPU time too (steadier on a shared machine).
 Variants: the bare app (no instrumentation installed); the middleware with every
 instrumentation installed and the request untraced; 1 % sampled; every request traced;
 OpenTelemetry's ASGI + httpx instrumentation with the SDK (batch processor, in-memory

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from asgi_asynctrace._context import ACTIVE, new_resource
+from asgi_asynctrace._context import ACTIVE
 from asgi_asynctrace._failures import report
 from asgi_asynctrace._hooks import add_loop_patch, remove_loop_patch
 from asgi_asynctrace._model import Resource, Trace
@@ -143,7 +143,7 @@ def _record(
     try:
         trace, parent = ACTIVE.get()  # type: ignore[misc]
         # The stack starts at whoever called call_later: asyncio.sleep, a timeout, the app.
-        res = new_resource("timer", trace, parent, skip=skip)
+        res = trace.new_resource("timer", parent, skip - 1)
         if res is not None:
             wrapper = _TimerCallback(callback, trace, res, loop, when)
             kind = _kind(callback, default_kind)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,8 @@ from asgi_asynctrace import (
     load_trace,
 )
 from asgi_asynctrace._stacks import ACCELERATED
+
+STATES_DRAWN = ["ok", "error", "cancelled"]
 
 SEED_SAMPLE = {
     "requestDurationNs": 5_000_000,
@@ -281,3 +285,83 @@ def test_a_resource_that_never_ran_a_callback_has_no_list_until_asked() -> None:
     assert out["callbacks"] == [] and out["callbackStartedAt"] is None
     assert not hasattr(res, "_callbacks")  # writing the trace made none
     assert res.callbacks == [] and res._callbacks == []  # type: ignore[attr-defined]
+
+
+def _python_core_trace() -> type[Trace]:
+    """Trace standing on the pure-Python recording core (what runs without the accelerator)."""
+    import types
+
+    from asgi_asynctrace._model import _PyTraceCore
+
+    skip = {"__slots__", "__dict__", "__weakref__", "__module__", "__qualname__"}
+    body = {
+        k: v
+        for k, v in vars(Trace).items()
+        if k not in skip and not isinstance(v, types.MemberDescriptorType)
+    }
+    return type("Trace", (_PyTraceCore,), {**body, "__slots__": Trace.__slots__})
+
+
+def _make(trace: Trace, parent_of: Any) -> Any:  # one call site, so one stack, for both
+    return trace.new_resource("task", parent_of, 0)
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("new"), st.integers(0, 9)),
+        st.tuples(st.just("add"), st.integers(0, 9), st.sampled_from(["fetch", "timer"])),
+        st.tuples(st.just("begin"), st.integers(0, 9), st.integers(0, 10**6)),
+        st.tuples(st.just("end"), st.integers(0, 9), st.integers(0, 10**6)),
+        st.tuples(st.just("settle"), st.integers(0, 9), st.sampled_from(STATES_DRAWN)),
+        st.tuples(st.just("annotate"), st.integers(0, 9), _TEXT, _VALUES),
+        st.tuples(st.just("annotate-object"), st.integers(0, 9)),
+        st.tuples(st.just("stack"), st.integers(0, 3)),
+    ),
+    max_size=40,
+)
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+@settings(max_examples=200, deadline=None)
+@given(ops=_OPS, caps=st.tuples(*(st.integers(1, n) for n in (6, 3, 8, 3, 3)), st.integers(0, 4)))
+def test_the_c_recording_core_records_what_the_python_one_records(ops: Any, caps: Any) -> None:
+    from asgi_asynctrace._model import _PyTraceCore
+
+    limits = TraceLimits(max_resources=caps[0], max_callbacks_per_resource=caps[1],
+                         max_annotations_per_resource=caps[2], max_annotation_length=caps[3],
+                         max_stacks=caps[4], max_stack_depth=caps[5])  # fmt: skip
+    python = _python_core_trace()
+    assert isinstance(python(), _PyTraceCore) and not isinstance(Trace(), _PyTraceCore)
+    out = []
+    for cls in (Trace, python):
+        trace = cls(trace_id="t", origin=0, limits=limits)
+        root = trace.add("root", 0, None, 0)
+        assert root is not None
+        made = [root]
+        for op in ops:
+            res: Any = made[op[1] % len(made)]
+            if op[0] == "new":
+                got = _make(trace, res)
+            elif op[0] == "add":
+                got = trace.add(op[2], res.async_id, None, op[1])
+            elif op[0] == "begin":
+                trace.begin(res, op[2])
+            elif op[0] == "end":
+                trace.end(res, op[2])
+            elif op[0] == "settle":
+                trace.settle(res, op[1], op[2])
+            elif op[0] == "annotate":
+                trace.annotate(res, op[2], op[3])
+            elif op[0] == "annotate-object":
+                trace.annotate(res, "thing", {"a": [1, 2]})  # type: ignore[arg-type]
+            else:
+                trace.stack_id(f"k{op[1]}", (f"f{op[1]} @ app.py:1:1",))
+            if op[0] in ("new", "add") and got is not None:
+                made.append(got)
+        trace.finish(10**7)
+        doc = orjson.loads(trace.to_json())
+        for r in doc["resources"]:  # created now: the clock differs between the two runs
+            if r["type"] == "task":
+                r["createdAt"] = 0
+        out.append((doc, trace._next_id))
+    assert out[0] == out[1]

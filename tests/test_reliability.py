@@ -213,7 +213,7 @@ def test_a_hook_that_fails_leaves_the_app_alone_and_tracing_recovers(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the tracer's own bug")
 
-    monkeypatch.setattr(hooks, "new_resource", broken)
+    monkeypatch.setattr(Trace, "new_resource", broken)  # every hook's way to a new resource
     with capture_traces() as traces:
         assert run(_call(app, _scope())) == (200, b"ab")
     assert failure_counts()["task-factory"] == 2  # counted; logged once
