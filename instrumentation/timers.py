@@ -152,7 +152,6 @@ def _record(
             if kind == default_kind:
                 name = getattr(callback, "__qualname__", None) or type(callback).__qualname__
                 trace.annotate(res, "callback", name)
-            _unsettled(trace).timers.append(wrapper)
     except Exception as exc:
         report("timers", exc)
     if wrapper is None:
@@ -164,11 +163,16 @@ def _record(
         wrapper.trace.annotate(wrapper.res, "error", type(exc).__qualname__)
         raise
     wrapper.handle = handle
-    if type(handle) is asyncio.TimerHandle:  # asyncio's loops (uvloop's handles are its own)
+    if type(handle) is asyncio.TimerHandle:  # asyncio's loops: the handle records its cancel
         try:
             handle.__class__ = _TracedTimerHandle
+            return handle
         except TypeError as exc:
             report("timers", exc)
+    try:  # uvloop's handles are its own: a cancel is found when the request ends
+        _unsettled(wrapper.trace).timers.append(wrapper)
+    except Exception as exc:
+        report("timers", exc)
     return handle
 
 
