@@ -398,7 +398,14 @@ get_ll(PyObject *v, long long *out)
         PyErr_SetString(PyExc_TypeError, "resource times and ids must be ints");
         return -1;
     }
-    *out = PyLong_AsLongLong(v);
+    /* not PyLong_AsLongLong: for the multi-digit ints a clock reading is, it goes through a
+     * generic byte conversion; this one adds up the digits */
+    int overflow = 0;
+    *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow) {
+        PyErr_SetString(PyExc_OverflowError, "int too big for a trace time or id");
+        return -1;
+    }
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
