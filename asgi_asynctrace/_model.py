@@ -26,13 +26,18 @@ from ._stacks import capture
 
 _c_resources_json: Callable[..., bytes] | None
 _c_annotations_json: Callable[..., bytes] | None
+_c_stacks_json: Callable[..., bytes] | None
+_c_in_order: Callable[[list[Any]], bool | None] | None
 try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same in Python
     from ._speedups import Resource as _CResource
     from ._speedups import TraceCore as _CTraceCore
     from ._speedups import annotations_json as _c_annotations_json
+    from ._speedups import in_order as _c_in_order
     from ._speedups import resources_json as _c_resources_json
+    from ._speedups import stacks_json as _c_stacks_json
 except ImportError:  # pragma: no cover - built everywhere the tests run
     _c_resources_json = _c_annotations_json = _CResource = _CTraceCore = None  # type: ignore[assignment,misc]
+    _c_in_order = _c_stacks_json = None
 
 __all__ = [
     "RESOURCE_TYPES",
@@ -400,7 +405,11 @@ class Trace(_TraceCore):
         """
         ordered = self._ordered()
         accelerated: Exception | None = None
-        if _c_resources_json is not None and _c_annotations_json is not None:
+        if (
+            _c_resources_json is not None
+            and _c_annotations_json is not None
+            and _c_stacks_json is not None
+        ):
             try:
                 dumps = orjson.dumps
                 strings = _json_strings
@@ -409,7 +418,9 @@ class Trace(_TraceCore):
                 resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps, strings)
                 annotations = _c_annotations_json(self.annotations, dumps, strings)
                 fragment = orjson.Fragment
-                stacks = fragment(_stacks_json(self.stacks))
+                if len(_frames_json) > _MAX_FRAMES_JSON:
+                    _frames_json.clear()
+                stacks = fragment(_c_stacks_json(self.stacks, _frames_json, dumps))
                 return dumps(self._as_dict(fragment(resources), fragment(annotations), stacks))
             except Exception as exc:
                 accelerated = exc
@@ -457,6 +468,10 @@ class Trace(_TraceCore):
         return out
 
     def _out_of_order(self) -> bool:
+        if _c_in_order is not None:
+            known = _c_in_order(self.resources)
+            if known is not None:
+                return not known
         ids = list(map(_ID, self.resources))
         return ids != sorted(ids)
 
@@ -514,33 +529,11 @@ _ID: Final = operator.attrgetter("async_id")
 # Types, states and annotation keys as JSON, for the C writer: a few dozen in a real app.
 _json_strings: dict[str, bytes] = {}
 _MAX_JSON_STRINGS: Final = 4096
-# Each distinct stack's frames as JSON, written once: call sites repeat across requests. Keyed
-# by the frames tuple's identity (the stack cache hands out one per call site); the entry
-# holds the tuple, so its id cannot be reused while the entry lives.
+# Each distinct stack's frames as JSON, written once by the C writer: call sites repeat across
+# requests. Keyed by the frames tuple's identity (the stack cache hands out one per call
+# site); the entry holds the tuple, so its id cannot be reused while the entry lives.
 _frames_json: dict[int, tuple[tuple[str, ...], bytes]] = {}
 _MAX_FRAMES_JSON: Final = 20_000
-
-
-def _stacks_json(stacks: list[tuple[str, ...]]) -> bytes:
-    """``stackTraces`` as orjson writes ``[{"id": i, "frames": [...]}, ...]``, from the cache."""
-    cache = _frames_json
-    # Frames are most of a trace's bytes: each cached piece is copied once, by the one join.
-    parts = [b"["]
-    append = parts.append
-    for i, frames in enumerate(stacks):
-        hit = cache.get(id(frames))
-        if hit is None or hit[0] is not frames:
-            if len(cache) >= _MAX_FRAMES_JSON:
-                cache.clear()
-            hit = cache[id(frames)] = (frames, b',"frames":' + orjson.dumps(frames) + b"}")
-        append(b'{"id":%d' % i)
-        append(hit[1])
-        append(b",")
-    if len(parts) > 1:
-        parts[-1] = b"]"
-    else:
-        append(b"]")
-    return b"".join(parts)
 
 
 def _json_safe(value: Any) -> Any:

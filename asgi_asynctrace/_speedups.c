@@ -1035,6 +1035,83 @@ static PyTypeObject TaskCallType = {
     .tp_vectorcall_offset = offsetof(TaskCall, vectorcall),
 };
 
+/* stacks_json(stacks, cache, encode): the "stackTraces" array of format v1, the bytes orjson
+ * writes for [{"id": i, "frames": list(frames)}, ...]. Each distinct frames tuple is encoded
+ * once per process: ``cache`` maps id(frames) -> (frames, its ``,"frames":[...]}`` bytes), the
+ * entry holding the tuple so its id cannot be reused while the entry lives (call sites repeat
+ * across requests, and the stack cache hands out one tuple per call site). */
+static PyObject *
+stacks_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "stacks_json(stacks: list, cache: dict, encode)");
+        return NULL;
+    }
+    PyObject *stacks = args[0], *cache = args[1], *encode = args[2];
+    Py_ssize_t count = PyList_GET_SIZE(stacks);
+    buffer b = {NULL, 0, 0};
+    if (reserve(&b, 64 + count * 64) < 0) {
+        return NULL;
+    }
+    b.data[b.len++] = '[';
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *frames = PyList_GET_ITEM(stacks, i);
+        PyObject *key = PyLong_FromVoidPtr(frames);
+        if (key == NULL) {
+            goto fail;
+        }
+        PyObject *hit = PyDict_GetItemWithError(cache, key); /* borrowed */
+        PyObject *piece = NULL;
+        if (hit != NULL && PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 2 &&
+            PyTuple_GET_ITEM(hit, 0) == frames && PyBytes_CheckExact(PyTuple_GET_ITEM(hit, 1))) {
+            piece = Py_NewRef(PyTuple_GET_ITEM(hit, 1));
+        }
+        else if (hit == NULL && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto fail;
+        }
+        else {
+            PyObject *encoded = PyObject_CallOneArg(encode, frames);
+            if (encoded == NULL || !PyBytes_Check(encoded)) {
+                if (encoded != NULL) {
+                    PyErr_SetString(PyExc_TypeError, "encode must return bytes");
+                }
+                Py_XDECREF(encoded);
+                Py_DECREF(key);
+                goto fail;
+            }
+            piece = PyBytes_FromFormat(",\"frames\":%s}", PyBytes_AS_STRING(encoded));
+            Py_DECREF(encoded);
+            PyObject *entry = piece ? PyTuple_Pack(2, frames, piece) : NULL;
+            if (entry == NULL || PyDict_SetItem(cache, key, entry) < 0) {
+                Py_XDECREF(entry);
+                Py_XDECREF(piece);
+                Py_DECREF(key);
+                goto fail;
+            }
+            Py_DECREF(entry);
+        }
+        Py_DECREF(key);
+        Py_ssize_t n = PyBytes_GET_SIZE(piece);
+        if (reserve(&b, n + ROOM) < 0) {
+            Py_DECREF(piece);
+            goto fail;
+        }
+        if (i) {
+            PUT(&b, ",");
+        }
+        PUT(&b, "{\"id\":");
+        put_int(&b, i);
+        memcpy(b.data + b.len, PyBytes_AS_STRING(piece), (size_t)n);
+        b.len += n;
+        Py_DECREF(piece);
+    }
+    return close_array(&b);
+fail:
+    PyMem_Free(b.data);
+    return NULL;
+}
+
 /* Resource: one record of the trace model (see _model.Resource, the same in Python). Not
  * garbage-collected: it holds only ints, strings, None and lists of ints, so it can never be
  * part of a reference cycle, and a traced request makes one per resource; as a collected
@@ -1193,6 +1270,35 @@ static PyTypeObject ResourceType = {
     .tp_getset = resource_getset,
     .tp_methods = resource_methods,
 };
+
+/* in_order(resources): whether the resources' async ids only ever increase (the order they
+ * are written in; a trace joined from several or loaded from a file may need sorting). */
+static PyObject *
+in_order(PyObject *module, PyObject *resources)
+{
+    if (!PyList_Check(resources)) {
+        PyErr_SetString(PyExc_TypeError, "in_order(resources: list)");
+        return NULL;
+    }
+    long long last = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(resources); i++) {
+        PyObject *r = PyList_GET_ITEM(resources, i);
+        PyObject *id = Py_IS_TYPE(r, &ResourceType) ? ((ResourceObject *)r)->async_id : NULL;
+        long long x;
+        if (id == NULL || !PyLong_CheckExact(id)) {
+            Py_RETURN_NONE; /* not ours to judge: the caller checks in Python */
+        }
+        if (get_ll(id, &x) < 0) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (i && x <= last) {
+            Py_RETURN_FALSE;
+        }
+        last = x;
+    }
+    Py_RETURN_TRUE;
+}
 
 /* TraceCore: the recording half of _model.Trace (its base class when this module is built):
  * add, begin, end, settle, annotate, stack_id and new_resource, the calls every hook makes
@@ -1660,6 +1766,10 @@ static PyMethodDef methods[] = {
      "stack_lookup(skip, max_depth, stop_code, cache) -> the cached Stack, or (hash, key)."},
     {"resources_json", (PyCFunction)(void (*)(void))resources_json, METH_FASTCALL,
      "resources_json(resources, origin, slots, encode[, cache]) -> bytes: v1's resources."},
+    {"stacks_json", (PyCFunction)(void (*)(void))stacks_json, METH_FASTCALL,
+     "stacks_json(stacks, cache, encode) -> bytes: v1's stackTraces."},
+    {"in_order", (PyCFunction)in_order, METH_O,
+     "in_order(resources) -> True, False, or None when it cannot tell."},
     {"annotations_json", (PyCFunction)(void (*)(void))annotations_json, METH_FASTCALL,
      "annotations_json(annotations, encode[, cache]) -> bytes: v1's annotations."},
     {NULL, NULL, 0, NULL},
