@@ -212,18 +212,17 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
                     install_hooks()
                 else:
                     uninstall_hooks()
-                if "otel" in members:
-                    otel_on()
-                for name in members:  # untimed: lookups re-learned after the change
-                    await measured(variants[name][0], path, 50, variants[name][1])
                 for name in members:
                     app, traced = variants[name]
+                    if name == "otel":  # its httpx instrumentation, on this variant's turn only
+                        otel_on()
+                    await measured(app, path, 50, traced)  # untimed: lookups re-learned
                     on, start = hooks_on_ns(), time.perf_counter_ns()
                     rates[name] = await measured(app, path, n, traced)
                     if name == "sampled":
                         share = (hooks_on_ns() - on) / (time.perf_counter_ns() - start)
-                if "otel" in members:
-                    otel_off()
+                    if name == "otel":
+                        otel_off()
             base, base_cpu = rates["bare"]
             got["bare"].append(base)
             for name in names[1:]:
@@ -292,6 +291,41 @@ async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
     for k in every:
         ratio = statistics.median(got[k])
         rows.append(f"| {k} | {ratio:.3f}x | {(1 / ratio - 1) * k + 1:.1f} untraced |")
+    uninstall_hooks()
+    return rows
+
+
+async def cold_table(rounds: int, path: str = "/cache") -> list[str]:
+    """What a traced request costs on its own, one request at a time, right after another
+    traced one and after 10 ... 1000 untraced ones: how much a rare traced request pays for
+    running code the processor has not run for a while (its caches and branch history hold
+    the untraced requests' work by then)."""
+    from asgi_asynctrace import AsyncTraceMiddleware
+    from asgi_asynctrace._hooks import uninstall_hooks
+    from sample_app.app import app as sample
+
+    app = AsyncTraceMiddleware(_bare(sample), log_traces=False, store_size=100)
+
+    async def timed(traced: bool) -> int:
+        start = time.perf_counter_ns()
+        await _one(app, path, traced)
+        return time.perf_counter_ns() - start
+
+    for _ in range(100):
+        await timed(True)
+        await timed(False)
+    untraced = statistics.median([await timed(False) for _ in range(rounds * 30)])
+    rows = [f"| {path}: a traced request, after | latency | vs an untraced one |", "|---|---|---|"]
+    for gap in (0, 10, 100, 1000):
+        got = []
+        for _ in range(rounds * 3):
+            for _ in range(gap):
+                await _one(app, path, False)
+            got.append(await timed(True))
+        took = statistics.median(got)
+        after = "another traced request" if gap == 0 else f"{gap} untraced ones"
+        rows.append(f"| {after} | {took / 1e3:.0f} µs | {took / untraced:.1f}x |")
+    rows.append(f"| (an untraced request) | {untraced / 1e3:.0f} µs | 1.0x |")
     uninstall_hooks()
     return rows
 
@@ -387,11 +421,12 @@ def main() -> None:
 
     logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
 
-    async def everything() -> tuple[tuple[list[str], list[str]], list[str], list[str], list[str]]:
+    async def everything() -> tuple[Any, ...]:
         return (await routes_table(rounds, n), await rate_table(rounds, 5 * n),
-                await latency_table(rounds), await size_table())  # fmt: skip
+                await cold_table(rounds), await latency_table(rounds),
+                await size_table())  # fmt: skip
 
-    (routes, sampling), by_rate, latency, sizes = asyncio.run(everything())
+    (routes, sampling), by_rate, cold, latency, sizes = asyncio.run(everything())
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {rounds} rounds of {n} "
           "requests per route and variant, 50 in flight; medians\n")  # fmt: skip
     print("Throughput, 50 requests in flight, relative to the bare app (1.000x = no cost):\n")
@@ -401,6 +436,10 @@ def main() -> None:
     print(f"\nOn /cache, as traced requests get rarer (CPU time, {5 * n} requests a run, "
           "50 in flight):\n")  # fmt: skip
     print("\n".join(by_rate))
+    print(
+        "\nOne request at a time: a traced request right after another, and after untraced ones:\n"
+    )
+    print("\n".join(cold))
     print("\nLatency of one request at a time, relative to the bare app (lower is better):\n")
     print("\n".join(latency))
     print()
