@@ -212,7 +212,13 @@ def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
 class _TracedTimerHandle(asyncio.TimerHandle):
     """What a traced timer's handle becomes on asyncio's loops: a ``TimerHandle`` whose
     ``cancel()`` records the cancel as it happens. Only traced timers' handles take this class
-    (assigned after the loop made them, same layout), so no other cancel pays anything."""
+    (assigned after the loop made them, same layout), so no other cancel pays anything.
+
+    A cancelled handle stays in the loop's heap until its due time or the loop's next sweep of
+    cancelled handles (a deadline of seconds that was not reached, say); asyncio drops its
+    callback then but keeps the context it would have run in, and that context holds the
+    request's trace. A cancelled handle never runs, so the context is dropped too: the trace
+    goes when its request ends, not seconds later, after the collector had to move it up."""
 
     __slots__ = ()
 
@@ -224,6 +230,7 @@ class _TracedTimerHandle(asyncio.TimerHandle):
             except Exception as exc:
                 report("timers", exc)
         super().cancel()
+        self._context = None
 
 
 _TracedTimerHandle.__name__ = "TimerHandle"  # its repr() stays asyncio's

@@ -212,3 +212,25 @@ def test_uninstrument_stops_recording_timers() -> None:
 
     trace = run(_request(body, instrument=False))
     assert trace is not None and timers(trace) == []
+
+
+@pytest.mark.skipif(LOOP == "uvloop", reason="uvloop's handles are its own")
+def test_a_cancelled_traced_timer_left_in_the_loop_keeps_nothing_of_the_request() -> None:
+    """asyncio keeps a cancelled handle in its heap until the due time or its next sweep, and
+    with it the context it would have run in; for a traced timer that context holds the
+    trace, which would then outlive its request by seconds."""
+    left: list[Any] = []
+
+    async def body() -> None:
+        await asyncio.wait_for(asyncio.sleep(0), timeout=30)  # the 30 s deadline is cancelled
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        trace = await _request(body)
+        assert trace is not None and any(t.state == "cancelled" for t in timers(trace))
+        left.extend(h for h in loop._scheduled if h.cancelled())  # type: ignore[attr-defined]
+
+    run(main())
+    assert left  # still in the heap: its due time is 30 s away
+    for handle in left:
+        assert handle._callback is None and handle._context is None
