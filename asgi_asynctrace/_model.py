@@ -14,6 +14,7 @@ from __future__ import annotations
 import operator
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
 
 FORMAT_VERSION: Final = 1
 _now = time.perf_counter_ns
+_ids_lock = threading.Lock()
 
 RESOURCE_TYPES: Final = frozenset(
     {
@@ -210,8 +212,10 @@ class _PyTraceCore:
         if len(resources) >= self._max_resources:
             self.dropped.resources += 1
             return None
-        res = Resource(self._next_id, trigger_id, type, stack_id, now)
-        self._next_id += 1
+        with _ids_lock:  # a worker thread may add to the same trace (the C core holds the GIL)
+            async_id = self._next_id
+            self._next_id = async_id + 1
+        res = Resource(async_id, trigger_id, type, stack_id, now)
         resources.append(res)
         return res
 
