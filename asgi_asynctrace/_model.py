@@ -482,6 +482,29 @@ class Trace(_TraceCore):
     def __repr__(self) -> str:
         return f"<Trace {self.trace_id} {len(self.resources)} resources>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickling and copying, whichever recording core the trace stands on: every field but
+        the live request's (the stack index, keyed by cached code locations, and the
+        finishers), which a copy starts afresh."""
+        state = {name: getattr(self, name) for name in _TRACE_FIELDS if hasattr(self, name)}
+        return _rebuild_trace, (type(self), state)
+
+
+def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:
+    trace = cls.__new__(cls)
+    for name, value in state.items():
+        setattr(trace, name, value)
+    trace._stack_ids = {}
+    trace.finishers = []
+    return trace
+
+
+_TRACE_FIELDS: Final = tuple(
+    name
+    for name in (*_PyTraceCore.__slots__, *Trace.__slots__)
+    if name not in ("_stack_ids", "finishers")
+)
+
 
 def resource_dicts(ordered: list[Resource], o: int) -> list[dict[str, Any]]:
     """Resources as format-v1 objects. (A C version measured no faster: building the dicts

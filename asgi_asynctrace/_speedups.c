@@ -1227,6 +1227,37 @@ resource_intervals(ResourceObject *self, PyObject *unused)
     return out;
 }
 
+/* Pickling and copying, as for the slotted Python record: the five constructor arguments,
+ * then the rest as state. */
+static PyObject *
+resource_reduce(ResourceObject *self, PyObject *unused)
+{
+    PyObject *cb = self->callbacks ? self->callbacks : Py_None;
+    return Py_BuildValue("O(OOOOO)(OOOOO)", (PyObject *)Py_TYPE(self), self->async_id,
+                         self->trigger_id, self->type, self->stack_id, self->created_at, cb,
+                         self->settled_at, self->state, self->annotation_count,
+                         self->awaited_by);
+}
+
+static PyObject *
+resource_setstate(ResourceObject *self, PyObject *state)
+{
+    PyObject *cb, *settled, *st, *count, *awaited;
+    if (!PyTuple_Check(state) ||
+        !PyArg_ParseTuple(state, "OOOOO", &cb, &settled, &st, &count, &awaited)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "Resource state must be a tuple of 5");
+        }
+        return NULL;
+    }
+    Py_XSETREF(self->callbacks, cb == Py_None ? NULL : Py_NewRef(cb));
+    Py_XSETREF(self->settled_at, Py_NewRef(settled));
+    Py_XSETREF(self->state, Py_NewRef(st));
+    Py_XSETREF(self->annotation_count, Py_NewRef(count));
+    Py_XSETREF(self->awaited_by, Py_NewRef(awaited));
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 resource_repr(ResourceObject *self)
 {
@@ -1254,6 +1285,8 @@ static PyGetSetDef resource_getset[] = {
 static PyMethodDef resource_methods[] = {
     {"intervals", (PyCFunction)resource_intervals, METH_NOARGS,
      "Callback intervals as (start, end) pairs; end is None for a step still running."},
+    {"__reduce__", (PyCFunction)resource_reduce, METH_NOARGS, NULL},
+    {"__setstate__", (PyCFunction)resource_setstate, METH_O, NULL},
     {NULL},
 };
 

@@ -365,3 +365,37 @@ def test_the_c_recording_core_records_what_the_python_one_records(ops: Any, caps
                 r["createdAt"] = 0
         out.append((doc, trace._next_id))
     assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("core", ["c", "python"])
+def test_a_trace_survives_copy_deepcopy_and_pickle(core: str) -> None:
+    import copy
+    import pickle
+
+    cls = Trace if core == "c" else _python_core_trace()
+
+    def made() -> Trace:
+        trace = cls.start(request={"method": "GET", "path": "/x"})
+        task = trace.new_resource("task", trace.root, 0)
+        assert task is not None
+        trace.begin(task, trace.origin + 5)
+        trace.annotate(task, "coroutine", "work")
+        fut = trace.new_resource("future", task, 0)
+        assert fut is not None
+        fut.awaited_by = [task.async_id]
+        trace.settle(fut, trace.origin + 9, "ok")
+        trace.finish(trace.origin + 20)
+        return trace
+
+    ways: list[Any] = [copy.copy, copy.deepcopy]
+    if core == "c":  # a class made in a test cannot be pickled by name
+        ways.append(lambda t: pickle.loads(pickle.dumps(t)))
+    for way in ways:
+        trace = made()
+        again = way(trace)
+        assert type(again) is type(trace)
+        assert again.to_json() == trace.to_json()
+        assert [r.intervals() for r in again.resources] == [r.intervals() for r in trace.resources]
+        expected = len(again.resources) + 1  # (a shallow copy shares the lists, as ever)
+        added = again.new_resource("task", again.root, 0)  # a copy records on
+        assert added is not None and added.async_id == expected
