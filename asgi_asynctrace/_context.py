@@ -110,7 +110,7 @@ class ResourceScope:
                 report("annotate", exc)
 
     def __enter__(self) -> ResourceScope:
-        # new_resource() inlined: this is the path every instrumentation takes.
+        # The path every instrumentation takes: one C call records the resource and its stack.
         active = ACTIVE.get()
         if active is None:
             return self
