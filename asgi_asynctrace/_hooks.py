@@ -194,7 +194,7 @@ def mark_coroutine_function(fn: Any) -> None:
 
 def dispatch(untraced: Callable[..., Any], traced: Callable[..., Any]) -> Callable[..., Any]:
     """``dispatch_python``, in C when the accelerator is built: what the hooks put on a loop
-    while any traced request runs, so every other request's calls cost one context lookup."""
+    once a request was traced, so every untraced request's calls cost one context lookup."""
     if _CDispatch is not None:
         return _CDispatch(ACTIVE, untraced, traced)  # type: ignore[no-any-return]
     return dispatch_python(untraced, traced)
@@ -489,8 +489,8 @@ _on_ns = 0  # how long hooks were on, summed over loops, up to their last uninst
 def hooks_on_ns() -> int:
     """How long the hooks have been on in this process, summed over loops, in nanoseconds.
 
-    What 1 % sampling costs the untraced requests depends on it: while any traced request is
-    in flight, every other request's task, future and timer goes through the hooks.
+    While they are on (by default, from the first traced request on), every untraced
+    request's task, future and timer goes through them: one context lookup each.
     """
     now = _now()
     return _on_ns + sum(now - h.held.on_since for h in list(_loops.values()) if h.installed)
@@ -554,7 +554,7 @@ def add_loop_patch(name: str, make: LoopPatch, *, always: bool = False) -> None:
     The replacement is called as ``method(loop, *args, **kwargs)`` and calls ``original`` the
     same way. It runs only inside traced requests (other calls go straight to the original,
     in C when the accelerator is built) unless ``always``: then on every call, for as long
-    as any traced request runs, and it must pass untraced calls through itself. Applies at
+    as the hooks are on, and it must pass untraced calls through itself. Applies at
     once to loops with hooks on now.
     """
     _loop_patches[name] = (make, always)
