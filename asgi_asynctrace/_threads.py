@@ -1,6 +1,6 @@
 """Thread-pool jobs of a traced request: submit, start in the worker, end.
 
-    acquire()            # while any traced request runs (the loop hooks do this)
+    acquire()            # while the loop hooks are on (they do this)
     await asyncio.to_thread(work)      # recorded as a "thread" resource
     release()
 
@@ -8,7 +8,8 @@ Two doors lead into worker threads, and both are watched: ``ThreadPoolExecutor.s
 (``loop.run_in_executor`` and ``asyncio.to_thread`` on any loop, uvloop included) and anyio's
 worker threads (``anyio.to_thread.run_sync``, hence Starlette's ``run_in_threadpool``, sync
 endpoints and FastAPI's sync dependencies). The job runs with its own resource current, so
-what it records lands in the right trace, caused by the job.
+what it records lands in the right trace, caused by the job. Both doors are the C dispatcher:
+an untraced submit calls the original with no frame of ours.
 Exports: acquire, release, wrap_job.
 """
 
