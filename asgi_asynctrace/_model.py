@@ -407,6 +407,38 @@ class Trace(_TraceCore):
         the garbage collector on a request's way out. A failure there is counted and the
         Python path used.
         """
+        return self._json(True)
+
+    def json_without_stacks(self) -> bytes:
+        """``to_json()`` but for its ``stackTraces`` entry: for the response header, which
+        takes the stack table from a cache of its compressed form (see ``stack_table_json``)."""
+        return self._json(False)
+
+    def stack_table_json(self) -> bytes:
+        """The ``stackTraces`` array as JSON, as ``to_json()`` writes it."""
+        accelerated: Exception | None = None
+        if _c_stacks_json is not None:
+            try:
+                if len(_frames_json) > _MAX_FRAMES_JSON:
+                    _frames_json.clear()
+                return _c_stacks_json(self.stacks, _frames_json, orjson.dumps)
+            except Exception as exc:
+                accelerated = exc
+        table: list[dict[str, Any]] = [
+            {"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)
+        ]
+        try:
+            data = orjson.dumps(table)
+        except orjson.JSONEncodeError as exc:  # a frame JSON cannot hold: as to_json() does
+            report("serialize", exc)
+            for entry in table:
+                entry["frames"] = [_json_safe(f) for f in entry["frames"]]
+            return orjson.dumps(table)
+        if accelerated is not None:
+            report("serialize-accelerated", accelerated)
+        return data
+
+    def _json(self, with_stacks: bool) -> bytes:
         ordered = self._ordered()
         accelerated: Exception | None = None
         if (
@@ -422,19 +454,31 @@ class Trace(_TraceCore):
                 resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps, strings)
                 annotations = _c_annotations_json(self.annotations, dumps, strings)
                 fragment = orjson.Fragment
-                if len(_frames_json) > _MAX_FRAMES_JSON:
-                    _frames_json.clear()
-                stacks = fragment(_c_stacks_json(self.stacks, _frames_json, dumps))
-                return dumps(self._as_dict(fragment(resources), fragment(annotations), stacks))
+                stacks = None
+                if with_stacks:
+                    if len(_frames_json) > _MAX_FRAMES_JSON:
+                        _frames_json.clear()
+                    stacks = fragment(_c_stacks_json(self.stacks, _frames_json, dumps))
+                out = self._as_dict(fragment(resources), fragment(annotations), stacks)
+                if not with_stacks:
+                    del out["stackTraces"]
+                return dumps(out)
             except Exception as exc:
                 accelerated = exc
+        no_stacks = None if with_stacks else ()
+        out = self._as_dict(resource_dicts(ordered, self.origin), stacks=no_stacks)
+        if not with_stacks:
+            del out["stackTraces"]
         try:
-            data = orjson.dumps(self._as_dict(resource_dicts(ordered, self.origin)))
+            data = orjson.dumps(out)
         except orjson.JSONEncodeError as exc:
             # A value JSON cannot hold (a string with lone surrogates, an int beyond 64 bits):
             # written in a form it can, rather than losing the trace.
             report("serialize", exc)
-            return orjson.dumps(self._as_dict(resource_dicts(ordered, self.origin), safe=True))
+            out = self._as_dict(resource_dicts(ordered, self.origin), stacks=no_stacks, safe=True)
+            if not with_stacks:
+                del out["stackTraces"]
+            return orjson.dumps(out)
         if accelerated is not None:  # the C writer failed where Python did not: its bug
             report("serialize-accelerated", accelerated)
         return data

@@ -22,7 +22,7 @@ from ._context import ACTIVE
 from ._failures import report
 from ._hooks import acquire_hooks
 from ._model import Resource, Trace
-from ._sinks import encode_trace_header
+from ._sinks import trace_header
 from ._streams import BodyStream, message_size, record_message
 
 if TYPE_CHECKING:
@@ -211,8 +211,7 @@ class TracedRequest:
 
     def _inline(self) -> str:
         limit = self.owner.header_limit
-        data = self.trace.to_json()
-        encoded = encode_trace_header(data) if limit else ""
+        encoded = trace_header(self.trace) if limit else ""
         if limit and len(encoded) <= limit:
             return encoded
         where = (
@@ -220,4 +219,5 @@ class TracedRequest:
             if self.owner.store is not None
             else ""
         )
-        return f"omitted: {len(encoded) or len(data)} bytes > limit {limit}{where}"
+        size = len(encoded) or len(self.trace.to_json())
+        return f"omitted: {size} bytes > limit {limit}{where}"
