@@ -41,11 +41,17 @@ from ._model import Resource, Trace
 
 _CDispatch: Callable[..., Any] | None
 _CTaskCall: Callable[..., Any] | None
-try:  # the optional C accelerator (see _speedups.c); dispatch_python is the same in Python
+_CTaskFactory: Callable[..., Any] | None
+_CTimedCoroutine: Callable[..., Any] | None
+_set_timed_hooks: Callable[..., None] | None
+try:  # the optional C accelerator (see _speedups.c); each has its Python form here
     from ._speedups import Dispatch as _CDispatch
     from ._speedups import TaskCall as _CTaskCall
+    from ._speedups import TaskFactory as _CTaskFactory
+    from ._speedups import TimedCoroutine as _CTimedCoroutine
+    from ._speedups import set_timed_hooks as _set_timed_hooks
 except ImportError:  # pragma: no cover - built everywhere the tests run
-    _CDispatch = _CTaskCall = None
+    _CDispatch = _CTaskCall = _CTaskFactory = _CTimedCoroutine = _set_timed_hooks = None
 
 __all__ = [
     "LINGER_S",
@@ -79,8 +85,11 @@ _MISSING: Any = object()
 class TimedCoroutine:
     """A coroutine that records each step it runs as a callback interval of ``res``.
 
-    Everything else (``cr_frame``, ``cr_await``, ``__qualname__``, ...) is the wrapped
-    coroutine's, so ``Task.get_stack()``, ``inspect.getcoroutinestate()`` and task reprs work.
+    With the accelerator built, ``TimedCoroutine`` is its C form (same behaviour, driven by
+    the task through ``am_send``: no bound method and no StopIteration made per step); this
+    class is what runs without it (``PyTimedCoroutine``). Everything else (``cr_frame``,
+    ``cr_await``, ``__qualname__``, ...) is the wrapped coroutine's, so ``Task.get_stack()``,
+    ``inspect.getcoroutinestate()`` and task reprs work.
     It is also its own iterator, so ``await TimedCoroutine(app(...), ...)`` times the steps
     of the calling task below that point: the middleware measures the root that way.
     """
@@ -203,6 +212,10 @@ def dispatch(untraced: Callable[..., Any], traced: Callable[..., Any]) -> Callab
 # Registered rather than subclassed: asyncio accepts it as a coroutine, and creating one
 # skips the ABC machinery.
 collections.abc.Coroutine.register(TimedCoroutine)
+PyTimedCoroutine = TimedCoroutine
+if _CTimedCoroutine is not None:
+    collections.abc.Coroutine.register(_CTimedCoroutine)  # type: ignore[arg-type]
+    TimedCoroutine = _CTimedCoroutine  # type: ignore[misc,assignment]
 
 
 class TracedFuture(asyncio.Future):  # type: ignore[type-arg]
@@ -231,6 +244,10 @@ class TracedFuture(asyncio.Future):  # type: ignore[type-arg]
         res = self._asynctrace_res
         if res is not None:
             self._asynctrace_trace.settle(res, _now(), state)
+
+
+if _set_timed_hooks is not None:
+    _set_timed_hooks(TracedFuture, settle_from_exception, report)
 
 
 class _ClassPatch:
@@ -628,6 +645,9 @@ def _task_factory_over(previous: TaskFactory | None) -> TaskFactory:
 
 def _make_task_factory(previous: TaskFactory | None) -> TaskFactory:
     make = previous if previous is not None else _plain_factory()
+    if _CTaskFactory is not None and TimedCoroutine is _CTimedCoroutine:
+        # The same as asynctrace_task_factory below, in C.
+        return dispatch(make, _CTaskFactory(ACTIVE, make, asyncio.iscoroutine))
 
     def asynctrace_task_factory(
         loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any

@@ -1,6 +1,8 @@
 /* Hot loops that pure Python cannot make cheap: the walk of a creation stack, the
  * middleware's header scan on every request, a trace's resources and annotations written as
- * JSON, and the loop methods the hooks replace while a traced request runs (Dispatch).
+ * JSON, the loop methods the hooks replace (Dispatch), the recording core (TraceCore,
+ * Resource), and what every traced task runs through: the task factory's traced side
+ * (TaskFactory) and each step of its coroutine (TimedCoroutine).
  *
  *   got = stack_lookup(skip, max_depth, stop_code, cache)   # a Stack, or (hash, packed walk)
  *
@@ -1790,6 +1792,611 @@ static PyTypeObject TraceCoreType = {
     .tp_members = core_members,
 };
 
+/* TimedCoroutine(coro, trace, res): the C form of _hooks._PyTimedCoroutine, what every step of
+ * every traced task runs through. Each send/throw is one callback interval of res (begin and
+ * end on res's callbacks list, capped like TraceCore.begin), and the moment the coroutine
+ * returns or raises settles res. It implements am_send, so a task (and an ``await`` of it)
+ * drives it with no bound method and no StopIteration made per step. Everything else it does
+ * not define (cr_frame, cr_await, __qualname__, ...) is the wrapped coroutine's. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *coro;
+    TraceCore *trace;
+    ResourceObject *res;
+} Timed;
+
+static PyObject *traced_future_type;     /* _hooks.TracedFuture */
+static PyObject *settle_from_exception;  /* _context.settle_from_exception */
+static PyObject *report_failure;         /* _failures.report */
+static PyObject *s_ok, *s_callbacks, *s_throw, *s_close, *s_asynctrace_res, *s_task;
+static PyObject *s_coroutine, *s_qualname, *s_context, *s_new_resource, *s_annotate;
+
+static PyObject *
+report_and_clear(const char *where)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (report_failure != NULL && value != NULL) {
+        PyObject *out = PyObject_CallFunction(report_failure, "sO", where, value);
+        Py_XDECREF(out);
+    }
+    PyErr_Clear();
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return NULL;
+}
+
+static PyObject *
+now_ns(void)
+{
+    return PyObject_CallNoArgs(perf_counter_ns);
+}
+
+/* A step starts: its start time on res's callbacks, or counted as dropped over the cap. */
+static int
+timed_begin(Timed *self)
+{
+    ResourceObject *r = self->res;
+    if (r->callbacks == NULL && (r->callbacks = PyList_New(0)) == NULL) {
+        return -1;
+    }
+    if (!PyList_Check(r->callbacks)) {
+        PyErr_SetString(PyExc_TypeError, "resource callbacks must be a list");
+        return -1;
+    }
+    if (PyList_GET_SIZE(r->callbacks) >= self->trace->max_callbacks) {
+        return count_dropped(self->trace, "callbacks");
+    }
+    PyObject *now = now_ns();
+    if (now == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(r->callbacks, now);
+    Py_DECREF(now);
+    return rc;
+}
+
+/* The step ends: its end time, when its start was recorded. */
+static int
+timed_end(Timed *self, PyObject *now)
+{
+    PyObject *cb = self->res->callbacks;
+    if (cb == NULL || !PyList_Check(cb) || !(PyList_GET_SIZE(cb) & 1)) {
+        return 0;
+    }
+    PyObject *owned = NULL;
+    if (now == NULL && (now = owned = now_ns()) == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(cb, now);
+    Py_XDECREF(owned);
+    return rc;
+}
+
+/* The coroutine yielded a TracedFuture: this task waits for it. */
+static int
+timed_awaits(Timed *self, PyObject *fut)
+{
+    if (traced_future_type == NULL || (PyObject *)Py_TYPE(fut) != traced_future_type) {
+        return 0;
+    }
+    PyObject *waited = PyObject_GetAttr(fut, s_asynctrace_res);
+    if (waited == NULL) {
+        return -1;
+    }
+    int rc = 0;
+    if (Py_IS_TYPE(waited, &ResourceType)) {
+        ResourceObject *w = (ResourceObject *)waited;
+        PyObject *rid = self->res->async_id;
+        if (w->awaited_by == NULL || w->awaited_by == Py_None) {
+            PyObject *list = PyList_New(1);
+            if (list == NULL) {
+                rc = -1;
+            }
+            else {
+                PyList_SET_ITEM(list, 0, Py_NewRef(rid));
+                Py_XSETREF(w->awaited_by, list);
+            }
+        }
+        else if (PyList_Check(w->awaited_by)) {
+            int has = PySequence_Contains(w->awaited_by, rid);
+            rc = has < 0 ? -1 : has ? 0 : PyList_Append(w->awaited_by, rid);
+        }
+    }
+    Py_DECREF(waited);
+    return rc;
+}
+
+/* The coroutine returned (ok) or raised (the exception set): the step ends, res settles. The
+ * exception, if any, is set again for the caller; a failure to record is dropped for it. */
+static void
+timed_stop(Timed *self, int returned)
+{
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (!returned) {
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL) {
+            PyException_SetTraceback(value, tb);
+        }
+        returned = type != NULL && PyErr_GivenExceptionMatches(type, PyExc_StopIteration);
+    }
+    ResourceObject *r = self->res;
+    PyObject *now = now_ns();
+    if (now != NULL && timed_end(self, now) == 0) {
+        if (returned) {
+            if (r->settled_at == Py_None || r->settled_at == NULL) {
+                Py_XSETREF(r->settled_at, Py_NewRef(now));
+                Py_XSETREF(r->state, Py_NewRef(s_ok));
+            }
+        }
+        else if (settle_from_exception != NULL && value != NULL) {
+            /* cancelled, or error with the exception's type: the Python rule */
+            PyObject *out = PyObject_CallFunctionObjArgs(
+                settle_from_exception, (PyObject *)self->trace, (PyObject *)r, now, value, NULL);
+            Py_XDECREF(out);
+        }
+    }
+    Py_XDECREF(now);
+    if (PyErr_Occurred()) {
+        report_and_clear("timed-coroutine");
+    }
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+    }
+}
+
+static PySendResult
+timed_am_send(Timed *self, PyObject *arg, PyObject **result)
+{
+    if (self->trace->closed) {
+        return PyIter_Send(self->coro, arg, result);
+    }
+    if (timed_begin(self) < 0) {
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    PySendResult status = PyIter_Send(self->coro, arg, result);
+    if (status == PYGEN_NEXT) {
+        if (timed_end(self, NULL) < 0 || timed_awaits(self, *result) < 0) {
+            Py_CLEAR(*result);
+            return PYGEN_ERROR;
+        }
+        return PYGEN_NEXT;
+    }
+    timed_stop(self, status == PYGEN_RETURN);
+    return status;
+}
+
+/* A return value as the StopIteration a send() or next() raises. */
+static PyObject *
+stop_with(PyObject *value)
+{
+    if (value == Py_None) {
+        PyErr_SetNone(PyExc_StopIteration);
+    }
+    else {
+        PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, value);
+        if (e != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, e);
+            Py_DECREF(e);
+        }
+    }
+    Py_DECREF(value);
+    return NULL;
+}
+
+static PyObject *
+timed_send(Timed *self, PyObject *arg)
+{
+    PyObject *result = NULL;
+    PySendResult status = timed_am_send(self, arg, &result);
+    if (status == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return result; /* NEXT: the value; ERROR: NULL with the exception set */
+}
+
+static PyObject *
+timed_iternext(Timed *self)
+{
+    return timed_send(self, Py_None);
+}
+
+static PyObject *
+timed_throw(Timed *self, PyObject *args)
+{
+    PyObject *throw = PyObject_GetAttr(self->coro, s_throw);
+    if (throw == NULL) {
+        return NULL;
+    }
+    if (self->trace->closed) {
+        PyObject *out = PyObject_Call(throw, args, NULL);
+        Py_DECREF(throw);
+        return out;
+    }
+    if (timed_begin(self) < 0) {
+        Py_DECREF(throw);
+        return NULL;
+    }
+    PyObject *out = PyObject_Call(throw, args, NULL);
+    Py_DECREF(throw);
+    if (out == NULL) {
+        timed_stop(self, 0);
+        return NULL;
+    }
+    if (timed_end(self, NULL) < 0 || timed_awaits(self, out) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+timed_close(Timed *self, PyObject *unused)
+{
+    return PyObject_CallMethodNoArgs(self->coro, s_close);
+}
+
+static PyObject *
+timed_self(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+timed_await_method(PyObject *self, PyObject *unused)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+timed_getattro(Timed *self, PyObject *name)
+{
+    PyObject *out = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (out == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        out = PyObject_GetAttr(self->coro, name);
+    }
+    return out;
+}
+
+static PyObject *
+timed_repr(Timed *self)
+{
+    return PyObject_Repr(self->coro);
+}
+
+static PyObject *
+timed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *coro, *trace, *res;
+    if (!PyArg_ParseTuple(args, "OOO:TimedCoroutine", &coro, &trace, &res)) {
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(trace, &TraceCoreType) || !Py_IS_TYPE(res, &ResourceType)) {
+        PyErr_SetString(PyExc_TypeError, "TimedCoroutine(coro, trace: TraceCore, res: Resource)");
+        return NULL;
+    }
+    Timed *t = PyObject_GC_New(Timed, type);
+    if (t == NULL) {
+        return NULL;
+    }
+    t->coro = Py_NewRef(coro);
+    t->trace = (TraceCore *)Py_NewRef(trace);
+    t->res = (ResourceObject *)Py_NewRef(res);
+    PyObject_GC_Track(t);
+    return (PyObject *)t;
+}
+
+static int
+timed_traverse(Timed *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->coro);
+    Py_VISIT(t->trace);
+    Py_VISIT(t->res);
+    return 0;
+}
+
+static int
+timed_clear(Timed *t)
+{
+    Py_CLEAR(t->coro);
+    Py_CLEAR(t->trace);
+    Py_CLEAR(t->res);
+    return 0;
+}
+
+static void
+timed_dealloc(Timed *t)
+{
+    PyObject_GC_UnTrack(t);
+    timed_clear(t);
+    PyObject_GC_Del(t);
+}
+
+static PyMethodDef timed_methods[] = {
+    {"send", (PyCFunction)timed_send, METH_O, "send(value): one step of the coroutine, timed."},
+    {"throw", (PyCFunction)timed_throw, METH_VARARGS, "throw(...): as the coroutine's, timed."},
+    {"close", (PyCFunction)timed_close, METH_NOARGS, "close(): the coroutine's close()."},
+    {"__await__", (PyCFunction)timed_await_method, METH_NOARGS, "Its own iterator."},
+    {NULL},
+};
+
+static PyAsyncMethods timed_as_async = {
+    .am_await = (unaryfunc)timed_self,
+    .am_send = (sendfunc)timed_am_send,
+};
+
+static PyTypeObject TimedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TimedCoroutine",
+    .tp_basicsize = sizeof(Timed),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "TimedCoroutine(coro, trace, res): coro, each step recorded on res.",
+    .tp_new = timed_new,
+    .tp_traverse = (traverseproc)timed_traverse,
+    .tp_clear = (inquiry)timed_clear,
+    .tp_dealloc = (destructor)timed_dealloc,
+    .tp_repr = (reprfunc)timed_repr,
+    .tp_getattro = (getattrofunc)timed_getattro,
+    .tp_as_async = &timed_as_async,
+    .tp_iter = (getiterfunc)timed_self,
+    .tp_iternext = (iternextfunc)timed_iternext,
+    .tp_methods = timed_methods,
+};
+
+/* TaskFactory(var, make, iscoroutine): the traced side of the hooks' task factory (Dispatch
+ * calls it only while var holds a request's (trace, current resource)). A task made then is a
+ * "task" resource caused by the current one, annotated with its coroutine's name, its
+ * coroutine run through TimedCoroutine, and made with var set to (trace, the task) so the
+ * task's copy of the context carries it. Anything else, or any failure here (counted), and
+ * ``make`` is called as it would have been. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *var;
+    PyObject *make;
+    PyObject *iscoroutine;
+    vectorcallfunc vectorcall;
+} TaskFactory;
+
+/* The task resource and its timed coroutine for ``coro``, or 0 when it is not to be traced;
+ * -1 with an exception set on failure. */
+static int
+factory_prepare(TaskFactory *f, PyObject *active, PyObject *coro, PyObject **state,
+                PyObject **timed)
+{
+    if (!PyTuple_CheckExact(active) || PyTuple_GET_SIZE(active) != 2) {
+        return 0;
+    }
+    PyObject *trace = PyTuple_GET_ITEM(active, 0), *parent = PyTuple_GET_ITEM(active, 1);
+    if (!PyObject_TypeCheck(trace, &TraceCoreType) || ((TraceCore *)trace)->closed) {
+        return 0;
+    }
+    if (!PyCoro_CheckExact(coro)) {
+        PyObject *is = PyObject_CallOneArg(f->iscoroutine, coro);
+        int yes = is == NULL ? -1 : PyObject_IsTrue(is);
+        Py_XDECREF(is);
+        if (yes <= 0) {
+            return yes;
+        }
+    }
+    PyObject *zero_skip = PyLong_FromLong(0);
+    if (zero_skip == NULL) {
+        return -1;
+    }
+    /* By name, as the Python factory calls them: a Trace subclass's own methods count. The
+     * stack starts at create_task's caller (skip 0: there is no frame of ours). */
+    PyObject *args[4] = {trace, s_task, parent, zero_skip};
+    PyObject *res = PyObject_VectorcallMethod(s_new_resource, args, 4, NULL);
+    Py_DECREF(zero_skip);
+    if (res == NULL) {
+        return -1;
+    }
+    if (res == Py_None) {
+        Py_DECREF(res);
+        return 0;
+    }
+    if (!Py_IS_TYPE(res, &ResourceType)) {
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_TypeError, "new_resource returned something not a Resource");
+        return -1;
+    }
+    PyObject *name = PyObject_GetAttr(coro, s_qualname);
+    if (name == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_DECREF(res);
+            return -1;
+        }
+        PyErr_Clear();
+    }
+    else if (PyUnicode_Check(name)) {
+        PyObject *note[4] = {trace, res, s_coroutine, name};
+        PyObject *out = PyObject_VectorcallMethod(s_annotate, note, 4, NULL);
+        if (out == NULL) {
+            Py_DECREF(name);
+            Py_DECREF(res);
+            return -1;
+        }
+        Py_DECREF(out);
+    }
+    Py_XDECREF(name);
+    *state = PyTuple_Pack(2, trace, res);
+    Timed *t = *state ? PyObject_GC_New(Timed, &TimedType) : NULL;
+    if (t == NULL) {
+        Py_CLEAR(*state);
+        Py_DECREF(res);
+        return -1;
+    }
+    t->coro = Py_NewRef(coro);
+    t->trace = (TraceCore *)Py_NewRef(trace);
+    t->res = (ResourceObject *)res; /* the reference made above */
+    PyObject_GC_Track(t);
+    *timed = (PyObject *)t;
+    return 1;
+}
+
+static PyObject *
+factory_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TaskFactory *f = (TaskFactory *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *active = NULL;
+    if (nargs != 2 || nkw > 8 || PyContextVar_Get(f->var, NULL, &active) < 0) {
+        PyErr_Clear();
+        Py_XDECREF(active);
+        return PyObject_Vectorcall(f->make, args, nargsf, kwnames);
+    }
+    PyObject *state = NULL, *timed = NULL;
+    int traced = active == NULL ? 0 : factory_prepare(f, active, args[1], &state, &timed);
+    Py_XDECREF(active);
+    if (traced <= 0) {
+        if (traced < 0) {
+            report_and_clear("task-factory");
+        }
+        return PyObject_Vectorcall(f->make, args, nargsf, kwnames);
+    }
+    PyObject *stack[10];
+    stack[0] = args[0];
+    stack[1] = timed;
+    PyObject *context = NULL; /* a context= given: a copy of it carries the task */
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *value = args[2 + i];
+        stack[2 + i] = value;
+        if (value != Py_None &&
+            PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, i), s_context) == 0) {
+            context = PyContext_Copy(value);
+            PyObject *token = NULL;
+            if (context != NULL && PyContext_Enter(context) == 0) {
+                token = PyContextVar_Set(f->var, state);
+                if (PyContext_Exit(context) < 0) {
+                    Py_CLEAR(token);
+                }
+            }
+            if (token == NULL) {
+                Py_XDECREF(context);
+                Py_DECREF(state);
+                Py_DECREF(timed);
+                report_and_clear("task-factory");
+                return PyObject_Vectorcall(f->make, args, nargsf, kwnames);
+            }
+            Py_DECREF(token);
+            stack[2 + i] = context;
+        }
+    }
+    PyObject *out;
+    if (context != NULL) {
+        out = PyObject_Vectorcall(f->make, stack, 2, kwnames);
+        Py_DECREF(context);
+    }
+    else {
+        /* The task copies the current context when it is made: the copy gets the task as its
+         * current resource. (Also how it works on 3.10, whose factories take no context.) */
+        PyObject *token = PyContextVar_Set(f->var, state);
+        if (token == NULL) {
+            Py_DECREF(state);
+            Py_DECREF(timed);
+            report_and_clear("task-factory");
+            return PyObject_Vectorcall(f->make, args, nargsf, kwnames);
+        }
+        out = PyObject_Vectorcall(f->make, stack, 2, kwnames);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PyContextVar_Reset(f->var, token) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        Py_DECREF(token);
+    }
+    Py_DECREF(state);
+    Py_DECREF(timed);
+    return out;
+}
+
+static PyObject *
+factory_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *var, *make, *iscoroutine;
+    if (!PyArg_ParseTuple(args, "OOO:TaskFactory", &var, &make, &iscoroutine)) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(var) || !PyCallable_Check(make) ||
+        !PyCallable_Check(iscoroutine)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "TaskFactory(var: ContextVar, make: callable, iscoroutine: callable)");
+        return NULL;
+    }
+    TaskFactory *f = (TaskFactory *)type->tp_alloc(type, 0);
+    if (f == NULL) {
+        return NULL;
+    }
+    f->var = Py_NewRef(var);
+    f->make = Py_NewRef(make);
+    f->iscoroutine = Py_NewRef(iscoroutine);
+    f->vectorcall = factory_call;
+    return (PyObject *)f;
+}
+
+static int
+factory_traverse(TaskFactory *f, visitproc visit, void *arg)
+{
+    Py_VISIT(f->var);
+    Py_VISIT(f->make);
+    Py_VISIT(f->iscoroutine);
+    return 0;
+}
+
+static int
+factory_clear(TaskFactory *f)
+{
+    Py_CLEAR(f->var);
+    Py_CLEAR(f->make);
+    Py_CLEAR(f->iscoroutine);
+    return 0;
+}
+
+static void
+factory_dealloc(TaskFactory *f)
+{
+    PyObject_GC_UnTrack(f);
+    factory_clear(f);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static PyTypeObject TaskFactoryType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TaskFactory",
+    .tp_basicsize = sizeof(TaskFactory),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "TaskFactory(var, make, iscoroutine): the traced side of the hooks' factory.",
+    .tp_new = factory_new,
+    .tp_traverse = (traverseproc)factory_traverse,
+    .tp_clear = (inquiry)factory_clear,
+    .tp_dealloc = (destructor)factory_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TaskFactory, vectorcall),
+};
+
+/* Set by _hooks: the future type whose waiters are recorded, how a raised exception settles
+ * a resource, and where failures are counted. */
+static PyObject *
+set_timed_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyCallable_Check(args[1]) ||
+        !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "set_timed_hooks(traced_future_type, settle_from_exception, report)");
+        return NULL;
+    }
+    Py_XSETREF(traced_future_type, Py_NewRef(args[0]));
+    Py_XSETREF(settle_from_exception, Py_NewRef(args[1]));
+    Py_XSETREF(report_failure, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
@@ -1805,6 +2412,8 @@ static PyMethodDef methods[] = {
      "in_order(resources) -> True, False, or None when it cannot tell."},
     {"annotations_json", (PyCFunction)(void (*)(void))annotations_json, METH_FASTCALL,
      "annotations_json(annotations, encode[, cache]) -> bytes: v1's annotations."},
+    {"set_timed_hooks", (PyCFunction)(void (*)(void))set_timed_hooks, METH_FASTCALL,
+     "set_timed_hooks(traced_future_type, settle_from_exception, report)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1824,6 +2433,21 @@ PyInit__speedups(void)
     s_loop_only = Py_BuildValue("(s)", "loop");
     s_pending = PyUnicode_InternFromString("pending");
     zero = PyLong_FromLong(0);
+    s_ok = PyUnicode_InternFromString("ok");
+    s_callbacks = PyUnicode_InternFromString("callbacks");
+    s_throw = PyUnicode_InternFromString("throw");
+    s_close = PyUnicode_InternFromString("close");
+    s_asynctrace_res = PyUnicode_InternFromString("_asynctrace_res");
+    s_task = PyUnicode_InternFromString("task");
+    s_coroutine = PyUnicode_InternFromString("coroutine");
+    s_qualname = PyUnicode_InternFromString("__qualname__");
+    s_context = PyUnicode_InternFromString("context");
+    s_new_resource = PyUnicode_InternFromString("new_resource");
+    s_annotate = PyUnicode_InternFromString("annotate");
+    if (!s_ok || !s_callbacks || !s_throw || !s_close || !s_asynctrace_res || !s_task ||
+        !s_coroutine || !s_qualname || !s_context || !s_new_resource || !s_annotate) {
+        return NULL;
+    }
     s_frames = PyUnicode_InternFromString("frames");
     s_ellipsis = PyUnicode_FromString("\xe2\x80\xa6"); /* U+2026, as _model appends */
     PyObject *time_module = PyImport_ImportModule("time");
@@ -1837,7 +2461,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0 ||
-        PyType_Ready(&ResourceType) < 0 || PyType_Ready(&TraceCoreType) < 0) {
+        PyType_Ready(&ResourceType) < 0 || PyType_Ready(&TraceCoreType) < 0 ||
+        PyType_Ready(&TimedType) < 0 || PyType_Ready(&TaskFactoryType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -1847,7 +2472,9 @@ PyInit__speedups(void)
     if (PyModule_AddObjectRef(m, "Dispatch", (PyObject *)&DispatchType) < 0 ||
         PyModule_AddObjectRef(m, "TaskCall", (PyObject *)&TaskCallType) < 0 ||
         PyModule_AddObjectRef(m, "Resource", (PyObject *)&ResourceType) < 0 ||
-        PyModule_AddObjectRef(m, "TraceCore", (PyObject *)&TraceCoreType) < 0) {
+        PyModule_AddObjectRef(m, "TraceCore", (PyObject *)&TraceCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "TimedCoroutine", (PyObject *)&TimedType) < 0 ||
+        PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

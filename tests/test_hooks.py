@@ -9,13 +9,14 @@ import inspect
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from asgi_asynctrace import (
     Resource,
     Trace,
+    _hooks,
     annotate,
     current_resource,
     start_resource,
@@ -878,3 +879,194 @@ def test_while_hooks_are_on_an_untraced_create_future_is_asyncios_own() -> None:
 
     patched, kind, plain_kind, same_loop, value = run(main())
     assert patched and kind is plain_kind and same_loop and value == 7
+
+
+# -- the C task factory and TimedCoroutine against their Python forms -------------------------
+
+
+async def _gathered() -> None:
+    async def child(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    await asyncio.gather(child(1), child(2))
+
+
+async def _raced() -> None:
+    fast = asyncio.ensure_future(asyncio.sleep(0))
+    slow = asyncio.ensure_future(asyncio.sleep(5))
+    await asyncio.wait([fast, slow], return_when=asyncio.FIRST_COMPLETED)
+    slow.cancel()
+    await asyncio.gather(slow, return_exceptions=True)
+
+
+async def _failed() -> None:
+    async def broken() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("no")
+
+    await asyncio.gather(broken(), return_exceptions=True)
+
+
+async def _nested_with_a_future() -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    async def setter() -> None:
+        await asyncio.sleep(0)
+        fut.set_result(1)
+
+    async def waiter() -> int:
+        return await fut  # type: ignore[no-any-return]
+
+    async def outer() -> None:
+        await asyncio.gather(asyncio.create_task(waiter()), asyncio.create_task(setter()))
+
+    await asyncio.create_task(outer())
+
+
+async def _with_a_context() -> None:
+    import contextvars
+
+    async def child() -> None:
+        annotate("inside", "yes")
+        await asyncio.sleep(0)
+
+    if sys.version_info >= (3, 11):
+        await asyncio.create_task(child(), context=contextvars.copy_context())
+    else:
+        await asyncio.create_task(child())
+
+
+def _shape(trace: Trace) -> list[Any]:
+    """What both forms must record alike: every resource's place, state, steps, waiters,
+    creation stack and annotations (less the timing ones)."""
+    stacks = trace.stacks
+    return [
+        (
+            r.type,
+            r.trigger_id,
+            r.state,
+            len(r.callbacks),
+            r.awaited_by,
+            stacks[r.stack_id] if r.stack_id is not None else None,
+            sorted(
+                (k, v)
+                for k, v in trace.annotations_of(r.async_id).items()
+                if k not in ("lateMs", "responseStartedAt")
+            ),
+        )
+        for r in trace.resources
+    ]
+
+
+@pytest.mark.skipif(_hooks._CTaskFactory is None, reason="the C accelerator is not built")
+@pytest.mark.parametrize(
+    "body", [_gathered, _raced, _failed, _nested_with_a_future, _with_a_context]
+)
+def test_the_c_task_factory_and_timed_coroutine_record_what_the_python_ones_do(
+    body: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_asynctrace import _middleware, failure_counts
+
+    made = []
+    for form in ("c", "python"):
+        if form == "python":
+            monkeypatch.setattr(_hooks, "TimedCoroutine", _hooks.PyTimedCoroutine)
+            monkeypatch.setattr(_middleware, "TimedCoroutine", _hooks.PyTimedCoroutine)
+            monkeypatch.setattr(_hooks, "_last_factory", None)  # made again, in Python
+        made.append(traced(body, futures=True))  # one line: on uvloop stacks reach this frame
+    monkeypatch.undo()
+    _hooks._last_factory = None
+    c_trace, python_trace = made
+    assert any(r.type == "task" for r in c_trace.resources)
+    # A stack is walked to a depth, then the tracer's own frames are left out. The Python form
+    # puts a frame of ours (TimedCoroutine.send) between the root and the app, so where a walk
+    # reaches its depth (on uvloop, whose loop has no frame to stop at) the C form's stack
+    # shows one frame more: the Python form's is where it starts.
+    c_shape, python_shape = _shape(c_trace), _shape(python_trace)
+    for ours, theirs in zip(c_shape, python_shape, strict=True):
+        if ours[5] is not None and theirs[5] is not None:
+            assert ours[5][: len(theirs[5])] == theirs[5] and len(ours[5]) <= len(theirs[5]) + 1
+    strip = [(*s[:5], s[6]) for s in c_shape], [(*s[:5], s[6]) for s in python_shape]
+    assert strip[0] == strip[1]
+    assert failure_counts() == {}
+    assert_plausible(c_trace)
+
+
+def _timed_forms() -> list[Any]:
+    forms = [_hooks.PyTimedCoroutine]
+    if _hooks.TimedCoroutine is not _hooks.PyTimedCoroutine:
+        forms.append(_hooks.TimedCoroutine)
+    return forms
+
+
+class _Step:
+    def __await__(self) -> Any:
+        yield None
+
+
+@pytest.mark.parametrize("form", _timed_forms())
+def test_timed_coroutine_driven_by_hand_records_steps_caps_and_how_it_ended(form: Any) -> None:
+    from asgi_asynctrace import TraceLimits
+
+    async def steps(n: int, fail: BaseException | None = None) -> int:
+        for _ in range(n):
+            await _Step()
+        if fail is not None:
+            raise fail
+        return n
+
+    trace = Trace.start(limits=TraceLimits(max_callbacks_per_resource=3))
+
+    def made(coro: Any) -> tuple[Any, Resource]:
+        res = trace.new_resource("task", trace.root, 0)
+        assert res is not None
+        return form(coro, trace, res), res
+
+    timed, res = made(steps(5))
+    assert timed.__await__() is timed and iter(timed) is timed
+    assert timed.cr_frame is not None and timed.__qualname__.endswith("steps")
+    assert repr(timed).startswith("<coroutine object")
+    for _ in range(5):
+        assert timed.send(None) is None
+    with pytest.raises(StopIteration) as stop:
+        next(timed)
+    assert stop.value.value == 5
+    assert (len(res.callbacks), res.state) == (6, "ok")  # 3 steps of 6 kept, 3 dropped
+    assert trace.dropped.callbacks == 3
+    assert all(a <= b for a, b in zip(res.callbacks, res.callbacks[1:], strict=False))
+
+    timed, res = made(steps(1, ValueError("no")))
+    timed.send(None)
+    with pytest.raises(ValueError, match="no"):
+        timed.send(None)
+    assert res.state == "error" and trace.annotations_of(res.async_id)["error"] == "ValueError"
+
+    timed, res = made(steps(3))
+    timed.send(None)
+    with pytest.raises(asyncio.CancelledError):
+        timed.throw(asyncio.CancelledError())
+    assert res.state == "cancelled" and len(res.callbacks) == 4
+
+    timed, res = made(steps(3))
+    timed.send(None)
+    timed.close()
+    assert timed.cr_frame is None
+
+    timed, res = made(steps(2))
+    trace.closed = True  # after the request: passes through, records nothing
+    timed.send(None)
+    assert res.callbacks == [] and res.state == "pending"
+    trace.closed = False
+
+
+@pytest.mark.skipif(_hooks.TimedCoroutine is _hooks.PyTimedCoroutine, reason="no C build")
+def test_the_c_timed_coroutine_takes_only_a_recording_core_trace() -> None:
+    trace = Trace.start()
+    coro = _gathered()
+    with pytest.raises(TypeError):
+        _hooks.TimedCoroutine(coro, cast(Any, object()), trace.root)
+    with pytest.raises(TypeError):
+        _hooks.TimedCoroutine(coro, trace, cast(Any, object()))
+    coro.close()
