@@ -2397,6 +2397,603 @@ set_timed_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* Timers (instrumentation/timers.py, in C): a traced timer's callback (TimerCallback), and the
+ * traced side of the loop's call_at / call_later (TimerPatch), the same as the Python forms
+ * there, which run without the accelerator. */
+static PyObject *active_var;           /* _context.ACTIVE */
+static PyObject *timer_handle_type;    /* asyncio.TimerHandle */
+static PyObject *traced_handle_type;   /* timers._TracedTimerHandle */
+static PyObject *unsettled_append;     /* timers._unsettled_append(trace, callback) */
+static PyObject *builtin_round;
+static PyObject *s_time, *s_timer, *s_kind, *s_delay_ms, *s_late_ms, *s_callback, *s_error;
+static PyObject *s_cancelled, *s_error_state, *s_class, *s_delay, *s_f_locals;
+static PyObject *s_sleep, *s_timeout, *s_wait_for, *s_set_result_unless, *s_on_timeout;
+static PyObject *s_release_waiter, *thousand, *zero_float, *s_kind_call_later;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *callback;
+    TraceCore *trace;
+    ResourceObject *res;
+    PyObject *loop;
+    PyObject *when;
+    PyObject *handle;
+    vectorcallfunc vectorcall;
+} TimerCallback;
+
+static PyTypeObject TimerCallbackType;
+
+/* round(max(seconds, 0.0) * 1000, 3): a duration in milliseconds, as the Python form writes it */
+static PyObject *
+as_ms(PyObject *seconds)
+{
+    int negative = PyObject_RichCompareBool(seconds, zero_float, Py_LT);
+    if (negative < 0) {
+        return NULL;
+    }
+    PyObject *ms = PyNumber_Multiply(negative ? zero_float : seconds, thousand);
+    if (ms == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyObject_CallFunction(builtin_round, "Oi", ms, 3);
+    Py_DECREF(ms);
+    return out;
+}
+
+static int
+note(TraceCore *t, PyObject *res, PyObject *key, PyObject *value)
+{
+    if (value == NULL) {
+        return -1;
+    }
+    PyObject *args[3] = {res, key, value};
+    PyObject *out = core_annotate(t, args, 3);
+    Py_DECREF(value);
+    Py_XDECREF(out);
+    return out == NULL ? -1 : 0;
+}
+
+static void
+settle_now(TimerCallback *cb, PyObject *state, PyObject *now)
+{
+    ResourceObject *r = cb->res;
+    if (r->settled_at == Py_None || r->settled_at == NULL) {
+        Py_XSETREF(r->settled_at, Py_NewRef(now));
+        Py_XSETREF(r->state, Py_NewRef(state));
+    }
+}
+
+/* The callback returned (exc NULL) or raised: the run ends, the timer settles. */
+static void
+timer_done(TimerCallback *cb, PyObject *token, PyObject *exc)
+{
+    if (token != NULL && PyContextVar_Reset(active_var, token) < 0) {
+        report_and_clear("timers");
+    }
+    PyObject *now = now_ns();
+    if (now == NULL) {
+        report_and_clear("timers");
+        return;
+    }
+    PyObject *cbs = cb->res->callbacks;
+    if (cbs != NULL && PyList_Check(cbs) && (PyList_GET_SIZE(cbs) & 1) &&
+        PyList_Append(cbs, now) < 0) {
+        report_and_clear("timers");
+    }
+    settle_now(cb, exc == NULL ? s_ok : s_error_state, now);
+    Py_DECREF(now);
+    if (exc != NULL) {
+        PyObject *name = PyObject_GetAttr((PyObject *)Py_TYPE(exc), s_qualname);
+        if (note(cb->trace, (PyObject *)cb->res, s_error, name) < 0) {
+            report_and_clear("timers");
+        }
+    }
+}
+
+static PyObject *
+timer_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TimerCallback *cb = (TimerCallback *)self;
+    if (cb->trace->closed) {
+        return PyObject_Vectorcall(cb->callback, args, nargsf, kwnames);
+    }
+    PyObject *token = NULL;
+    { /* the run starts: its time, how late it is, and the timer as the current resource */
+        int ok = 0;
+        ResourceObject *r = cb->res;
+        if (r->callbacks == NULL) {
+            r->callbacks = PyList_New(0);
+        }
+        PyObject *now = r->callbacks != NULL ? now_ns() : NULL;
+        if (now != NULL) {
+            PyObject *begin_args[2] = {(PyObject *)r, now};
+            PyObject *out = core_begin(cb->trace, begin_args, 2);
+            Py_DECREF(now);
+            PyObject *time = out != NULL ? PyObject_CallMethodNoArgs(cb->loop, s_time) : NULL;
+            Py_XDECREF(out);
+            PyObject *late = time != NULL ? PyNumber_Subtract(time, cb->when) : NULL;
+            Py_XDECREF(time);
+            if (late != NULL && note(cb->trace, (PyObject *)r, s_late_ms, as_ms(late)) == 0) {
+                PyObject *state = PyTuple_Pack(2, (PyObject *)cb->trace, (PyObject *)r);
+                token = state != NULL ? PyContextVar_Set(active_var, state) : NULL;
+                Py_XDECREF(state);
+                ok = token != NULL;
+            }
+            Py_XDECREF(late);
+        }
+        if (!ok) {
+            report_and_clear("timers");
+        }
+    }
+    PyObject *out = PyObject_Vectorcall(cb->callback, args, nargsf, kwnames);
+    if (out == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL) {
+            PyException_SetTraceback(value, tb);
+        }
+        timer_done(cb, token, value);
+        PyErr_Restore(type, value, tb);
+    }
+    else {
+        timer_done(cb, token, NULL);
+    }
+    Py_XDECREF(token);
+    return out;
+}
+
+static PyObject *
+timer_cancelled(TimerCallback *cb, PyObject *unused)
+{
+    if (!cb->trace->closed) {
+        PyObject *now = now_ns();
+        if (now == NULL) {
+            return NULL;
+        }
+        settle_now(cb, s_cancelled, now);
+        Py_DECREF(now);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+timer_new_impl(PyObject *callback, PyObject *trace, PyObject *res, PyObject *loop,
+               PyObject *when)
+{
+    if (!PyObject_TypeCheck(trace, &TraceCoreType) || !Py_IS_TYPE(res, &ResourceType)) {
+        PyErr_SetString(PyExc_TypeError, "TimerCallback(callback, trace: TraceCore, res: "
+                                         "Resource, loop, when)");
+        return NULL;
+    }
+    TimerCallback *cb = PyObject_GC_New(TimerCallback, &TimerCallbackType);
+    if (cb == NULL) {
+        return NULL;
+    }
+    cb->callback = Py_NewRef(callback);
+    cb->trace = (TraceCore *)Py_NewRef(trace);
+    cb->res = (ResourceObject *)Py_NewRef(res);
+    cb->loop = Py_NewRef(loop);
+    cb->when = Py_NewRef(when);
+    cb->handle = Py_NewRef(Py_None);
+    cb->vectorcall = timer_call;
+    PyObject_GC_Track(cb);
+    return (PyObject *)cb;
+}
+
+static PyObject *
+timer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *callback, *trace, *res, *loop, *when;
+    if (!PyArg_ParseTuple(args, "OOOOO:TimerCallback", &callback, &trace, &res, &loop, &when)) {
+        return NULL;
+    }
+    return timer_new_impl(callback, trace, res, loop, when);
+}
+
+static int
+timer_traverse(TimerCallback *cb, visitproc visit, void *arg)
+{
+    Py_VISIT(cb->callback);
+    Py_VISIT(cb->trace);
+    Py_VISIT(cb->res);
+    Py_VISIT(cb->loop);
+    Py_VISIT(cb->when);
+    Py_VISIT(cb->handle);
+    return 0;
+}
+
+static int
+timer_clear(TimerCallback *cb)
+{
+    Py_CLEAR(cb->callback);
+    Py_CLEAR(cb->trace);
+    Py_CLEAR(cb->res);
+    Py_CLEAR(cb->loop);
+    Py_CLEAR(cb->when);
+    Py_CLEAR(cb->handle);
+    return 0;
+}
+
+static void
+timer_dealloc(TimerCallback *cb)
+{
+    PyObject_GC_UnTrack(cb);
+    timer_clear(cb);
+    PyObject_GC_Del(cb);
+}
+
+static PyObject *
+timer_repr(TimerCallback *cb)
+{
+    return PyObject_Repr(cb->callback);
+}
+
+static PyMemberDef timer_members[] = {
+    {"callback", T_OBJECT, offsetof(TimerCallback, callback), READONLY, NULL},
+    {"trace", T_OBJECT, offsetof(TimerCallback, trace), READONLY, NULL},
+    {"res", T_OBJECT, offsetof(TimerCallback, res), READONLY, NULL},
+    {"loop", T_OBJECT, offsetof(TimerCallback, loop), READONLY, NULL},
+    {"when", T_OBJECT, offsetof(TimerCallback, when), READONLY, NULL},
+    {"handle", T_OBJECT, offsetof(TimerCallback, handle), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef timer_methods[] = {
+    {"cancelled", (PyCFunction)timer_cancelled, METH_NOARGS, "The timer was cancelled."},
+    {NULL},
+};
+
+static PyTypeObject TimerCallbackType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TimerCallback",
+    .tp_basicsize = sizeof(TimerCallback),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "TimerCallback(callback, trace, res, loop, when): a traced timer's callback.",
+    .tp_new = timer_new,
+    .tp_traverse = (traverseproc)timer_traverse,
+    .tp_clear = (inquiry)timer_clear,
+    .tp_dealloc = (destructor)timer_dealloc,
+    .tp_repr = (reprfunc)timer_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimerCallback, vectorcall),
+    .tp_members = timer_members,
+    .tp_methods = timer_methods,
+};
+
+/* The "delay" asyncio's call_later was given, when the calling frame is that call_later
+ * (code): borrowed, or NULL (no exception) when it is not, or not a number. */
+static PyObject *
+call_later_delay(PyObject *code, Py_ssize_t index)
+{
+#ifdef INTERNAL_FRAMES
+    PyThreadState *tstate = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030D0000
+    _PyInterpreterFrame *f = tstate->current_frame;
+#define FRAME_CODE(f) ((PyObject *)(f)->f_executable)
+#else
+    _PyInterpreterFrame *f = tstate->cframe->current_frame;
+#define FRAME_CODE(f) ((PyObject *)(f)->f_code)
+#endif
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    if (f == NULL || FRAME_CODE(f) != code || index < 0 ||
+        index >= ((PyCodeObject *)code)->co_nlocalsplus) {
+        return NULL;
+    }
+#undef FRAME_CODE
+    PyObject *delay = f->localsplus[index];
+#else
+    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
+    if (frame == NULL) {
+        return NULL;
+    }
+    PyCodeObject *fcode = PyFrame_GetCode(frame);
+    Py_DECREF(fcode);
+    if ((PyObject *)fcode != code) {
+        return NULL;
+    }
+    PyObject *locals = PyObject_GetAttr((PyObject *)frame, s_f_locals);
+    if (locals == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *delay = PyMapping_Check(locals) ? PyObject_GetItem(locals, s_delay) : NULL;
+    Py_DECREF(locals);
+    if (delay == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(delay); /* the frame's locals keep it */
+#endif
+    if (delay == NULL || !(PyLong_Check(delay) || PyFloat_Check(delay))) {
+        return NULL;
+    }
+    return delay;
+}
+
+/* TimerPatch(original, kind, takes_delay, call_later_code, delay_index): the traced side of
+ * the loop's call_at (takes_delay False) or call_later (True), called as original is. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *original;
+    PyObject *kind;
+    int takes_delay;
+    PyObject *call_later_code;
+    Py_ssize_t delay_index;
+    vectorcallfunc vectorcall;
+} TimerPatch;
+
+static PyObject *
+timer_kind(PyObject *callback, PyObject *fallback)
+{
+    PyObject *name = PyObject_GetAttr(callback, s_qualname);
+    if (name == NULL) {
+        PyErr_Clear();
+        return Py_NewRef(fallback);
+    }
+    PyObject *kind = fallback;
+    if (PyUnicode_Check(name)) {
+        if (PyUnicode_Compare(name, s_set_result_unless) == 0) {
+            kind = s_sleep;
+        }
+        else if (PyUnicode_Compare(name, s_on_timeout) == 0) {
+            kind = s_timeout;
+        }
+        else if (PyUnicode_Compare(name, s_release_waiter) == 0) {
+            kind = s_wait_for; /* wait_for's deadline before Python 3.12 */
+        }
+    }
+    Py_DECREF(name);
+    return Py_NewRef(kind);
+}
+
+/* What a timer scheduled directly is called: its callback's __qualname__, else its type's. */
+static PyObject *
+callback_name(PyObject *callback)
+{
+    PyObject *name = PyObject_GetAttr(callback, s_qualname);
+    if (name == NULL) {
+        PyErr_Clear();
+    }
+    else {
+        int truthy = PyObject_IsTrue(name);
+        if (truthy > 0) {
+            return name;
+        }
+        Py_DECREF(name);
+        if (truthy < 0) {
+            return NULL;
+        }
+    }
+    return PyObject_GetAttr((PyObject *)Py_TYPE(callback), s_qualname);
+}
+
+/* The timer's resource and callback, or 0 when it is not to be traced; -1 on failure. */
+static int
+patch_prepare(TimerPatch *p, PyObject *const *args, PyObject **wrapper)
+{
+    PyObject *active = NULL;
+    if (active_var == NULL) {
+        return 0; /* set_timer_hooks was not called: nothing to record with */
+    }
+    if (PyContextVar_Get(active_var, NULL, &active) < 0) {
+        return -1;
+    }
+    if (active == NULL) {
+        return 0;
+    }
+    int rc = 0;
+    PyObject *loop = args[0], *arg = args[1], *callback = args[2];
+    PyObject *when = NULL, *delay = NULL, *kind = p->kind, *res = NULL, *skip = NULL;
+    PyObject *trace = PyTuple_CheckExact(active) && PyTuple_GET_SIZE(active) == 2
+                          ? PyTuple_GET_ITEM(active, 0)
+                          : NULL;
+    if (trace == NULL || !PyObject_TypeCheck(trace, &TraceCoreType) ||
+        ((TraceCore *)trace)->closed || Py_IS_TYPE(callback, &TimerCallbackType)) {
+        goto done;
+    }
+    long skip_frames = 0; /* the stack starts at whoever called call_at / call_later */
+    if (p->takes_delay) {
+        delay = Py_NewRef(arg);
+        PyObject *now = PyObject_CallMethodNoArgs(loop, s_time);
+        when = now != NULL ? PyNumber_Add(now, arg) : NULL;
+        Py_XDECREF(now);
+    }
+    else {
+        when = Py_NewRef(arg);
+        PyObject *asked = call_later_delay(p->call_later_code, p->delay_index);
+        if (asked != NULL) { /* asyncio's call_later, which calls call_at: recorded as one */
+            delay = Py_NewRef(asked);
+            kind = s_kind_call_later;
+            skip_frames = 1;
+        }
+        else {
+            PyObject *now = PyObject_CallMethodNoArgs(loop, s_time);
+            delay = now != NULL ? PyNumber_Subtract(arg, now) : NULL;
+            Py_XDECREF(now);
+        }
+    }
+    if (when == NULL || delay == NULL) { /* not a number: the loop's own error, untraced */
+        PyErr_Clear();
+        goto done;
+    }
+    if ((skip = PyLong_FromLong(skip_frames)) == NULL) {
+        rc = -1;
+        goto done;
+    }
+    PyObject *call[4] = {trace, s_timer, PyTuple_GET_ITEM(active, 1), skip};
+    res = PyObject_VectorcallMethod(s_new_resource, call, 4, NULL);
+    if (res == NULL || res == Py_None) {
+        rc = res == NULL ? -1 : 0;
+        goto done;
+    }
+    *wrapper = timer_new_impl(callback, trace, res, loop, when);
+    if (*wrapper == NULL) {
+        rc = -1;
+        goto done;
+    }
+    PyObject *named = timer_kind(callback, kind);
+    TraceCore *t = (TraceCore *)trace;
+    int same = named == kind;
+    if (note(t, res, s_kind, named) < 0 || note(t, res, s_delay_ms, as_ms(delay)) < 0 ||
+        (same && note(t, res, s_callback, callback_name(callback)) < 0)) {
+        Py_CLEAR(*wrapper);
+        rc = -1;
+        goto done;
+    }
+    rc = 1;
+done:
+    Py_XDECREF(active);
+    Py_XDECREF(when);
+    Py_XDECREF(delay);
+    Py_XDECREF(res);
+    Py_XDECREF(skip);
+    return rc;
+}
+
+static PyObject *
+patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TimerPatch *p = (TimerPatch *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs < 3 || nargs + nkw > 64) {
+        return PyObject_Vectorcall(p->original, args, nargsf, kwnames);
+    }
+    PyObject *wrapper = NULL;
+    int traced = patch_prepare(p, args, &wrapper);
+    if (traced <= 0) {
+        if (traced < 0) {
+            report_and_clear("timers");
+        }
+        return PyObject_Vectorcall(p->original, args, nargsf, kwnames);
+    }
+    PyObject *stack[64];
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++) {
+        stack[i] = args[i];
+    }
+    stack[2] = wrapper;
+    PyObject *handle = PyObject_Vectorcall(p->original, stack, nargs, kwnames);
+    TimerCallback *cb = (TimerCallback *)wrapper;
+    if (handle == NULL) { /* refused by the loop (a bad delay, a closed loop): as ever */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL) {
+            PyException_SetTraceback(value, tb);
+        }
+        timer_done(cb, NULL, value);
+        PyErr_Restore(type, value, tb);
+        Py_DECREF(wrapper);
+        return NULL;
+    }
+    Py_XSETREF(cb->handle, Py_NewRef(handle));
+    if ((PyObject *)Py_TYPE(handle) == timer_handle_type && traced_handle_type != NULL) {
+        /* asyncio's loops: the handle records its own cancel */
+        if (PyObject_SetAttr(handle, s_class, traced_handle_type) < 0) {
+            report_and_clear("timers");
+        }
+    }
+    else if (unsettled_append != NULL) { /* uvloop's handles: a cancel is found at the end */
+        PyObject *out = PyObject_CallFunctionObjArgs(unsettled_append, (PyObject *)cb->trace,
+                                                     wrapper, NULL);
+        if (out == NULL) {
+            report_and_clear("timers");
+        }
+        Py_XDECREF(out);
+    }
+    Py_DECREF(wrapper);
+    return handle;
+}
+
+static PyObject *
+patch_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *original, *kind, *code;
+    int takes_delay;
+    Py_ssize_t index;
+    if (!PyArg_ParseTuple(args, "OUpOn:TimerPatch", &original, &kind, &takes_delay, &code,
+                          &index)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(original) || !PyCode_Check(code)) {
+        PyErr_SetString(PyExc_TypeError, "TimerPatch(original, kind, takes_delay, "
+                                         "call_later_code: code, delay_index)");
+        return NULL;
+    }
+    TimerPatch *p = (TimerPatch *)type->tp_alloc(type, 0);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->original = Py_NewRef(original);
+    p->kind = Py_NewRef(kind);
+    p->takes_delay = takes_delay;
+    p->call_later_code = Py_NewRef(code);
+    p->delay_index = index;
+    p->vectorcall = patch_call;
+    return (PyObject *)p;
+}
+
+static int
+patch_traverse(TimerPatch *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->original);
+    Py_VISIT(p->kind);
+    Py_VISIT(p->call_later_code);
+    return 0;
+}
+
+static int
+patch_clear(TimerPatch *p)
+{
+    Py_CLEAR(p->original);
+    Py_CLEAR(p->kind);
+    Py_CLEAR(p->call_later_code);
+    return 0;
+}
+
+static void
+patch_dealloc(TimerPatch *p)
+{
+    PyObject_GC_UnTrack(p);
+    patch_clear(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyTypeObject TimerPatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TimerPatch",
+    .tp_basicsize = sizeof(TimerPatch),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "TimerPatch(original, kind, takes_delay, call_later_code, delay_index).",
+    .tp_new = patch_new,
+    .tp_traverse = (traverseproc)patch_traverse,
+    .tp_clear = (inquiry)patch_clear,
+    .tp_dealloc = (destructor)patch_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimerPatch, vectorcall),
+};
+
+/* Set by the timers instrumentation: the context variable, asyncio's TimerHandle and what a
+ * traced one becomes, and how a timer whose cancel the loop does not report is listed. */
+static PyObject *
+set_timer_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyContextVar_CheckExact(args[0]) || !PyType_Check(args[1]) ||
+        !PyType_Check(args[2]) || !PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "set_timer_hooks(var, timer_handle_type, "
+                                         "traced_handle_type, unsettled_append)");
+        return NULL;
+    }
+    Py_XSETREF(active_var, Py_NewRef(args[0]));
+    Py_XSETREF(timer_handle_type, Py_NewRef(args[1]));
+    Py_XSETREF(traced_handle_type, Py_NewRef(args[2]));
+    Py_XSETREF(unsettled_append, Py_NewRef(args[3]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
@@ -2414,6 +3011,8 @@ static PyMethodDef methods[] = {
      "annotations_json(annotations, encode[, cache]) -> bytes: v1's annotations."},
     {"set_timed_hooks", (PyCFunction)(void (*)(void))set_timed_hooks, METH_FASTCALL,
      "set_timed_hooks(traced_future_type, settle_from_exception, report)."},
+    {"set_timer_hooks", (PyCFunction)(void (*)(void))set_timer_hooks, METH_FASTCALL,
+     "set_timer_hooks(var, timer_handle_type, traced_handle_type, unsettled_append)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2444,6 +3043,36 @@ PyInit__speedups(void)
     s_context = PyUnicode_InternFromString("context");
     s_new_resource = PyUnicode_InternFromString("new_resource");
     s_annotate = PyUnicode_InternFromString("annotate");
+    s_time = PyUnicode_InternFromString("time");
+    s_timer = PyUnicode_InternFromString("timer");
+    s_kind = PyUnicode_InternFromString("kind");
+    s_delay_ms = PyUnicode_InternFromString("delayMs");
+    s_late_ms = PyUnicode_InternFromString("lateMs");
+    s_callback = PyUnicode_InternFromString("callback");
+    s_error = PyUnicode_InternFromString("error");
+    s_cancelled = PyUnicode_InternFromString("cancelled");
+    s_error_state = s_error;
+    s_class = PyUnicode_InternFromString("__class__");
+    s_delay = PyUnicode_InternFromString("delay");
+    s_f_locals = PyUnicode_InternFromString("f_locals");
+    s_sleep = PyUnicode_InternFromString("sleep");
+    s_timeout = PyUnicode_InternFromString("timeout");
+    s_wait_for = PyUnicode_InternFromString("wait_for");
+    s_set_result_unless = PyUnicode_InternFromString("_set_result_unless_cancelled");
+    s_on_timeout = PyUnicode_InternFromString("Timeout._on_timeout");
+    s_release_waiter = PyUnicode_InternFromString("_release_waiter");
+    s_kind_call_later = PyUnicode_InternFromString("call_later");
+    thousand = PyLong_FromLong(1000);
+    zero_float = PyFloat_FromDouble(0.0);
+    PyObject *builtins = PyImport_ImportModule("builtins");
+    builtin_round = builtins ? PyObject_GetAttrString(builtins, "round") : NULL;
+    Py_XDECREF(builtins);
+    if (!s_time || !s_timer || !s_kind || !s_delay_ms || !s_late_ms || !s_callback || !s_error ||
+        !s_cancelled || !s_class || !s_delay || !s_f_locals || !s_sleep || !s_timeout ||
+        !s_wait_for || !s_set_result_unless || !s_on_timeout || !s_release_waiter ||
+        !s_kind_call_later || !thousand || !zero_float || !builtin_round) {
+        return NULL;
+    }
     if (!s_ok || !s_callbacks || !s_throw || !s_close || !s_asynctrace_res || !s_task ||
         !s_coroutine || !s_qualname || !s_context || !s_new_resource || !s_annotate) {
         return NULL;
@@ -2462,7 +3091,8 @@ PyInit__speedups(void)
     }
     if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0 ||
         PyType_Ready(&ResourceType) < 0 || PyType_Ready(&TraceCoreType) < 0 ||
-        PyType_Ready(&TimedType) < 0 || PyType_Ready(&TaskFactoryType) < 0) {
+        PyType_Ready(&TimedType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
+        PyType_Ready(&TimerCallbackType) < 0 || PyType_Ready(&TimerPatchType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -2474,7 +3104,9 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(m, "Resource", (PyObject *)&ResourceType) < 0 ||
         PyModule_AddObjectRef(m, "TraceCore", (PyObject *)&TraceCoreType) < 0 ||
         PyModule_AddObjectRef(m, "TimedCoroutine", (PyObject *)&TimedType) < 0 ||
-        PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0) {
+        PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0 ||
+        PyModule_AddObjectRef(m, "TimerCallback", (PyObject *)&TimerCallbackType) < 0 ||
+        PyModule_AddObjectRef(m, "TimerPatch", (PyObject *)&TimerPatchType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

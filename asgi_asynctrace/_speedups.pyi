@@ -91,3 +91,26 @@ class TaskFactory:
 def set_timed_hooks(
     traced_future_type: type, settle_from_exception: Any, report: Any, /
 ) -> None: ...
+
+class TimerCallback:
+    callback: Any
+    trace: TraceCore
+    res: Resource
+    loop: Any
+    when: float
+    handle: Any
+    def __init__(
+        self, callback: Any, trace: TraceCore, res: Resource, loop: Any, when: float, /
+    ) -> None: ...
+    def __call__(self, *args: Any) -> Any: ...
+    def cancelled(self) -> None: ...
+
+class TimerPatch:
+    def __init__(
+        self, original: Any, kind: str, takes_delay: bool, call_later_code: Any, index: int, /
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+def set_timer_hooks(
+    var: Any, timer_handle_type: type, traced_handle_type: type, unsettled_append: Any, /
+) -> None: ...

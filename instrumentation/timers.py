@@ -34,6 +34,16 @@ from asgi_asynctrace._model import Resource, Trace
 
 from ._base import Instrumentation
 
+_CTimerCallback: Any
+_CTimerPatch: Any
+_set_timer_hooks: Any
+try:  # the optional C accelerator: TimerCallback and TimerPatch are the forms below, in C
+    from asgi_asynctrace._speedups import TimerCallback as _CTimerCallback
+    from asgi_asynctrace._speedups import TimerPatch as _CTimerPatch
+    from asgi_asynctrace._speedups import set_timer_hooks as _set_timer_hooks
+except ImportError:  # pragma: no cover - built everywhere the tests run
+    _CTimerCallback = _CTimerPatch = _set_timer_hooks = None
+
 __all__ = ["TimersInstrumentation", "instrumentation"]
 
 _now = time.perf_counter_ns
@@ -41,6 +51,7 @@ _now = time.perf_counter_ns
 # is patched, and a call from call_later is recorded as what it was.
 _ASYNCIO_CALL_LATER: Any = asyncio.BaseEventLoop.call_later
 _CALL_LATER_CODE = _ASYNCIO_CALL_LATER.__code__
+_DELAY_INDEX = _CALL_LATER_CODE.co_varnames.index("delay")  # where C reads it in the frame
 
 
 def _kind(callback: Any, default: str) -> str:
@@ -124,6 +135,10 @@ class _Unsettled:
         self.timers.clear()
 
 
+def _unsettled_append(trace: Trace, callback: Any) -> None:
+    _unsettled(trace).timers.append(callback)
+
+
 def _unsettled(trace: Trace) -> _Unsettled:
     for finisher in trace.finishers:
         if type(finisher) is _Unsettled:
@@ -181,21 +196,36 @@ def _record(
 def _make_call_later(original: Callable[..., Any]) -> Callable[..., Any] | None:
     if original is _ASYNCIO_CALL_LATER:
         return None  # it calls call_at, whose patch records it: one dispatch per call, not two
+    if _in_c():
+        patch: Callable[..., Any] = _CTimerPatch(
+            original, "call_later", True, _CALL_LATER_CODE, _DELAY_INDEX
+        )
+        return patch
 
     def call_later(loop: Any, delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
         active = ACTIVE.get()
-        if active is None or active[0].closed or type(callback) is _TimerCallback:
+        if active is None or active[0].closed or type(callback) in _CALLBACK_TYPES:
             return original(loop, delay, callback, *args, context=context)
-        return _record(loop, original, loop.time() + delay, delay, callback, args, context,
+        try:
+            when = loop.time() + delay
+        except TypeError:  # not a number: the loop's own error, untraced
+            return original(loop, delay, callback, *args, context=context)
+        return _record(loop, original, when, delay, callback, args, context,
                        "call_later", True)  # fmt: skip
 
     return call_later
 
 
 def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
+    if _in_c():
+        patch: Callable[..., Any] = _CTimerPatch(
+            original, "call_at", False, _CALL_LATER_CODE, _DELAY_INDEX
+        )
+        return patch
+
     def call_at(loop: Any, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
         active = ACTIVE.get()
-        if active is None or active[0].closed or type(callback) is _TimerCallback:
+        if active is None or active[0].closed or type(callback) in _CALLBACK_TYPES:
             return original(loop, when, callback, *args, context=context)
         caller = sys._getframe(1)
         if caller.f_code is _CALL_LATER_CODE:  # asyncio's call_later: recorded as one
@@ -203,7 +233,11 @@ def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(delay, (int, float)):
                 return _record(loop, original, when, delay, callback, args, context,
                                "call_later", False, skip=4)  # fmt: skip
-        return _record(loop, original, when, when - loop.time(), callback, args, context,
+        try:
+            delay = when - loop.time()
+        except TypeError:  # not a number: the loop's own error, untraced
+            return original(loop, when, callback, *args, context=context)
+        return _record(loop, original, when, delay, callback, args, context,
                        "call_at", False)  # fmt: skip
 
     return call_at
@@ -224,7 +258,7 @@ class _TracedTimerHandle(asyncio.TimerHandle):
 
     def cancel(self) -> None:
         callback = self._callback  # type: ignore[attr-defined]
-        if not self._cancelled and type(callback) is _TimerCallback:
+        if not self._cancelled and type(callback) in _CALLBACK_TYPES:
             try:
                 callback.cancelled()
             except Exception as exc:
@@ -234,6 +268,17 @@ class _TracedTimerHandle(asyncio.TimerHandle):
 
 
 _TracedTimerHandle.__name__ = "TimerHandle"  # its repr() stays asyncio's
+_CALLBACK_TYPES = frozenset(t for t in (_TimerCallback, _CTimerCallback) if t is not None)
+# The C forms unless a test asks for these (``use_python``).
+_python_forms = False
+
+
+def _in_c() -> bool:
+    return _CTimerPatch is not None and not _python_forms
+
+
+if _set_timer_hooks is not None:
+    _set_timer_hooks(ACTIVE, asyncio.TimerHandle, _TracedTimerHandle, _unsettled_append)
 
 
 class TimersInstrumentation(Instrumentation):

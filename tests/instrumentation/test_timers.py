@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import sys
 import time
 from collections.abc import Iterator
@@ -234,3 +235,111 @@ def test_a_cancelled_traced_timer_left_in_the_loop_keeps_nothing_of_the_request(
     assert left  # still in the heap: its due time is 30 s away
     for handle in left:
         assert handle._callback is None and handle._context is None
+
+
+# -- the C forms (TimerPatch, TimerCallback) against the Python ones ---------------------------
+
+
+async def _slept() -> None:
+    await asyncio.sleep(0.001)
+    await asyncio.sleep(0)  # no timer
+
+
+async def _scheduled_directly() -> None:
+    loop = asyncio.get_running_loop()
+    fired = asyncio.Event()
+
+    def fire(label: str) -> None:
+        annotate("label", label)  # inside the timer's run: on the timer
+        fired.set()
+
+    loop.call_later(5, fire, "never").cancel()
+    loop.call_at(loop.time() - 1, fire, "late")  # due already: runs at once, late
+    loop.call_later(0.0005, lambda: None)
+    await fired.wait()
+    await asyncio.sleep(0.002)
+
+
+async def _deadlines() -> None:
+    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.sleep(1), 0.001)  # reached
+    await asyncio.wait_for(asyncio.sleep(0), 1)  # not reached
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(1):
+            await asyncio.sleep(0)
+
+
+async def _failing_and_refused() -> None:
+    loop = asyncio.get_running_loop()
+
+    def broken() -> None:
+        raise KeyError("in a timer")
+
+    loop.call_later(0, broken)
+    await asyncio.sleep(0.001)
+    with contextlib.suppress(TypeError):
+        loop.call_later("soon", print)  # type: ignore[arg-type]
+
+
+async def _spawning() -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    async def child() -> None:
+        done.set()
+
+    loop.call_later(0, lambda: asyncio.ensure_future(child()))
+    await done.wait()
+
+
+_TIMED_NOTES = ("lateMs", "responseStartedAt")  # measured, so never the same twice
+
+
+def _timer_shape(trace: Trace) -> list[Any]:
+    return [
+        (
+            r.type,
+            r.trigger_id,
+            r.state,
+            len(r.callbacks),
+            trace.stacks[r.stack_id] if r.stack_id is not None else None,
+            sorted(
+                # a call_at's delay is its due time less the clock then: to the millisecond
+                (k, round(v) if k == "delayMs" else v)
+                for k, v in notes(trace, r).items()
+                if k not in _TIMED_NOTES
+            ),
+            "lateMs" in notes(trace, r),
+        )
+        for r in trace.resources
+    ]
+
+
+@pytest.mark.parametrize(
+    "body", [_slept, _scheduled_directly, _deadlines, _failing_and_refused, _spawning]
+)
+def test_the_c_timer_forms_record_what_the_python_ones_do(
+    body: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_asynctrace import _hooks, failure_counts
+
+    module: Any = importlib.import_module("asgi_asynctrace.instrumentation.timers")
+    if module._CTimerPatch is None:
+        pytest.skip("the C accelerator is not built")
+    made = []
+    for python in (False, True):
+        monkeypatch.setattr(module, "_python_forms", python)
+        monkeypatch.setattr(_hooks, "_made", {})  # the loop patches made again, in that form
+        made.append(traced(body))  # one line, so the stacks reach the same frames
+    c_trace, python_trace = made
+    assert any(r.type == "timer" for r in c_trace.resources)
+    c_shape, python_shape = _timer_shape(c_trace), _timer_shape(python_trace)
+    # Stacks are walked to a depth and the tracer's own frames then left out: the Python
+    # callback's frame can cost the Python form's stack its outermost frame (on uvloop, whose
+    # loop has no frame where a walk stops). Where it starts must be the same.
+    for ours, theirs in zip(c_shape, python_shape, strict=True):
+        if ours[4] is not None and theirs[4] is not None:
+            assert ours[4][: len(theirs[4])] == theirs[4] and len(ours[4]) <= len(theirs[4]) + 1
+    strip = [[(*s[:4], *s[5:]) for s in shape] for shape in (c_shape, python_shape)]
+    assert strip[0] == strip[1]
+    assert failure_counts() == {}
