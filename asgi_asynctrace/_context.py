@@ -17,7 +17,7 @@ import functools
 import inspect
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
@@ -189,3 +189,51 @@ def start_resource(type: str, /, **annotations: AnnotationValue) -> ResourceScop
     Annotations given here are recorded at creation; add more with ``scope.annotate()``.
     """
     return ResourceScope(type, **annotations)
+
+
+_T = TypeVar("_T")
+#: done(result) -> annotations to add from the call's result (or None)
+Done = Callable[[Any], "dict[str, Any] | None"]
+
+_CScopedCall: Any
+try:  # the optional C accelerator: ScopedCall is record_call's Python form below, in C
+    from ._speedups import ScopedCall as _CScopedCall
+except ImportError:  # pragma: no cover - built everywhere the tests run
+    _CScopedCall = None
+SCOPED_CALL_IN_C = _CScopedCall is not None
+_scoped_call_in_c = SCOPED_CALL_IN_C  # False: the Python form (tests run both)
+
+
+def record_call(
+    type: str, awaitable: Awaitable[_T], notes: dict[str, Any], done: Done | None
+) -> Coroutine[Any, Any, _T]:
+    """``await awaitable`` recorded as a resource of ``type``: how instrumentation records a
+    library's async call. The resource is made when the call is first awaited (its stack from
+    the awaiting frame), carries ``notes`` and is the current resource while the call runs;
+    ``done(result)`` may add annotations from the result (a failure there is counted, the
+    result still returned), and the resource settles ok, cancelled or error as the call ends.
+    With the accelerator, a C awaitable with no frame of ours in the await chain."""
+    if _scoped_call_in_c:
+        return _CScopedCall(ACTIVE, type, awaitable, notes, done)  # type: ignore[no-any-return]
+    return _record_call(type, awaitable, notes, done)
+
+
+async def _record_call(
+    type: str, awaitable: Awaitable[_T], notes: dict[str, Any], done: Done | None
+) -> _T:
+    with ResourceScope(type, **notes) as scope:
+        result = await awaitable
+        if done is not None and scope._res is not None:
+            try:
+                extra = done(result)
+                for key, value in (extra or {}).items():
+                    scope.annotate(key, value)
+            except Exception as exc:
+                report("start_resource", exc)
+        return result
+
+
+if _CScopedCall is not None:
+    import collections.abc
+
+    collections.abc.Coroutine.register(_CScopedCall)

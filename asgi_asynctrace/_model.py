@@ -29,6 +29,7 @@ _c_resources_json: Callable[..., bytes] | None
 _c_annotations_json: Callable[..., bytes] | None
 _c_stacks_json: Callable[..., bytes] | None
 _c_in_order: Callable[[list[Any]], bool | None] | None
+_c_trace_json: Callable[..., bytes] | None
 try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same in Python
     from ._speedups import Resource as _CResource
     from ._speedups import TraceCore as _CTraceCore
@@ -36,9 +37,10 @@ try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same
     from ._speedups import in_order as _c_in_order
     from ._speedups import resources_json as _c_resources_json
     from ._speedups import stacks_json as _c_stacks_json
+    from ._speedups import trace_json as _c_trace_json
 except ImportError:  # pragma: no cover - built everywhere the tests run
     _c_resources_json = _c_annotations_json = _CResource = _CTraceCore = None  # type: ignore[assignment,misc]
-    _c_in_order = _c_stacks_json = None
+    _c_in_order = _c_stacks_json = _c_trace_json = None
 
 __all__ = [
     "RESOURCE_TYPES",
@@ -441,28 +443,30 @@ class Trace(_TraceCore):
     def _json(self, with_stacks: bool) -> bytes:
         ordered = self._ordered()
         accelerated: Exception | None = None
-        if (
-            _c_resources_json is not None
-            and _c_annotations_json is not None
-            and _c_stacks_json is not None
-        ):
+        if _c_trace_json is not None:
             try:
                 dumps = orjson.dumps
                 strings = _json_strings
                 if len(strings) > _MAX_JSON_STRINGS:
                     strings.clear()
-                resources = _c_resources_json(ordered, self.origin, _SLOTS, dumps, strings)
-                annotations = _c_annotations_json(self.annotations, dumps, strings)
-                fragment = orjson.Fragment
-                stacks = None
-                if with_stacks:
-                    if len(_frames_json) > _MAX_FRAMES_JSON:
-                        _frames_json.clear()
-                    stacks = fragment(_c_stacks_json(self.stacks, _frames_json, dumps))
-                out = self._as_dict(fragment(resources), fragment(annotations), stacks)
-                if not with_stacks:
-                    del out["stackTraces"]
-                return dumps(out)
+                if len(_frames_json) > _MAX_FRAMES_JSON:
+                    _frames_json.clear()
+                # One buffer: the fields before "resources" and the dropped counts from
+                # orjson, everything else written by C straight from the model.
+                head = dumps(
+                    {
+                        "version": FORMAT_VERSION,
+                        "traceId": self.trace_id,
+                        "request": self.request,
+                        "startedAtUnixNs": self.started_at_unix_ns,
+                        "requestDurationNs": self.duration_ns,
+                    }
+                )
+                return _c_trace_json(
+                    head, ordered, self.origin, _SLOTS, self.stacks if with_stacks else None,
+                    _frames_json, self.annotations, dumps(self.dropped.to_dict()), dumps,
+                    strings,
+                )  # fmt: skip
             except Exception as exc:
                 accelerated = exc
         no_stacks = None if with_stacks else ()

@@ -346,20 +346,6 @@ reserve(buffer *b, Py_ssize_t more)
     return 0;
 }
 
-/* Close a JSON array in ``b`` and hand it over as bytes; ``b``'s memory is freed either way. */
-static PyObject *
-close_array(buffer *b)
-{
-    PyObject *out = NULL;
-    if (reserve(b, 1) == 0) {
-        b->data[b->len++] = ']';
-        out = PyBytes_FromStringAndSize(b->data, b->len);
-    }
-    PyMem_Free(b->data);
-    b->data = NULL;
-    return out;
-}
-
 /* Writers reserve first: ROOM before each resource and after each string, enough for any
  * run of keys and ints up to the next reserve (an int is at most 20 characters). */
 #define ROOM 512
@@ -576,68 +562,106 @@ put_resource(buffer *b, PyObject *r, const Py_ssize_t *off, long long o, PyObjec
     return 0;
 }
 
+/* The slot offsets of a Resource class, from its 9 member descriptors; its type in *owner. */
+static int
+slot_offsets(PyObject *slots, Py_ssize_t *off, PyTypeObject **owner)
+{
+    if (!PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != R_SLOTS) {
+        PyErr_SetString(PyExc_TypeError, "slots must be a tuple of 9 member descriptors");
+        return -1;
+    }
+    *owner = NULL;
+    for (int i = 0; i < R_SLOTS; i++) {
+        PyObject *d = PyTuple_GET_ITEM(slots, i);
+        if (!Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            PyErr_SetString(PyExc_TypeError, "slots must be the __slots__ members of one class");
+            return -1;
+        }
+        PyTypeObject *t = ((PyMemberDescrObject *)d)->d_common.d_type;
+        if (*owner != NULL && t != *owner) {
+            PyErr_SetString(PyExc_TypeError, "slots must be the __slots__ members of one class");
+            return -1;
+        }
+        *owner = t;
+        off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    return 0;
+}
+
+/* Appends format v1's "resources" array to b. */
+static int
+write_resources(buffer *b, PyObject *resources, long long o, PyObject *slots, PyObject *encode,
+                PyObject *cache)
+{
+    Py_ssize_t off[R_SLOTS];
+    PyTypeObject *owner;
+    if (!PyList_Check(resources) || slot_offsets(slots, off, &owner) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "resources must be a list");
+        }
+        return -1;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(resources);
+    if (reserve(b, 64 + count * 256) < 0) {
+        return -1;
+    }
+    b->data[b->len++] = '[';
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *r = PyList_GET_ITEM(resources, i);
+        if (!PyObject_TypeCheck(r, owner)) {
+            PyErr_Format(PyExc_TypeError, "resources[%zd] is not a %s", i, owner->tp_name);
+            return -1;
+        }
+        if (i) {
+            b->data[b->len++] = ','; /* put_resource leaves room to spare */
+        }
+        if (put_resource(b, r, off, o, cache, encode) < 0) {
+            return -1;
+        }
+    }
+    if (reserve(b, 1) < 0) {
+        return -1;
+    }
+    b->data[b->len++] = ']';
+    return 0;
+}
+
+/* The bytes of a buffer, which is freed either way. */
+static PyObject *
+take_bytes(buffer *b)
+{
+    PyObject *out = PyBytes_FromStringAndSize(b->data, b->len);
+    PyMem_Free(b->data);
+    b->data = NULL;
+    return out;
+}
+
 static PyObject *
 resources_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 4 || nargs > 5 || !PyList_Check(args[0]) || !PyTuple_Check(args[2]) ||
-        PyTuple_GET_SIZE(args[2]) != R_SLOTS) {
+    if (nargs < 4 || nargs > 5) {
         PyErr_SetString(PyExc_TypeError,
                         "resources_json(resources: list, origin: int, slots: tuple of 9, encode"
                         "[, cache: dict])");
         return NULL;
     }
-    PyObject *resources = args[0];
     long long o;
     if (get_ll(args[1], &o) < 0) {
         return NULL;
-    }
-    Py_ssize_t off[R_SLOTS];
-    PyTypeObject *owner = NULL;
-    for (int i = 0; i < R_SLOTS; i++) {
-        PyObject *d = PyTuple_GET_ITEM(args[2], i);
-        if (!Py_IS_TYPE(d, &PyMemberDescr_Type) ||
-            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
-            PyErr_SetString(PyExc_TypeError, "slots must be the __slots__ members of one class");
-            return NULL;
-        }
-        PyTypeObject *t = ((PyMemberDescrObject *)d)->d_common.d_type;
-        if (owner != NULL && t != owner) {
-            PyErr_SetString(PyExc_TypeError, "slots must be the __slots__ members of one class");
-            return NULL;
-        }
-        owner = t;
-        off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
     }
     PyObject *cache = nargs == 5 && PyDict_CheckExact(args[4]) ? Py_NewRef(args[4]) : PyDict_New();
     if (cache == NULL) {
         return NULL;
     }
-    Py_ssize_t count = PyList_GET_SIZE(resources);
     buffer b = {NULL, 0, 0};
-    if (reserve(&b, 64 + count * 256) < 0) {
-        goto fail;
-    }
-    b.data[b.len++] = '[';
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *r = PyList_GET_ITEM(resources, i);
-        if (!PyObject_TypeCheck(r, owner)) {
-            PyErr_Format(PyExc_TypeError, "resources[%zd] is not a %s", i, owner->tp_name);
-            goto fail;
-        }
-        if (i) {
-            b.data[b.len++] = ','; /* put_resource leaves room to spare */
-        }
-        if (put_resource(&b, r, off, o, cache, args[3]) < 0) {
-            goto fail;
-        }
-    }
-    PyObject *out = close_array(&b);
+    int rc = write_resources(&b, args[0], o, args[2], args[3], cache);
     Py_DECREF(cache);
-    return out;
-fail:
-    PyMem_Free(b.data);
-    Py_DECREF(cache);
-    return NULL;
+    if (rc < 0) {
+        PyMem_Free(b.data);
+        return NULL;
+    }
+    return take_bytes(&b);
 }
 
 /* A JSON string as orjson writes it: ASCII escaped here (quote, backslash, the control
@@ -703,21 +727,15 @@ put_text(buffer *b, PyObject *s, PyObject *encode)
  * same bytes orjson writes for [{"asyncId": a, "key": k, "value": v}, ...] made from the
  * trace's (async_id, key, value) tuples. Values other than str, int, bool and None (floats,
  * int subclasses) go through ``encode``, so every one is written as orjson would. */
-static PyObject *
-annotations_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+static int
+write_annotations(buffer *bp, PyObject *items, PyObject *encode, PyObject *keys)
 {
-    if (nargs < 2 || nargs > 3 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "annotations_json(annotations: list, encode[, cache: dict])");
-        return NULL;
-    }
-    PyObject *items = args[0], *encode = args[1];
-    PyObject *keys = nargs == 3 && PyDict_CheckExact(args[2]) ? Py_NewRef(args[2]) : PyDict_New();
-    if (keys == NULL) {
-        return NULL;
+    if (!PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "annotations must be a list");
+        return -1;
     }
     Py_ssize_t count = PyList_GET_SIZE(items);
-    buffer b = {NULL, 0, 0};
+#define b (*bp)
     if (reserve(&b, ROOM + count * 64) < 0) {
         goto fail;
     }
@@ -788,13 +806,36 @@ annotations_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         b.data[b.len++] = '}';
     }
-    PyObject *out = close_array(&b);
-    Py_DECREF(keys);
-    return out;
+    if (reserve(&b, 1) < 0) {
+        goto fail;
+    }
+    b.data[b.len++] = ']';
+    return 0;
 fail:
-    PyMem_Free(b.data);
+    return -1;
+#undef b
+}
+
+static PyObject *
+annotations_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "annotations_json(annotations: list, encode[, cache: dict])");
+        return NULL;
+    }
+    PyObject *keys = nargs == 3 && PyDict_CheckExact(args[2]) ? Py_NewRef(args[2]) : PyDict_New();
+    if (keys == NULL) {
+        return NULL;
+    }
+    buffer b = {NULL, 0, 0};
+    int rc = write_annotations(&b, args[0], args[1], keys);
     Py_DECREF(keys);
-    return NULL;
+    if (rc < 0) {
+        PyMem_Free(b.data);
+        return NULL;
+    }
+    return take_bytes(&b);
 }
 
 /* Dispatch(var, untraced, traced): a callable that calls ``untraced`` with its arguments
@@ -1042,18 +1083,17 @@ static PyTypeObject TaskCallType = {
  * once per process: ``cache`` maps id(frames) -> (frames, its ``,"frames":[...]}`` bytes), the
  * entry holding the tuple so its id cannot be reused while the entry lives (call sites repeat
  * across requests, and the stack cache hands out one tuple per call site). */
-static PyObject *
-stacks_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+static int
+write_stacks(buffer *bp, PyObject *stacks, PyObject *cache, PyObject *encode)
 {
-    if (nargs != 3 || !PyList_Check(args[0]) || !PyDict_CheckExact(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "stacks_json(stacks: list, cache: dict, encode)");
-        return NULL;
+    if (!PyList_Check(stacks) || !PyDict_CheckExact(cache)) {
+        PyErr_SetString(PyExc_TypeError, "stacks must be a list, cache a dict");
+        return -1;
     }
-    PyObject *stacks = args[0], *cache = args[1], *encode = args[2];
     Py_ssize_t count = PyList_GET_SIZE(stacks);
-    buffer b = {NULL, 0, 0};
+#define b (*bp)
     if (reserve(&b, 64 + count * 64) < 0) {
-        return NULL;
+        return -1;
     }
     b.data[b.len++] = '[';
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -1108,7 +1148,97 @@ stacks_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         b.len += n;
         Py_DECREF(piece);
     }
-    return close_array(&b);
+    if (reserve(&b, 1) < 0) {
+        goto fail;
+    }
+    b.data[b.len++] = ']';
+    return 0;
+fail:
+    return -1;
+#undef b
+}
+
+static PyObject *
+stacks_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stacks_json(stacks: list, cache: dict, encode)");
+        return NULL;
+    }
+    buffer b = {NULL, 0, 0};
+    if (write_stacks(&b, args[0], args[1], args[2]) < 0) {
+        PyMem_Free(b.data);
+        return NULL;
+    }
+    return take_bytes(&b);
+}
+
+/* trace_json(head, resources, origin, slots, stacks, frames, annotations, dropped, encode,
+ * strings): a whole trace in format v1, the bytes orjson writes for Trace.to_dict(), in one
+ * buffer: ``head`` is orjson's object of the fields before "resources" (version ... duration),
+ * ``dropped`` orjson's bytes of the dropped counts; stacks None leaves "stackTraces" out. */
+static PyObject *
+trace_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[7]) ||
+        PyBytes_GET_SIZE(args[0]) < 2 || !PyDict_CheckExact(args[9])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trace_json(head: bytes, resources, origin, slots, stacks, frames, "
+                        "annotations, dropped: bytes, encode, strings: dict)");
+        return NULL;
+    }
+    long long o;
+    if (get_ll(args[2], &o) < 0) {
+        return NULL;
+    }
+    PyObject *head = args[0], *dropped = args[7], *encode = args[8], *strings = args[9];
+    Py_ssize_t n = PyBytes_GET_SIZE(head);
+    if (PyBytes_AS_STRING(head)[n - 1] != '}') {
+        PyErr_SetString(PyExc_ValueError, "head must be a JSON object");
+        return NULL;
+    }
+    buffer b = {NULL, 0, 0};
+    /* Sized from the last trace too: the traces of one app are alike, and a buffer grown by
+     * doubling copies itself over again (the stack table is most of a trace). */
+    static Py_ssize_t last_size = 0;
+    Py_ssize_t guess = n + PyBytes_GET_SIZE(dropped) + 64 + PyList_GET_SIZE(args[1]) * 256;
+    if (guess < last_size + 1024) {
+        guess = last_size + 1024;
+    }
+    if (reserve(&b, guess) < 0) {
+        return NULL;
+    }
+    memcpy(b.data, PyBytes_AS_STRING(head), (size_t)(n - 1));
+    b.len = n - 1;
+    PUT(&b, ",\"resources\":");
+    if (write_resources(&b, args[1], o, args[3], encode, strings) < 0) {
+        goto fail;
+    }
+    if (args[4] != Py_None) {
+        if (reserve(&b, 32) < 0) {
+            goto fail;
+        }
+        PUT(&b, ",\"stackTraces\":");
+        if (write_stacks(&b, args[4], args[5], encode) < 0) {
+            goto fail;
+        }
+    }
+    if (reserve(&b, 32) < 0) {
+        goto fail;
+    }
+    PUT(&b, ",\"annotations\":");
+    if (write_annotations(&b, args[6], encode, strings) < 0) {
+        goto fail;
+    }
+    if (reserve(&b, PyBytes_GET_SIZE(dropped) + 32) < 0) {
+        goto fail;
+    }
+    PUT(&b, ",\"dropped\":");
+    memcpy(b.data + b.len, PyBytes_AS_STRING(dropped), (size_t)PyBytes_GET_SIZE(dropped));
+    b.len += PyBytes_GET_SIZE(dropped);
+    b.data[b.len++] = '}';
+    last_size = b.len < (1 << 24) ? b.len : (1 << 24);
+    return take_bytes(&b);
 fail:
     PyMem_Free(b.data);
     return NULL;
@@ -2994,6 +3124,414 @@ set_timer_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ScopedCall(var, type, awaitable, notes, done): ``await awaitable`` recorded as a resource of
+ * ``type`` caused by the current one, the way instrumentation records a library's async call
+ * (_context.record_call; its Python form there runs without the accelerator). On its first
+ * step the resource is made (its stack from the awaiting frame), annotated with ``notes`` and
+ * made the current resource; the steps pass straight through; when the awaitable returns,
+ * ``done(result)`` may give more annotations, and the resource settles ok, or, when it raises,
+ * cancelled / error. No coroutine frame of ours sits in the await chain. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *var;
+    PyObject *type;
+    PyObject *awaitable; /* until the first step, then NULL */
+    PyObject *inner;     /* the iterator driven: the coroutine, or awaitable.__await__() */
+    PyObject *notes;     /* dict */
+    PyObject *done;      /* callable or None */
+    PyObject *trace;     /* set while recording */
+    PyObject *res;
+    PyObject *token;
+    char started, finished;
+} ScopedCall;
+
+static PyObject *s_await;
+
+/* The first step: the resource, its notes, and it as the current resource. */
+static void
+scoped_start(ScopedCall *s)
+{
+    s->started = 1;
+    PyObject *active = NULL;
+    if (PyContextVar_Get(s->var, NULL, &active) < 0) {
+        report_and_clear("start_resource");
+        return;
+    }
+    if (active == NULL || !PyTuple_CheckExact(active) || PyTuple_GET_SIZE(active) != 2 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(active, 0), &TraceCoreType) ||
+        ((TraceCore *)PyTuple_GET_ITEM(active, 0))->closed) {
+        Py_XDECREF(active);
+        return;
+    }
+    PyObject *trace = PyTuple_GET_ITEM(active, 0);
+    PyObject *skip = PyLong_FromLong(0); /* the stack from the awaiting frame */
+    PyObject *call[4] = {trace, s->type, PyTuple_GET_ITEM(active, 1), skip};
+    PyObject *res = skip ? PyObject_VectorcallMethod(s_new_resource, call, 4, NULL) : NULL;
+    Py_XDECREF(skip);
+    if (res == NULL || res == Py_None || !Py_IS_TYPE(res, &ResourceType)) {
+        Py_XDECREF(res);
+        Py_DECREF(active);
+        if (PyErr_Occurred()) {
+            report_and_clear("start_resource");
+        }
+        return;
+    }
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(s->notes, &pos, &key, &value)) {
+        PyObject *args[3] = {res, key, value};
+        PyObject *out = core_annotate((TraceCore *)trace, args, 3);
+        if (out == NULL) {
+            report_and_clear("start_resource");
+            break;
+        }
+        Py_DECREF(out);
+    }
+    PyObject *state = PyTuple_Pack(2, trace, res);
+    PyObject *token = state ? PyContextVar_Set(s->var, state) : NULL;
+    Py_XDECREF(state);
+    if (token == NULL) {
+        report_and_clear("start_resource");
+    }
+    s->trace = Py_NewRef(trace);
+    s->res = res;
+    s->token = token;
+    Py_DECREF(active);
+}
+
+/* The awaitable returned (result) or raised (the exception set, and set again after). */
+static void
+scoped_finish(ScopedCall *s, PyObject *result)
+{
+    s->finished = 1;
+    if (s->res == NULL) {
+        return;
+    }
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (result == NULL) {
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL) {
+            PyException_SetTraceback(value, tb);
+        }
+    }
+    if (s->token != NULL) {
+        if (PyContextVar_Reset(s->var, s->token) < 0) {
+            report_and_clear("start_resource");
+        }
+        Py_CLEAR(s->token);
+    }
+    TraceCore *t = (TraceCore *)s->trace;
+    ResourceObject *r = (ResourceObject *)s->res;
+    if (result != NULL && s->done != Py_None) { /* more annotations from the result */
+        PyObject *extra = PyObject_CallOneArg(s->done, result);
+        if (extra != NULL && PyDict_Check(extra)) {
+            PyObject *key, *val;
+            Py_ssize_t pos = 0;
+            while (PyDict_Next(extra, &pos, &key, &val)) {
+                PyObject *args[3] = {s->res, key, val};
+                PyObject *out = core_annotate(t, args, 3);
+                if (out == NULL) {
+                    break;
+                }
+                Py_DECREF(out);
+            }
+        }
+        Py_XDECREF(extra);
+        if (PyErr_Occurred()) {
+            report_and_clear("start_resource");
+        }
+    }
+    PyObject *now = now_ns();
+    if (now == NULL) {
+        report_and_clear("start_resource");
+    }
+    else if (result != NULL) {
+        if (r->settled_at == Py_None || r->settled_at == NULL) {
+            Py_XSETREF(r->settled_at, Py_NewRef(now));
+            Py_XSETREF(r->state, Py_NewRef(s_ok));
+        }
+    }
+    else if (settle_from_exception != NULL && value != NULL) {
+        PyObject *out = PyObject_CallFunctionObjArgs(settle_from_exception, s->trace, s->res,
+                                                     now, value, NULL);
+        Py_XDECREF(out);
+        if (out == NULL) {
+            report_and_clear("start_resource");
+        }
+    }
+    Py_XDECREF(now);
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+    }
+}
+
+/* The iterator to drive, made on the first step: ``await`` does the same. */
+static int
+scoped_inner(ScopedCall *s)
+{
+    if (s->inner != NULL) {
+        return 0;
+    }
+    PyObject *awaitable = s->awaitable;
+    if (awaitable == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return -1;
+    }
+    if (PyCoro_CheckExact(awaitable)) {
+        s->inner = Py_NewRef(awaitable);
+    }
+    else {
+        unaryfunc getter = Py_TYPE(awaitable)->tp_as_async != NULL
+                               ? Py_TYPE(awaitable)->tp_as_async->am_await
+                               : NULL;
+        s->inner = getter != NULL ? getter(awaitable)
+                                  : PyObject_CallMethodNoArgs(awaitable, s_await);
+        if (s->inner == NULL) {
+            return -1;
+        }
+    }
+    Py_CLEAR(s->awaitable);
+    return 0;
+}
+
+static PySendResult
+scoped_am_send(ScopedCall *s, PyObject *arg, PyObject **result)
+{
+    if (s->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    if (!s->started) {
+        if (scoped_inner(s) < 0) {
+            s->finished = 1;
+            *result = NULL;
+            return PYGEN_ERROR;
+        }
+        scoped_start(s);
+    }
+    PySendResult status = PyIter_Send(s->inner, arg, result);
+    if (status == PYGEN_NEXT) {
+        return status;
+    }
+    scoped_finish(s, status == PYGEN_RETURN ? *result : NULL);
+    return status;
+}
+
+static PyObject *
+scoped_send(ScopedCall *s, PyObject *arg)
+{
+    PyObject *result = NULL;
+    PySendResult status = scoped_am_send(s, arg, &result);
+    if (status == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return result;
+}
+
+static PyObject *
+scoped_iternext(ScopedCall *s)
+{
+    return scoped_send(s, Py_None);
+}
+
+static PyObject *
+scoped_throw(ScopedCall *s, PyObject *args)
+{
+    if (s->finished || !s->started) { /* as a coroutine not running: raised here */
+        if (!s->started && scoped_inner(s) == 0) {
+            s->started = 1;
+        }
+        s->finished = 1;
+        PyObject *throw = s->inner != NULL ? PyObject_GetAttr(s->inner, s_throw) : NULL;
+        if (throw == NULL) { /* raised here, as by a coroutine that never ran */
+            PyObject *exc = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
+            if (exc != NULL && PyExceptionInstance_Check(exc)) {
+                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            }
+            else if (exc != NULL && PyExceptionClass_Check(exc)) {
+                PyErr_SetNone(exc);
+            }
+            else if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "throw() needs an exception");
+            }
+            return NULL;
+        }
+        PyObject *out = PyObject_Call(throw, args, NULL);
+        Py_DECREF(throw);
+        return out;
+    }
+    PyObject *throw = PyObject_GetAttr(s->inner, s_throw);
+    PyObject *out = throw != NULL ? PyObject_Call(throw, args, NULL) : NULL;
+    Py_XDECREF(throw);
+    if (out != NULL) {
+        return out; /* the awaitable handled it and goes on */
+    }
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) { /* it returned */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *result = value != NULL ? PyObject_GetAttrString(value, "value") : NULL;
+        if (result != NULL) {
+            scoped_finish(s, result);
+            Py_DECREF(result);
+        }
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    scoped_finish(s, NULL);
+    return NULL;
+}
+
+static PyObject *
+scoped_close(ScopedCall *s, PyObject *unused)
+{
+    if (!s->started || s->finished) {
+        s->finished = 1;
+        if (s->awaitable != NULL && PyCoro_CheckExact(s->awaitable)) {
+            return PyObject_CallMethodNoArgs(s->awaitable, s_close);
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *args = PyTuple_Pack(1, PyExc_GeneratorExit);
+    PyObject *out = args != NULL ? scoped_throw(s, args) : NULL;
+    Py_XDECREF(args);
+    if (out != NULL) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "coroutine ignored GeneratorExit");
+        return NULL;
+    }
+    if (PyErr_ExceptionMatches(PyExc_GeneratorExit) ||
+        PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return NULL;
+}
+
+static PyObject *
+scoped_getattro(ScopedCall *s, PyObject *name)
+{
+    PyObject *out = PyObject_GenericGetAttr((PyObject *)s, name);
+    if (out == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyObject *target = s->inner != NULL ? s->inner : s->awaitable;
+        if (target != NULL) {
+            PyErr_Clear();
+            out = PyObject_GetAttr(target, name);
+        }
+    }
+    return out;
+}
+
+static PyObject *
+scoped_repr(ScopedCall *s)
+{
+    PyObject *target = s->inner != NULL ? s->inner : s->awaitable;
+    if (target == NULL) {
+        return PyUnicode_FromFormat("<ScopedCall %U>", s->type);
+    }
+    return PyObject_Repr(target);
+}
+
+static PyObject *
+scoped_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *var, *rtype, *awaitable, *notes, *done;
+    if (!PyArg_ParseTuple(args, "OUOO!O:ScopedCall", &var, &rtype, &awaitable, &PyDict_Type,
+                          &notes, &done)) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(var) || (done != Py_None && !PyCallable_Check(done))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ScopedCall(var: ContextVar, type, awaitable, notes: dict, done)");
+        return NULL;
+    }
+    ScopedCall *s = PyObject_GC_New(ScopedCall, type);
+    if (s == NULL) {
+        return NULL;
+    }
+    s->var = Py_NewRef(var);
+    s->type = Py_NewRef(rtype);
+    s->awaitable = Py_NewRef(awaitable);
+    s->inner = NULL;
+    s->notes = Py_NewRef(notes);
+    s->done = Py_NewRef(done);
+    s->trace = s->res = s->token = NULL;
+    s->started = s->finished = 0;
+    PyObject_GC_Track(s);
+    return (PyObject *)s;
+}
+
+static int
+scoped_traverse(ScopedCall *s, visitproc visit, void *arg)
+{
+    Py_VISIT(s->var);
+    Py_VISIT(s->type);
+    Py_VISIT(s->awaitable);
+    Py_VISIT(s->inner);
+    Py_VISIT(s->notes);
+    Py_VISIT(s->done);
+    Py_VISIT(s->trace);
+    Py_VISIT(s->res);
+    Py_VISIT(s->token);
+    return 0;
+}
+
+static int
+scoped_clear(ScopedCall *s)
+{
+    Py_CLEAR(s->var);
+    Py_CLEAR(s->type);
+    Py_CLEAR(s->awaitable);
+    Py_CLEAR(s->inner);
+    Py_CLEAR(s->notes);
+    Py_CLEAR(s->done);
+    Py_CLEAR(s->trace);
+    Py_CLEAR(s->res);
+    Py_CLEAR(s->token);
+    return 0;
+}
+
+static void
+scoped_dealloc(ScopedCall *s)
+{
+    PyObject_GC_UnTrack(s);
+    scoped_clear(s);
+    PyObject_GC_Del(s);
+}
+
+static PyMethodDef scoped_methods[] = {
+    {"send", (PyCFunction)scoped_send, METH_O, "send(value): one step of the awaitable."},
+    {"throw", (PyCFunction)scoped_throw, METH_VARARGS, "throw(...): into the awaitable."},
+    {"close", (PyCFunction)scoped_close, METH_NOARGS, "close(): as a coroutine's."},
+    {"__await__", (PyCFunction)timed_await_method, METH_NOARGS, "Its own iterator."},
+    {NULL},
+};
+
+static PyAsyncMethods scoped_as_async = {
+    .am_await = (unaryfunc)timed_self,
+    .am_send = (sendfunc)scoped_am_send,
+};
+
+static PyTypeObject ScopedCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.ScopedCall",
+    .tp_basicsize = sizeof(ScopedCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ScopedCall(var, type, awaitable, notes, done): an awaited call, recorded.",
+    .tp_new = scoped_new,
+    .tp_traverse = (traverseproc)scoped_traverse,
+    .tp_clear = (inquiry)scoped_clear,
+    .tp_dealloc = (destructor)scoped_dealloc,
+    .tp_repr = (reprfunc)scoped_repr,
+    .tp_getattro = (getattrofunc)scoped_getattro,
+    .tp_as_async = &scoped_as_async,
+    .tp_iter = (getiterfunc)timed_self,
+    .tp_iternext = (iternextfunc)scoped_iternext,
+    .tp_methods = scoped_methods,
+};
+
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
@@ -3005,6 +3543,9 @@ static PyMethodDef methods[] = {
      "resources_json(resources, origin, slots, encode[, cache]) -> bytes: v1's resources."},
     {"stacks_json", (PyCFunction)(void (*)(void))stacks_json, METH_FASTCALL,
      "stacks_json(stacks, cache, encode) -> bytes: v1's stackTraces."},
+    {"trace_json", (PyCFunction)(void (*)(void))trace_json, METH_FASTCALL,
+     "trace_json(head, resources, origin, slots, stacks, frames, annotations, dropped, encode, "
+     "strings) -> bytes: a whole trace in format v1."},
     {"in_order", (PyCFunction)in_order, METH_O,
      "in_order(resources) -> True, False, or None when it cannot tell."},
     {"annotations_json", (PyCFunction)(void (*)(void))annotations_json, METH_FASTCALL,
@@ -3043,6 +3584,10 @@ PyInit__speedups(void)
     s_context = PyUnicode_InternFromString("context");
     s_new_resource = PyUnicode_InternFromString("new_resource");
     s_annotate = PyUnicode_InternFromString("annotate");
+    s_await = PyUnicode_InternFromString("__await__");
+    if (s_await == NULL) {
+        return NULL;
+    }
     s_time = PyUnicode_InternFromString("time");
     s_timer = PyUnicode_InternFromString("timer");
     s_kind = PyUnicode_InternFromString("kind");
@@ -3092,7 +3637,8 @@ PyInit__speedups(void)
     if (PyType_Ready(&DispatchType) < 0 || PyType_Ready(&TaskCallType) < 0 ||
         PyType_Ready(&ResourceType) < 0 || PyType_Ready(&TraceCoreType) < 0 ||
         PyType_Ready(&TimedType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
-        PyType_Ready(&TimerCallbackType) < 0 || PyType_Ready(&TimerPatchType) < 0) {
+        PyType_Ready(&TimerCallbackType) < 0 || PyType_Ready(&TimerPatchType) < 0 ||
+        PyType_Ready(&ScopedCallType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -3106,7 +3652,8 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(m, "TimedCoroutine", (PyObject *)&TimedType) < 0 ||
         PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0 ||
         PyModule_AddObjectRef(m, "TimerCallback", (PyObject *)&TimerCallbackType) < 0 ||
-        PyModule_AddObjectRef(m, "TimerPatch", (PyObject *)&TimerPatchType) < 0) {
+        PyModule_AddObjectRef(m, "TimerPatch", (PyObject *)&TimerPatchType) < 0 ||
+        PyModule_AddObjectRef(m, "ScopedCall", (PyObject *)&ScopedCallType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -114,3 +114,26 @@ class TimerPatch:
 def set_timer_hooks(
     var: Any, timer_handle_type: type, traced_handle_type: type, unsettled_append: Any, /
 ) -> None: ...
+def trace_json(
+    head: bytes,
+    resources: list[Any],
+    origin: int,
+    slots: tuple[Any, ...],
+    stacks: list[Any] | None,
+    frames: dict[int, Any],
+    annotations: list[Any],
+    dropped: bytes,
+    encode: Any,
+    strings: dict[Any, bytes],
+    /,
+) -> bytes: ...
+
+class ScopedCall:
+    def __init__(
+        self, var: Any, type: str, awaitable: Any, notes: dict[str, Any], done: Any, /
+    ) -> None: ...
+    def send(self, value: Any, /) -> Any: ...
+    def throw(self, *args: Any) -> Any: ...
+    def close(self) -> None: ...
+    def __await__(self) -> ScopedCall: ...
+    def __getattr__(self, name: str) -> Any: ...

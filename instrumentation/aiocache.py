@@ -24,7 +24,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from asgi_asynctrace import start_resource
+from asgi_asynctrace._context import Done, record_call
+from asgi_asynctrace._failures import report
 
 from ._base import Instrumentation
 from ._patch import untraced_fast_path
@@ -45,27 +46,41 @@ _OPS = {
 }
 
 
+# What a call's result adds: whether a read found its key(s).
+_DONE: dict[str, Done] = {
+    "get": lambda result: {"hit": result is not None},
+    "exists": lambda result: {"hit": bool(result)},
+    "multi_get": lambda result: {"hits": sum(v is not None for v in result or ())},
+}
+
+
+def _notes(op: str, rtype: str, cache: Any, args: Any, kwargs: Any) -> dict[str, Any]:
+    backend = getattr(cache, "NAME", type(cache).__name__)
+    notes: dict[str, Any] = {"backend": f"aiocache:{backend}", "op": op}
+    first = args[0] if args else kwargs.get("keys", kwargs.get("pairs", kwargs.get("key")))
+    if op in ("multi_get", "multi_set"):
+        notes["keys"] = len(first) if first is not None else 0
+    elif op != "clear" and first is not None:
+        notes["key"] = str(first)
+    ttl = kwargs.get("ttl", args[2] if op in ("set", "add") and len(args) > 2 else None)
+    if op == "expire":
+        ttl = kwargs.get("ttl", args[1] if len(args) > 1 else None)
+    if rtype == "cache-put" and isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        notes["ttl"] = ttl
+    return notes
+
+
 def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
-        backend = getattr(self, "NAME", type(self).__name__)
-        notes: dict[str, Any] = {"backend": f"aiocache:{backend}", "op": op}
-        first = args[0] if args else kwargs.get("keys", kwargs.get("pairs", kwargs.get("key")))
-        if op in ("multi_get", "multi_set"):
-            notes["keys"] = len(first) if first is not None else 0
-        elif op != "clear" and first is not None:
-            notes["key"] = str(first)
-        ttl = kwargs.get("ttl", args[2] if op in ("set", "add") and len(args) > 2 else None)
-        if op == "expire":
-            ttl = kwargs.get("ttl", args[1] if len(args) > 1 else None)
-        if rtype == "cache-put" and isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-            notes["ttl"] = ttl
-        with start_resource(rtype, **notes) as scope:
-            result = await original(self, *args, **kwargs)
-            if op in ("get", "exists"):
-                scope.annotate("hit", bool(result) if op == "exists" else result is not None)
-            elif op == "multi_get":
-                scope.annotate("hits", sum(v is not None for v in result or ()))
-            return result
+    done = _DONE.get(op)
+
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = original(self, *args, **kwargs)  # the library's own coroutine, as untraced
+        try:
+            notes = _notes(op, rtype, self, args, kwargs)
+        except Exception as exc:
+            report("aiocache", exc)
+            return call
+        return record_call(rtype, call, notes, done)
 
     return untraced_fast_path(original, traced)  # type: ignore[no-any-return]
 

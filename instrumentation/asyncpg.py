@@ -17,7 +17,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from asgi_asynctrace import start_resource
+from asgi_asynctrace._context import record_call
+from asgi_asynctrace._failures import report
 
 from ._base import Instrumentation
 from ._patch import untraced_fast_path
@@ -37,16 +38,20 @@ def _rows(method: str, result: Any) -> int | None:
 
 
 def _wrap(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    async def query(self: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
+    def done(result: Any) -> dict[str, Any] | None:
+        rows = _rows(method, result)
+        return {"rows": rows} if rows is not None else None
+
+    def query(self: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        call = original(self, statement, *args, **kwargs)  # asyncpg's own coroutine
         if inside_query():
-            return await original(self, statement, *args, **kwargs)
-        with start_resource("db-query", statement=normalize(statement), driver="asyncpg",
-                            method=method) as scope:  # fmt: skip
-            result = await original(self, statement, *args, **kwargs)
-            rows = _rows(method, result)
-            if rows is not None:
-                scope.annotate("rows", rows)
-            return result
+            return call
+        try:
+            notes = {"statement": normalize(statement), "driver": "asyncpg", "method": method}
+        except Exception as exc:
+            report("asyncpg", exc)
+            return call
+        return record_call("db-query", call, notes, done)
 
     return untraced_fast_path(original, query)  # type: ignore[no-any-return]
 

@@ -25,6 +25,8 @@ from types import ModuleType
 from typing import Any
 
 from asgi_asynctrace import start_resource
+from asgi_asynctrace._context import Done, record_call
+from asgi_asynctrace._failures import report
 
 from ._base import Instrumentation
 from ._patch import untraced_fast_path
@@ -71,29 +73,51 @@ def _ttl(name: str, args: Sequence[Any]) -> float | None:
     return None
 
 
+def _single_hit(result: Any) -> dict[str, Any]:
+    return {"hit": result is not None}
+
+
+def _any_hit(result: Any) -> dict[str, Any]:
+    return {"hit": bool(result)}
+
+
+def _hits(result: Any) -> dict[str, Any] | None:
+    return {"hits": sum(v is not None for v in result)} if isinstance(result, list) else None
+
+
+def _done(name: str) -> Done | None:
+    if name in _SINGLE_HIT:
+        return _single_hit
+    if name in ("EXISTS", "HEXISTS", "SISMEMBER"):
+        return _any_hit
+    return _hits if name in _MULTI_HIT else None
+
+
+def _command_notes(name: str, rtype: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    notes: dict[str, Any] = {"command": name}
+    if name in _MULTI_KEY:
+        notes["keys"] = (len(args) - 1) // 2 if name.startswith("MSET") else len(args) - 1
+    elif len(args) > 1 and rtype != "kv-command" and name not in ("SCAN", "KEYS"):
+        notes["key"] = _text(args[1])
+    ttl = _ttl(name, args) if rtype == "kv-put" else None
+    if ttl is not None:
+        notes["ttl"] = ttl
+    return notes
+
+
 def _wrap_command(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
+    def execute_command(self: Any, *args: Any, **options: Any) -> Any:
+        call = original(self, *args, **options)  # redis-py's own coroutine, as untraced
         if not args:
-            return await original(self, *args, **options)
-        name = _text(args[0]).upper()
-        rtype = _TYPES.get(name, "kv-command")
-        notes: dict[str, Any] = {"command": name}
-        if name in _MULTI_KEY:
-            notes["keys"] = (len(args) - 1) // 2 if name.startswith("MSET") else len(args) - 1
-        elif len(args) > 1 and rtype != "kv-command" and name not in ("SCAN", "KEYS"):
-            notes["key"] = _text(args[1])
-        ttl = _ttl(name, args) if rtype == "kv-put" else None
-        if ttl is not None:
-            notes["ttl"] = ttl
-        with start_resource(rtype, **notes) as scope:
-            result = await original(self, *args, **options)
-            if name in _SINGLE_HIT:
-                scope.annotate("hit", result is not None)
-            elif name in ("EXISTS", "HEXISTS", "SISMEMBER"):
-                scope.annotate("hit", bool(result))
-            elif name in _MULTI_HIT and isinstance(result, list):
-                scope.annotate("hits", sum(v is not None for v in result))
-            return result
+            return call
+        try:
+            name = _text(args[0]).upper()
+            rtype = _TYPES.get(name, "kv-command")
+            notes = _command_notes(name, rtype, args)
+        except Exception as exc:
+            report("redis", exc)
+            return call
+        return record_call(rtype, call, notes, _done(name))
 
     return untraced_fast_path(original, execute_command)  # type: ignore[no-any-return]
 

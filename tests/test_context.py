@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from asgi_asynctrace import (
     start_resource,
 )
 from asgi_asynctrace._context import ACTIVE
-from tests.helpers import run
+from tests.helpers import run, traced
 
 
 async def _in_trace(body: object) -> Trace:
@@ -109,3 +110,101 @@ def test_a_resource_type_must_be_kebab_case() -> None:
     with pytest.raises(ValueError, match="kebab-case"):
         start_resource("cache_get")
     start_resource("my-custom-op")
+
+
+# -- record_call: how instrumentation records a library's async call (C and Python forms) -----
+
+
+def _record_call_forms() -> list[str]:
+    from asgi_asynctrace import _context
+
+    return ["python", "c"] if _context.SCOPED_CALL_IN_C else ["python"]
+
+
+@pytest.mark.parametrize("form", _record_call_forms())
+def test_record_call_records_the_awaited_call_as_its_own_resource(
+    form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    from asgi_asynctrace import _context, failure_counts
+    from asgi_asynctrace._context import ACTIVE, record_call
+
+    monkeypatch.setattr(_context, "_scoped_call_in_c", form == "c")
+
+    async def lookup(key: str, fail: bool = False) -> str | None:
+        inside = ACTIVE.get()
+        assert inside is not None and inside[1].type == "cache-get"  # the call is current
+        await asyncio.sleep(0)
+        await asyncio.create_task(asyncio.sleep(0))  # a task the call caused
+        if fail:
+            raise KeyError(key)
+        return None if key == "missing" else key.upper()
+
+    def hit(result: object) -> dict[str, Any]:
+        return {"hit": result is not None}
+
+    def broken(result: object) -> dict[str, Any]:
+        raise RuntimeError("the tracer's own bug")
+
+    async def body() -> None:
+        before = ACTIVE.get()
+        assert await record_call("cache-get", lookup("a"), {"key": "a"}, hit) == "A"
+        assert ACTIVE.get() == before  # the caller's resource again
+        assert await record_call("cache-get", lookup("missing"), {"key": "missing"}, hit) is None
+        with pytest.raises(KeyError):
+            await record_call("cache-get", lookup("b", fail=True), {"key": "b"}, hit)
+        task = asyncio.create_task(record_call("cache-get", lookup("c"), {"key": "c"}, None))
+        assert await task == "C"  # a task accepts it as a coroutine
+        slow = asyncio.create_task(record_call("cache-get", lookup_slowly(), {"key": "slow"}, None))
+        await asyncio.sleep(0.001)
+        slow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await slow
+        assert await record_call("cache-get", lookup("d"), {"key": "d"}, broken) == "D"
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result("from a future")
+        assert await record_call("cache-get", fut, {"key": "future"}, None) == "from a future"
+        inner = asyncio.sleep(0)
+        unawaited = record_call("cache-get", inner, {"key": "never"}, None)
+        unawaited.close()  # never awaited: nothing recorded
+        inner.close()
+
+    async def lookup_slowly() -> None:
+        await asyncio.sleep(5)
+
+    trace = traced(body)
+    calls = [r for r in trace.resources if r.type == "cache-get"]
+    notes = [trace.annotations_of(r.async_id) for r in calls]
+    assert [n["key"] for n in notes] == ["a", "missing", "b", "c", "slow", "d", "future"]
+    assert [r.state for r in calls] == ["ok", "ok", "error", "ok", "cancelled", "ok", "ok"]
+    assert [n.get("hit") for n in notes] == [True, False, None, None, None, None, None]
+    assert notes[2]["error"] == "KeyError"
+    for call in (calls[0], calls[3]):  # what ran inside the call was caused by it
+        assert any(r.type == "task" and r.trigger_id == call.async_id for r in trace.resources)
+    assert failure_counts() == {"start_resource": 1}  # the broken done(), counted
+
+
+@pytest.mark.skipif("c" not in _record_call_forms(), reason="the C accelerator is not built")
+def test_record_calls_c_form_acts_as_a_coroutine() -> None:
+    from asgi_asynctrace._context import ACTIVE, record_call
+
+    async def value() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    async def body() -> None:
+        call = record_call("cache-get", value(), {}, None)
+        assert asyncio.iscoroutine(call)
+        assert "coroutine object" in repr(call) and call.cr_frame is not None  # type: ignore[attr-defined]
+        assert await call == 7
+        with pytest.raises(RuntimeError, match="cannot reuse"):
+            await call
+        started = record_call("cache-get", value(), {}, None)
+        started.send(None)
+        started.close()
+        assert ACTIVE.get() is not None
+
+    trace = traced(body)
+    states = [r.state for r in trace.resources if r.type == "cache-get"]
+    assert states[0] == "ok" and len(states) == 2
