@@ -51,6 +51,10 @@ _cache: dict[object, Stack] = {}
 # the packed walk in full on every hit, so the hash only finds the entry.
 _c_cache: dict[int, tuple[bytes, Stack]] = {}
 _path_cache: dict[str, str | None] = {}
+# (id(code), last instruction) -> (code, its frame as text, or None for the tracer's own):
+# stacks missed for the first time share most of their frames with stacks already made.
+_frame_cache: dict[tuple[int, int], tuple[CodeType, str | None]] = {}
+_MAX_FRAME_CACHE: Final = 65536
 _cwd = os.getcwd() + os.sep
 
 
@@ -120,10 +124,18 @@ def _format(skip: int, n: int) -> Stack:
     for _ in range(n):
         if f is None:
             break
-        codes.append(f.f_code)
-        path = _display_path(f.f_code.co_filename)
-        if path is not None:
-            frames.append(format_frame(f.f_code, f.f_lasti, f.f_lineno, path))
+        code = f.f_code
+        codes.append(code)
+        key = (id(code), f.f_lasti)
+        known = _frame_cache.get(key)
+        if known is None or known[0] is not code:
+            path = _display_path(code.co_filename)
+            text = format_frame(code, f.f_lasti, f.f_lineno, path) if path is not None else None
+            if len(_frame_cache) >= _MAX_FRAME_CACHE:
+                _frame_cache.clear()
+            known = _frame_cache[key] = (code, text)
+        if known[1] is not None:
+            frames.append(known[1])
         f = f.f_back  # type: ignore[assignment]
     return Stack(tuple(frames), tuple(codes))
 

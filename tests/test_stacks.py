@@ -165,3 +165,29 @@ def test_the_c_lookup_compares_the_whole_walk_not_only_its_hash() -> None:
         stack_lookup(0, 8, None, [])  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         stack_lookup(-1, 8, None, {})
+
+
+def test_a_new_stack_takes_frames_it_shares_with_known_ones_from_the_frame_cache() -> None:
+    def inner() -> _stacks.Stack:
+        return capture(16)
+
+    def outer_a() -> _stacks.Stack:
+        return inner()
+
+    def outer_b() -> _stacks.Stack:
+        return inner()
+
+    _stacks._c_cache.clear()
+    _stacks._cache.clear()
+    _stacks._frame_cache.clear()
+    a = outer_a()
+    code = inner.__code__
+    (key,) = [k for k, v in _stacks._frame_cache.items() if v[0] is code]
+    # an entry left under the same key by another code object (its id reused) is not taken
+    forged: dict[tuple[int, int], tuple[object, str | None]] = {key: (outer_a.__code__, "forged")}
+    _stacks._frame_cache.update(forged)  # type: ignore[arg-type]
+    b = outer_b()
+    assert a.frames[0] == b.frames[0] and "inner @ tests/test_stacks.py:" in a.frames[0]
+    assert "outer_a @" in a.frames[1] and "outer_b @" in b.frames[1]
+    assert "forged" not in b.frames
+    assert _stacks._frame_cache[key] == (code, a.frames[0])
