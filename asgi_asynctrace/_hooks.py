@@ -44,14 +44,19 @@ _CTaskCall: Callable[..., Any] | None
 _CTaskFactory: Callable[..., Any] | None
 _CTimedCoroutine: Callable[..., Any] | None
 _set_timed_hooks: Callable[..., None] | None
+_CFutureMaker: Any
+_CSettleAfter: Any
 try:  # the optional C accelerator (see _speedups.c); each has its Python form here
     from ._speedups import Dispatch as _CDispatch
+    from ._speedups import FutureMaker as _CFutureMaker
+    from ._speedups import SettleAfter as _CSettleAfter
     from ._speedups import TaskCall as _CTaskCall
     from ._speedups import TaskFactory as _CTaskFactory
     from ._speedups import TimedCoroutine as _CTimedCoroutine
     from ._speedups import set_timed_hooks as _set_timed_hooks
 except ImportError:  # pragma: no cover - built everywhere the tests run
     _CDispatch = _CTaskCall = _CTaskFactory = _CTimedCoroutine = _set_timed_hooks = None
+    _CFutureMaker = _CSettleAfter = None
 
 __all__ = [
     "LINGER_S",
@@ -248,6 +253,14 @@ class TracedFuture(asyncio.Future):  # type: ignore[type-arg]
 
 if _set_timed_hooks is not None:
     _set_timed_hooks(TracedFuture, settle_from_exception, report)
+# The Python forms of TracedFuture's methods (what runs without the accelerator).
+PY_FUTURE_METHODS = {
+    name: TracedFuture.__dict__[name] for name in ("set_result", "set_exception", "cancel")
+}
+if _CSettleAfter is not None:  # the same in C: asyncio's own method, then the settle
+    TracedFuture.set_result = _CSettleAfter(asyncio.Future.set_result, "ok", False)  # type: ignore[method-assign]
+    TracedFuture.set_exception = _CSettleAfter(asyncio.Future.set_exception, "error", False)  # type: ignore[method-assign]
+    TracedFuture.cancel = _CSettleAfter(asyncio.Future.cancel, "cancelled", True)  # type: ignore[method-assign]
 
 
 class _ClassPatch:
@@ -701,7 +714,14 @@ def _make_close(original: Callable[..., Any]) -> Callable[..., Any]:
     return close
 
 
+_python_futures = False  # True: the Python create_future below even with the accelerator (tests)
+
+
 def _make_create_future(original: Callable[..., Any]) -> Callable[..., asyncio.Future[Any]]:
+    if _CFutureMaker is not None and not _python_futures:
+        made: Callable[..., asyncio.Future[Any]] = _CFutureMaker(ACTIVE, original, TracedFuture)
+        return made
+
     def create_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         active = ACTIVE.get()
         if active is None or active[0].closed or not active[0].record_futures:
