@@ -1941,6 +1941,18 @@ static PyObject *report_failure;         /* _failures.report */
 static PyObject *s_ok, *s_callbacks, *s_throw, *s_close, *s_asynctrace_res, *s_task;
 static PyObject *s_coroutine, *s_qualname, *s_context, *s_new_resource, *s_annotate;
 
+/* The exception being raised, taken out with its traceback attached (as PyErr_Fetch, then
+ * normalized): given back with PyErr_Restore once what runs in between is done. */
+static void
+fetch_exception(PyObject **type, PyObject **value, PyObject **tb)
+{
+    PyErr_Fetch(type, value, tb);
+    PyErr_NormalizeException(type, value, tb);
+    if (*tb != NULL && *value != NULL) {
+        PyException_SetTraceback(*value, *tb);
+    }
+}
+
 static PyObject *
 report_and_clear(const char *where)
 {
@@ -2046,11 +2058,7 @@ timed_stop(Timed *self, int returned)
 {
     PyObject *type = NULL, *value = NULL, *tb = NULL;
     if (!returned) {
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != NULL && value != NULL) {
-            PyException_SetTraceback(value, tb);
-        }
+        fetch_exception(&type, &value, &tb);
         returned = type != NULL && PyErr_GivenExceptionMatches(type, PyExc_StopIteration);
     }
     ResourceObject *r = self->res;
@@ -2658,11 +2666,7 @@ timer_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
     PyObject *out = PyObject_Vectorcall(cb->callback, args, nargsf, kwnames);
     if (out == NULL) {
         PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != NULL && value != NULL) {
-            PyException_SetTraceback(value, tb);
-        }
+        fetch_exception(&type, &value, &tb);
         timer_done(cb, token, value);
         PyErr_Restore(type, value, tb);
     }
@@ -3009,11 +3013,7 @@ patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
     TimerCallback *cb = (TimerCallback *)wrapper;
     if (handle == NULL) { /* refused by the loop (a bad delay, a closed loop): as ever */
         PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != NULL && value != NULL) {
-            PyException_SetTraceback(value, tb);
-        }
+        fetch_exception(&type, &value, &tb);
         timer_done(cb, NULL, value);
         PyErr_Restore(type, value, tb);
         Py_DECREF(wrapper);
@@ -3209,11 +3209,7 @@ scoped_finish(ScopedCall *s, PyObject *result)
     }
     PyObject *type = NULL, *value = NULL, *tb = NULL;
     if (result == NULL) {
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != NULL && value != NULL) {
-            PyException_SetTraceback(value, tb);
-        }
+        fetch_exception(&type, &value, &tb);
     }
     if (s->token != NULL) {
         if (PyContextVar_Reset(s->var, s->token) < 0) {

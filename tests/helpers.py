@@ -92,3 +92,18 @@ def traced(body: Callable[[], Awaitable[Any]], futures: bool = False) -> Trace:
     trace = run(_request(body, futures=futures))
     assert trace is not None
     return trace
+
+
+Recorded = list[tuple[Any, "tuple[str, ...] | None"]]
+
+
+def assert_recorded_alike(c_form: Recorded, python_form: Recorded) -> None:
+    """What the C and the Python forms of a hook recorded, each resource as (its record, its
+    creation stack), is the same. Stacks are walked to a depth, then the tracer's own frames
+    are left out: a Python form puts a frame of ours in the chain (``TimedCoroutine.send``, a
+    timer's callback), so where a walk reaches its depth (on uvloop, whose loop has no frame to
+    stop at) the C form's stack shows one frame more. Where each stack starts must match."""
+    assert [record for record, _ in c_form] == [record for record, _ in python_form]
+    for (_, ours), (_, theirs) in zip(c_form, python_form, strict=True):
+        if ours is not None and theirs is not None:
+            assert ours[: len(theirs)] == theirs and len(ours) <= len(theirs) + 1

@@ -22,7 +22,7 @@ from asgi_asynctrace import (
     current_resource,
     start_resource,
 )
-from tests.helpers import LOOP, _request, run, traced
+from tests.helpers import LOOP, Recorded, _request, assert_recorded_alike, run, traced
 
 Tree = list[tuple[str, list[Any]]]
 OWN_SUITES = frozenset({"timer", "stream-read", "stream-write"})
@@ -941,23 +941,25 @@ async def _with_a_context() -> None:
         await asyncio.create_task(child())
 
 
-def _shape(trace: Trace) -> list[Any]:
-    """What both forms must record alike: every resource's place, state, steps, waiters,
-    creation stack and annotations (less the timing ones)."""
+def _shape(trace: Trace) -> Recorded:
+    """What both forms must record alike: every resource's place, state, steps, waiters and
+    annotations (less the timing ones), and its creation stack."""
     stacks = trace.stacks
     return [
         (
-            r.type,
-            r.trigger_id,
-            r.state,
-            len(r.callbacks),
-            r.awaited_by,
-            stacks[r.stack_id] if r.stack_id is not None else None,
-            sorted(
-                (k, v)
-                for k, v in trace.annotations_of(r.async_id).items()
-                if k not in ("lateMs", "responseStartedAt")
+            (
+                r.type,
+                r.trigger_id,
+                r.state,
+                len(r.callbacks),
+                r.awaited_by,
+                sorted(
+                    (k, v)
+                    for k, v in trace.annotations_of(r.async_id).items()
+                    if k not in ("lateMs", "responseStartedAt")
+                ),
             ),
+            stacks[r.stack_id] if r.stack_id is not None else None,
         )
         for r in trace.resources
     ]
@@ -1005,16 +1007,7 @@ def test_the_c_task_factory_and_timed_coroutine_record_what_the_python_ones_do(
     _hooks._last_factory = None
     c_trace, python_trace = made
     assert any(r.type == "task" for r in c_trace.resources)
-    # A stack is walked to a depth, then the tracer's own frames are left out. The Python form
-    # puts a frame of ours (TimedCoroutine.send) between the root and the app, so where a walk
-    # reaches its depth (on uvloop, whose loop has no frame to stop at) the C form's stack
-    # shows one frame more: the Python form's is where it starts.
-    c_shape, python_shape = _shape(c_trace), _shape(python_trace)
-    for ours, theirs in zip(c_shape, python_shape, strict=True):
-        if ours[5] is not None and theirs[5] is not None:
-            assert ours[5][: len(theirs[5])] == theirs[5] and len(ours[5]) <= len(theirs[5]) + 1
-    strip = [(*s[:5], s[6]) for s in c_shape], [(*s[:5], s[6]) for s in python_shape]
-    assert strip[0] == strip[1]
+    assert_recorded_alike(_shape(c_trace), _shape(python_trace))
     assert failure_counts() == {}
     assert_plausible(c_trace)
 

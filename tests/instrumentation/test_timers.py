@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from asgi_asynctrace import Resource, Trace, annotate, instrument, uninstrument
-from tests.helpers import LOOP, _request, run, traced
+from tests.helpers import LOOP, Recorded, _request, assert_recorded_alike, run, traced
 
 
 @pytest.fixture(autouse=True)
@@ -295,21 +295,23 @@ async def _spawning() -> None:
 _TIMED_NOTES = ("lateMs", "responseStartedAt")  # measured, so never the same twice
 
 
-def _timer_shape(trace: Trace) -> list[Any]:
+def _timer_shape(trace: Trace) -> Recorded:
     return [
         (
-            r.type,
-            r.trigger_id,
-            r.state,
-            len(r.callbacks),
-            trace.stacks[r.stack_id] if r.stack_id is not None else None,
-            sorted(
-                # a call_at's delay is its due time less the clock then: to the millisecond
-                (k, round(v) if k == "delayMs" else v)
-                for k, v in notes(trace, r).items()
-                if k not in _TIMED_NOTES
+            (
+                r.type,
+                r.trigger_id,
+                r.state,
+                len(r.callbacks),
+                sorted(
+                    # a call_at's delay is its due time less the clock then: to the millisecond
+                    (k, round(v) if k == "delayMs" else v)
+                    for k, v in notes(trace, r).items()
+                    if k not in _TIMED_NOTES
+                ),
+                "lateMs" in notes(trace, r),
             ),
-            "lateMs" in notes(trace, r),
+            trace.stacks[r.stack_id] if r.stack_id is not None else None,
         )
         for r in trace.resources
     ]
@@ -333,13 +335,5 @@ def test_the_c_timer_forms_record_what_the_python_ones_do(
         made.append(traced(body))  # one line, so the stacks reach the same frames
     c_trace, python_trace = made
     assert any(r.type == "timer" for r in c_trace.resources)
-    c_shape, python_shape = _timer_shape(c_trace), _timer_shape(python_trace)
-    # Stacks are walked to a depth and the tracer's own frames then left out: the Python
-    # callback's frame can cost the Python form's stack its outermost frame (on uvloop, whose
-    # loop has no frame where a walk stops). Where it starts must be the same.
-    for ours, theirs in zip(c_shape, python_shape, strict=True):
-        if ours[4] is not None and theirs[4] is not None:
-            assert ours[4][: len(theirs[4])] == theirs[4] and len(ours[4]) <= len(theirs[4]) + 1
-    strip = [[(*s[:4], *s[5:]) for s in shape] for shape in (c_shape, python_shape)]
-    assert strip[0] == strip[1]
+    assert_recorded_alike(_timer_shape(c_trace), _timer_shape(python_trace))
     assert failure_counts() == {}
