@@ -128,6 +128,8 @@ class TraceStore:
 # lets segments be concatenated: a trace's stack table, compressed once per distinct table and
 # cached, then the rest of its JSON, compressed per request. A route's stack table is most of
 # its trace (17 of 23 KB on the sample app's /cache) and the same request after request.
+_KEY_ORDER: Final = ("version", "traceId", "request", "startedAtUnixNs", "requestDurationNs",
+                     "resources", "stackTraces", "annotations", "dropped")  # fmt: skip
 _ZLIB_HEAD: Final = b"\x78\x01"  # deflate, 32 KiB window, header check bits
 _LAST_BLOCK: Final = b"\x03\x00"  # an empty final block (fixed codes: BFINAL, end of block)
 # Kept between traces: no 256 KiB of compressor state allocated and freed for each header.
@@ -190,7 +192,10 @@ def decode_trace_header(value: str | bytes) -> dict[str, Any]:
         raise ValueError(f"damaged inline trace: {exc}") from None
     if not isinstance(doc, dict):
         raise ValueError("damaged inline trace: not a JSON object")
-    return doc
+    # in the order of Trace.to_dict() (the header writes the stack table first; see trace_header)
+    ordered = {key: doc[key] for key in _KEY_ORDER if key in doc}
+    ordered.update(doc)
+    return ordered
 
 
 _capturing: list[list[Trace]] = []

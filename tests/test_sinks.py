@@ -63,7 +63,9 @@ def test_the_header_holds_the_trace_as_to_json_writes_it_cached_table_or_not(cor
     ]
     for trace in (first, again, other):
         assert len(trace.stacks) >= 2
-        assert decode_trace_header(trace_header(trace)) == orjson.loads(trace.to_json())
+        decoded = decode_trace_header(trace_header(trace))
+        assert decoded == orjson.loads(trace.to_json())
+        assert list(decoded) == list(trace.to_dict())  # shown in the model's order
     assert len(_tables) == 2
     # the stream is one zlib stream: its checksum and end are checked by zlib itself
     assert orjson.loads(_raw(trace_header(again)))["request"]["path"] == "/again"
