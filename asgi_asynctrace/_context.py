@@ -6,8 +6,9 @@
 
 One ContextVar holds (trace, current resource); it follows tasks, callbacks and thread jobs,
 so concurrent requests never share a "current id". Outside a traced request every helper
-here is a single ContextVar read and does nothing.
-Exports: current_trace, current_resource, annotate, start_resource, ResourceScope.
+here is a single ContextVar read and does nothing. Instrumentation records a library's async
+call with ``record_call(type, call, notes, done)`` (in C when the accelerator is built).
+Exports: current_trace, current_resource, annotate, start_resource, ResourceScope, record_call.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from typing import Any, Final, TypeVar, cast
 from ._failures import report
 from ._model import AnnotationValue, Resource, Trace
 
-__all__ = ["ResourceScope", "annotate", "current_resource", "current_trace", "start_resource"]
+__all__ = [
+    "ResourceScope",
+    "annotate",
+    "current_resource",
+    "current_trace",
+    "record_call",
+    "start_resource",
+]
 
 Active = tuple[Trace, Resource]
 

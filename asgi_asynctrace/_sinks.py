@@ -6,8 +6,9 @@
 
 A sink is any callable taking the trace and its JSON bytes (``TraceSink``). Sinks only read
 the model; the middleware calls each one inside a guard, so a failing sink never reaches the
-app. Exports: LOG_PREFIX, LogSink, TraceSink, TraceStore, capture_traces,
-decode_trace_header, encode_trace_header, trace_header.
+app. The response header is written by ``trace_header``, which reuses a route's compressed
+stack table from one request to the next. Exports: LOG_PREFIX, LogSink, TraceSink,
+TraceStore, capture_traces, decode_trace_header, encode_trace_header, trace_header.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 
 The source lives in the project's top-level ``instrumentation/`` folder: timers, httpx,
 aiocache, cashews, redis, asyncpg, aiosqlite, sqlalchemy and aio_pika, all of one shape
-(``_base.Instrumentation``); each records through ``asgi_asynctrace.start_resource`` (or the
-same machinery), so a user can instrument their own client the same way.
+(``_base.Instrumentation``); each records through ``asgi_asynctrace.start_resource`` or, for
+an awaited call, ``_context.record_call`` (the same machinery, with no coroutine frame of its
+own), so a user can instrument their own client the same way.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ was cancelled). Annotations: ``kind`` (sleep, timeout, wait_for, call_later, cal
 ``delayMs`` as requested, ``lateMs`` (how long after its due time it ran: a busy loop shows
 here), and ``callback`` for timers scheduled directly.
 
-The loop methods are replaced on the loop's class only while a traced request is in flight
-(with the asyncio hooks), on asyncio's loops and uvloop alike. On asyncio's loops a cancel is
+The loop methods are replaced on the loop's class from the first traced request on, with the
+asyncio hooks (outside traced requests they pass straight to the loop's own, in C), on
+asyncio's loops and uvloop alike; the traced side is in C too when the accelerator is built
+(``TimerPatch``, ``TimerCallback``), the Python forms here otherwise. On asyncio's loops a cancel is
 recorded when it happens; uvloop gives no hook for it, so there a cancelled timer is settled
 ``cancelled`` when the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
 Exports: TimersInstrumentation, instrumentation.
