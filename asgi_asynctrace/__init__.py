@@ -9,6 +9,12 @@ Everything public is exported here; every other module is private.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if _os.environ.get("ASYNCTRACE_PURE_PYTHON"):  # run without the C accelerator (tests, debugging)
+    _sys.modules.setdefault(__name__ + "._speedups", None)  # type: ignore[arg-type]
+
 from ._analysis import Analysis, AnalysisSettings, Finding, analyze
 from ._context import ResourceScope, annotate, current_resource, current_trace, start_resource
 from ._failures import failure_counts, reset_failures

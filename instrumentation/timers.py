@@ -31,7 +31,7 @@ from typing import Any
 
 from asgi_asynctrace._context import ACTIVE
 from asgi_asynctrace._failures import report
-from asgi_asynctrace._hooks import add_loop_patch, remove_loop_patch
+from asgi_asynctrace._hooks import add_loop_patch, dispatch_python, remove_loop_patch
 from asgi_asynctrace._model import Resource, Trace
 
 from ._base import Instrumentation
@@ -54,6 +54,8 @@ _now = time.perf_counter_ns
 _ASYNCIO_CALL_LATER: Any = asyncio.BaseEventLoop.call_later
 _CALL_LATER_CODE = _ASYNCIO_CALL_LATER.__code__
 _DELAY_INDEX = _CALL_LATER_CODE.co_varnames.index("delay")  # where C reads it in the frame
+# The frame the Python dispatcher (no accelerator) puts between a loop method and its caller.
+_PYTHON_DISPATCH_CODE = dispatch_python(print, print).__code__
 
 
 def _kind(callback: Any, default: str) -> str:
@@ -229,18 +231,21 @@ def _make_call_at(original: Callable[..., Any]) -> Callable[..., Any]:
         active = ACTIVE.get()
         if active is None or active[0].closed or type(callback) in _CALLBACK_TYPES:
             return original(loop, when, callback, *args, context=context)
-        caller = sys._getframe(1)
-        if caller.f_code is _CALL_LATER_CODE:  # asyncio's call_later: recorded as one
-            delay = caller.f_locals.get("delay")
+        caller: Any = sys._getframe(1)
+        skip = 3  # _record, this, then whoever called call_at
+        if caller.f_code is _PYTHON_DISPATCH_CODE:  # no accelerator: the dispatcher's frame
+            caller, skip = caller.f_back, skip + 1
+        if caller is not None and caller.f_code is _CALL_LATER_CODE:  # asyncio's call_later
+            delay = caller.f_locals.get("delay")  # recorded as one, with the delay as asked
             if isinstance(delay, (int, float)):
                 return _record(loop, original, when, delay, callback, args, context,
-                               "call_later", False, skip=4)  # fmt: skip
+                               "call_later", False, skip=skip + 1)  # fmt: skip
         try:
             delay = when - loop.time()
         except TypeError:  # not a number: the loop's own error, untraced
             return original(loop, when, callback, *args, context=context)
         return _record(loop, original, when, delay, callback, args, context,
-                       "call_at", False)  # fmt: skip
+                       "call_at", False, skip=skip)  # fmt: skip
 
     return call_at
 

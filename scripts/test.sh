@@ -17,6 +17,8 @@ echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy --strict"; .venv/bin/mypy --strict asgi_asynctrace instrumentation sample_app tests benchmarks
 echo "== pytest (asyncio loop)"; .venv/bin/python -m pytest -q
 echo "== pytest (uvloop)"; ASYNCTRACE_TEST_LOOP=uvloop .venv/bin/python -m pytest -q
+echo "== pytest (pure Python: the accelerator turned off, as where no compiler is)"
+ASYNCTRACE_PURE_PYTHON=1 .venv/bin/python -m pytest -q
 
 main_version=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 for version in 3.10 3.11 3.12 3.13; do

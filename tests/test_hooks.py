@@ -455,6 +455,7 @@ def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
     assert concurrent.futures.ThreadPoolExecutor.submit is original_submit
 
 
+@pytest.mark.skipif(_hooks._CDispatch is None, reason="the C accelerator is not built")
 def test_by_default_hooks_stay_on_as_c_pass_throughs_until_uninstalled() -> None:
     """Taking the hooks off and on again makes CPython re-learn the loop's lookups; left on,
     each patched method outside a traced request is the C dispatcher calling the original."""

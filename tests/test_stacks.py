@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 
@@ -77,6 +78,9 @@ HAS_COMPILER = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here: the pure-Python paths run")
+@pytest.mark.skipif(
+    bool(os.environ.get("ASYNCTRACE_PURE_PYTHON")), reason="the accelerator is turned off"
+)
 def test_the_c_accelerator_is_built_where_a_compiler_is() -> None:
     # a silent fallback would hide a broken build behind slower stacks
     assert _stacks.ACCELERATED
