@@ -1535,6 +1535,16 @@ as_resource(PyObject *res)
     return (ResourceObject *)res;
 }
 
+/* res reached its final state at now; only the first settle counts. */
+static void
+settle_resource(ResourceObject *r, PyObject *now, PyObject *state)
+{
+    if (r->settled_at == Py_None || r->settled_at == NULL) {
+        Py_XSETREF(r->settled_at, Py_NewRef(now));
+        Py_XSETREF(r->state, Py_NewRef(state));
+    }
+}
+
 /* add(type, trigger_id, stack_id, now) -> Resource | None */
 static PyObject *
 core_add_impl(TraceCore *t, PyObject *type, PyObject *trigger, PyObject *stack, PyObject *now)
@@ -1646,10 +1656,7 @@ core_settle(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
     if (r == NULL) {
         return NULL;
     }
-    if (r->settled_at == Py_None || r->settled_at == NULL) {
-        Py_XSETREF(r->settled_at, Py_NewRef(args[1]));
-        Py_XSETREF(r->state, Py_NewRef(args[2]));
-    }
+    settle_resource(r, args[1], args[2]);
     Py_RETURN_NONE;
 }
 
@@ -2065,10 +2072,7 @@ timed_stop(Timed *self, int returned)
     PyObject *now = now_ns();
     if (now != NULL && timed_end(self, now) == 0) {
         if (returned) {
-            if (r->settled_at == Py_None || r->settled_at == NULL) {
-                Py_XSETREF(r->settled_at, Py_NewRef(now));
-                Py_XSETREF(r->state, Py_NewRef(s_ok));
-            }
+            settle_resource(r, now, s_ok);
         }
         else if (settle_from_exception != NULL && value != NULL) {
             /* cancelled, or error with the exception's type: the Python rule */
@@ -2591,16 +2595,6 @@ note(TraceCore *t, PyObject *res, PyObject *key, PyObject *value)
     return out == NULL ? -1 : 0;
 }
 
-static void
-settle_now(TimerCallback *cb, PyObject *state, PyObject *now)
-{
-    ResourceObject *r = cb->res;
-    if (r->settled_at == Py_None || r->settled_at == NULL) {
-        Py_XSETREF(r->settled_at, Py_NewRef(now));
-        Py_XSETREF(r->state, Py_NewRef(state));
-    }
-}
-
 /* The callback returned (exc NULL) or raised: the run ends, the timer settles. */
 static void
 timer_done(TimerCallback *cb, PyObject *token, PyObject *exc)
@@ -2618,7 +2612,7 @@ timer_done(TimerCallback *cb, PyObject *token, PyObject *exc)
         PyList_Append(cbs, now) < 0) {
         report_and_clear("timers");
     }
-    settle_now(cb, exc == NULL ? s_ok : s_error_state, now);
+    settle_resource(cb->res, now, exc == NULL ? s_ok : s_error_state);
     Py_DECREF(now);
     if (exc != NULL) {
         PyObject *name = PyObject_GetAttr((PyObject *)Py_TYPE(exc), s_qualname);
@@ -2685,7 +2679,7 @@ timer_cancelled(TimerCallback *cb, PyObject *unused)
         if (now == NULL) {
             return NULL;
         }
-        settle_now(cb, s_cancelled, now);
+        settle_resource(cb->res, now, s_cancelled);
         Py_DECREF(now);
     }
     Py_RETURN_NONE;
@@ -3243,10 +3237,7 @@ scoped_finish(ScopedCall *s, PyObject *result)
         report_and_clear("start_resource");
     }
     else if (result != NULL) {
-        if (r->settled_at == Py_None || r->settled_at == NULL) {
-            Py_XSETREF(r->settled_at, Py_NewRef(now));
-            Py_XSETREF(r->state, Py_NewRef(s_ok));
-        }
+        settle_resource(r, now, s_ok);
     }
     else if (settle_from_exception != NULL && value != NULL) {
         PyObject *out = PyObject_CallFunctionObjArgs(settle_from_exception, s->trace, s->res,
@@ -3575,8 +3566,8 @@ settle_after_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
                 report_and_clear("future");
             }
             else {
-                Py_XSETREF(r->settled_at, now);
-                Py_XSETREF(r->state, Py_NewRef(s->state));
+                settle_resource(r, now, s->state);
+                Py_DECREF(now);
             }
         }
     }
