@@ -453,15 +453,7 @@ class Trace(_TraceCore):
                     _frames_json.clear()
                 # One buffer: the fields before "resources" and the dropped counts from
                 # orjson, everything else written by C straight from the model.
-                head = dumps(
-                    {
-                        "version": FORMAT_VERSION,
-                        "traceId": self.trace_id,
-                        "request": self.request,
-                        "startedAtUnixNs": self.started_at_unix_ns,
-                        "requestDurationNs": self.duration_ns,
-                    }
-                )
+                head = dumps(self._head(self.request))
                 return _c_trace_json(
                     head, ordered, self.origin, _SLOTS, self.stacks if with_stacks else None,
                     _frames_json, self.annotations, dumps(self.dropped.to_dict()), dumps,
@@ -499,11 +491,7 @@ class Trace(_TraceCore):
         if stacks is None:
             stacks = [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)]
         out = {
-            "version": FORMAT_VERSION,
-            "traceId": self.trace_id,
-            "request": dict(self.request),
-            "startedAtUnixNs": self.started_at_unix_ns,
-            "requestDurationNs": self.duration_ns,
+            **self._head(dict(self.request)),
             "resources": resources,
             "stackTraces": stacks,
             "annotations": annotations,
@@ -518,6 +506,16 @@ class Trace(_TraceCore):
             for r in resources:
                 r["type"] = _json_safe(r["type"])
         return out
+
+    def _head(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The fields of format v1 before "resources", in their order."""
+        return {
+            "version": FORMAT_VERSION,
+            "traceId": self.trace_id,
+            "request": request,
+            "startedAtUnixNs": self.started_at_unix_ns,
+            "requestDurationNs": self.duration_ns,
+        }
 
     def _out_of_order(self) -> bool:
         if _c_in_order is not None:
