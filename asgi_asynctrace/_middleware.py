@@ -244,14 +244,26 @@ class AsyncTraceMiddleware:
             self._emit(run.trace)
 
     def _emit(self, trace: Trace) -> None:
-        try:
-            data = trace.to_json()
-        except Exception as exc:
-            report("serialize", exc)
-            return
+        # The JSON only when a sink will read it (see TraceSink.needs_json): the store keeps
+        # a trace nobody asked the bytes of as it is, and serializes it when it is read.
+        data: bytes | None = None
+        wanted = []
         for name, sink in self._sinks:
             try:
-                sink(trace, data)
+                needs = getattr(sink, "needs_json", True)
+            except Exception as exc:
+                report(name, exc)
+                continue
+            if needs and data is None:
+                try:
+                    data = trace.to_json()
+                except Exception as exc:
+                    report("serialize", exc)
+                    return
+            wanted.append((name, sink))
+        for name, sink in wanted:
+            try:
+                sink(trace, data)  # type: ignore[arg-type]  # None: it said needs_json = False
             except Exception as exc:
                 report(name, exc)
         for collected in global_sinks():

@@ -26,6 +26,8 @@ __all__ = ["OtelSink"]
 class OtelSink:
     """A sink (``sinks=[OtelSink()]``) that records every finished trace as spans."""
 
+    needs_json = False  # reads the Trace itself
+
     def __init__(self, tracer_provider: Any = None, *, futures: bool = False) -> None:
         from opentelemetry import trace as otel
 
@@ -33,7 +35,7 @@ class OtelSink:
         self._tracer = otel.get_tracer("asgi_asynctrace", tracer_provider=tracer_provider)
         self._futures = futures
 
-    def __call__(self, trace: Trace, data: bytes, /) -> None:
+    def __call__(self, trace: Trace, data: bytes | None, /) -> None:
         otel = self._otel
         from opentelemetry.propagate import extract
         from opentelemetry.trace import SpanKind, Status, StatusCode

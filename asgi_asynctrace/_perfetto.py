@@ -165,12 +165,14 @@ class PerfettoSink:
     the process stops; nothing but the trace being written is held in memory.
     """
 
+    needs_json = False  # reads the Trace itself
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         _protos()  # fail at startup, not on the first request, when perfetto is missing
         self.path = os.fspath(path)
         self._lock = threading.Lock()
 
-    def __call__(self, trace: Trace, data: bytes) -> None:
+    def __call__(self, trace: Trace, data: bytes | None) -> None:
         from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
         with self._lock, open(self.path, "ab") as file:

@@ -6,9 +6,13 @@
 
 A sink is any callable taking the trace and its JSON bytes (``TraceSink``). Sinks only read
 the model; the middleware calls each one inside a guard, so a failing sink never reaches the
-app. The response header is written by ``trace_header``, which reuses a route's compressed
-stack table from one request to the next. Exports: LOG_PREFIX, LogSink, TraceSink,
-TraceStore, capture_traces, decode_trace_header, encode_trace_header, trace_header.
+app. The JSON is made only when a sink asks for it: one that reads only the ``Trace`` says so
+with ``needs_json = False`` and gets ``None`` unless another sink needed the bytes anyway;
+the log line asks only while its logger logs INFO; the store keeps a trace as it is and writes
+its JSON when it is first read. The response header is written by ``trace_header``, which
+reuses a route's compressed stack table from one request to the next. Exports: LOG_PREFIX,
+LogSink, TraceSink, TraceStore, capture_traces, decode_trace_header, encode_trace_header,
+trace_header.
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ HEADER_PREFIX: Final = "z1:"
 
 
 class TraceSink(Protocol):
-    """Receives every finished trace with its format-v1 JSON."""
+    """Receives every finished trace with its format-v1 JSON.
+
+    A sink may have ``needs_json`` (an attribute or property): when it is false, the sink is
+    called with ``data=None`` unless another sink needed the JSON made; when absent, true.
+    """
 
     def __call__(self, trace: Trace, data: bytes, /) -> None: ...
 
@@ -75,7 +83,16 @@ class LogSink:
             self.logger.setLevel(logging.INFO)
         self._fallback: logging.Handler | None = None
 
-    def __call__(self, trace: Trace, data: bytes, /) -> None:
+    @property
+    def needs_json(self) -> bool:
+        """Only while the line would be logged: a logger set above INFO costs no JSON."""
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def __call__(self, trace: Trace, data: bytes | None, /) -> None:
+        if data is None:  # called though it said it did not need the JSON: make it here
+            if not self.needs_json:
+                return
+            data = trace.to_json()
         logger = self.logger
         if self._fallback is None and not logger.hasHandlers():
             self._fallback = _CurrentStderr()
@@ -85,16 +102,22 @@ class LogSink:
 
 
 class TraceStore:
-    """The most recent traces, newest last; old ones fall out when ``max_traces`` is reached."""
+    """The most recent traces, newest last; old ones fall out when ``max_traces`` is reached.
+
+    Given a trace without its JSON, the store keeps the finished ``Trace`` itself and writes
+    the JSON when the trace is first read: a trace nobody opens costs no serialization.
+    """
+
+    needs_json: Final = False
 
     def __init__(self, max_traces: int = 100) -> None:
         if max_traces < 1:
             raise ValueError(f"max_traces must be at least 1, got {max_traces}")
         self.max_traces = max_traces
-        self._items: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict[str, Any], bytes | Trace]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, trace: Trace, data: bytes, /) -> None:
+    def __call__(self, trace: Trace, data: bytes | None = None, /) -> None:
         summary = {
             "traceId": trace.trace_id,
             "method": trace.request.get("method"),
@@ -106,14 +129,24 @@ class TraceStore:
             "resources": len(trace.resources),
         }
         with self._lock:
-            self._items[trace.trace_id] = (summary, data)
+            self._items[trace.trace_id] = (summary, trace if data is None else data)
             while len(self._items) > self.max_traces:
                 self._items.popitem(last=False)
 
     def get(self, trace_id: str) -> bytes | None:
+        """The trace's JSON, or None when the store does not hold it (any more)."""
         with self._lock:
             item = self._items.get(trace_id)
-        return item[1] if item is not None else None
+        if item is None:
+            return None
+        summary, kept = item
+        if isinstance(kept, bytes):
+            return kept
+        data = kept.to_json()  # the trace is finished: nothing records into it any more
+        with self._lock:  # from now on the bytes, unless the trace fell out meanwhile
+            if self._items.get(trace_id) is item:
+                self._items[trace_id] = (summary, data)
+        return data
 
     def summaries(self) -> list[dict[str, Any]]:
         """One small record per stored trace, newest first."""

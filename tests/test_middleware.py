@@ -423,6 +423,77 @@ def test_a_failing_sink_is_counted_once_logged_and_never_reaches_the_app(
     assert len(got) == 3 and load_trace(got[0]).root.state == "ok"
 
 
+def test_the_json_is_made_only_for_a_sink_that_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[str] = []
+    to_json = Trace.to_json
+
+    def counted(self: Trace) -> bytes:
+        made.append(self.trace_id)
+        return to_json(self)
+
+    monkeypatch.setattr(Trace, "to_json", counted)
+    seen: list[bytes | None] = []
+
+    class TraceOnly:
+        needs_json = False
+
+        def __call__(self, trace: Trace, data: bytes | None) -> None:
+            seen.append(data)
+
+    log = logging.getLogger("asgi_asynctrace.trace")
+
+    async def one(c: httpx.AsyncClient) -> str:
+        r = await c.get("/hello", headers=ON)
+        return str(r.headers["x-async-trace-id"])
+
+    # the log line off (its logger above INFO), the store and a sink that reads the Trace
+    app = AsyncTraceMiddleware(Starlette(routes=routes()), sinks=[TraceOnly()])
+    level = log.level
+    log.setLevel(logging.WARNING)  # setLevel, which empties the logger's cache of levels
+    try:
+        trace_id = call(app, one)
+    finally:
+        log.setLevel(level)
+    assert made == [] and seen == [None]  # finished, stored, and no JSON made for it
+    store = app.store
+    assert store is not None
+    first = store.get(trace_id)  # the JSON is written when the trace is first read ...
+    assert first is not None and made == [trace_id]
+    assert load_trace(first).trace_id == trace_id
+    assert store.get(trace_id) is first and made == [trace_id]  # ... and then kept
+    # the log line on: one JSON, given to the log and the store; the other sink gets it too
+    made.clear()
+    seen.clear()
+    assert log.isEnabledFor(logging.INFO)
+    trace_id = call(app, one)
+    assert made == [trace_id] and seen[0] is not None
+    assert store.get(trace_id) is seen[0] and made == [trace_id]
+    # a sink that says nothing of needs_json gets the bytes, the log line off or not
+    got: list[bytes] = []
+    other = traced_app(log_traces=False, sinks=[lambda trace, data: got.append(data)])
+    made.clear()
+    trace_id = call(other, one)
+    assert made == [trace_id] and load_trace(got[0]).trace_id == trace_id
+
+
+def test_a_sink_whose_needs_json_fails_is_skipped_and_counted() -> None:
+    class Odd:
+        @property
+        def needs_json(self) -> bool:
+            raise RuntimeError("confused")
+
+        def __call__(self, trace: Trace, data: bytes | None) -> None:
+            raise AssertionError("never called")
+
+    got: list[bytes] = []
+    app = traced_app(sinks=[Odd(), lambda trace, data: got.append(data)])
+    r = call(app, lambda c: _get(c, "/hello", ON))
+    assert r.status_code == 200 and r.text == "hello" and len(got) == 1
+    assert list(failure_counts().values()) == [1]
+
+
 def test_lifespan_and_other_scopes_pass_through_untouched() -> None:
     seen: list[Any] = []
 
