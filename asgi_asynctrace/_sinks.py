@@ -178,7 +178,11 @@ def _deflate(data: bytes | memoryview) -> bytes:
     try:
         compressor = _idle_compressors.pop()
     except IndexError:
-        compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+        # memLevel 5: a 4,096-entry hash table, which a full flush clears (the default's
+        # 32,768 entries: 64 KiB cleared per header), and blocks of up to 2,048 symbols, as
+        # small a compressed size on the sample app's traces (measured: 1,427 bytes against
+        # 1,429 for a /cache trace's 5.8 KB) for a sixth fewer instructions
+        compressor = zlib.compressobj(1, zlib.DEFLATED, -15, 5)
     # A full flush forgets everything before it: the next segment refers only to itself.
     out = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
     if len(_idle_compressors) < _MAX_IDLE_COMPRESSORS:
