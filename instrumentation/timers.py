@@ -58,6 +58,16 @@ _DELAY_INDEX = _CALL_LATER_CODE.co_varnames.index("delay")  # where C reads it i
 _PYTHON_DISPATCH_CODE = dispatch_python(print, print).__code__
 
 
+def _ms(seconds: Any) -> Any:
+    """A duration in milliseconds, to the microsecond (as the C form writes it): round() of a
+    float's microseconds, then / 1000, since round(x, 3) costs a decimal conversion."""
+    if type(seconds) is float:
+        micro = max(seconds, 0.0) * 1000 * 1000
+        if abs(micro) < 2**52:
+            return round(micro) / 1000
+    return round(max(seconds, 0.0) * 1000, 3)
+
+
 def _kind(callback: Any, default: str) -> str:
     name = getattr(callback, "__qualname__", "")
     if name == "_set_result_unless_cancelled":
@@ -90,7 +100,7 @@ class _TimerCallback:
         try:
             trace.begin(res, _now())
             late = self.loop.time() - self.when
-            trace.annotate(res, "lateMs", round(max(late, 0.0) * 1000, 3))
+            trace.annotate(res, "lateMs", _ms(late))
             token = ACTIVE.set((trace, res))
         except Exception as exc:
             report("timers", exc)
@@ -167,7 +177,7 @@ def _record(
             wrapper = _TimerCallback(callback, trace, res, loop, when)
             kind = _kind(callback, default_kind)
             trace.annotate(res, "kind", kind)
-            trace.annotate(res, "delayMs", round(max(delay, 0.0) * 1000, 3))
+            trace.annotate(res, "delayMs", _ms(delay))
             if kind == default_kind:
                 name = getattr(callback, "__qualname__", None) or type(callback).__qualname__
                 trace.annotate(res, "callback", name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import math
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -337,3 +339,25 @@ def test_the_c_timer_forms_record_what_the_python_ones_do(
     assert any(r.type == "timer" for r in c_trace.resources)
     assert_recorded_alike(_timer_shape(c_trace), _timer_shape(python_trace))
     assert failure_counts() == {}
+
+
+def test_a_timers_milliseconds_are_the_same_in_both_forms_and_to_the_microsecond() -> None:
+    module: Any = importlib.import_module("asgi_asynctrace.instrumentation.timers")
+    if module._CTimerPatch is None:
+        pytest.skip("the C accelerator is not built")
+    from asgi_asynctrace._speedups import duration_ms
+
+    rng = random.Random(8)
+    odd = [0.0, -0.0, -2.5, 5, 0, -3, True, 2.0**60, math.inf, -math.inf, 1e300, 2.5e-6, 3.5e-6]
+    many = [rng.random() * 10 ** rng.randint(-9, 6) for _ in range(20_000)]
+    halves = [k / 2_000_000 for k in range(20_000)]  # each halfway between two microseconds
+    for seconds in [*odd, *many, *halves]:
+        python, c = module._ms(seconds), duration_ms(seconds)
+        assert type(python) is type(c) and python == c, seconds
+        assert math.copysign(1, python) == math.copysign(1, c) == 1  # never -0.0
+    for seconds in many:
+        assert abs(module._ms(seconds) - max(seconds, 0) * 1000) <= 0.0005 + 1e-9
+    assert module._ms(0.0025e-3) == 0.002 and module._ms(0.0035e-3) == 0.004  # halves to even
+    assert module._ms(-1.0) == 0.0 and str(module._ms(-0.0)) == "0.0"
+    assert module._ms(5) == 5000 and type(module._ms(5)) is int  # an int delay stays an int
+    assert math.isnan(module._ms(math.nan)) and math.isnan(duration_ms(math.nan))
