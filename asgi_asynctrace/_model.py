@@ -167,9 +167,38 @@ if _CResource is not None and not TYPE_CHECKING:
     Resource = _CResource
 
 
+# Trace ids drawn from the OS 256 at a time: one system call for many requests. list.pop()
+# is atomic, so threads starting traces at once never share an id.
+_trace_ids: list[str] = []
+
+
 def _new_trace_id() -> str:
     # 16 random bytes, the size of a W3C trace-id, so traces can be joined with other systems.
-    return os.urandom(16).hex()
+    try:
+        return _trace_ids.pop()
+    except IndexError:
+        drawn = os.urandom(16 * 256).hex()
+        _trace_ids.extend(drawn[i : i + 32] for i in range(32, len(drawn), 32))
+        return drawn[:32]
+
+
+def _machine_limits(limits: TraceLimits) -> tuple[int, int, int, int, int, int]:
+    """The limits the recording methods read, as machine integers (TraceLimits is frozen; a
+    limit past sys.maxsize is no limit at all), worked out once per TraceLimits."""
+    kept = _limit_ints.get(id(limits))
+    if kept is not None and kept[0] is limits:
+        return kept[1]
+    m = sys.maxsize
+    ints = (min(limits.max_resources, m), min(limits.max_annotations_per_resource, m),
+            min(limits.max_annotation_length, m), min(2 * limits.max_callbacks_per_resource, m),
+            min(limits.max_stacks, m), min(limits.max_stack_depth, m))  # fmt: skip
+    if len(_limit_ints) >= 64:
+        _limit_ints.clear()
+    _limit_ints[id(limits)] = (limits, ints)  # holding the limits: their id is not reused
+    return ints
+
+
+_limit_ints: dict[int, tuple[TraceLimits, tuple[int, int, int, int, int, int]]] = {}
 
 
 class _PyTraceCore:
@@ -321,14 +350,14 @@ class Trace(_TraceCore):
         self.started_at_unix_ns = started_at_unix_ns
         self.ended_at: int | None = None
         self.limits = limits = limits or _DEFAULT_LIMITS
-        # The limits the recording methods read, as machine integers (TraceLimits is frozen;
-        # a limit past sys.maxsize is no limit at all).
-        self._max_resources = min(limits.max_resources, sys.maxsize)
-        self._max_annotations = min(limits.max_annotations_per_resource, sys.maxsize)
-        self._max_annotation_length = min(limits.max_annotation_length, sys.maxsize)
-        self._max_callbacks = min(2 * limits.max_callbacks_per_resource, sys.maxsize)
-        self._max_stacks = min(limits.max_stacks, sys.maxsize)
-        self.stack_depth = min(limits.max_stack_depth, sys.maxsize)
+        (
+            self._max_resources,
+            self._max_annotations,
+            self._max_annotation_length,
+            self._max_callbacks,
+            self._max_stacks,
+            self.stack_depth,
+        ) = _machine_limits(limits)
         self._next_id = 1
         self.resources: list[Resource] = []
         self.stacks: list[tuple[str, ...]] = []

@@ -399,3 +399,35 @@ def test_a_trace_survives_copy_deepcopy_and_pickle(core: str) -> None:
         expected = len(again.resources) + 1  # (a shallow copy shares the lists, as ever)
         added = again.new_resource("task", again.root, 0)  # a copy records on
         assert added is not None and added.async_id == expected
+
+
+def test_trace_ids_are_random_w3c_sized_and_never_repeat_across_threads() -> None:
+    import re
+    import threading
+
+    got: list[list[str]] = [[] for _ in range(4)]
+
+    def start(into: list[str]) -> None:
+        into.extend(Trace.start().trace_id for _ in range(3_000))  # the pool refills often
+
+    threads = [threading.Thread(target=start, args=(into,)) for into in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for into in got for i in into]
+    assert len(ids) == 12_000 and len(set(ids)) == 12_000
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+
+
+def test_limits_past_a_machine_integer_are_no_limit_and_each_trace_reads_its_own() -> None:
+    import sys
+
+    tight, loose = TraceLimits(max_resources=2), TraceLimits(max_resources=10**30)
+    for _ in range(2):  # the second time from what was worked out the first
+        a, b = Trace.start(limits=tight), Trace.start(limits=loose)
+        for _ in range(3):
+            a.add("cache-get", 1, None, 0)
+            b.add("cache-get", 1, None, 0)
+        assert (len(a.resources), a.dropped.resources) == (2, 2)  # the root is one of the 2
+        assert (len(b.resources), b._max_resources) == (4, sys.maxsize)
