@@ -196,7 +196,8 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     parts = ["| route | untraced request, CPU | a traced one costs | hooks on, at 1 % sampled "
              "| an untraced request while they are on | 1 % sampled vs idle: predicted "
-             "| measured |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| measured | 1 % sampled vs untraced, hooks on, measured just before and after "
+             "|", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     variants: dict[str, tuple[ASGIApp, bool]] = {  # app, traced
         "bare": (bare, False),
         "otel": (otel, False),
@@ -204,6 +205,7 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
         "sampled": (sampled, False),
         "traced": (idle, True),
         "pinned": (idle, False),  # untraced, with the hooks on (as after a traced request)
+        "pinned-after": (idle, False),  # the same again, right after the sampled run
     }
     names = list(variants)
     # Variants grouped by the state of the process they need: nothing of ours installed;
@@ -214,11 +216,13 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
     groups: list[tuple[bool, bool, list[str]]] = [
         (False, False, ["bare", "otel"]),
         (True, False, ["idle"]),
-        (True, True, ["pinned", "sampled", "traced"]),
+        (True, True, ["pinned", "sampled", "pinned-after", "traced"]),
     ]
     for path in ROUTES:
         got: dict[str, list[float]] = {k: [] for k in [*names, "idle-cpu", "sampled-cpu"]}
-        parts_got: dict[str, list[float]] = {k: [] for k in ("u", "t", "p", "on", "pred", "meas")}
+        parts_got: dict[str, list[float]] = {
+            k: [] for k in ("u", "t", "p", "on", "pred", "meas", "around")
+        }
         for r in range(rounds):
             rates: dict[str, tuple[float, float]] = {}
             k = r % len(groups)
@@ -252,7 +256,10 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
             u, t, p = (1e6 / rates[v][1] for v in ("idle", "traced", "pinned"))
             predicted = u / (0.99 * u + 0.01 * t + 0.99 * share * (p - u))
             measured_ratio = rates["sampled"][1] / rates["idle"][1]
-            for key, value in zip(parts_got, (u, t, p, share, predicted, measured_ratio),
+            # The same process state on both sides, measured just before and just after: the
+            # machine's drift between groups (seconds apart) mostly cancels out.
+            around = rates["sampled"][0] / ((rates["pinned"][0] + rates["pinned-after"][0]) / 2)
+            for key, value in zip(parts_got, (u, t, p, share, predicted, measured_ratio, around),
                                   strict=True):  # fmt: skip
                 parts_got[key].append(value)
         m = {k: statistics.median(v) for k, v in got.items()}
@@ -262,7 +269,7 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
         q = {k: statistics.median(v) for k, v in parts_got.items()}
         parts.append(f"| {path} | {q['u']:.0f} µs | {q['t'] / q['u']:.1f} untraced "
                      f"| {100 * q['on']:.0f} % of the time | {100 * (q['p'] / q['u'] - 1):+.1f} % "
-                     f"| {q['pred']:.3f}x | {q['meas']:.3f}x |")  # fmt: skip
+                     f"| {q['pred']:.3f}x | {q['meas']:.3f}x | {q['around']:.3f}x |")  # fmt: skip
     asgi_asynctrace.instrument()
     uninstall_hooks()
     return rows, parts
