@@ -211,13 +211,14 @@ class TracedRequest:
 
     def _inline(self) -> str:
         limit = self.owner.header_limit
-        encoded = trace_header(self.trace) if limit else ""
-        if limit and len(encoded) <= limit:
-            return encoded
         where = (
             f"; GET {self.owner.path_prefix}/traces/{self.trace.trace_id}"
             if self.owner.store is not None
             else ""
         )
-        size = len(encoded) or len(self.trace.to_json())
-        return f"omitted: {size} bytes > limit {limit}{where}"
+        if not limit:  # inline traces turned off: nothing serialized for a header
+            return f"omitted: header_limit=0{where}"
+        encoded = trace_header(self.trace)
+        if len(encoded) <= limit:
+            return encoded
+        return f"omitted: {len(encoded)} bytes > limit {limit}{where}"

@@ -256,6 +256,27 @@ def test_a_trace_too_big_for_the_header_says_where_to_fetch_it() -> None:
         decode_trace_header(marker)
 
 
+def test_header_limit_0_turns_inline_traces_off_without_serializing_for_the_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgi_asynctrace import _request
+
+    def refused(trace: Trace) -> str:
+        raise AssertionError("serialized for a header that is off")
+
+    monkeypatch.setattr(_request, "trace_header", refused)
+    monkeypatch.setattr(Trace, "to_json", refused)
+    with capture_traces() as traces:
+        r = call(traced_app(header_limit=0, log_traces=False), lambda c: _get(c, "/hello", ON))
+    trace_id = r.headers["x-async-trace-id"]
+    assert r.status_code == 200 and r.text == "hello" and traces[0].trace_id == trace_id
+    assert (
+        r.headers["x-async-trace-data"]
+        == f"omitted: header_limit=0; GET /__asynctrace/traces/{trace_id}"
+    )
+    assert failure_counts() == {}
+
+
 def test_the_store_lists_newest_first_and_forgets_the_oldest() -> None:
     app = traced_app(store_size=2)
 
