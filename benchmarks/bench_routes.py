@@ -361,7 +361,8 @@ async def latency_table(rounds: int) -> list[str]:
     (until the response's last body chunk is handed to the server: see ``_answered``).
 
     pyinstrument and viztracer profile the whole process, so their per-request recipes only
-    work one request at a time: that is how all of them are compared here.
+    work one request at a time: that is how all of them are compared here, each variant on
+    the second of two requests in a row (the cold table shows a traced request after others).
     """
     from asgi_asynctrace import AsyncTraceMiddleware
     from asgi_asynctrace._hooks import uninstall_hooks
@@ -387,12 +388,14 @@ async def latency_table(rounds: int) -> list[str]:
         got: dict[str, list[float]] = {k: [] for k in apps}
         names = list(got)
         for i in range(rounds * 6):
-            # In turn, each variant leads: none is always the one that follows viztracer's
-            # file writing, or always the one measured first.
+            # Each variant timed on its second request in a row, so that what it is timed on
+            # is its own cost and not what the variant before it left behind (viztracer
+            # writes a file, pyinstrument renders a report); and in turn each variant leads.
             took: dict[str, int] = {}
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 if name == "otel":
                     otel_on()
+                await timed(apps[name], path, name == "traced")
                 took[name] = await timed(apps[name], path, name == "traced")
                 if name == "otel":
                     otel_off()
