@@ -185,9 +185,15 @@ def test_10000_traced_requests_keep_memory_flat_and_leave_nothing_alive() -> Non
         return [o for o in gc.get_objects() if isinstance(o, (Trace, hooks.TimedCoroutine))]
 
     # the store keeps the last 100 traces as they are (nothing has read them), nothing else
-    assert len(alive()) == 100 and all(isinstance(o, Trace) for o in alive())
-    for summary in app.store.summaries():  # reading one turns it into its JSON bytes
-        assert app.store.get(summary["traceId"]) is not None
+    # (one trace of another test may still be held: the old assertion's allowance)
+    stored = {summary["traceId"] for summary in app.store.summaries()}
+    kept = alive()
+    assert all(isinstance(o, Trace) for o in kept), kept
+    assert {o.trace_id for o in kept if isinstance(o, Trace)} >= stored and len(stored) == 100
+    assert len(kept) <= 101, kept
+    del kept
+    for trace_id in stored:  # reading one turns it into its JSON bytes
+        assert app.store.get(trace_id) is not None
     assert len(alive()) <= 1, alive()
 
 
