@@ -185,7 +185,8 @@ def test_10000_traced_requests_keep_memory_flat_and_leave_nothing_alive() -> Non
         return [o for o in gc.get_objects() if isinstance(o, (Trace, hooks.TimedCoroutine))]
 
     # the store keeps the last 100 traces as they are (nothing has read them), nothing else
-    # (one trace of another test may still be held: the old assertion's allowance)
+    # (and on uvloop one trace of the cache tests: a pooled Redis connection opened inside
+    # a traced request keeps that request's context, see the README's known gaps)
     stored = {summary["traceId"] for summary in app.store.summaries()}
     kept = alive()
     assert all(isinstance(o, Trace) for o in kept), kept
