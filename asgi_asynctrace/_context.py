@@ -8,7 +8,8 @@ One ContextVar holds (trace, current resource); it follows tasks, callbacks and 
 so concurrent requests never share a "current id". Outside a traced request every helper
 here is a single ContextVar read and does nothing. Instrumentation records a library's async
 call with ``record_call(type, call, notes, done)`` (in C when the accelerator is built).
-Exports: current_trace, current_resource, annotate, start_resource, ResourceScope, record_call.
+Exports: current_trace, current_resource, annotate, start_resource, ResourceScope, record_call,
+call_recorder.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ._model import AnnotationValue, Resource, Trace
 __all__ = [
     "ResourceScope",
     "annotate",
+    "call_recorder",
     "current_resource",
     "current_trace",
     "record_call",
@@ -224,6 +226,15 @@ def record_call(
     if _scoped_call_in_c:
         return _CScopedCall(ACTIVE, type, awaitable, notes, done)  # type: ignore[no-any-return]
     return _record_call(type, awaitable, notes, done)
+
+
+def call_recorder() -> Callable[[str, Awaitable[Any], dict[str, Any], Done | None], Any]:
+    """``record_call`` as instrumentation keeps it for its hot path, asked for when it is
+    installed: with the accelerator, the C form bound to the context variable, so a recorded
+    call runs no Python frame of ours (``record_call`` itself is one)."""
+    if _scoped_call_in_c:
+        return functools.partial(_CScopedCall, ACTIVE)
+    return _record_call
 
 
 async def _record_call(

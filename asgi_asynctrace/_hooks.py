@@ -548,13 +548,26 @@ def acquire_hooks(
     When the last holder gives them back they stay on for ``linger`` seconds (default
     ``LINGER_S``: for good) in case another traced request comes, then come off.
     """
-    hooks = _loops.get(loop)
-    if hooks is None:
-        hooks = _loops[loop] = _LoopHooks(loop)
-    if not hooks.installed:
+    global _last
+    last_loop, hooks = _last
+    if last_loop() is not loop:
+        hooks = _loops.get(loop)
+        if hooks is None:
+            hooks = _loops[loop] = _LoopHooks(loop)
+        _last = (weakref.ref(loop), hooks)
+    if not hooks.held.installed:
         hooks.install(loop)
     hooks.refs += 1
     return _Release(hooks, loop, LINGER_S if linger is None else linger)
+
+
+def _no_loop() -> None:
+    return None
+
+
+# The loop acquire_hooks last saw (weakly) and its hooks: a process traces on one loop, or a
+# few, and a WeakKeyDictionary lookup runs three Python frames.
+_last: tuple[Callable[[], Any], _LoopHooks | None] = (_no_loop, None)
 
 
 class _Release:

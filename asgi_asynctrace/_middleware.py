@@ -217,18 +217,16 @@ class AsyncTraceMiddleware:
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, requested: bool) -> None:
         try:
-            run = TracedRequest(self, scope, requested)
+            run = TracedRequest(self, scope, requested, receive, send)
         except Exception as exc:
             report("start-trace", exc)
             return await self.app(scope, receive, send)
         release = run.acquire_hooks()
-        token = ACTIVE.set((run.trace, run.trace.root))
+        token = ACTIVE.set((run.trace, run.root))
         state = "ok"
         try:
             await TimedCoroutine(
-                self.app(scope, run.receive(receive), run.send(send)),
-                run.trace,
-                run.trace.root,
+                self.app(scope, run.traced_receive, run.traced_send), run.trace, run.root
             )
         except asyncio.CancelledError:
             state = "cancelled"

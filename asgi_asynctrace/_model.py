@@ -96,16 +96,14 @@ _DEFAULT_LIMITS: Final = TraceLimits()
 
 
 class Dropped:
-    """Counts of what a trace left out because a cap was hit."""
+    """Counts of what a trace left out because a cap was hit. The counts start as the class's
+    zeros (no ``__init__`` to run for every trace) and become the instance's own when counted."""
 
-    __slots__ = ("annotations", "callbacks", "resources", "stacks", "truncated")
-
-    def __init__(self) -> None:
-        self.resources = 0
-        self.annotations = 0
-        self.callbacks = 0
-        self.stacks = 0
-        self.truncated = 0
+    resources = 0
+    annotations = 0
+    callbacks = 0
+    stacks = 0
+    truncated = 0
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -344,12 +342,18 @@ class Trace(_TraceCore):
         started_at_unix_ns: int = 0,
         limits: TraceLimits | None = None,
     ) -> None:
-        self.trace_id = trace_id or _new_trace_id()
+        if not trace_id:
+            try:  # _new_trace_id(), without its frame
+                trace_id = _trace_ids.pop()
+            except IndexError:
+                trace_id = _new_trace_id()
+        self.trace_id = trace_id
         self.request: dict[str, Any] = request if request is not None else {}
         self.origin = origin
         self.started_at_unix_ns = started_at_unix_ns
         self.ended_at: int | None = None
         self.limits = limits = limits or _DEFAULT_LIMITS
+        kept = _limit_ints.get(id(limits))  # _machine_limits(limits), without its frame
         (
             self._max_resources,
             self._max_annotations,
@@ -357,7 +361,7 @@ class Trace(_TraceCore):
             self._max_callbacks,
             self._max_stacks,
             self.stack_depth,
-        ) = _machine_limits(limits)
+        ) = kept[1] if kept is not None and kept[0] is limits else _machine_limits(limits)
         self._next_id = 1
         self.resources: list[Resource] = []
         self.stacks: list[tuple[str, ...]] = []

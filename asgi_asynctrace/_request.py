@@ -1,7 +1,7 @@
 """One traced request: its trace, and what the ASGI messages going by tell about it.
 
-    run = TracedRequest(middleware, scope, requested=True)
-    await app(scope, run.receive(receive), run.send(send))
+    run = TracedRequest(middleware, scope, True, receive, send)
+    await app(scope, run.traced_receive, run.traced_send)
     run.finish("ok")
 
 Records the root's annotations (method, path, client, status, when the response started,
@@ -23,7 +23,13 @@ from ._failures import report
 from ._hooks import acquire_hooks
 from ._model import Resource, Trace
 from ._sinks import trace_header
-from ._streams import BodyStream, message_size, record_message
+from ._streams import BodyStream, message_size, record_body, record_message
+
+_find_header: Callable[[Any, bytes], Any] | None
+try:
+    from ._speedups import find_header as _find_header
+except ImportError:  # built without a compiler: _header_in_python
+    _find_header = None
 
 if TYPE_CHECKING:
     from ._middleware import AsyncTraceMiddleware
@@ -40,11 +46,20 @@ _PARENT = re.compile(rb"([0-9a-f]{32}):([0-9]{1,9})")
 _TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
+def _header_in_python(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope.get("headers") or ():
         if name == wanted:
             return value  # type: ignore[no-any-return]
     return None
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    """The first header called ``wanted`` (lower case), None when there is none."""
+    if _find_header is not None:
+        found = _find_header(scope.get("headers") or (), wanted)
+        if found is not NotImplemented:  # an unusual shape of headers: scanned in Python
+            return found  # type: ignore[no-any-return]
+    return _header_in_python(scope, wanted)
 
 
 def _upstream(scope: Scope) -> tuple[str, int] | None:
@@ -54,10 +69,10 @@ def _upstream(scope: Scope) -> tuple[str, int] | None:
     return (match[1].decode(), int(match[2])) if match else None
 
 
-def _current(trace: Trace) -> Resource:
+def _current(trace: Trace, root: Resource) -> Resource:
     """The resource that is reading or writing: whoever called receive() or send()."""
     active = ACTIVE.get()
-    return active[1] if active is not None and active[0] is trace else trace.root
+    return active[1] if active is not None and active[0] is trace else root
 
 
 class TracedRequest:
@@ -72,11 +87,17 @@ class TracedRequest:
         "owner",
         "requested",
         "response_done",
+        "root",
         "trace",
         "websocket",
     )
 
-    def __init__(self, owner: AsyncTraceMiddleware, scope: Scope, requested: bool) -> None:
+    def __init__(
+        self, owner: AsyncTraceMiddleware, scope: Scope, requested: bool, receive: Receive,
+        send: Send,
+    ) -> None:  # fmt: skip
+        self._receive = receive
+        self._send = send
         self.owner = owner
         self.requested = requested
         self.disconnected = False
@@ -94,7 +115,13 @@ class TracedRequest:
         if client:
             trace.annotate(root, "client", str(client[0]))
         trace.annotate(root, "traced", "requested" if requested else "sampled")
-        traceparent = _header(scope, b"traceparent")
+        traceparent = (
+            _find_header(scope.get("headers") or (), b"traceparent")
+            if _find_header is not None
+            else NotImplemented
+        )
+        if traceparent is NotImplemented:  # no accelerator, or unusual headers
+            traceparent = _header_in_python(scope, b"traceparent")
         if traceparent is not None and _TRACEPARENT.fullmatch(traceparent):
             trace.request["traceparent"] = traceparent.decode()  # for OpenTelemetry export
         parent = _upstream(scope) if requested else None
@@ -103,8 +130,10 @@ class TracedRequest:
             trace.annotate(root, "upstreamTraceId", parent[0])
             trace.annotate(root, "upstreamAsyncId", parent[1])
         self.trace = trace
-        self.body_in = BodyStream(trace, "stream-read")
-        self.body_out = BodyStream(trace, "stream-write")
+        self.root = root
+        # made at a body's first chunk: most requests have no body to read
+        self.body_in: BodyStream | None = None
+        self.body_out: BodyStream | None = None
 
     def acquire_hooks(self) -> Callable[[], None] | None:
         try:
@@ -125,18 +154,16 @@ class TracedRequest:
         try:
             if self.disconnected and not self.response_done:
                 state = "cancelled"
-            self.body_in.close("cancelled" if self.disconnected else "pending")
-            self.body_out.close("cancelled" if self.disconnected else "pending")
+            if self.body_in is not None:
+                self.body_in.close("cancelled" if self.disconnected else "pending")
+            if self.body_out is not None:
+                self.body_out.close("cancelled" if self.disconnected else "pending")
             trace.finish(_now(), state)
         except Exception as exc:
             report("finish", exc)
 
-    def receive(self, receive: Receive) -> Receive:
-        """``receive`` recorded (a bound method, not a closure: fewer objects to collect)."""
-        self._receive = receive
-        return self.traced_receive
-
     async def traced_receive(self) -> Message:
+        """The app's ``receive``: the server's, recorded (a bound method, not a closure)."""
         started = _now()
         message = await self._receive()
         try:
@@ -151,45 +178,70 @@ class TracedRequest:
         if kind == "http.request":
             body = message.get("body") or b""
             last = not message.get("more_body", False)
-            self.body_in.chunk(_current(trace), started, ended, len(body), last)
+            stream = self.body_in
+            if stream is not None:
+                stream.chunk(_current(trace, self.root), started, ended, len(body), last)
+            elif last:  # the whole body in one message
+                record_body(trace, "stream-read", _current(trace, self.root), started, ended,
+                            len(body))  # fmt: skip
+            else:
+                stream = self.body_in = BodyStream(trace, "stream-read")
+                stream.chunk(_current(trace, self.root), started, ended, len(body), last)
         elif kind == "websocket.receive":
             what, size = message_size(message)
-            record_message(trace, _current(trace), "receive", started, ended, what, size)
+            record_message(trace, _current(trace, self.root), "receive", started, ended, what,
+                           size)  # fmt: skip
         elif kind == "http.disconnect" and not self.response_done:
             self.disconnected = True
-            trace.annotate(trace.root, "disconnectedAt", _now() - trace.origin)
+            trace.annotate(self.root, "disconnectedAt", _now() - trace.origin)
         elif kind == "websocket.disconnect":  # the usual way a websocket ends: not an error
-            trace.annotate(trace.root, "closeCode", message.get("code", 1000))
-
-    def send(self, send: Send) -> Send:
-        """``send`` recorded, the response headers given the trace when it was asked for."""
-        self._send = send
-        return self.traced_send
+            trace.annotate(self.root, "closeCode", message.get("code", 1000))
 
     async def traced_send(self, message: Message) -> None:
+        """The app's ``send``: the server's, recorded, the response headers given the trace
+        when it was asked for."""
         kind = message.get("type")
+        if kind == "http.response.body":  # the usual message, recorded here: no more frames
+            last = not message.get("more_body", False)
+            if last:
+                self.response_done = True
+            started = _now()
+            await self._send(message)
+            ended = _now()
+            try:
+                trace = self.trace
+                active = ACTIVE.get()
+                parent = active[1] if active is not None and active[0] is trace else self.root
+                size = len(message.get("body") or b"")
+                stream = self.body_out
+                if stream is not None:
+                    stream.chunk(parent, started, ended, size, last)
+                elif last:  # the whole body in one message, the usual case
+                    record_body(trace, "stream-write", parent, started, ended, size)
+                else:
+                    stream = self.body_out = BodyStream(trace, "stream-write")
+                    stream.chunk(parent, started, ended, size, last)
+            except Exception as exc:
+                report("send", exc)
+            return
         if kind == "http.response.start" or kind == "websocket.accept":
             message = self._on_start(message)
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            self.response_done = True
         started = _now()
         await self._send(message)
-        try:
-            self._sent(message, kind, started, _now())
-        except Exception as exc:
-            report("send", exc)
+        if kind == "websocket.send" or kind == "websocket.close":
+            try:
+                self._sent(message, kind, started, _now())
+            except Exception as exc:
+                report("send", exc)
 
     def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
         trace = self.trace
-        if kind == "http.response.body":
-            body = message.get("body") or b""
-            last = not message.get("more_body", False)
-            self.body_out.chunk(_current(trace), started, ended, len(body), last)
-        elif kind == "websocket.send":
+        if kind == "websocket.send":
             what, size = message_size(message)
-            record_message(trace, _current(trace), "send", started, ended, what, size)
+            record_message(trace, _current(trace, self.root), "send", started, ended, what, size)
         elif kind == "websocket.close":
-            record_message(trace, _current(trace), "send", started, ended, "close", None)
+            record_message(trace, _current(trace, self.root), "send", started, ended, "close",
+                           None)  # fmt: skip
 
     def _on_start(self, message: Message) -> Message:
         trace = self.trace
@@ -197,8 +249,8 @@ class TracedRequest:
             status = message.get("status")
             if status is not None:
                 trace.request["status"] = status
-                trace.annotate(trace.root, "status", status)
-            trace.annotate(trace.root, "responseStartedAt", _now() - trace.origin)
+                trace.annotate(self.root, "status", status)
+            trace.annotate(self.root, "responseStartedAt", _now() - trace.origin)
             if not self.requested:
                 return message
             headers = list(message.get("headers") or ())

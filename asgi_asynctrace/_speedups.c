@@ -2807,6 +2807,128 @@ static PyTypeObject TimerCallbackType = {
     .tp_methods = timer_methods,
 };
 
+/* TimerCancel(cancel, python_callback_type): ``cancel`` of a traced timer's handle on
+ * asyncio's loops (timers._TracedTimerHandle), as the Python method there does it: a handle not
+ * cancelled yet whose callback is a traced timer's settles that timer "cancelled", then
+ * ``cancel(handle)`` (asyncio's TimerHandle.cancel) runs and the handle lets go of its context.
+ * A method in the class (see dispatch_get), so handle.cancel() runs no Python frame of ours. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *cancel;
+    PyObject *python_type; /* timers._TimerCallback: its own cancelled() is called */
+    vectorcallfunc vectorcall;
+} TimerCancel;
+
+static PyObject *s__callback, *s__cancelled, *s__context;
+
+static void
+cancel_record(TimerCancel *c, PyObject *handle)
+{
+    PyObject *done = PyObject_GetAttr(handle, s__cancelled);
+    int was = done == NULL ? -1 : PyObject_IsTrue(done);
+    Py_XDECREF(done);
+    if (was == 0) {
+        PyObject *cb = PyObject_GetAttr(handle, s__callback);
+        PyObject *out = NULL;
+        if (cb == NULL) {
+            was = -1;
+        }
+        else if (Py_IS_TYPE(cb, &TimerCallbackType)) {
+            out = timer_cancelled((TimerCallback *)cb, NULL);
+        }
+        else if ((PyObject *)Py_TYPE(cb) == c->python_type) {
+            out = PyObject_CallMethodNoArgs(cb, s_cancelled);
+        }
+        else {
+            out = Py_NewRef(Py_None); /* not a traced timer's: nothing to record */
+        }
+        Py_XDECREF(cb);
+        if (out == NULL) {
+            was = -1;
+        }
+        Py_XDECREF(out);
+    }
+    if (was < 0) {
+        report_and_clear("timers");
+    }
+}
+
+static PyObject *
+cancel_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TimerCancel *c = (TimerCancel *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs >= 1) {
+        cancel_record(c, args[0]);
+    }
+    PyObject *out = PyObject_Vectorcall(c->cancel, args, nargsf, kwnames);
+    if (out != NULL && nargs >= 1 && PyObject_SetAttr(args[0], s__context, Py_None) < 0) {
+        Py_CLEAR(out);
+    }
+    return out;
+}
+
+static PyObject *
+cancel_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *cancel, *python_type;
+    if (!PyArg_ParseTuple(args, "OO:TimerCancel", &cancel, &python_type)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(cancel)) {
+        PyErr_SetString(PyExc_TypeError, "TimerCancel(cancel: callable, python_callback_type)");
+        return NULL;
+    }
+    TimerCancel *c = (TimerCancel *)type->tp_alloc(type, 0);
+    if (c == NULL) {
+        return NULL;
+    }
+    c->cancel = Py_NewRef(cancel);
+    c->python_type = Py_NewRef(python_type);
+    c->vectorcall = cancel_call;
+    return (PyObject *)c;
+}
+
+static int
+cancel_traverse(TimerCancel *c, visitproc visit, void *arg)
+{
+    Py_VISIT(c->cancel);
+    Py_VISIT(c->python_type);
+    return 0;
+}
+
+static int
+cancel_clear(TimerCancel *c)
+{
+    Py_CLEAR(c->cancel);
+    Py_CLEAR(c->python_type);
+    return 0;
+}
+
+static void
+cancel_dealloc(TimerCancel *c)
+{
+    PyObject_GC_UnTrack(c);
+    cancel_clear(c);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyTypeObject TimerCancelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.TimerCancel",
+    .tp_basicsize = sizeof(TimerCancel),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "TimerCancel(cancel, python_callback_type): a traced timer handle's cancel().",
+    .tp_descr_get = dispatch_get,
+    .tp_new = cancel_new,
+    .tp_traverse = (traverseproc)cancel_traverse,
+    .tp_clear = (inquiry)cancel_clear,
+    .tp_dealloc = (destructor)cancel_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimerCancel, vectorcall),
+};
+
 /* The "delay" asyncio's call_later was given, when the calling frame is that call_later
  * (code): borrowed, or NULL (no exception) when it is not, or not a number. */
 static PyObject *
@@ -3777,6 +3899,8 @@ static PyTypeObject FutureMakerType = {
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
      "untraced_check(scope, header, prefix) -> None, the header value, True or NotImplemented."},
+    {"find_header", (PyCFunction)(void (*)(void))find_header, METH_FASTCALL,
+     "find_header(headers, name) -> the first value of header name, None or NotImplemented."},
     {"set_stack_formatter", (PyCFunction)(void (*)(void))set_stack_formatter, METH_FASTCALL,
      "set_stack_formatter(format, cache, stop_code): what TraceCore.new_resource walks with."},
     {"stack_lookup", (PyCFunction)(void (*)(void))stack_lookup, METH_FASTCALL,
@@ -3854,6 +3978,12 @@ PyInit__speedups(void)
     s_on_timeout = PyUnicode_InternFromString("Timeout._on_timeout");
     s_release_waiter = PyUnicode_InternFromString("_release_waiter");
     s_kind_call_later = PyUnicode_InternFromString("call_later");
+    s__callback = PyUnicode_InternFromString("_callback");
+    s__cancelled = PyUnicode_InternFromString("_cancelled");
+    s__context = PyUnicode_InternFromString("_context");
+    if (!s__callback || !s__cancelled || !s__context) {
+        return NULL;
+    }
     thousand = PyLong_FromLong(1000);
     zero_float = PyFloat_FromDouble(0.0);
     PyObject *builtins = PyImport_ImportModule("builtins");
@@ -3886,7 +4016,7 @@ PyInit__speedups(void)
         PyType_Ready(&TimedType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
         PyType_Ready(&TimerCallbackType) < 0 || PyType_Ready(&TimerPatchType) < 0 ||
         PyType_Ready(&ScopedCallType) < 0 || PyType_Ready(&SettleAfterType) < 0 ||
-        PyType_Ready(&FutureMakerType) < 0) {
+        PyType_Ready(&FutureMakerType) < 0 || PyType_Ready(&TimerCancelType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -3903,7 +4033,8 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(m, "TimerPatch", (PyObject *)&TimerPatchType) < 0 ||
         PyModule_AddObjectRef(m, "ScopedCall", (PyObject *)&ScopedCallType) < 0 ||
         PyModule_AddObjectRef(m, "SettleAfter", (PyObject *)&SettleAfterType) < 0 ||
-        PyModule_AddObjectRef(m, "FutureMaker", (PyObject *)&FutureMakerType) < 0) {
+        PyModule_AddObjectRef(m, "FutureMaker", (PyObject *)&FutureMakerType) < 0 ||
+        PyModule_AddObjectRef(m, "TimerCancel", (PyObject *)&TimerCancelType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

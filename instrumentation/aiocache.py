@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from asgi_asynctrace._context import Done, record_call
+from asgi_asynctrace._context import Done, call_recorder
 from asgi_asynctrace._failures import report
 
 from ._base import Instrumentation
@@ -54,9 +54,19 @@ _DONE: dict[str, Done] = {
 }
 
 
+# A cache class -> its backend's name as annotated ("aiocache:memory", ...).
+_backends: dict[type, str] = {}
+
+
+def _backend(cache: Any) -> str:
+    name = f"aiocache:{getattr(cache, 'NAME', type(cache).__name__)}"
+    if len(_backends) < 256:
+        _backends[type(cache)] = name
+    return name
+
+
 def _notes(op: str, rtype: str, cache: Any, args: Any, kwargs: Any) -> dict[str, Any]:
-    backend = getattr(cache, "NAME", type(cache).__name__)
-    notes: dict[str, Any] = {"backend": f"aiocache:{backend}", "op": op}
+    notes: dict[str, Any] = {"backend": _backends.get(type(cache)) or _backend(cache), "op": op}
     first = args[0] if args else kwargs.get("keys", kwargs.get("pairs", kwargs.get("key")))
     if op in ("multi_get", "multi_set"):
         notes["keys"] = len(first) if first is not None else 0
@@ -72,15 +82,21 @@ def _notes(op: str, rtype: str, cache: Any, args: Any, kwargs: Any) -> dict[str,
 
 def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., Any]:
     done = _DONE.get(op)
+    record = call_recorder()
+    keyed = op in ("get", "exists", "delete")  # (key, namespace=None, ...): notes made here
 
     def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
         call = original(self, *args, **kwargs)  # the library's own coroutine, as untraced
         try:
-            notes = _notes(op, rtype, self, args, kwargs)
+            if keyed and args and args[0] is not None:  # _notes() without its frame
+                notes = {"backend": _backends.get(type(self)) or _backend(self), "op": op,
+                         "key": str(args[0])}  # fmt: skip
+            else:
+                notes = _notes(op, rtype, self, args, kwargs)
         except Exception as exc:
             report("aiocache", exc)
             return call
-        return record_call(rtype, call, notes, done)
+        return record(rtype, call, notes, done)
 
     return untraced_fast_path(original, traced)  # type: ignore[no-any-return]
 

@@ -37,14 +37,16 @@ from asgi_asynctrace._model import Resource, Trace
 from ._base import Instrumentation
 
 _CTimerCallback: Any
+_CTimerCancel: Any
 _CTimerPatch: Any
 _set_timer_hooks: Any
 try:  # the optional C accelerator: TimerCallback and TimerPatch are the forms below, in C
     from asgi_asynctrace._speedups import TimerCallback as _CTimerCallback
+    from asgi_asynctrace._speedups import TimerCancel as _CTimerCancel
     from asgi_asynctrace._speedups import TimerPatch as _CTimerPatch
     from asgi_asynctrace._speedups import set_timer_hooks as _set_timer_hooks
 except ImportError:  # pragma: no cover - built everywhere the tests run
-    _CTimerCallback = _CTimerPatch = _set_timer_hooks = None
+    _CTimerCallback = _CTimerCancel = _CTimerPatch = _set_timer_hooks = None
 
 __all__ = ["TimersInstrumentation", "instrumentation"]
 
@@ -286,6 +288,10 @@ class _TracedTimerHandle(asyncio.TimerHandle):
 
 _TracedTimerHandle.__name__ = "TimerHandle"  # its repr() stays asyncio's
 _CALLBACK_TYPES = frozenset(t for t in (_TimerCallback, _CTimerCallback) if t is not None)
+if _CTimerCancel is not None:  # the same cancel() in C: no Python frame of ours per cancel
+    _TracedTimerHandle.cancel = _CTimerCancel(  # type: ignore[method-assign]
+        asyncio.TimerHandle.cancel, _TimerCallback
+    )
 # The C forms unless a test asks for these (``use_python``).
 _python_forms = False
 
