@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <time.h>
 #include <frameobject.h>
 #include <structmember.h>
 
@@ -1482,9 +1483,44 @@ typedef struct {
     Py_ssize_t max_resources, max_annotations, max_annotation_length, max_callbacks, max_stacks;
     Py_ssize_t stack_depth;
     long long next_id;
+    /* The first IDENTITY_KEYS stack keys that compare by identity (the creation stacks the
+     * hooks capture) with their indexes, found by a pointer scan: a request's few stacks
+     * then need no dict (made, hashed into, grown) per trace. NULL until the first one. */
+    struct ident_key *ident;
+    Py_ssize_t n_ident;
 } TraceCore;
 
+#define IDENTITY_KEYS 32
+struct ident_key {
+    PyObject *key;
+    PyObject *sid;
+};
+
+/* Whether key's equality and hash are object's own, which are its identity. */
+static int
+identity_key(PyObject *key)
+{
+    PyTypeObject *tp = Py_TYPE(key);
+    return tp->tp_hash == PyBaseObject_Type.tp_hash &&
+           tp->tp_richcompare == PyBaseObject_Type.tp_richcompare;
+}
+
 static PyObject *perf_counter_ns;    /* time.perf_counter_ns */
+
+/* time.perf_counter_ns() now. On Linux CPython reads that clock as CLOCK_MONOTONIC in whole
+ * nanoseconds: read here the same way, the same number without a Python call (a traced
+ * /cache request reads the clock 51 times); elsewhere, perf_counter_ns itself. */
+static PyObject *
+clock_ns(void)
+{
+#if defined(__linux__) && defined(CLOCK_MONOTONIC)
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+        return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec);
+    }
+#endif
+    return PyObject_CallNoArgs(perf_counter_ns);
+}
 static PyObject *format_stack;       /* _stacks._format_and_cache_c, set by _stacks */
 static PyObject *stack_cache;        /* _stacks._c_cache */
 static PyObject *stop_code;          /* _stacks._STOP_CODE */
@@ -1730,12 +1766,33 @@ core_annotate(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 core_stack_id_impl(TraceCore *t, PyObject *key, PyObject *frames)
 {
-    PyObject *sid = PyDict_GetItemWithError(t->stack_ids, key);
-    if (sid != NULL) {
-        return Py_NewRef(sid);
+    /* An identity key is either among t->ident (the first IDENTITY_KEYS of them) or in the
+     * dict, never both: the scan always comes first. */
+    int by_identity = identity_key(key);
+    if (by_identity) {
+        for (Py_ssize_t i = 0; i < t->n_ident; i++) {
+            if (t->ident[i].key == key) {
+                return Py_NewRef(t->ident[i].sid);
+            }
+        }
+        if (t->n_ident < IDENTITY_KEYS && t->ident == NULL) {
+            t->ident = PyMem_Calloc(IDENTITY_KEYS, sizeof(struct ident_key));
+            if (t->ident == NULL) {
+                PyErr_NoMemory();
+                return NULL;
+            }
+        }
+        by_identity = t->n_ident < IDENTITY_KEYS;
     }
-    if (PyErr_Occurred()) {
-        return NULL;
+    PyObject *sid = NULL;
+    if (!by_identity) {
+        sid = PyDict_GetItemWithError(t->stack_ids, key);
+        if (sid != NULL) {
+            return Py_NewRef(sid);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
     }
     if (PyList_GET_SIZE(t->stacks) >= t->max_stacks) {
         if (count_dropped(t, "stacks") < 0) {
@@ -1749,10 +1806,15 @@ core_stack_id_impl(TraceCore *t, PyObject *key, PyObject *frames)
     }
     sid = PyLong_FromSsize_t(PyList_GET_SIZE(t->stacks));
     if (sid == NULL || PyList_Append(t->stacks, frames) < 0 ||
-        PyDict_SetItem(t->stack_ids, key, sid) < 0) {
+        (!by_identity && PyDict_SetItem(t->stack_ids, key, sid) < 0)) {
         Py_XDECREF(owned);
         Py_XDECREF(sid);
         return NULL;
+    }
+    if (by_identity) {
+        t->ident[t->n_ident].key = Py_NewRef(key);
+        t->ident[t->n_ident].sid = Py_NewRef(sid);
+        t->n_ident++;
     }
     Py_XDECREF(owned);
     return sid;
@@ -1789,7 +1851,7 @@ core_new_resource(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "skip must be >= 0");
         return NULL;
     }
-    PyObject *now = PyObject_CallNoArgs(perf_counter_ns);
+    PyObject *now = clock_ns();
     if (now == NULL) {
         return NULL;
     }
@@ -1833,6 +1895,9 @@ core_traverse(TraceCore *t, visitproc visit, void *arg)
     Py_VISIT(t->stacks);
     Py_VISIT(t->stack_ids);
     Py_VISIT(t->dropped);
+    for (Py_ssize_t i = 0; i < t->n_ident; i++) {
+        Py_VISIT(t->ident[i].key);
+    }
     return 0;
 }
 
@@ -1844,6 +1909,17 @@ core_clear(TraceCore *t)
     Py_CLEAR(t->stacks);
     Py_CLEAR(t->stack_ids);
     Py_CLEAR(t->dropped);
+    if (t->ident != NULL) {
+        struct ident_key *ident = t->ident;
+        Py_ssize_t n = t->n_ident;
+        t->ident = NULL;
+        t->n_ident = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_DECREF(ident[i].key);
+            Py_DECREF(ident[i].sid);
+        }
+        PyMem_Free(ident);
+    }
     return 0;
 }
 
@@ -1930,6 +2006,25 @@ static PyTypeObject TraceCoreType = {
     .tp_members = core_members,
 };
 
+/* trace.new_resource(type, parent, skip) for call = {trace, type, parent, skip}: the hooks
+ * call it by name, so a Trace subclass's own method (or a test's) is the one that runs; when
+ * the trace's class has not replaced TraceCore's, it is called straight, without the lookup
+ * and the bound call. */
+static PyObject *core_new_resource_method; /* TraceCore's own, from its type dict */
+static PyObject *s_new_resource;
+
+static PyObject *
+call_new_resource(PyObject *const *call)
+{
+    PyTypeObject *type = Py_TYPE(call[0]);
+    if (core_new_resource_method != NULL && type->tp_dictoffset == 0 &&
+        PyObject_TypeCheck(call[0], &TraceCoreType) &&
+        _PyType_Lookup(type, s_new_resource) == core_new_resource_method) {
+        return core_new_resource((TraceCore *)call[0], call + 1, 3);
+    }
+    return PyObject_VectorcallMethod(s_new_resource, (PyObject **)call, 4, NULL);
+}
+
 /* TimedCoroutine(coro, trace, res): the C form of _hooks._PyTimedCoroutine, what every step of
  * every traced task runs through. Each send/throw is one callback interval of res (begin and
  * end on res's callbacks list, capped like TraceCore.begin), and the moment the coroutine
@@ -1947,7 +2042,7 @@ static PyObject *traced_future_type;     /* _hooks.TracedFuture */
 static PyObject *settle_from_exception;  /* _context.settle_from_exception */
 static PyObject *report_failure;         /* _failures.report */
 static PyObject *s_ok, *s_callbacks, *s_throw, *s_close, *s_asynctrace_res, *s_task;
-static PyObject *s_coroutine, *s_qualname, *s_context, *s_new_resource, *s_annotate;
+static PyObject *s_coroutine, *s_qualname, *s_context, *s_annotate;
 
 /* The exception being raised, taken out with its traceback attached (as PyErr_Fetch, then
  * normalized): given back with PyErr_Restore once what runs in between is done. */
@@ -1981,7 +2076,7 @@ report_and_clear(const char *where)
 static PyObject *
 now_ns(void)
 {
-    return PyObject_CallNoArgs(perf_counter_ns);
+    return clock_ns();
 }
 
 /* A step starts: its start time on res's callbacks, or counted as dropped over the cap. */
@@ -2333,7 +2428,7 @@ factory_prepare(TaskFactory *f, PyObject *active, PyObject *coro, PyObject **sta
     /* By name, as the Python factory calls them: a Trace subclass's own methods count. The
      * stack starts at create_task's caller (skip 0: there is no frame of ours). */
     PyObject *args[4] = {trace, s_task, parent, zero_skip};
-    PyObject *res = PyObject_VectorcallMethod(s_new_resource, args, 4, NULL);
+    PyObject *res = call_new_resource(args);
     Py_DECREF(zero_skip);
     if (res == NULL) {
         return -1;
@@ -3092,7 +3187,7 @@ patch_prepare(TimerPatch *p, PyObject *const *args, PyObject **wrapper)
         goto done;
     }
     PyObject *call[4] = {trace, s_timer, PyTuple_GET_ITEM(active, 1), skip};
-    res = PyObject_VectorcallMethod(s_new_resource, call, 4, NULL);
+    res = call_new_resource(call);
     if (res == NULL || res == Py_None) {
         rc = res == NULL ? -1 : 0;
         goto done;
@@ -3300,7 +3395,7 @@ scoped_start(ScopedCall *s)
     PyObject *trace = PyTuple_GET_ITEM(active, 0);
     PyObject *skip = PyLong_FromLong(0); /* the stack from the awaiting frame */
     PyObject *call[4] = {trace, s->type, PyTuple_GET_ITEM(active, 1), skip};
-    PyObject *res = skip ? PyObject_VectorcallMethod(s_new_resource, call, 4, NULL) : NULL;
+    PyObject *res = skip ? call_new_resource(call) : NULL;
     Py_XDECREF(skip);
     if (res == NULL || res == Py_None || !Py_IS_TYPE(res, &ResourceType)) {
         Py_XDECREF(res);
@@ -3562,16 +3657,13 @@ scoped_repr(ScopedCall *s)
 }
 
 static PyObject *
-scoped_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+scoped_make(PyTypeObject *type, PyObject *var, PyObject *rtype, PyObject *awaitable,
+            PyObject *notes, PyObject *done)
 {
-    PyObject *var, *rtype, *awaitable, *notes, *done;
-    if (!PyArg_ParseTuple(args, "OUOO!O:ScopedCall", &var, &rtype, &awaitable, &PyDict_Type,
-                          &notes, &done)) {
-        return NULL;
-    }
-    if (!PyContextVar_CheckExact(var) || (done != Py_None && !PyCallable_Check(done))) {
+    if (!PyContextVar_CheckExact(var) || !PyUnicode_Check(rtype) || !PyDict_Check(notes) ||
+        (done != Py_None && !PyCallable_Check(done))) {
         PyErr_SetString(PyExc_TypeError,
-                        "ScopedCall(var: ContextVar, type, awaitable, notes: dict, done)");
+                        "ScopedCall(var: ContextVar, type: str, awaitable, notes: dict, done)");
         return NULL;
     }
     ScopedCall *s = PyObject_GC_New(ScopedCall, type);
@@ -3588,6 +3680,31 @@ scoped_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     s->started = s->finished = 0;
     PyObject_GC_Track(s);
     return (PyObject *)s;
+}
+
+static PyObject *
+scoped_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *var, *rtype, *awaitable, *notes, *done;
+    if (!PyArg_ParseTuple(args, "OUOO!O:ScopedCall", &var, &rtype, &awaitable, &PyDict_Type,
+                          &notes, &done)) {
+        return NULL;
+    }
+    return scoped_make(type, var, rtype, awaitable, notes, done);
+}
+
+/* ScopedCall(...) as instrumentation calls it, once per recorded call: no argument tuple. */
+static PyObject *
+scoped_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 5 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ScopedCall(var, type, awaitable, notes, done) takes 5 positional "
+                        "arguments");
+        return NULL;
+    }
+    return scoped_make((PyTypeObject *)type, args[0], args[1], args[2], args[3], args[4]);
 }
 
 static int
@@ -3648,6 +3765,7 @@ static PyTypeObject ScopedCallType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "ScopedCall(var, type, awaitable, notes, done): an awaited call, recorded.",
     .tp_new = scoped_new,
+    .tp_vectorcall = scoped_vectorcall,
     .tp_traverse = (traverseproc)scoped_traverse,
     .tp_clear = (inquiry)scoped_clear,
     .tp_dealloc = (destructor)scoped_dealloc,
@@ -3823,7 +3941,7 @@ future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
     }
     PyObject *skip = PyLong_FromLong(0); /* the stack from create_future's caller */
     PyObject *call[4] = {trace, s_future, PyTuple_GET_ITEM(active, 1), skip};
-    PyObject *res = skip ? PyObject_VectorcallMethod(s_new_resource, call, 4, NULL) : NULL;
+    PyObject *res = skip ? call_new_resource(call) : NULL;
     Py_XDECREF(skip);
     if (res == NULL || PyObject_SetAttr(fut, s_asynctrace_res, res) < 0) {
         report_and_clear("create-future");
@@ -4019,6 +4137,14 @@ PyInit__speedups(void)
         PyType_Ready(&FutureMakerType) < 0 || PyType_Ready(&TimerCancelType) < 0) {
         return NULL;
     }
+    core_new_resource_method = PyDict_GetItemWithError(TraceCoreType.tp_dict, s_new_resource);
+    if (core_new_resource_method == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "TraceCore has no new_resource");
+        }
+        return NULL;
+    }
+    Py_INCREF(core_new_resource_method);
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) {
         return NULL;

@@ -208,3 +208,33 @@ def test_record_calls_c_form_acts_as_a_coroutine() -> None:
     trace = traced(body)
     states = [r.state for r in trace.resources if r.type == "cache-get"]
     assert states[0] == "ok" and len(states) == 2
+
+
+@pytest.mark.skipif("c" not in _record_call_forms(), reason="the C accelerator is not built")
+def test_the_call_recorder_instrumentation_keeps_is_the_c_form_and_checks_its_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgi_asynctrace import _context
+    from asgi_asynctrace._context import ACTIVE, call_recorder
+
+    record = call_recorder()
+
+    async def value() -> int:
+        return 3
+
+    async def body() -> None:
+        assert await record("cache-get", value(), {"key": "k"}, lambda r: {"hit": r == 3}) == 3
+
+    trace = traced(body)
+    (res,) = [r for r in trace.resources if r.type == "cache-get"]
+    assert trace.annotations_of(res.async_id) == {"key": "k", "hit": True}
+    assert res.state == "ok"
+    awaitable = object()  # never awaited: the arguments are refused first
+    for bad in [("cache-get", awaitable, [], None), ("cache-get", awaitable, {}, 5),
+                (1, awaitable, {}, None), ("cache-get", awaitable, {})]:  # fmt: skip
+        with pytest.raises(TypeError, match="ScopedCall"):
+            record(*bad)
+    with pytest.raises(TypeError, match="ScopedCall"):
+        _context._CScopedCall(ACTIVE, "cache-get", awaitable, {}, None, extra=1)
+    monkeypatch.setattr(_context, "_scoped_call_in_c", False)
+    assert call_recorder() is _context._record_call  # the Python form, when asked for

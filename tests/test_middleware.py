@@ -673,3 +673,30 @@ def test_the_c_check_and_the_python_check_agree() -> None:
             assert not python_slow
         else:
             assert python_slow and python_value == value
+
+
+@pytest.mark.parametrize("shape", [tuple, list])
+def test_a_traceparent_is_kept_however_the_server_shapes_its_headers(shape: Any) -> None:
+    # Servers give (name, value) tuples; a list of lists is valid ASGI too, and is read by the
+    # Python scan where the C one declines it.
+    parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    headers = [shape(p) for p in [(b"host", b"x"), (b"x-async-trace", b"1"),
+                                  (b"traceparent", parent)]]  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": "/hello", "raw_path": b"/hello", "query_string": b"",
+             "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 8000)}  # fmt: skip
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    with capture_traces() as traces:
+        run(traced_app(log_traces=False)(scope, receive, send))
+    assert sent[-1]["body"] == b"hello"
+    (trace,) = traces
+    assert trace.request["traceparent"] == parent.decode()
+    assert trace.annotations_of(trace.root.async_id)["traced"] == "requested"

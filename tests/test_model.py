@@ -121,6 +121,46 @@ def test_stacks_are_deduplicated_by_key() -> None:
     assert len(trace.to_dict()["stackTraces"]) == 2
 
 
+class _Key:
+    """A stack key that compares by identity, as the hooks' cached stacks do."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("core", ["c", "python"])
+def test_stack_keys_by_identity_and_by_value_each_keep_their_own_index(core: str) -> None:
+    # The C core finds its first 32 identity keys by a pointer scan and the rest in the dict:
+    # across that line, and mixed with keys that compare by value, every key keeps one index.
+    if core == "c" and not ACCELERATED:
+        pytest.skip("the C accelerator was not built")
+    trace = (Trace if core == "c" else _python_core_trace())()
+    keys = [_Key() for _ in range(40)]
+    first = {}
+    for i, key in enumerate(keys):
+        first[i] = trace.stack_id(key, (f"f{i} @ a.py:{i}:1",))
+        if i % 5 == 0:  # a key that compares by value, made anew each time it is asked for
+            assert trace.stack_id(("by-value", i), (f"v{i} @ b.py:{i}:1",)) is not None
+    for i in reversed(range(40)):
+        assert trace.stack_id(keys[i], ("never stored",)) == first[i]
+        if i % 5 == 0:
+            again = trace.stack_id(("by-value", i), ("never stored",))
+            assert trace.stacks[again] == (f"v{i} @ b.py:{i}:1",)
+    assert len(trace.stacks) == 48 and len(set(first.values())) == 40
+    assert all(trace.stacks[first[i]] == (f"f{i} @ a.py:{i}:1",) for i in range(40))
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+def test_the_c_core_reads_the_clock_perf_counter_ns_reads() -> None:
+    import time
+
+    for _ in range(1000):
+        before = time.perf_counter_ns()
+        trace = Trace.start()
+        res = trace.new_resource("task", trace.root, 0)
+        after = time.perf_counter_ns()
+        assert res is not None and before <= trace.origin <= res.created_at <= after
+
+
 def test_only_the_first_settlement_counts() -> None:
     trace = Trace()
     res = trace.add("future", 0, None, 0)

@@ -81,6 +81,22 @@ def test_a_request_body_read_from_a_slow_client_is_one_stream_with_a_step_per_ch
     assert body.settled_at == steps[-1][1]
 
 
+def test_bodies_that_come_and_go_in_one_message_are_each_one_stream_of_one_step() -> None:
+    app = Starlette(routes=[Route("/upload", upload, methods=["POST"])])
+    incoming = [(0.0, {"type": "http.request", "body": b"z" * 70, "more_body": False})]
+    trace, sent = serve(app, {"type": "http", "method": "POST", "path": "/upload"}, incoming,
+                        send_delay=0.01)  # fmt: skip
+    assert sent[-1]["body"] == b"70"
+    for rtype, size in (("stream-read", 70), ("stream-write", 2)):
+        body = only(trace, rtype)
+        notes = trace.annotations_of(body.async_id)
+        assert (notes, body.state, body.trigger_id) == ({"bytes": size, "chunks": 1}, "ok", 1)
+        ((start, end),) = body.intervals()
+        assert body.created_at == start and end is not None and body.settled_at == end
+    ((start, end),) = only(trace, "stream-write").intervals()
+    assert end - start >= 9_000_000  # the 10 ms the client took to take it
+
+
 def test_a_streamed_response_to_a_slow_client_is_one_stream_with_its_blocked_time() -> None:
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(3):
