@@ -549,8 +549,9 @@ def acquire_hooks(
     ``LINGER_S``: for good) in case another traced request comes, then come off.
     """
     global _last
-    last_loop, hooks = _last
-    if last_loop() is not loop:
+    last_loop, last_hooks = _last
+    hooks: _LoopHooks | None = last_hooks if last_loop() is loop else None
+    if hooks is None:
         hooks = _loops.get(loop)
         if hooks is None:
             hooks = _loops[loop] = _LoopHooks(loop)

@@ -217,7 +217,7 @@ def test_the_call_recorder_instrumentation_keeps_is_the_c_form_and_checks_its_ar
     from asgi_asynctrace import _context
     from asgi_asynctrace._context import ACTIVE, call_recorder
 
-    record = call_recorder()
+    record: Any = call_recorder()
 
     async def value() -> int:
         return 3

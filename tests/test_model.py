@@ -144,9 +144,10 @@ def test_stack_keys_by_identity_and_by_value_each_keep_their_own_index(core: str
         assert trace.stack_id(keys[i], ("never stored",)) == first[i]
         if i % 5 == 0:
             again = trace.stack_id(("by-value", i), ("never stored",))
-            assert trace.stacks[again] == (f"v{i} @ b.py:{i}:1",)
+            assert again is not None and trace.stacks[again] == (f"v{i} @ b.py:{i}:1",)
     assert len(trace.stacks) == 48 and len(set(first.values())) == 40
-    assert all(trace.stacks[first[i]] == (f"f{i} @ a.py:{i}:1",) for i in range(40))
+    assert all(trace.stacks[first[i] or 0] == (f"f{i} @ a.py:{i}:1",) for i in range(40))
+    assert None not in first.values()
 
 
 @pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
