@@ -48,6 +48,13 @@ VARIANTS = {
     "traced": "every request traced, asked by header (trace in the response header)",
 }
 TARGETS = {"idle": ">= 0.99x", "pinned": ">= 0.99x", "sampled": ">= 0.98x"}
+# Latency in instructions, one request at a time: up to the moment the app hands the server its
+# response's last chunk (as bench_routes' latency table times it).
+LATENCY_VARIANTS = {
+    "untraced": "untraced, hooks on",
+    "stored": "traced, to the store only",
+    "header": "traced, trace in the response header",
+}
 
 
 def _app(kind: str, variant: str) -> Any:
@@ -130,6 +137,64 @@ async def _work(variant: str, warmup: int, n: int) -> None:
         gc.unfreeze()
 
 
+async def _latency_work(variant: str, warmup: int, n: int) -> None:
+    """One request at a time; callgrind cuts its count as each request starts and again as the
+    app hands over the response's last chunk, so every other part is one request's answer."""
+    from asgi_asynctrace import AsyncTraceMiddleware, install_hooks
+
+    from .bench_routes import _scope
+
+    marking = False
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        if marking and message["type"] == "http.response.body" and not message.get("more_body"):
+            os.getpgrp()  # the answer is out: the count of this request ends here
+
+    install_hooks()  # as after a first traced request, for every variant
+    for _, kind, path in ROUTES:
+        bare = _app(kind, "bare")
+        app = AsyncTraceMiddleware(bare, log_traces=False, store_size=100,
+                                   sample_rate=1.0 if variant == "stored" else 0.0)  # fmt: skip
+        header = variant == "header"
+        for _ in range(warmup):  # the store full, as in a server that has been up a while
+            await app(_scope(path, header), receive, send)
+        gc.collect()
+        gc.freeze()
+        marking = True
+        for _ in range(n):
+            os.getpgrp()  # ... and starts here
+            await app(_scope(path, header), receive, send)
+        marking = False
+        gc.unfreeze()
+
+
+def _latency_count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
+    """Instructions to the answer per request, per route, for one variant (median request)."""
+    out = os.path.join(scratch, f"latency-{variant}.out")
+    cmd = ["valgrind", "--tool=callgrind", "--dump-before=getpgrp", f"--callgrind-out-file={out}",
+           sys.executable, "-m", "benchmarks.bench_instructions", "--latency-worker", variant,
+           "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"latency {variant} failed under valgrind:\n{done.stderr[-3000:]}")
+    counts = []
+    for i in range(len(ROUTES)):  # dump 1: start-up to the first request; then per request
+        # its answer (even parts) and what ran between it and the next one (odd parts)
+        first = 2 + 2 * n * i
+        parts = []
+        for k in range(first, first + 2 * n, 2):
+            text = Path(f"{out}.{k}").read_text()
+            parts.append(int(next(ln for ln in text.splitlines() if ln.startswith("totals:"))
+                             .split()[1]))  # fmt: skip
+        parts.sort()
+        counts.append(parts[len(parts) // 2])
+    return counts
+
+
 def _count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
     """Instructions per request, per route, for one variant (one process under callgrind)."""
     out = os.path.join(scratch, f"{variant}.out")
@@ -152,21 +217,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke check)")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--latency-worker", choices=list(LATENCY_VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=600, help=argparse.SUPPRESS)
     parser.add_argument("-n", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.worker or args.latency_worker:
         import logging
 
         logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
-        asyncio.run(_work(args.worker, args.warmup, args.n))
+        if args.worker:
+            asyncio.run(_work(args.worker, args.warmup, args.n))
+        else:
+            asyncio.run(_latency_work(args.latency_worker, args.warmup, args.n))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (Debian's package valgrind)")
     warmup, n = (300, 300) if args.quick else (600, 1000)
     with tempfile.TemporaryDirectory() as scratch, concurrent.futures.ThreadPoolExecutor(2) as pool:
         jobs = {v: pool.submit(_count, v, warmup, n, scratch) for v in VARIANTS}
+        latency_n = 21 if args.quick else 101
+        waits = {v: pool.submit(_latency_count, v, 200, latency_n, scratch)
+                 for v in LATENCY_VARIANTS}  # fmt: skip
         counts = {v: job.result() for v, job in jobs.items()}
+        latency = {v: job.result() for v, job in waits.items()}
     print(
         f"Python {sys.version.split()[0]}, valgrind callgrind; instructions per request, "
         f"{n} requests per route and variant (50 in flight) after {warmup} uncounted\n"
@@ -181,6 +254,16 @@ def main() -> None:
             # as throughput: the bare app's work over this variant's
             print(f"| {label} | {name} | {got:,} | {base / got:.3f}x | {loaded / got:.3f}x "
                   f"| {TARGETS.get(variant, '-')} |")  # fmt: skip
+    print(f"\nLatency in instructions: one request at a time, from its start to the moment the "
+          f"app hands the server its response's last chunk; the median of {latency_n} requests "
+          "after 200 uncounted, the hooks on in every variant\n")  # fmt: skip
+    print("| route | " + " | ".join(LATENCY_VARIANTS.values()) + " | target |")
+    print("|---|---|---|---|---|")
+    for i, (label, _, _) in enumerate(ROUTES):
+        base = latency["untraced"][i]
+        cells = [f"{base:,}"] + [f"{latency[v][i]:,} ({latency[v][i] / base:.3f}x)"
+                                 for v in ("stored", "header")]  # fmt: skip
+        print(f"| {label} | " + " | ".join(cells) + " | <= 1.25x |")
 
 
 if __name__ == "__main__":
