@@ -171,46 +171,41 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
         gc.unfreeze()
 
 
-def _latency_count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
-    """Instructions to the answer per request, per route, for one variant (median request)."""
-    out = os.path.join(scratch, f"latency-{variant}.out")
+def _callgrind(flag: str, variant: str, warmup: int, n: int, scratch: str) -> str:
+    """Run one worker process under callgrind; returns the prefix of its dump files."""
+    out = os.path.join(scratch, f"{flag}-{variant}.out")
     cmd = ["valgrind", "--tool=callgrind", "--dump-before=getpgrp", f"--callgrind-out-file={out}",
-           sys.executable, "-m", "benchmarks.bench_instructions", "--latency-worker", variant,
+           sys.executable, "-m", "benchmarks.bench_instructions", f"--{flag}", variant,
            "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"latency {variant} failed under valgrind:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{variant} failed under valgrind:\n{done.stderr[-3000:]}")
+    return out
+
+
+def _total(dump: str) -> int:
+    text = Path(dump).read_text()
+    return int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
+
+
+def _latency_count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
+    """Instructions to the answer per request, per route, for one variant (median request)."""
+    out = _callgrind("latency-worker", variant, warmup, n, scratch)
     counts = []
     for i in range(len(ROUTES)):  # dump 1: start-up to the first request; then per request
         # its answer (even parts) and what ran between it and the next one (odd parts)
         first = 2 + 2 * n * i
-        parts = []
-        for k in range(first, first + 2 * n, 2):
-            text = Path(f"{out}.{k}").read_text()
-            parts.append(int(next(ln for ln in text.splitlines() if ln.startswith("totals:"))
-                             .split()[1]))  # fmt: skip
-        parts.sort()
+        parts = sorted(_total(f"{out}.{k}") for k in range(first, first + 2 * n, 2))
         counts.append(parts[len(parts) // 2])
     return counts
 
 
 def _count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
     """Instructions per request, per route, for one variant (one process under callgrind)."""
-    out = os.path.join(scratch, f"{variant}.out")
-    cmd = ["valgrind", "--tool=callgrind", "--dump-before=getpgrp", f"--callgrind-out-file={out}",
-           sys.executable, "-m", "benchmarks.bench_instructions", "--worker", variant,
-           "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{variant} failed under valgrind:\n{done.stderr[-3000:]}")
-    counts = []
-    for i in range(len(ROUTES)):  # dump 1 is the start-up; then counted, between, counted, ...
-        part = Path(f"{out}.{2 * i + 2}").read_text()
-        totals = [line for line in part.splitlines() if line.startswith("totals:")]
-        counts.append(int(totals[0].split()[1]) // n)
-    return counts
+    out = _callgrind("worker", variant, warmup, n, scratch)
+    # dump 1 is the start-up; then counted, between, counted, ...
+    return [_total(f"{out}.{2 * i + 2}") // n for i in range(len(ROUTES))]
 
 
 def main() -> None:
