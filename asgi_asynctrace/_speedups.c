@@ -1485,9 +1485,10 @@ typedef struct {
     long long next_id;
     /* The first IDENTITY_KEYS stack keys that compare by identity (the creation stacks the
      * hooks capture) with their indexes, found by a pointer scan: a request's few stacks
-     * then need no dict (made, hashed into, grown) per trace. NULL until the first one. */
+     * then need no dict (made, hashed into, grown) per trace. NULL until the first one; 16
+     * entries, then 32 (no bigger than the dict it saves for a trace with few stacks). */
     struct ident_key *ident;
-    Py_ssize_t n_ident;
+    Py_ssize_t n_ident, ident_size;
 } TraceCore;
 
 #define IDENTITY_KEYS 32
@@ -1775,12 +1776,15 @@ core_stack_id_impl(TraceCore *t, PyObject *key, PyObject *frames)
                 return Py_NewRef(t->ident[i].sid);
             }
         }
-        if (t->n_ident < IDENTITY_KEYS && t->ident == NULL) {
-            t->ident = PyMem_Calloc(IDENTITY_KEYS, sizeof(struct ident_key));
-            if (t->ident == NULL) {
+        if (t->n_ident == t->ident_size && t->ident_size < IDENTITY_KEYS) {
+            Py_ssize_t size = t->ident_size ? IDENTITY_KEYS : IDENTITY_KEYS / 2;
+            struct ident_key *grown = PyMem_Realloc(t->ident, size * sizeof(struct ident_key));
+            if (grown == NULL) {
                 PyErr_NoMemory();
                 return NULL;
             }
+            t->ident = grown;
+            t->ident_size = size;
         }
         by_identity = t->n_ident < IDENTITY_KEYS;
     }
@@ -1887,6 +1891,22 @@ core_new_resource(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
     return res;
 }
 
+static void
+core_drop_index(TraceCore *t)
+{
+    if (t->ident != NULL) {
+        struct ident_key *ident = t->ident;
+        Py_ssize_t n = t->n_ident;
+        t->ident = NULL;
+        t->n_ident = t->ident_size = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_DECREF(ident[i].key);
+            Py_DECREF(ident[i].sid);
+        }
+        PyMem_Free(ident);
+    }
+}
+
 static int
 core_traverse(TraceCore *t, visitproc visit, void *arg)
 {
@@ -1909,17 +1929,7 @@ core_clear(TraceCore *t)
     Py_CLEAR(t->stacks);
     Py_CLEAR(t->stack_ids);
     Py_CLEAR(t->dropped);
-    if (t->ident != NULL) {
-        struct ident_key *ident = t->ident;
-        Py_ssize_t n = t->n_ident;
-        t->ident = NULL;
-        t->n_ident = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            Py_DECREF(ident[i].key);
-            Py_DECREF(ident[i].sid);
-        }
-        PyMem_Free(ident);
-    }
+    core_drop_index(t);
     return 0;
 }
 
