@@ -166,10 +166,15 @@ _KEY_ORDER: Final = ("version", "traceId", "request", "startedAtUnixNs", "reques
                      "resources", "stackTraces", "annotations", "dropped")  # fmt: skip
 _ZLIB_HEAD: Final = b"\x78\x01"  # deflate, 32 KiB window, header check bits
 _LAST_BLOCK: Final = b"\x03\x00"  # an empty final block (fixed codes: BFINAL, end of block)
+# An empty stored block (not final, padded to the byte, LEN 0, NLEN 0xFFFF): adds no data. Up
+# to two after the cached head make its length a multiple of 3 bytes, so the head's base64 text
+# is cached too and only the per-request part is encoded (base64 of the two parts, joined, is
+# base64 of the whole).
+_EMPTY_STORED: Final = b"\x00\x00\x00\xff\xff"
 # Kept between traces: no 256 KiB of compressor state allocated and freed for each header.
 _idle_compressors: list[zlib._Compress] = []
 _MAX_IDLE_COMPRESSORS: Final = 4
-_tables: dict[tuple[int, ...], tuple[tuple[object, ...], bytes, int]] = {}
+_tables: dict[tuple[int, ...], tuple[tuple[object, ...], str, int]] = {}
 _MAX_TABLES: Final = 128
 
 
@@ -202,19 +207,23 @@ def encode_trace_header(data: bytes) -> str:
 
 def trace_header(trace: Trace) -> str:
     """``encode_trace_header`` of the trace's JSON, written with its stack table first (the
-    same document; only the key order differs) so the table's compressed form can be reused
-    from the last request that had the same table."""
+    same document; only the key order differs) so the table's compressed and encoded form can
+    be reused from the last request that had the same table."""
     stacks = trace.stacks
     key = tuple(map(id, stacks))  # the entry keeps the stacks alive, so no id is reused
     table = _tables.get(key)
     if table is None:
         data = b'{"stackTraces":' + trace.stack_table_json() + b","
-        table = (tuple(stacks), _deflate(data), zlib.adler32(data))
+        head = _ZLIB_HEAD + _deflate(data)
+        head += _EMPTY_STORED * (len(head) % 3)  # 5 bytes each: then a multiple of 3
+        table = (tuple(stacks), base64.urlsafe_b64encode(head).decode("ascii"), zlib.adler32(data))
         if len(_tables) >= _MAX_TABLES:
             _tables.clear()
         _tables[key] = table
     rest = memoryview(trace.json_without_stacks())[1:]  # without its "{"
-    return _header_value((table[1], _deflate(rest)), zlib.adler32(rest, table[2]))
+    checksum = zlib.adler32(rest, table[2]).to_bytes(4, "big")
+    tail = base64.urlsafe_b64encode(_deflate(rest) + _LAST_BLOCK + checksum)
+    return HEADER_PREFIX + table[1] + tail.rstrip(b"=").decode("ascii")
 
 
 def decode_trace_header(value: str | bytes) -> dict[str, Any]:

@@ -71,6 +71,29 @@ def test_the_header_holds_the_trace_as_to_json_writes_it_cached_table_or_not(cor
     assert orjson.loads(_raw(trace_header(again)))["request"]["path"] == "/again"
 
 
+def test_the_cached_head_is_padded_to_whole_base64_groups_with_empty_stored_blocks() -> None:
+    # The head (zlib header and the compressed stack table) is cached as base64 text, which
+    # joins with the rest's only when the head is a multiple of 3 bytes: empty stored blocks
+    # pad it. Every remainder must give a header that zlib itself reads back whole.
+    from asgi_asynctrace._sinks import _ZLIB_HEAD, _deflate
+
+    _tables.clear()
+    seen = set()
+    for n in range(1, 40):
+        trace = Trace.start(request={"method": "GET", "path": f"/{n}"})
+        for i in range(n):
+            sid = trace.stack_id(f"site{i}", (f"f{i} @ app.py:{i * 7}:{n}",))
+            trace.add("cache-get", 1, sid, trace.origin + i)
+        trace.finish(trace.origin + 10**6)
+        head = _ZLIB_HEAD + _deflate(b'{"stackTraces":' + trace.stack_table_json() + b",")
+        seen.add(len(head) % 3)
+        value = trace_header(trace)
+        assert orjson.loads(_raw(value)) == orjson.loads(trace.to_json())
+        assert decode_trace_header(value) == orjson.loads(trace.to_json())
+        assert value == trace_header(trace)  # the second time from the cached head
+    assert seen == {0, 1, 2}
+
+
 def test_a_stack_frame_json_cannot_hold_is_written_as_to_json_writes_it() -> None:
     before = failure_counts().get("serialize", 0)
     trace = Trace.start()
