@@ -115,13 +115,7 @@ class TracedRequest:
         if client:
             trace.annotate(root, "client", str(client[0]))
         trace.annotate(root, "traced", "requested" if requested else "sampled")
-        traceparent = (
-            _find_header(scope.get("headers") or (), b"traceparent")
-            if _find_header is not None
-            else NotImplemented
-        )
-        if traceparent is NotImplemented:  # no accelerator, or unusual headers
-            traceparent = _header_in_python(scope, b"traceparent")
+        traceparent = _header(scope, b"traceparent")
         if traceparent is not None and _TRACEPARENT.fullmatch(traceparent):
             trace.request["traceparent"] = traceparent.decode()  # for OpenTelemetry export
         parent = _upstream(scope) if requested else None
