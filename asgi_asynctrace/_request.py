@@ -23,7 +23,7 @@ from ._failures import report
 from ._hooks import acquire_hooks
 from ._model import Resource, Trace
 from ._sinks import trace_header
-from ._streams import BodyStream, message_size, record_body, record_message
+from ._streams import BodyStream, body_chunk, message_size, record_message
 
 _find_header: Callable[[Any, bytes], Any] | None
 try:
@@ -172,15 +172,9 @@ class TracedRequest:
         if kind == "http.request":
             body = message.get("body") or b""
             last = not message.get("more_body", False)
-            stream = self.body_in
-            if stream is not None:
-                stream.chunk(_current(trace, self.root), started, ended, len(body), last)
-            elif last:  # the whole body in one message
-                record_body(trace, "stream-read", _current(trace, self.root), started, ended,
-                            len(body))  # fmt: skip
-            else:
-                stream = self.body_in = BodyStream(trace, "stream-read")
-                stream.chunk(_current(trace, self.root), started, ended, len(body), last)
+            self.body_in = body_chunk(self.body_in, trace, "stream-read",
+                                      _current(trace, self.root), started, ended, len(body),
+                                      last)  # fmt: skip
         elif kind == "websocket.receive":
             what, size = message_size(message)
             record_message(trace, _current(trace, self.root), "receive", started, ended, what,
@@ -195,7 +189,7 @@ class TracedRequest:
         """The app's ``send``: the server's, recorded, the response headers given the trace
         when it was asked for."""
         kind = message.get("type")
-        if kind == "http.response.body":  # the usual message, recorded here: no more frames
+        if kind == "http.response.body":  # the usual message
             last = not message.get("more_body", False)
             if last:
                 self.response_done = True
@@ -204,17 +198,9 @@ class TracedRequest:
             ended = _now()
             try:
                 trace = self.trace
-                active = ACTIVE.get()
-                parent = active[1] if active is not None and active[0] is trace else self.root
-                size = len(message.get("body") or b"")
-                stream = self.body_out
-                if stream is not None:
-                    stream.chunk(parent, started, ended, size, last)
-                elif last:  # the whole body in one message, the usual case
-                    record_body(trace, "stream-write", parent, started, ended, size)
-                else:
-                    stream = self.body_out = BodyStream(trace, "stream-write")
-                    stream.chunk(parent, started, ended, size, last)
+                self.body_out = body_chunk(self.body_out, trace, "stream-write",
+                                           _current(trace, self.root), started, ended,
+                                           len(message.get("body") or b""), last)  # fmt: skip
             except Exception as exc:
                 report("send", exc)
             return

@@ -7,7 +7,7 @@
 A body is one resource however many chunks it has: each chunk is one callback interval, from
 the moment the app asked for it (``receive()``) or handed it over (``send()``) to the moment it
 came back, so the time spent blocked on a slow client shows as the intervals' length. A
-websocket message is a resource of its own. Exports: BodyStream, message_size, record_body,
+websocket message is a resource of its own. Exports: BodyStream, body_chunk, message_size,
 record_message.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from ._model import Resource, Trace
 
-__all__ = ["BodyStream", "message_size", "record_body", "record_message"]
+__all__ = ["BodyStream", "body_chunk", "message_size", "record_message"]
 
 _now = time.perf_counter_ns
 
@@ -70,20 +70,29 @@ class BodyStream:
             self.trace.annotate(res, "chunks", self.chunks)
 
 
-def record_body(trace: Trace, type: str, parent: Resource, started: int, ended: int,
-                size: int) -> None:  # fmt: skip
-    """A body that came (or went) in one message: what ``BodyStream`` records for it, with
-    no stream object (the usual case: one message, then no more)."""
-    if trace.closed:
-        return
-    res = trace.add(type, parent.async_id, None, started)
-    if res is None:
-        return
-    trace.begin(res, started)
-    trace.end(res, ended)
-    trace.settle(res, ended, "ok")
-    trace.annotate(res, "bytes", size)
-    trace.annotate(res, "chunks", 1)
+def body_chunk(
+    stream: BodyStream | None, trace: Trace, type: str, parent: Resource, started: int,
+    ended: int, size: int, last: bool,
+) -> BodyStream | None:  # fmt: skip
+    """One chunk of a body, on its stream; returns the stream to keep for the next chunk. A
+    body that comes (or goes) whole in one message, the usual case, is recorded as
+    ``BodyStream`` would record it, with no stream object made."""
+    if stream is None:
+        if not last:
+            stream = BodyStream(trace, type)
+        elif not trace.closed:
+            res = trace.add(type, parent.async_id, None, started)
+            if res is not None:
+                trace.begin(res, started)
+                trace.end(res, ended)
+                trace.settle(res, ended, "ok")
+                trace.annotate(res, "bytes", size)
+                trace.annotate(res, "chunks", 1)
+            return None
+        else:
+            return None
+    stream.chunk(parent, started, ended, size, last)
+    return stream
 
 
 def message_size(message: Mapping[str, Any]) -> tuple[str, int]:
