@@ -37,6 +37,54 @@
 #endif
 #endif
 
+/* Where obj keeps the attribute called name, when that is a __slots__ member of obj's class
+ * (found through the type's attribute cache) and the class reads and writes attributes the
+ * usual way: the traced side of every future, timer and stack reads and writes a few such
+ * slots, and the generic attribute lookup was most of what each one cost. NULL otherwise,
+ * for the caller to ask the usual way (a class that replaced the slot, or its
+ * __getattribute__ / __setattr__, is asked). */
+static PyObject **
+slot_address(PyObject *obj, PyObject *name, int writing)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (writing ? tp->tp_setattro != PyObject_GenericSetAttr
+                : tp->tp_getattro != PyObject_GenericGetAttr) {
+        return NULL;
+    }
+    PyObject *descr = _PyType_Lookup(tp, name); /* borrowed */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        return NULL;
+    }
+    PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+    if (m->type != T_OBJECT_EX || (m->flags & READONLY)) {
+        return NULL;
+    }
+    return (PyObject **)((char *)obj + m->offset);
+}
+
+/* obj.name: a new reference, NULL with an exception set (an unset slot raises as ever). */
+static PyObject *
+slot_get(PyObject *obj, PyObject *name)
+{
+    PyObject **at = slot_address(obj, name, 0);
+    if (at != NULL && *at != NULL) {
+        return Py_NewRef(*at);
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+/* obj.name = value; 0, or -1 with an exception set. */
+static int
+slot_set(PyObject *obj, PyObject *name, PyObject *value)
+{
+    PyObject **at = slot_address(obj, name, 1);
+    if (at == NULL) {
+        return PyObject_SetAttr(obj, name, value);
+    }
+    Py_XSETREF(*at, Py_NewRef(value));
+    return 0;
+}
+
 #define MAX_FRAMES 256
 
 typedef struct {
@@ -131,6 +179,38 @@ walk_args(PyObject *const *args, Py_ssize_t *skip, Py_ssize_t *depth)
     return 0;
 }
 
+/* The walks found last, by their hash: a hit here skips making the hash an int and looking
+ * it up in the cache dict (a third of what a found stack cost). An entry counts only while the
+ * dict it was found in is unchanged since (its version tag, which CPython moves on every
+ * change to a dict and never gives two dicts): a stack seen for the first time, or a cache
+ * cleared or replaced, and the entries are looked up again. */
+#define FRONT_SIZE 256
+static struct {
+    PyObject *cache; /* compared, not owned: the version tells a new dict at the same place */
+    uint64_t version;
+    uint64_t hash;
+    PyObject *packed;
+    PyObject *stack;
+} front[FRONT_SIZE];
+
+/* The dict's version tag; 0 where CPython has none (3.14 dropped it): no entry is kept. */
+static uint64_t
+dict_version(PyObject *dict)
+{
+#if PY_VERSION_HEX < 0x030E0000 && !defined(PYPY_VERSION)
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#endif
+    return ((PyDictObject *)dict)->ma_version_tag; /* deprecated as API in 3.12, still kept */
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+#else
+    return 0;
+#endif
+}
+
 /* stack_lookup(skip, max_depth, stop_code, cache): the caller's walk, looked up in cache
  * (a dict: hash of the walk -> (its packed key, the Stack made for it)) without building the
  * key: on a hit, the Stack; on a miss, (hash, packed key) for the caller to format and store.
@@ -156,11 +236,20 @@ stack_lookup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         h = (h ^ (uint64_t)buf[i].lasti ^ (h >> 29)) * 0xC4CEB9FE1A85EC53ULL;
     }
     h ^= h >> 32;
+    PyObject *cache = args[3];
+    uint64_t version = dict_version(cache);
+    Py_ssize_t slot = (Py_ssize_t)(h & (FRONT_SIZE - 1));
+    if (version != 0 && front[slot].stack != NULL && front[slot].cache == cache &&
+        front[slot].version == version && front[slot].hash == h &&
+        PyBytes_GET_SIZE(front[slot].packed) == size &&
+        memcmp(PyBytes_AS_STRING(front[slot].packed), buf, (size_t)size) == 0) {
+        return Py_NewRef(front[slot].stack);
+    }
     PyObject *key = PyLong_FromUnsignedLongLong(h);
     if (key == NULL) {
         return NULL;
     }
-    PyObject *hit = PyDict_GetItemWithError(args[3], key); /* borrowed */
+    PyObject *hit = PyDict_GetItemWithError(cache, key); /* borrowed */
     if (hit == NULL && PyErr_Occurred()) {
         Py_DECREF(key);
         return NULL;
@@ -171,8 +260,14 @@ stack_lookup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             memcmp(PyBytes_AS_STRING(packed), buf, (size_t)size) == 0) {
             Py_DECREF(key);
             PyObject *stack = PyTuple_GET_ITEM(hit, 1);
-            Py_INCREF(stack);
-            return stack;
+            if (version != 0) {
+                Py_XSETREF(front[slot].packed, Py_NewRef(packed));
+                Py_XSETREF(front[slot].stack, Py_NewRef(stack));
+                front[slot].cache = cache;
+                front[slot].version = version;
+                front[slot].hash = h;
+            }
+            return Py_NewRef(stack);
         }
     }
     PyObject *packed = PyBytes_FromStringAndSize((const char *)buf, size);
@@ -1805,7 +1900,7 @@ core_stack_id_impl(TraceCore *t, PyObject *key, PyObject *frames)
         Py_RETURN_NONE;
     }
     PyObject *owned = NULL;
-    if (frames == NULL && (frames = owned = PyObject_GetAttr(key, s_frames)) == NULL) {
+    if (frames == NULL && (frames = owned = slot_get(key, s_frames)) == NULL) {
         return NULL;
     }
     sid = PyLong_FromSsize_t(PyList_GET_SIZE(t->stacks));
@@ -2137,7 +2232,7 @@ timed_awaits(Timed *self, PyObject *fut)
     if (traced_future_type == NULL || (PyObject *)Py_TYPE(fut) != traced_future_type) {
         return 0;
     }
-    PyObject *waited = PyObject_GetAttr(fut, s_asynctrace_res);
+    PyObject *waited = slot_get(fut, s_asynctrace_res);
     if (waited == NULL) {
         return -1;
     }
@@ -2650,6 +2745,10 @@ set_timed_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * there, which run without the accelerator. */
 static PyObject *active_var;           /* _context.ACTIVE */
 static PyObject *timer_handle_type;    /* asyncio.TimerHandle */
+/* Whether CPython has let a handle of timer_handle_type become a traced_handle_type: its
+ * checks (the two layouts compatible) hold for every handle of that pair of types, so after
+ * the first, the class is swapped as handle.__class__ = ... would, without them. */
+static int class_swap_checked;
 static PyObject *traced_handle_type;   /* timers._TracedTimerHandle */
 static PyObject *unsettled_append;     /* timers._unsettled_append(trace, callback) */
 static PyObject *builtin_round;
@@ -2929,11 +3028,11 @@ static PyObject *s__callback, *s__cancelled, *s__context;
 static void
 cancel_record(TimerCancel *c, PyObject *handle)
 {
-    PyObject *done = PyObject_GetAttr(handle, s__cancelled);
+    PyObject *done = slot_get(handle, s__cancelled);
     int was = done == NULL ? -1 : PyObject_IsTrue(done);
     Py_XDECREF(done);
     if (was == 0) {
-        PyObject *cb = PyObject_GetAttr(handle, s__callback);
+        PyObject *cb = slot_get(handle, s__callback);
         PyObject *out = NULL;
         if (cb == NULL) {
             was = -1;
@@ -2967,7 +3066,7 @@ cancel_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwna
         cancel_record(c, args[0]);
     }
     PyObject *out = PyObject_Vectorcall(c->cancel, args, nargsf, kwnames);
-    if (out != NULL && nargs >= 1 && PyObject_SetAttr(args[0], s__context, Py_None) < 0) {
+    if (out != NULL && nargs >= 1 && slot_set(args[0], s__context, Py_None) < 0) {
         Py_CLEAR(out);
     }
     return out;
@@ -3226,6 +3325,30 @@ done:
     return rc;
 }
 
+/* handle.__class__ = to (a heap type; handle's own is timer_handle_type). */
+static void
+swap_class(PyObject *handle, PyObject *to)
+{
+    PyTypeObject *from = Py_TYPE(handle);
+    PyTypeObject *into = (PyTypeObject *)to;
+    int plain = (from->tp_flags & into->tp_flags & Py_TPFLAGS_HEAPTYPE) &&
+                from->tp_dictoffset == 0 && into->tp_dictoffset == 0;
+#ifdef Py_TPFLAGS_MANAGED_DICT
+    plain = plain && !((from->tp_flags | into->tp_flags) & Py_TPFLAGS_MANAGED_DICT);
+#endif
+    if (!class_swap_checked || (PyObject *)from != timer_handle_type || !plain) {
+        if (PyObject_SetAttr(handle, s_class, to) < 0) {
+            report_and_clear("timers");
+            return;
+        }
+        class_swap_checked = (PyObject *)from == timer_handle_type;
+        return;
+    }
+    Py_INCREF(to);
+    Py_SET_TYPE(handle, (PyTypeObject *)to);
+    Py_DECREF(from);
+}
+
 static PyObject *
 patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -3261,9 +3384,7 @@ patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
     Py_XSETREF(cb->handle, Py_NewRef(handle));
     if ((PyObject *)Py_TYPE(handle) == timer_handle_type && traced_handle_type != NULL) {
         /* asyncio's loops: the handle records its own cancel */
-        if (PyObject_SetAttr(handle, s_class, traced_handle_type) < 0) {
-            report_and_clear("timers");
-        }
+        swap_class(handle, traced_handle_type);
     }
     else if (unsettled_append != NULL) { /* uvloop's handles: a cancel is found at the end */
         PyObject *out = PyObject_CallFunctionObjArgs(unsettled_append, (PyObject *)cb->trace,
@@ -3357,6 +3478,7 @@ set_timer_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_XSETREF(active_var, Py_NewRef(args[0]));
+    class_swap_checked = 0; /* another pair of types: CPython checks it again */
     Py_XSETREF(timer_handle_type, Py_NewRef(args[1]));
     Py_XSETREF(traced_handle_type, Py_NewRef(args[2]));
     Py_XSETREF(unsettled_append, Py_NewRef(args[3]));
@@ -3821,7 +3943,7 @@ settle_after_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
             return out;
         }
     }
-    PyObject *res = PyObject_GetAttr(args[0], s_asynctrace_res);
+    PyObject *res = slot_get(args[0], s_asynctrace_res);
     if (res == NULL) {
         report_and_clear("future");
         return out;
@@ -3927,7 +4049,7 @@ future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
     int wanted = 0;
     if (trace != NULL && PyObject_TypeCheck(trace, &TraceCoreType) &&
         !((TraceCore *)trace)->closed) {
-        PyObject *flag = PyObject_GetAttr(trace, s_record_futures);
+        PyObject *flag = slot_get(trace, s_record_futures);
         wanted = flag == NULL ? -1 : PyObject_IsTrue(flag);
         Py_XDECREF(flag);
     }
@@ -3943,8 +4065,8 @@ future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
         Py_DECREF(active);
         return NULL; /* the loop's own future could not be made either */
     }
-    if (PyObject_SetAttr(fut, s_asynctrace_trace, trace) < 0 ||
-        PyObject_SetAttr(fut, s_asynctrace_res, Py_None) < 0) {
+    if (slot_set(fut, s_asynctrace_trace, trace) < 0 ||
+        slot_set(fut, s_asynctrace_res, Py_None) < 0) {
         Py_DECREF(active);
         Py_DECREF(fut);
         return NULL;
@@ -3953,7 +4075,7 @@ future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
     PyObject *call[4] = {trace, s_future, PyTuple_GET_ITEM(active, 1), skip};
     PyObject *res = skip ? call_new_resource(call) : NULL;
     Py_XDECREF(skip);
-    if (res == NULL || PyObject_SetAttr(fut, s_asynctrace_res, res) < 0) {
+    if (res == NULL || slot_set(fut, s_asynctrace_res, res) < 0) {
         report_and_clear("create-future");
     }
     Py_XDECREF(res);

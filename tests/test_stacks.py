@@ -171,6 +171,36 @@ def test_the_c_lookup_compares_the_whole_walk_not_only_its_hash() -> None:
         stack_lookup(-1, 8, None, {})
 
 
+@pytest.mark.skipif(not _stacks.ACCELERATED, reason="the C walk is not built")
+def test_a_walk_found_before_is_not_taken_from_a_cache_changed_or_replaced_since() -> None:
+    # The C lookup remembers the walks it found last, in front of the dict: an entry must not
+    # outlive a change to the dict it came from, nor answer for another dict.
+    from asgi_asynctrace._speedups import stack_lookup
+
+    cache: dict[int, tuple[bytes, object]] = {}
+    other: dict[int, tuple[bytes, object]] = {}
+    found, replaced = object(), object()
+    h, packed = 0, b""
+    got: list[object] = []
+    # every lookup from this one call site, so all of them walk the same frames
+    for step, where in enumerate([cache, cache, cache, cache, other, cache, cache]):
+        got.append(stack_lookup(0, 8, _stacks._STOP_CODE, where))
+        if step == 0:  # a miss: the caller formats and stores it
+            assert isinstance(got[0], tuple)
+            h, packed = got[0]
+            cache[h] = (packed, found)
+        elif step == 2:  # found twice (the second from the front): another walk is added
+            cache[h + 1] = (b"", object())
+        elif step == 4:  # asked of another dict
+            cache.clear()
+        elif step == 5:
+            cache[h] = (packed, replaced)
+    assert got[1:4] == [found, found, found]
+    assert got[4] == (h, packed)  # the other dict's own answer, not the remembered one
+    assert got[5] == (h, packed)  # cleared: not found any more
+    assert got[6] is replaced
+
+
 def test_a_new_stack_takes_frames_it_shares_with_known_ones_from_the_frame_cache() -> None:
     def inner() -> _stacks.Stack:
         return capture(16)
