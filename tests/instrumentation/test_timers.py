@@ -109,6 +109,26 @@ def test_a_traced_timers_handle_is_still_asyncios_timer_handle() -> None:
         assert type(plain) is asyncio.TimerHandle
 
 
+@pytest.mark.skipif(LOOP != "asyncio", reason="uvloop's handles keep their class")
+def test_many_traced_timer_handles_leave_both_handle_classes_as_many_references_as_before() -> None:
+    # After CPython has checked the first one, the C side swaps a handle's class itself: each
+    # swap must move one reference from asyncio's class to the traced one, and each handle's
+    # end give it back (a reference too few would free a class in use, one too many leak it).
+    from instrumentation.timers import _TracedTimerHandle
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(200):
+            loop.call_later(10, print).cancel()
+
+    traced(body)  # the first swaps, checked by CPython
+    before = sys.getrefcount(asyncio.TimerHandle), sys.getrefcount(_TracedTimerHandle)
+    trace = traced(body)
+    assert len(timers(trace)) == 200 and all(t.state == "cancelled" for t in timers(trace))
+    del trace
+    assert (sys.getrefcount(asyncio.TimerHandle), sys.getrefcount(_TracedTimerHandle)) == before
+
+
 def test_a_wait_for_deadline_that_is_not_reached_is_cancelled_and_one_that_is_fires() -> None:
     async def body() -> None:
         await asyncio.wait_for(asyncio.sleep(0.001), timeout=5)
