@@ -37,9 +37,11 @@ try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same
     from ._speedups import in_order as _c_in_order
     from ._speedups import resources_json as _c_resources_json
     from ._speedups import stacks_json as _c_stacks_json
+    from ._speedups import start_trace as _c_start_trace
     from ._speedups import trace_json as _c_trace_json
 except ImportError:  # pragma: no cover - built everywhere the tests run
     _c_resources_json = _c_annotations_json = _CResource = _CTraceCore = None  # type: ignore[assignment,misc]
+    _c_start_trace = None  # type: ignore[assignment]
     _c_in_order = _c_stacks_json = _c_trace_json = None
 
 __all__ = [
@@ -387,6 +389,20 @@ class Trace(_TraceCore):
     ) -> Trace:
         """A trace whose clock starts now, holding its root resource (id 1)."""
         origin = time.perf_counter_ns()
+        if _c_start_trace is not None and cls.__init__ is _TRACE_INIT:
+            # What the lines below make, in one C call (see start_trace in _speedups.c)
+            if not trace_id:
+                try:
+                    trace_id = _trace_ids.pop()
+                except IndexError:
+                    trace_id = _new_trace_id()
+            limits = limits or _DEFAULT_LIMITS
+            kept = _limit_ints.get(id(limits))
+            ints = kept[1] if kept is not None and kept[0] is limits else _machine_limits(limits)
+            made = _c_start_trace(cls, trace_id, request if request is not None else {}, limits,
+                                  ints, origin, time.time_ns(), Dropped)  # fmt: skip
+            if made is not NotImplemented:  # (a class on the Python core: made below)
+                return made  # type: ignore[no-any-return]
         trace = cls(
             trace_id=trace_id,
             request=request,
@@ -567,6 +583,10 @@ class Trace(_TraceCore):
         finishers), which a copy starts afresh."""
         state = {name: getattr(self, name) for name in _TRACE_FIELDS if hasattr(self, name)}
         return _rebuild_trace, (type(self), state)
+
+
+# Trace.start makes a trace in one C call when the class's __init__ is this one.
+_TRACE_INIT: Final = Trace.__init__
 
 
 def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:

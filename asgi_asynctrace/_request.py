@@ -108,7 +108,7 @@ class TracedRequest:
         trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
         trace.record_futures = owner.record_futures
         trace.propagate_to = owner.propagate_to
-        root = trace.root
+        root = trace.resources[0]  # trace.root, without the property's frame
         trace.annotate(root, "method", method)
         trace.annotate(root, "path", path)
         client = scope.get("client")

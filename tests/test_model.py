@@ -472,3 +472,52 @@ def test_limits_past_a_machine_integer_are_no_limit_and_each_trace_reads_its_own
             b.add("cache-get", 1, None, 0)
         assert (len(a.resources), a.dropped.resources) == (2, 2)  # the root is one of the 2
         assert (len(b.resources), b._max_resources) == (4, sys.maxsize)
+
+
+@pytest.mark.skipif(not ACCELERATED, reason="the C core is not built")
+def test_a_trace_started_in_one_c_call_is_the_trace_init_and_add_make() -> None:
+    from asgi_asynctrace._model import _TRACE_FIELDS
+
+    def state(trace: Trace) -> dict[str, Any]:
+        got = {name: getattr(trace, name) for name in _TRACE_FIELDS}
+        got["finishers"], got["_stack_ids"] = trace.finishers, trace._stack_ids
+        got["dropped"] = trace.dropped.to_dict()
+        got["resources"] = [(r.async_id, r.trigger_id, r.type, r.stack_id, r.state,
+                             r.settled_at, r.awaited_by) for r in trace.resources]  # fmt: skip
+        return got
+
+    limits = TraceLimits(max_resources=7, max_stack_depth=3, max_annotation_length=10**30)
+    cases: list[dict[str, Any]] = [
+        {}, {"limits": limits, "request": {"path": "/x"}, "trace_id": "ab" * 16}
+    ]  # fmt: skip
+    for kwargs in cases:
+        fast = Trace.start(**kwargs)
+        origin, unix_ns = fast.origin, fast.started_at_unix_ns
+        slow = Trace(trace_id=fast.trace_id, request=kwargs.get("request"), origin=origin,
+                     started_at_unix_ns=unix_ns, limits=kwargs.get("limits"))  # fmt: skip
+        slow.add("root", 0, None, origin)
+        assert state(fast) == state(slow)
+        assert fast.root.created_at == origin and type(fast) is Trace
+        # each trace its own lists, dicts and Dropped
+        other = Trace.start(**kwargs)
+        for name in ("resources", "annotations", "stacks", "_stack_ids", "finishers",
+                     "propagate_to", "dropped"):  # fmt: skip
+            assert getattr(fast, name) is not getattr(other, name)
+        if "request" not in kwargs:
+            assert fast.request == {} and fast.request is not other.request
+
+
+def test_a_trace_class_with_its_own_init_is_started_through_it() -> None:
+    made: list[str] = []
+
+    class Labelled(Trace):
+        __slots__ = ("label",)
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.label = "mine"
+            made.append(self.trace_id)
+
+    trace = Labelled.start(request={"path": "/y"})
+    assert type(trace) is Labelled and trace.label == "mine" and made == [trace.trace_id]
+    assert trace.root.type == "root" and trace.request == {"path": "/y"}
