@@ -389,7 +389,7 @@ class Trace(_TraceCore):
     ) -> Trace:
         """A trace whose clock starts now, holding its root resource (id 1)."""
         origin = time.perf_counter_ns()
-        if _c_start_trace is not None and cls.__init__ is _TRACE_INIT:
+        if _c_start_trace is not None and cls.__init__ is _TRACE_INIT and cls.add is _CORE_ADD:
             # What the lines below make, in one C call (see start_trace in _speedups.c)
             if not trace_id:
                 try:
@@ -585,8 +585,9 @@ class Trace(_TraceCore):
         return _rebuild_trace, (type(self), state)
 
 
-# Trace.start makes a trace in one C call when the class's __init__ is this one.
+# Trace.start makes a trace in one C call when the class's __init__ and add are these.
 _TRACE_INIT: Final = Trace.__init__
+_CORE_ADD: Final = Trace.add
 
 
 def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:

@@ -521,3 +521,13 @@ def test_a_trace_class_with_its_own_init_is_started_through_it() -> None:
     trace = Labelled.start(request={"path": "/y"})
     assert type(trace) is Labelled and trace.label == "mine" and made == [trace.trace_id]
     assert trace.root.type == "root" and trace.request == {"path": "/y"}
+
+    class Counted(Trace):
+        __slots__ = ()
+
+        def add(self, *args: Any) -> Any:
+            made.append(args[0])
+            return super().add(*args)
+
+    counted = Counted.start()
+    assert made[-1] == "root" and counted.root.type == "root"  # its own add made the root
