@@ -4148,11 +4148,11 @@ static PyTypeObject FutureMakerType = {
 
 /* start_trace(cls, trace_id, request, limits, ints, origin, started_at_unix_ns, dropped_type):
  * what Trace.start makes, without Trace.__init__'s frame and keyword arguments (a third of a
- * traced request's set-up): a cls (a TraceCore subclass whose __init__ is Trace's own, which
- * the caller checks; NotImplemented for a class on the Python core) with its lists, its limits as the machine integers of ints (the six of
- * _model._machine_limits, in their order), a new dropped_type, the Python slots set as
- * __init__ sets them, and its root resource (id 1) made at origin. The tests hold the two
- * ways of starting a trace to the same state. */
+ * traced request's set-up). cls is a TraceCore subclass whose __init__ and add are Trace's
+ * own (the caller checks; NotImplemented for a class on the Python core); the trace gets its
+ * lists, its limits as the machine integers of ints (the six of _model._machine_limits, in
+ * their order), a new dropped_type, the Python slots set as __init__ sets them, and its root
+ * resource (id 1) made at origin. The tests hold the two ways to the same state. */
 static PyObject *s_root, *s_trace_id, *s_request, *s_origin, *s_started_at_unix_ns;
 static PyObject *s_ended_at, *s_limits, *s_finishers, *s_propagate_to;
 
