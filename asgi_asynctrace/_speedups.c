@@ -3325,7 +3325,7 @@ done:
     return rc;
 }
 
-/* handle.__class__ = to (a heap type; handle's own is timer_handle_type). */
+/* handle.__class__ = to, for a handle whose class is timer_handle_type (the caller checks). */
 static void
 swap_class(PyObject *handle, PyObject *to)
 {
@@ -3336,12 +3336,12 @@ swap_class(PyObject *handle, PyObject *to)
 #ifdef Py_TPFLAGS_MANAGED_DICT
     plain = plain && !((from->tp_flags | into->tp_flags) & Py_TPFLAGS_MANAGED_DICT);
 #endif
-    if (!class_swap_checked || (PyObject *)from != timer_handle_type || !plain) {
+    if (!class_swap_checked || !plain) {
         if (PyObject_SetAttr(handle, s_class, to) < 0) {
             report_and_clear("timers");
             return;
         }
-        class_swap_checked = (PyObject *)from == timer_handle_type;
+        class_swap_checked = 1;
         return;
     }
     Py_INCREF(to);

@@ -162,9 +162,9 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
         traced = variant in ("stored", "rare")
         app = AsyncTraceMiddleware(bare, log_traces=False, store_size=100,
                                    sample_rate=1.0 if traced else 0.0)  # fmt: skip
-        # the rare variant's untraced requests, served by the same process between traced ones
-        untraced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
         gap = RARE_GAP if variant == "rare" else 0
+        # the rare variant's untraced requests, served by the same process between traced ones
+        untraced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100) if gap else app
         header = variant == "header"
         for _ in range(warmup):  # the store full, as in a server that has been up a while
             await app(_scope(path, header), receive, send)
