@@ -1,43 +1,80 @@
-"""The sample app for the end-to-end benchmark, in the variant named by ASYNCTRACE_BENCH_VARIANT:
-``bare`` (no middleware, no instrumentation), ``floor`` (a do-nothing middleware), ``idle``
-(the middleware, nothing traced) or
-``sampled`` (1 % of requests traced).
+"""The sample app for the end-to-end benchmark: every variant in one process, switched between
+wrk runs, so that the variants share one interpreter, one heap layout and one set of warmed-up
+caches, and their ratios measure the middleware rather than the process they happen to run in.
 
-    ASYNCTRACE_BENCH_VARIANT=idle uvicorn benchmarks.e2e_app:app
+    uvicorn benchmarks.e2e_app:app
+    curl -X POST http://127.0.0.1:8000/__bench/variant/sampled     # then drive it with wrk
+
+Variants: ``bare`` (no middleware, no instrumentation, no hooks), ``floor`` (a do-nothing
+middleware, the same), ``idle`` (the middleware, instrumentation on, nothing traced, so the
+hooks were never installed) and ``sampled`` (1 % of requests traced: the hooks go on with the
+first and stay). Switching puts the process in the variant's state; the caller then runs an
+untimed warm-up, since changing classes (the loop's, the instrumented libraries') makes CPython
+re-learn its specialized lookups.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from typing import Any
 
 from starlette.applications import Starlette
 
-from asgi_asynctrace import AsyncTraceMiddleware, uninstrument
+from asgi_asynctrace import AsyncTraceMiddleware, instrument, uninstrument
+from asgi_asynctrace._hooks import uninstall_hooks
 from sample_app import patterns
 from sample_app.app import app as sample
 
-VARIANT = os.environ.get("ASYNCTRACE_BENCH_VARIANT", "bare")
-bare = Starlette(routes=sample.routes, lifespan=patterns.lifespan)
+VARIANTS = ("bare", "floor", "idle", "sampled")
+CONTROL = "/__bench/variant/"
 logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
+bare = Starlette(routes=sample.routes, lifespan=patterns.lifespan)
 
-if VARIANT == "bare":
-    uninstrument()  # importing the sample app turned it on
-    app = bare
-elif VARIANT == "idle":
-    app = AsyncTraceMiddleware(bare, log_traces=False)  # type: ignore[assignment]
-elif VARIANT == "floor":  # the cheapest possible ASGI middleware: what any layer costs
 
-    class PassThrough:
-        def __init__(self, inner: object) -> None:
-            self.inner = inner
+class PassThrough:
+    """The cheapest possible ASGI middleware: what any layer costs."""
 
-        async def __call__(self, scope: object, receive: object, send: object) -> None:
-            await self.inner(scope, receive, send)  # type: ignore[operator]
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
-    uninstrument()
-    app = PassThrough(bare)  # type: ignore[assignment]
-elif VARIANT == "sampled":
-    app = AsyncTraceMiddleware(bare, log_traces=False, sample_rate=0.01)  # type: ignore[assignment]
-else:
-    raise SystemExit(f"ASYNCTRACE_BENCH_VARIANT: bare, floor, idle or sampled, not {VARIANT!r}")
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.inner(scope, receive, send)
+
+
+apps: dict[str, Any] = {
+    "bare": bare,
+    "floor": PassThrough(bare),
+    "idle": AsyncTraceMiddleware(bare, log_traces=False),
+    "sampled": AsyncTraceMiddleware(bare, log_traces=False, sample_rate=0.01),
+}
+
+
+class Switch:
+    """Serves the current variant; ``POST /__bench/variant/<name>`` switches to another."""
+
+    def __init__(self) -> None:
+        self.current = apps["bare"]
+        uninstrument()  # the middlewares turned it on when they were made
+
+    @staticmethod
+    def state(variant: str) -> None:
+        uninstall_hooks()  # as in a process that never traced a request; sampled: until it does
+        if variant in ("idle", "sampled"):
+            instrument()
+        else:
+            uninstrument()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(CONTROL):
+            variant = scope["path"][len(CONTROL) :]
+            status = 200 if variant in apps else 404
+            if status == 200:
+                self.state(variant)
+                self.current = apps[variant]
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": variant.encode()})
+            return
+        await self.current(scope, receive, send)
+
+
+app = Switch()
