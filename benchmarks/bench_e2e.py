@@ -29,7 +29,7 @@ import time
 
 import httpx
 
-VARIANTS = ("bare", "floor", "idle", "sampled")
+VARIANTS = ("bare", "floor", "idle", "hooks", "sampled")
 CONTROL = "/__bench/variant/"  # as in e2e_app, which this process does not import
 
 
@@ -118,6 +118,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     rows = (("bare", "bare app", "-"), ("floor", "a do-nothing middleware (the floor)", "-"),
             ("idle", "middleware, untraced", ">= 0.99x"),
+            ("hooks", "the same, hooks on (as after the first traced request)", ">= 0.99x"),
             ("sampled", "1 % sampled", ">= 0.98x"))  # fmt: skip
     for route in routes:
         bare = results[(route, "bare")]

@@ -7,10 +7,11 @@ caches, and their ratios measure the middleware rather than the process they hap
 
 Variants: ``bare`` (no middleware, no instrumentation, no hooks), ``floor`` (a do-nothing
 middleware, the same), ``idle`` (the middleware, instrumentation on, nothing traced, so the
-hooks were never installed) and ``sampled`` (1 % of requests traced: the hooks go on with the
-first and stay). Switching puts the process in the variant's state; the caller then runs an
-untimed warm-up, since changing classes (the loop's, the instrumented libraries') makes CPython
-re-learn its specialized lookups.
+hooks were never installed), ``hooks`` (the same with the hooks on, as after a first traced
+request) and ``sampled`` (1 % of requests traced: the hooks go on with the first and stay).
+Switching puts the process in the variant's state; the caller then runs an untimed warm-up,
+since changing classes (the loop's, the instrumented libraries') makes CPython re-learn its
+specialized lookups.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 from starlette.applications import Starlette
 
 from asgi_asynctrace import AsyncTraceMiddleware, instrument, uninstrument
-from asgi_asynctrace._hooks import uninstall_hooks
+from asgi_asynctrace._hooks import install_hooks, uninstall_hooks
 from sample_app import patterns
 from sample_app.app import app as sample
 
-VARIANTS = ("bare", "floor", "idle", "sampled")
+VARIANTS = ("bare", "floor", "idle", "hooks", "sampled")
 CONTROL = "/__bench/variant/"
 logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
 bare = Starlette(routes=sample.routes, lifespan=patterns.lifespan)
@@ -45,6 +46,7 @@ apps: dict[str, Any] = {
     "bare": bare,
     "floor": PassThrough(bare),
     "idle": AsyncTraceMiddleware(bare, log_traces=False),
+    "hooks": AsyncTraceMiddleware(bare, log_traces=False),
     "sampled": AsyncTraceMiddleware(bare, log_traces=False, sample_rate=0.01),
 }
 
@@ -59,10 +61,12 @@ class Switch:
     @staticmethod
     def state(variant: str) -> None:
         uninstall_hooks()  # as in a process that never traced a request; sampled: until it does
-        if variant in ("idle", "sampled"):
+        if variant in ("idle", "hooks", "sampled"):
             instrument()
         else:
             uninstrument()
+        if variant == "hooks":  # as after the first traced request: on for good
+            install_hooks()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith(CONTROL):
