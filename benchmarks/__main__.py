@@ -5,9 +5,9 @@
     python -m benchmarks --quick        # fewer rounds where a benchmark has them (a smoke check)
     python -m benchmarks hooks routes   # only these
 
-The end-to-end benchmark needs ``wrk``, the viewer's ``/usr/bin/chromium`` and the instruction
-counts ``valgrind``; when one is missing, that benchmark is reported as skipped, with the
-reason, and the others still run.
+The end-to-end benchmark needs ``wrk``, the viewer's ``/usr/bin/chromium``, the instruction
+counts and their cache misses ``valgrind``; when one is missing, that benchmark is reported as
+skipped, with the reason, and the others still run.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS: dict[str, tuple[str, str, str | None, bool]] = {
     "hooks": ("benchmarks.bench_hooks", "bench", None, True),
     "instructions": ("benchmarks.bench_instructions", "instructions", "valgrind", True),
+    "misses": ("benchmarks.bench_misses", "misses", "valgrind", True),
     "routes": ("benchmarks.bench_routes", "routes", None, True),
     "viewer": ("benchmarks.bench_viewer", "viewer", "/usr/bin/chromium", False),
     "e2e": ("benchmarks.bench_e2e", "e2e", "wrk", False),

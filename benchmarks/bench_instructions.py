@@ -182,12 +182,16 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
         gc.unfreeze()
 
 
-def _callgrind(flag: str, variant: str, warmup: int, n: int, scratch: str) -> str:
-    """Run one worker process under callgrind; returns the prefix of its dump files."""
+def _callgrind(
+    flag: str, variant: str, warmup: int, n: int, scratch: str, simulate: bool = False
+) -> str:
+    """Run one worker process under callgrind; returns the prefix of its dump files.
+    ``simulate``: with callgrind's cache and branch-predictor models (see bench_misses)."""
     out = os.path.join(scratch, f"{flag}-{variant}.out")
-    cmd = ["valgrind", "--tool=callgrind", "--dump-before=getpgrp", f"--callgrind-out-file={out}",
-           sys.executable, "-m", "benchmarks.bench_instructions", f"--{flag}", variant,
-           "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
+    models = ["--cache-sim=yes", "--branch-sim=yes"] if simulate else []
+    cmd = ["valgrind", "--tool=callgrind", *models, "--dump-before=getpgrp",
+           f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.bench_instructions",
+           f"--{flag}", variant, "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -195,9 +199,16 @@ def _callgrind(flag: str, variant: str, warmup: int, n: int, scratch: str) -> st
     return out
 
 
+def _events(dump: str) -> dict[str, int]:
+    """A dump's totals by event name (Ir, and with the models I1mr, D1mr, Bcm, ...)."""
+    lines = Path(dump).read_text().splitlines()
+    names = next(line for line in lines if line.startswith("events:")).split()[1:]
+    totals = next(line for line in lines if line.startswith("totals:")).split()[1:]
+    return dict(zip(names, map(int, totals), strict=False))  # an event never seen: left out
+
+
 def _total(dump: str) -> int:
-    text = Path(dump).read_text()
-    return int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
+    return _events(dump)["Ir"]
 
 
 def _latency_count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:

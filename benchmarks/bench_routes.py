@@ -135,9 +135,12 @@ def _viztracer(scratch: str) -> Any:
 
     from viztracer import VizTracer
 
+    # One tracer for every request: each VizTracer takes a thread-specific storage key it
+    # never gives back, and the process has 1,024 (the latency table's requests ran out).
+    tracer = VizTracer(log_async=True, verbose=0)
+
     @contextlib.contextmanager
     def trace() -> Any:
-        tracer = VizTracer(log_async=True, verbose=0)
         tracer.start()
         try:
             yield

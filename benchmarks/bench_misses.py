@@ -1,0 +1,84 @@
+"""Why a traced request's extra instructions take longer than their count says: the cache
+misses and mispredicted branches of one request, traced and untraced, as callgrind models them.
+
+    python -m benchmarks.bench_misses            # a Markdown table (needs valgrind)
+    python -m benchmarks.bench_misses --quick    # fewer requests, for a smoke check
+
+The same one-request-at-a-time count as bench_instructions' latency table (from a request's
+start to the moment the app hands the server its response's last chunk, the hooks on, the
+store full), run with ``--cache-sim=yes --branch-sim=yes``: callgrind then also counts misses
+in a first-level instruction and data cache and a last-level cache shaped like this machine's,
+and the branches a simple predictor would get wrong. A model, not the processor: its figures
+say where the time goes, not how much of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import shutil
+import statistics
+import sys
+import tempfile
+
+from .bench_instructions import ROUTES, _callgrind, _events
+
+VARIANTS = {
+    "untraced": "untraced, hooks on",
+    "stored": "traced, to the store only",
+    "rare": "traced to the store, each after 49 untraced",
+}
+# (column, the events that make it up)
+COLUMNS = [
+    ("instructions", ("Ir",)),
+    ("instruction-cache misses", ("I1mr",)),
+    ("data-cache misses", ("D1mr", "D1mw")),
+    ("last-level misses", ("ILmr", "DLmr", "DLmw")),
+    ("mispredicted branches", ("Bcm", "Bim")),
+]
+
+
+def _per_request(variant: str, warmup: int, n: int, scratch: str) -> list[dict[str, float]]:
+    """Per route, each column's median over the counted requests of one variant."""
+    out = _callgrind("latency-worker", variant, warmup, n, scratch, simulate=True)
+    found = []
+    for i in range(len(ROUTES)):  # as bench_instructions._latency_count: even parts answer
+        first = 2 + 2 * n * i
+        parts = [_events(f"{out}.{k}") for k in range(first, first + 2 * n, 2)]
+        found.append({
+            column: statistics.median(sum(p.get(e, 0) for e in events) for p in parts)
+            for column, events in COLUMNS
+        })  # fmt: skip
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke check)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("needs valgrind (Debian's package valgrind)")
+    n = 11 if args.quick else 41
+    with tempfile.TemporaryDirectory() as scratch, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = {v: pool.submit(_per_request, v, 200, n, scratch) for v in VARIANTS}
+        got = {v: job.result() for v, job in jobs.items()}
+    print(f"Python {sys.version.split()[0]}, valgrind callgrind with its cache and branch "
+          f"models; one request at a time, up to its answer, the median of {n} after 200 "
+          "uncounted\n")  # fmt: skip
+    print("| route | variant | " + " | ".join(c for c, _ in COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
+    for i, (label, _, _) in enumerate(ROUTES):
+        base = got["untraced"][i]
+        for variant, name in VARIANTS.items():
+            row = got[variant][i]
+            cells = []
+            for column, _ in COLUMNS:
+                cell = f"{row[column]:,.0f}"
+                if variant != "untraced" and base[column]:
+                    cell += f" ({row[column] / base[column]:.2f}x)"
+                cells.append(cell)
+            print(f"| {label} | {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
