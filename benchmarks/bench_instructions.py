@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +184,11 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
 
 
 def _callgrind(
-    flag: str, variant: str, warmup: int, n: int, scratch: str, simulate: bool = False
+    flag: str, variant: str, warmup: int, n: int, scratch: str, models: Sequence[str] = ()
 ) -> str:
     """Run one worker process under callgrind; returns the prefix of its dump files.
-    ``simulate``: with callgrind's cache and branch-predictor models (see bench_misses)."""
+    ``models``: more callgrind options, such as its cache and branch models (bench_misses)."""
     out = os.path.join(scratch, f"{flag}-{variant}.out")
-    models = ["--cache-sim=yes", "--branch-sim=yes"] if simulate else []
     cmd = ["valgrind", "--tool=callgrind", *models, "--dump-before=getpgrp",
            f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.bench_instructions",
            f"--{flag}", variant, "--warmup", str(warmup), "-n", str(n)]  # fmt: skip

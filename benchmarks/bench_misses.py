@@ -7,9 +7,9 @@ misses and mispredicted branches of one request, traced and untraced, as callgri
 The same one-request-at-a-time count as bench_instructions' latency table (from a request's
 start to the moment the app hands the server its response's last chunk, the hooks on, the
 store full), run with ``--cache-sim=yes --branch-sim=yes``: callgrind then also counts misses
-in a first-level instruction and data cache and a last-level cache shaped like this machine's,
-and the branches a simple predictor would get wrong. A model, not the processor: its figures
-say where the time goes, not how much of it.
+in a first-level instruction and data cache and in a second cache the size of this machine's
+second level (see MODELS), and the branches a simple predictor would get wrong. A model, not
+the processor: its figures say where the time goes, not how much of it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import tempfile
 
 from .bench_instructions import ROUTES, _callgrind, _events
 
+# Callgrind models a first-level cache and a last one; the last is given the size of this
+# machine's second-level cache (512 KiB, 8-way, per core), so that what it misses is what a
+# request fetches from the shared third level or from memory: where a cold processor pays.
+MODELS = ("--cache-sim=yes", "--branch-sim=yes", "--LL=524288,8,64")
 VARIANTS = {
     "untraced": "untraced, hooks on",
     "stored": "traced, to the store only",
@@ -33,14 +37,14 @@ COLUMNS = [
     ("instructions", ("Ir",)),
     ("instruction-cache misses", ("I1mr",)),
     ("data-cache misses", ("D1mr", "D1mw")),
-    ("last-level misses", ("ILmr", "DLmr", "DLmw")),
+    ("second-level misses", ("ILmr", "DLmr", "DLmw")),
     ("mispredicted branches", ("Bcm", "Bim")),
 ]
 
 
 def _per_request(variant: str, warmup: int, n: int, scratch: str) -> list[dict[str, float]]:
     """Per route, each column's median over the counted requests of one variant."""
-    out = _callgrind("latency-worker", variant, warmup, n, scratch, simulate=True)
+    out = _callgrind("latency-worker", variant, warmup, n, scratch, MODELS)
     found = []
     for i in range(len(ROUTES)):  # as bench_instructions._latency_count: even parts answer
         first = 2 + 2 * n * i
@@ -62,9 +66,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, concurrent.futures.ThreadPoolExecutor(2) as pool:
         jobs = {v: pool.submit(_per_request, v, 200, n, scratch) for v in VARIANTS}
         got = {v: job.result() for v, job in jobs.items()}
-    print(f"Python {sys.version.split()[0]}, valgrind callgrind with its cache and branch "
-          f"models; one request at a time, up to its answer, the median of {n} after 200 "
-          "uncounted\n")  # fmt: skip
+    print(f"Python {sys.version.split()[0]}, valgrind callgrind with its cache (a 512 KiB "
+          "second level) and branch models; one request at a time, up to its answer, the "
+          f"median of {n} after 200 uncounted\n")  # fmt: skip
     print("| route | variant | " + " | ".join(c for c, _ in COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
     for i, (label, _, _) in enumerate(ROUTES):
