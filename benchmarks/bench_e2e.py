@@ -3,15 +3,16 @@
     python -m benchmarks.bench_e2e           # needs wrk (apt-get install wrk)
 
 One uvicorn process serves every variant (bare, a do-nothing middleware, the middleware idle,
-1 % sampled: see ``e2e_app``), switched between wrk runs, so the variants share the process:
-measured each in its own process, as before 2026-11-30, the do-nothing middleware read anywhere
-from 0.75x to 1.23x of the bare app, the process's own layout deciding more than the code. wrk
-drives each route (``--routes``, by default ``/parallel``, which waits on fetches, and
-``/cache``, which is all CPU) with 50 connections, for an untimed second after each switch and
-then a bounded time; the variants' order rotates from round to round, and the ratios of
-requests per second to the bare app (taken within each round) are medians, with their
-interquartile range. Two cores are shared by uvicorn and wrk, so absolute numbers are low; the
-ratios are what to read.
+the same with the hooks on, 1 % sampled: see ``e2e_app``), switched between wrk runs, so the
+variants share the process: measured each in its own process, as before 2026-11-30's fourth
+session, the do-nothing middleware read anywhere from 0.75x to 1.23x of the bare app, the
+process's own layout deciding more than the code. wrk drives each route (``--routes``, by
+default ``/parallel``, which waits on fetches, and ``/cache``, which is all CPU) with 50
+connections, for an untimed second after each switch and then a bounded time; the variants'
+order rotates from round to round, and the ratios of requests per second to the bare app (taken
+within each round) are medians, with their interquartile range. Two cores are shared by uvicorn
+and wrk, so absolute numbers are low; the ratios are what to read. uvicorn and wrk are each kept
+on one CPU, and the server's CPU time per request is given beside requests per second.
 """
 
 from __future__ import annotations

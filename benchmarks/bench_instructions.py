@@ -211,14 +211,20 @@ def _total(dump: str) -> int:
     return _events(dump)["Ir"]
 
 
+def _answers(out: str, n: int) -> list[list[str]]:
+    """A latency worker's dumps of its requests' answers, per route. Dump 1 is the start-up to
+    the first request; then, per request, its answer (even parts) and what ran between it and
+    the next one (odd parts)."""
+    firsts = (2 + 2 * n * i for i in range(len(ROUTES)))
+    return [[f"{out}.{k}" for k in range(first, first + 2 * n, 2)] for first in firsts]
+
+
 def _latency_count(variant: str, warmup: int, n: int, scratch: str) -> list[int]:
     """Instructions to the answer per request, per route, for one variant (median request)."""
     out = _callgrind("latency-worker", variant, warmup, n, scratch)
     counts = []
-    for i in range(len(ROUTES)):  # dump 1: start-up to the first request; then per request
-        # its answer (even parts) and what ran between it and the next one (odd parts)
-        first = 2 + 2 * n * i
-        parts = sorted(_total(f"{out}.{k}") for k in range(first, first + 2 * n, 2))
+    for dumps in _answers(out, n):
+        parts = sorted(_total(dump) for dump in dumps)
         counts.append(parts[len(parts) // 2])
     return counts
 

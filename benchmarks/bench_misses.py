@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 
-from .bench_instructions import ROUTES, _callgrind, _events
+from .bench_instructions import ROUTES, _answers, _callgrind, _events
 
 # Callgrind models a first-level cache and a last one; the last is given the size of this
 # machine's second-level cache (512 KiB, 8-way, per core), so that what it misses is what a
@@ -46,9 +46,8 @@ def _per_request(variant: str, warmup: int, n: int, scratch: str) -> list[dict[s
     """Per route, each column's median over the counted requests of one variant."""
     out = _callgrind("latency-worker", variant, warmup, n, scratch, MODELS)
     found = []
-    for i in range(len(ROUTES)):  # as bench_instructions._latency_count: even parts answer
-        first = 2 + 2 * n * i
-        parts = [_events(f"{out}.{k}") for k in range(first, first + 2 * n, 2)]
+    for dumps in _answers(out, n):
+        parts = [_events(dump) for dump in dumps]
         found.append({
             column: statistics.median(sum(p.get(e, 0) for e in events) for p in parts)
             for column, events in COLUMNS
