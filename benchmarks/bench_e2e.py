@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--routes", default="/parallel,/cache",
                         help="comma-separated: a route that waits, one all CPU")  # fmt: skip
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the table gives the rounds' spread)")
     routes = args.routes.split(",")
     db = os.path.join(tempfile.mkdtemp(), "e2e.db")
     port = _port()

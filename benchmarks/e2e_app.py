@@ -26,20 +26,11 @@ from asgi_asynctrace._hooks import install_hooks, uninstall_hooks
 from sample_app import patterns
 from sample_app.app import app as sample
 
-VARIANTS = ("bare", "floor", "idle", "hooks", "sampled")
+from .bench_hooks import PassThrough
+
 CONTROL = "/__bench/variant/"
 logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
 bare = Starlette(routes=sample.routes, lifespan=patterns.lifespan)
-
-
-class PassThrough:
-    """The cheapest possible ASGI middleware: what any layer costs."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.inner(scope, receive, send)
 
 
 apps: dict[str, Any] = {
