@@ -6,8 +6,8 @@
     python -m benchmarks hooks routes   # only these
 
 The end-to-end benchmark needs ``wrk``, the viewer's ``/usr/bin/chromium``, the instruction
-counts and their cache misses ``valgrind``; when one is missing, that benchmark is reported as
-skipped, with the reason, and the others still run.
+counts, their breakdown and their cache misses ``valgrind``; when one is missing, that
+benchmark is reported as skipped, with the reason, and the others still run.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS: dict[str, tuple[str, str, str | None, bool]] = {
     "hooks": ("benchmarks.bench_hooks", "bench", None, True),
     "instructions": ("benchmarks.bench_instructions", "instructions", "valgrind", True),
+    "costs": ("benchmarks.bench_costs", "costs", "valgrind", True),
     "misses": ("benchmarks.bench_misses", "misses", "valgrind", True),
     "routes": ("benchmarks.bench_routes", "routes", None, True),
     "viewer": ("benchmarks.bench_viewer", "viewer", "/usr/bin/chromium", False),

@@ -184,13 +184,15 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
 
 
 def _callgrind(
-    flag: str, variant: str, warmup: int, n: int, scratch: str, models: Sequence[str] = ()
-) -> str:
+    flag: str, variant: str, warmup: int, n: int, scratch: str, models: Sequence[str] = (),
+    module: str = "benchmarks.bench_instructions",
+) -> str:  # fmt: skip
     """Run one worker process under callgrind; returns the prefix of its dump files.
-    ``models``: more callgrind options, such as its cache and branch models (bench_misses)."""
+    ``models``: more callgrind options, such as its cache and branch models (bench_misses);
+    ``module``: the benchmark whose worker runs (bench_costs has its own)."""
     out = os.path.join(scratch, f"{flag}-{variant}.out")
     cmd = ["valgrind", "--tool=callgrind", *models, "--dump-before=getpgrp",
-           f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.bench_instructions",
+           f"--callgrind-out-file={out}", sys.executable, "-m", module,
            f"--{flag}", variant, "--warmup", str(warmup), "-n", str(n)]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
