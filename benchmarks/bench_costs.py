@@ -131,6 +131,38 @@ async def _kinds() -> tuple[collections.Counter[str], int]:
     return collections.Counter(r.type for r in trace.resources), len(trace.stacks)
 
 
+def parts(
+    c: dict[str, dict[str, int]], kinds: collections.Counter[str]
+) -> tuple[list[tuple[str, int, int | None]], int, int]:
+    """The rows of the table from each variant's count per path (``c[variant][path]``): each
+    part's instructions and how many resources it is for; then ``/cache``'s untraced count,
+    and the extra a traced request costs over it, which the parts add up to."""
+    ok, cache = "/ok", "/cache"
+    setup = c["plain-nofutures"][ok] - c["untraced-plain"][ok]
+    tasks = c["plain-nofutures"][cache] - c["untraced-plain"][cache] - setup
+    cache_calls = sum(kinds[k] for k in kinds if k.startswith("cache-"))
+    untraced = c["untraced"][cache]
+    extra = c["full"][cache] - untraced
+    rows: list[tuple[str, int, int | None]] = [
+        ("a traced request as such: the trace, its root, the response body's `stream-write`, "
+         "the request handed to the app and back (on `/ok`, which makes no resource)", setup,
+         None),
+        (f"tasks ({kinds['task']}), each with its steps and creation stack; the root's steps "
+         "between them", tasks, kinds["task"]),
+        (f"futures ({kinds['future']}), each with its creation stack",
+         c["plain"][cache] - c["plain-nofutures"][cache], kinds["future"]),
+        (f"timers ({kinds['timer']}): the `timers` instrumentation",
+         c["timers"][cache] - c["plain"][cache], kinds["timer"]),
+        (f"aiocache calls ({cache_calls}): the `aiocache` instrumentation",
+         c["aiocache"][cache] - c["plain"][cache], cache_calls),
+        ("the two instrumentations together, over each on its own",
+         c["full"][cache] - c["timers"][cache] - c["aiocache"][cache] + c["plain"][cache], None),
+        ("less what the untraced request pays too: the instrumentation's patches on its way",
+         c["untraced-plain"][cache] - untraced, None),
+    ]  # fmt: skip
+    return rows, untraced, extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke check)")
@@ -151,29 +183,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, concurrent.futures.ThreadPoolExecutor(2) as pool:
         jobs = {v: pool.submit(_counts, v, 200, n, scratch) for v in VARIANTS}
         c = {v: dict(zip(PATHS, job.result(), strict=True)) for v, job in jobs.items()}
-    ok, cache = "/ok", "/cache"
-    setup = c["plain-nofutures"][ok] - c["untraced-plain"][ok]
-    tasks = c["plain-nofutures"][cache] - c["untraced-plain"][cache] - setup
-    cache_calls = sum(kinds[k] for k in kinds if k.startswith("cache-"))
-    untraced = c["untraced"][cache]
-    extra = c["full"][cache] - untraced
-    rows: list[tuple[str, int, int | None]] = [
-        ("a traced request as such: the trace, its root, the response body's `stream-write`, "
-         "the request handed to the app and back (on `/ok`, which makes no resource)", setup,
-         None),
-        (f"tasks ({kinds['task']}), each with its steps and creation stack", tasks,
-         kinds["task"]),
-        (f"futures ({kinds['future']}), each with its creation stack",
-         c["plain"][cache] - c["plain-nofutures"][cache], kinds["future"]),
-        (f"timers ({kinds['timer']}): the `timers` instrumentation",
-         c["timers"][cache] - c["plain"][cache], kinds["timer"]),
-        (f"aiocache calls ({cache_calls}): the `aiocache` instrumentation",
-         c["aiocache"][cache] - c["plain"][cache], cache_calls),
-        ("the two instrumentations together, over each on its own",
-         c["full"][cache] - c["timers"][cache] - c["aiocache"][cache] + c["plain"][cache], None),
-        ("less what the untraced request pays too: the instrumentation's patches on its way",
-         c["untraced-plain"][cache] - untraced, None),
-    ]  # fmt: skip
+    rows, untraced, extra = parts(c, kinds)
+    cache = "/cache"
     print(f"Python {sys.version.split()[0]}, valgrind callgrind; one request at a time, up to "
           f"its answer, the hooks on, the median of {n} after 200 uncounted. `/cache` untraced: "
           f"{untraced:,} instructions; traced: {c['full'][cache]:,} "
