@@ -191,10 +191,12 @@ class TracedRequest:
         kind = message.get("type")
         if kind == "http.response.body":  # the usual message
             last = not message.get("more_body", False)
+            started = _now()
             if last:
                 self.response_done = True
-            started = _now()
-            await self._send(message)
+                await self._server_send(message)
+            else:
+                await self._send(message)
             ended = _now()
             try:
                 trace = self.trace
@@ -207,12 +209,26 @@ class TracedRequest:
         if kind == "http.response.start" or kind == "websocket.accept":
             message = self._on_start(message)
         started = _now()
-        await self._send(message)
+        if kind == "websocket.accept" or kind == "websocket.close":
+            await self._server_send(message)
+        else:
+            await self._send(message)
         if kind == "websocket.send" or kind == "websocket.close":
             try:
                 self._sent(message, kind, started, _now())
             except Exception as exc:
                 report("send", exc)
+
+    async def _server_send(self, message: Message) -> None:
+        """The server's ``send``, run outside the trace: what a server starts as a response
+        completes or a websocket opens or closes is its own, not the request's (uvicorn arms a
+        5 s keep-alive timer after every response and a 20 s ping timer after an accept, which
+        would otherwise sit in every trace, pending, at the end of its critical path)."""
+        token = ACTIVE.set(None)
+        try:
+            await self._send(message)
+        finally:
+            ACTIVE.reset(token)
 
     def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
         trace = self.trace
