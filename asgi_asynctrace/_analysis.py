@@ -7,8 +7,10 @@
 
 Times are nanoseconds from the request's start. A resource's *sync* time is the sum of its
 callback intervals (code running on the loop, or in a worker thread); its *wait* time is the rest
-of its life, from creation to settlement. The CLI, the viewer and ``asgi_asynctrace.testing``
-all read traces through this module; the diagnoses themselves are in ``_findings``.
+of its life, from creation to settlement (none for a deadline that was cancelled before it was
+reached: the request waited on what the deadline guarded). The CLI, the viewer and
+``asgi_asynctrace.testing`` all read traces through this module; the diagnoses themselves are in
+``_findings``.
 Exports: analyze, Analysis, ResourceTimes, PathStep, label (and, from _findings, Finding,
 AnalysisSettings, SEVERITIES).
 """
@@ -160,6 +162,11 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     )
 
 
+# A timer of these kinds is a deadline (asyncio.timeout, wait_for): cancelled, it was never
+# reached, and what the request waited on was the operation it guarded, not the deadline.
+_DEADLINES = frozenset(("timeout", "wait_for"))
+
+
 def _times(r: Resource, o: int, duration: int, notes: dict[str, Any]) -> ResourceTimes:
     cb = r.callbacks
     sync = 0
@@ -174,6 +181,9 @@ def _times(r: Resource, o: int, duration: int, notes: dict[str, Any]) -> Resourc
     else:
         ended = duration
     ended = max(ended, created)
+    waited = ended - created - sync
+    if r.type == "timer" and r.state == "cancelled" and notes.get("kind") in _DEADLINES:
+        waited = 0
     return ResourceTimes(
         async_id=r.async_id,
         type=r.type,
@@ -181,7 +191,7 @@ def _times(r: Resource, o: int, duration: int, notes: dict[str, Any]) -> Resourc
         created=created,
         ended=ended,
         sync=sync,
-        wait=max(0, ended - created - sync),
+        wait=max(0, waited),
         state=r.state,
     )
 

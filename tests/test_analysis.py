@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import sqlite3
 import time
@@ -214,3 +215,41 @@ def test_cli_summary_and_diagnose(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert main(["summary", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.json" in err
+
+
+def test_a_deadline_that_was_not_reached_is_no_wait() -> None:
+    async def body() -> None:
+        await asyncio.wait_for(asyncio.sleep(0.02), timeout=5)  # its deadline: cancelled
+
+    trace = traced(body)
+    a = analyze(trace, NO_BLOCKING)
+    notes: dict[int, dict[str, Any]] = {}
+    for rid, key, value in trace.annotations:
+        notes.setdefault(rid, {})[key] = value
+    timers = [r for r in trace.resources if r.type == "timer"]
+    deadlines = [r for r in timers if notes[r.async_id]["kind"] in ("timeout", "wait_for")]
+    sleeps = [r for r in timers if notes[r.async_id]["kind"] == "sleep"]
+    assert len(deadlines) == 1 and deadlines[0].state == "cancelled" and len(sleeps) == 1
+    # the deadline lived as long as the sleep it guarded, but the request waited on the sleep
+    assert a.times[deadlines[0].async_id].wait == 0
+    assert a.times[sleeps[0].async_id].wait >= 19 * 10**6
+    assert a.by_type["timer"]["wait"] == a.times[sleeps[0].async_id].wait
+    assert deadlines[0].async_id not in [t.async_id for t in a.top("wait") if t.wait > 0]
+
+
+def test_a_deadline_that_was_reached_is_a_wait() -> None:
+    async def body() -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(1), timeout=0.02)
+
+    trace = traced(body)
+    a = analyze(trace, NO_BLOCKING)
+    notes: dict[int, dict[str, Any]] = {}
+    for rid, key, value in trace.annotations:
+        notes.setdefault(rid, {})[key] = value
+    deadline = ("timeout", "wait_for")
+    fired = [
+        r for r in trace.resources if r.type == "timer" and notes[r.async_id]["kind"] in deadline
+    ]
+    assert len(fired) == 1 and fired[0].state == "ok"
+    assert a.times[fired[0].async_id].wait >= 19 * 10**6

@@ -241,3 +241,28 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     page.wait_for_selector("body[data-loaded]")
     assert "GET /work 200" in page.inner_text("#summary")
     assert len(httpx.get(served + "/__asynctrace/traces").json()["traces"]) == 2
+
+
+def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
+    page: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        await asyncio.wait_for(asyncio.sleep(0.02), timeout=5)
+
+    trace = off_loop(body)
+    path = tmp_path / "trace.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    page.click("#tabs button[data-view=tree]")
+    times = analyze(trace).times
+    timers = [times[r.async_id] for r in trace.resources if r.type == "timer"]
+    sleep = next(t for t in timers if t.label.startswith("sleep"))
+    deadline = next(t for t in timers if t is not sleep)
+    assert deadline.state == "cancelled" and deadline.wait == 0 and sleep.wait >= 19 * 10**6
+
+    def shown(t: Any) -> str:
+        return str(page.inner_text(f'#tree .node[data-id="{t.async_id}"] .t'))
+
+    assert shown(deadline).startswith("wait 0 ns"), shown(deadline)
+    assert shown(sleep).startswith("wait ") and " ms" in shown(sleep).split("·")[0]

@@ -94,6 +94,10 @@ AT.normalize = function (input) {
     const parent = byId.get(res.trigger);
     if (parent && parent !== res) parent.children.push(res);
     res.label = AT.label(res);
+    // As the analysis counts it: a deadline cancelled before it was reached was no wait.
+    if (res.type === "timer" && res.state === "cancelled" && AT.DEADLINES.has(res.notes.kind)) {
+      res.wait = 0;
+    }
   }
   const root = resources.find((r) => r.type === "root") || resources[0];
   const critical = new Set((analysis ? analysis.criticalPath : []).map((s) => s.asyncId));
@@ -102,6 +106,8 @@ AT.normalize = function (input) {
     root, analysis, critical, dropped: doc.dropped || {},
   };
 };
+
+AT.DEADLINES = new Set(["timeout", "wait_for"]);
 
 AT.label = function (res) {
   // The same names as asgi_asynctrace's analysis.label().
