@@ -18,6 +18,7 @@ AnalysisSettings, SEVERITIES).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "PathStep",
     "ResourceTimes",
     "analyze",
+    "creation_stack",
     "label",
 ]
 
@@ -106,9 +108,18 @@ def _short(name: str) -> str:
     return name.rsplit("<locals>.", 1)[-1]
 
 
-def label(res: Resource, notes: dict[str, Any]) -> str:
-    """A short human name: the URL of a fetch, the statement of a query, a task's coroutine."""
+def creation_stack(trace: Trace, res: Resource) -> Sequence[str] | None:
+    """The frames of the stack that created ``res``, innermost first (None: none captured)."""
+    sid, stacks = res.stack_id, trace.stacks
+    return stacks[sid] if sid is not None and 0 <= sid < len(stacks) else None
+
+
+def label(res: Resource, notes: dict[str, Any], stack: Sequence[str] | None = None) -> str:
+    """A short human name: the URL of a fetch, the statement of a query, a task's coroutine,
+    the function that made a future (from its creation ``stack``, when there is one)."""
     t = res.type
+    if t == "future" and stack:
+        return _short(stack[0].split(" @ ", 1)[0])
     if t == "fetch":
         return f"{notes.get('method', '')} {notes.get('url', '')}".strip() or t
     if t == "db-query":
@@ -139,7 +150,7 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
         notes[rid][key] = value
     times: dict[int, ResourceTimes] = {}
     for r in trace.resources:
-        times[r.async_id] = _times(r, o, duration, notes[r.async_id])
+        times[r.async_id] = _times(r, o, duration, notes[r.async_id], creation_stack(trace, r))
     by_type: dict[str, dict[str, int]] = {}
     for t in times.values():
         row = by_type.setdefault(t.type, {"count": 0, "sync": 0, "wait": 0})
@@ -167,7 +178,9 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
 _DEADLINES = frozenset(("timeout", "wait_for"))
 
 
-def _times(r: Resource, o: int, duration: int, notes: dict[str, Any]) -> ResourceTimes:
+def _times(
+    r: Resource, o: int, duration: int, notes: dict[str, Any], stack: Sequence[str] | None
+) -> ResourceTimes:
     cb = r.callbacks
     sync = 0
     for i in range(0, len(cb), 2):
@@ -187,7 +200,7 @@ def _times(r: Resource, o: int, duration: int, notes: dict[str, Any]) -> Resourc
     return ResourceTimes(
         async_id=r.async_id,
         type=r.type,
-        label=label(r, notes),
+        label=label(r, notes, stack),
         created=created,
         ended=ended,
         sync=sync,

@@ -86,9 +86,9 @@ def _name(trace: Trace, r: Resource, notes: dict[str, Any], root: bool) -> str:
     if root:
         method, path = trace.request.get("method") or "", trace.request.get("path") or ""
         return f"{method} {path}".strip() or "request"
-    from ._analysis import label
+    from ._analysis import creation_stack, label
 
-    return f"{r.type} {label(r, notes)}"[:120]
+    return f"{r.type} {label(r, notes, creation_stack(trace, r))}"[:120]
 
 
 def _ended(r: Resource, end_of_trace: int) -> int:

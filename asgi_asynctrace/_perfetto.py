@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ._analysis import label
+from ._analysis import creation_stack, label
 from ._model import Resource, Trace
 
 __all__ = ["PerfettoSink", "to_perfetto", "trace_packets"]
@@ -79,7 +79,8 @@ def trace_packets(trace: Trace) -> Iterator[Any]:
         d = packet.track_descriptor
         d.uuid = base | r.async_id
         d.parent_uuid = group
-        d.name = f"{r.type} {label(r, notes.get(r.async_id, {}))} #{r.async_id}"
+        d.name = f"{r.type} {label(r, notes.get(r.async_id, {}), creation_stack(trace, r))} "
+        d.name += f"#{r.async_id}"
         d.sibling_order_rank = rank
         yield packet
 
@@ -116,7 +117,7 @@ def trace_packets(trace: Trace) -> Iterator[Any]:
         ev.track_uuid = track
         if kind == "begin":
             ev.type = TYPE.TYPE_SLICE_BEGIN
-            ev.name = f"{r.type} {label(r, info or {})}"
+            ev.name = f"{r.type} {label(r, info or {}, creation_stack(trace, r))}"
             ev.categories.append(r.type)
             _describe(ev, trace, r, info or {})
             if flow is not None:

@@ -253,3 +253,15 @@ def test_a_deadline_that_was_reached_is_a_wait() -> None:
     ]
     assert len(fired) == 1 and fired[0].state == "ok"
     assert a.times[fired[0].async_id].wait >= 19 * 10**6
+
+
+def test_a_future_is_named_by_the_function_that_made_it() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0.001)
+        event = asyncio.Event()
+        asyncio.get_running_loop().call_soon(event.set)
+        await event.wait()
+
+    labels = sorted(t.label for t in analyze(traced(body, futures=True)).times.values()
+                    if t.type == "future")  # fmt: skip
+    assert labels == ["Event.wait", "sleep"]

@@ -68,10 +68,10 @@ def shoot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
-def off_loop(body: Any) -> Trace:
+def off_loop(body: Any, futures: bool = False) -> Trace:
     """Trace ``body`` in a thread: Playwright's sync API keeps a loop running on this one."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(traced, body).result()
+        return pool.submit(traced, body, futures).result()
 
 
 def sample() -> Trace:
@@ -266,3 +266,21 @@ def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
 
     assert shown(deadline).startswith("wait 0 ns"), shown(deadline)
     assert shown(sleep).startswith("wait ") and " ms" in shown(sleep).split("·")[0]
+
+
+def test_a_future_is_named_by_the_function_that_made_it_as_in_the_analysis(
+    page: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        await asyncio.sleep(0.001)
+
+    trace = off_loop(body, futures=True)
+    path = tmp_path / "trace.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    page.click("#tabs button[data-view=tree]")
+    future = next(r for r in trace.resources if r.type == "future")
+    assert analyze(trace).times[future.async_id].label == "sleep"
+    shown = page.inner_text(f'#tree .node[data-id="{future.async_id}"] .label')
+    assert shown == "sleep"

@@ -120,6 +120,7 @@ AT.label = function (res) {
     const what = n.key !== undefined ? n.key : n.keys !== undefined ? `${n.keys} keys` : "";
     return `${n.op || n.command || t} ${what}`.trim();
   }
+  if (t === "future" && res.stack.length) return short(String(res.stack[0]).split(" @ ")[0]);
   if (t === "task") return short(n.coroutine || t);
   if (t === "thread") return short(n.function || t);
   if (t === "timer") return `${n.kind || "timer"} ${n.delayMs !== undefined ? n.delayMs : "?"}ms`;
