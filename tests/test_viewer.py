@@ -24,6 +24,7 @@ from asgi_asynctrace import (
     Trace,
     analyze,
     annotate,
+    load_trace,
     start_resource,
 )
 from asgi_asynctrace._viewer import write_viewer
@@ -284,3 +285,41 @@ def test_a_future_is_named_by_the_function_that_made_it_as_in_the_analysis(
     assert analyze(trace).times[future.async_id].label == "sleep"
     shown = page.inner_text(f'#tree .node[data-id="{future.async_id}"] .label')
     assert shown == "sleep"
+
+
+def test_a_bubble_is_named_after_the_work_not_the_deadline_around_it(
+    page: Any, tmp_path: Path
+) -> None:
+    # An aiocache get as the sample app makes it: the app's cache-get, then inside the library
+    # a task doing the work and wait_for's deadline around it, which lives a little longer.
+    lib = ["wait_for @ <stdlib>/asyncio/tasks.py:479:12",
+           "BaseCache.get @ site-packages/aiocache/base.py:44:20",
+           "load @ shop/views.py:10:5"]  # fmt: skip
+    doc = {
+        "version": 1, "traceId": "ab" * 16, "request": {"method": "GET", "path": "/items"},
+        "requestDurationNs": 12_000_000,
+        "resources": [
+            {"asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": None, "createdAt": 0,
+             "callbacks": [[0, 500_000]], "destroyedAt": 12_000_000, "state": "ok"},
+            {"asyncId": 2, "triggerId": 1, "type": "cache-get", "stackTraceId": 0,
+             "createdAt": 600_000, "callbacks": [], "destroyedAt": 10_500_000, "state": "ok"},
+            {"asyncId": 3, "triggerId": 2, "type": "timer", "stackTraceId": 1,
+             "createdAt": 1_000_000, "callbacks": [], "destroyedAt": 10_000_000,
+             "state": "cancelled"},
+            {"asyncId": 4, "triggerId": 2, "type": "task", "stackTraceId": 1,
+             "createdAt": 1_100_000, "callbacks": [[1_200_000, 1_300_000]],
+             "destroyedAt": 9_900_000, "state": "ok"},
+        ],
+        "stackTraces": [{"id": 0, "frames": lib[2:]}, {"id": 1, "frames": lib}],
+        "annotations": [
+            {"asyncId": 3, "key": "kind", "value": "wait_for"},
+            {"asyncId": 3, "key": "delayMs", "value": 5000},
+            {"asyncId": 4, "key": "coroutine", "value": "BaseCache.get"},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "trace.html"
+    write_viewer(path, [load_trace(doc)])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    labels = page.locator(".bubble text.label").all_text_contents()
+    assert "task BaseCache.get + 1 more" in labels, labels

@@ -76,9 +76,13 @@ AT.views.bubbles = (function () {
       node.busy = unionLength(ms.map((m) => [m.created, m.end]));
       node.weight = node.busy + node.sync;
       // Named after its most significant member: the root, else the longest-lived that is not
-      // a bare future (a future is what something else is waiting on, not the thing itself).
+      // a bare future (a future is what something else is waiting on, not the thing itself)
+      // nor a deadline that was not reached (it lives as long as what it guards, which is
+      // the thing itself).
+      const guard = (r) => r.type === "future" ||
+        (r.type === "timer" && r.state === "cancelled" && AT.DEADLINES.has(r.notes.kind));
       const lead = ms.find((m) => m.type === "root") || ms.reduce((best, m) => {
-        const score = (r) => (r.type === "future" ? -1e18 : 0) + r.end - r.created + r.sync;
+        const score = (r) => (guard(r) ? -1e18 : 0) + r.end - r.created + r.sync;
         return score(m) > score(best) ? m : best;
       }, ms[0]);
       node.type = lead.type;
