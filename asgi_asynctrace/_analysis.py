@@ -11,8 +11,8 @@ of its life, from creation to settlement (none for a deadline that was cancelled
 reached: the request waited on what the deadline guarded). The CLI, the viewer and
 ``asgi_asynctrace.testing`` all read traces through this module; the diagnoses themselves are in
 ``_findings``.
-Exports: analyze, Analysis, ResourceTimes, PathStep, label (and, from _findings, Finding,
-AnalysisSettings, SEVERITIES).
+Exports: analyze, Analysis, ResourceTimes, PathStep, label, creation_stack (and, from _findings,
+Finding, AnalysisSettings, SEVERITIES).
 """
 
 from __future__ import annotations
