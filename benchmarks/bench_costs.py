@@ -22,14 +22,12 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
-import gc
-import os
 import shutil
 import sys
 import tempfile
 from typing import Any
 
-from .bench_instructions import _callgrind, _total
+from .bench_instructions import _callgrind, _total, count_answers
 
 PATHS = ["/ok", "/cache"]
 # name: (traced, the instrumentation turned on, futures recorded, stack depth)
@@ -76,34 +74,13 @@ def _app(variant: str, path: str) -> Any:
 
 
 async def _work(variant: str, warmup: int, n: int) -> None:
-    """One request at a time; callgrind cuts its count as each counted request starts and as
-    its answer is handed over (as bench_instructions' latency worker)."""
+    """One request at a time, each counted up to its answer (as bench_instructions' latency
+    worker: ``count_answers``)."""
     from asgi_asynctrace import install_hooks
-
-    from .bench_routes import _scope
-
-    marking = False
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        if marking and message["type"] == "http.response.body" and not message.get("more_body"):
-            os.getpgrp()  # the answer is out
 
     install_hooks()  # as after a first traced request, in every variant
     for path in PATHS:
-        app = _app(variant, path)
-        for _ in range(warmup):  # the store full, CPython's lookups specialized
-            await app(_scope(path, False), receive, send)
-        gc.collect()
-        gc.freeze()
-        for _ in range(n):
-            marking = True
-            os.getpgrp()  # a counted request starts here
-            await app(_scope(path, False), receive, send)
-            marking = False
-        gc.unfreeze()
+        await count_answers(_app(variant, path), path, warmup, n)
 
 
 def _counts(variant: str, warmup: int, n: int, scratch: str) -> list[int]:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import itertools
 import os
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,15 @@ async def _work(variant: str, warmup: int, n: int) -> None:
         gc.unfreeze()
 
 
-async def _latency_work(variant: str, warmup: int, n: int) -> None:
-    """One request at a time; callgrind cuts its count as each request starts and again as the
-    app hands over the response's last chunk, so every other part is one request's answer."""
-    from asgi_asynctrace import AsyncTraceMiddleware, install_hooks
-
+async def count_answers(
+    app: Any, path: str, warmup: int, n: int, header: bool = False,
+    between: Callable[[], Awaitable[None]] | None = None,
+) -> None:  # fmt: skip
+    """Serve ``path`` one request at a time, ``warmup`` uncounted, then ``n`` that callgrind
+    counts from each request's start (``os.getpgrp()``, which cuts its count) to the moment the
+    app hands over the response's last chunk (cut again), so every other part of the dump is
+    one request's answer. ``between``: run, uncounted, before each counted request (and once
+    before the first)."""
     from .bench_routes import _scope
 
     marking = False
@@ -157,30 +162,45 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
         if marking and message["type"] == "http.response.body" and not message.get("more_body"):
             os.getpgrp()  # the answer is out: the count of this request ends here
 
+    for _ in range(warmup):  # the store full, as in a server that has been up a while
+        await app(_scope(path, header), receive, send)
+    if between is not None:
+        await between()
+    gc.collect()
+    gc.freeze()
+    for _ in range(n):
+        if between is not None:  # not counted: between this request and the last one
+            await between()
+        marking = True
+        os.getpgrp()  # ... and starts here
+        await app(_scope(path, header), receive, send)
+        marking = False
+    gc.unfreeze()
+
+
+async def _latency_work(variant: str, warmup: int, n: int) -> None:
+    """One request at a time, each counted up to its answer (``count_answers``)."""
+    from asgi_asynctrace import AsyncTraceMiddleware, install_hooks
+
     install_hooks()  # as after a first traced request, for every variant
     for _, kind, path in ROUTES:
         bare = _app(kind, "bare")
         traced = variant in ("stored", "rare")
         app = AsyncTraceMiddleware(bare, log_traces=False, store_size=100,
                                    sample_rate=1.0 if traced else 0.0)  # fmt: skip
-        gap = RARE_GAP if variant == "rare" else 0
-        # the rare variant's untraced requests, served by the same process between traced ones
-        untraced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100) if gap else app
-        header = variant == "header"
-        for _ in range(warmup):  # the store full, as in a server that has been up a while
-            await app(_scope(path, header), receive, send)
-        for _ in range(gap):
-            await untraced(_scope(path, False), receive, send)
-        gc.collect()
-        gc.freeze()
-        for _ in range(n):
-            for _ in range(gap):  # not counted: between this request and the last one
-                await untraced(_scope(path, False), receive, send)
-            marking = True
-            os.getpgrp()  # ... and starts here
-            await app(_scope(path, header), receive, send)
-            marking = False
-        gc.unfreeze()
+        between = None
+        if variant == "rare":  # untraced requests, served by the same process, between traced ones
+            untraced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
+            between = functools.partial(_untraced_gap, untraced, path)
+        await count_answers(app, path, warmup, n, variant == "header", between)
+
+
+async def _untraced_gap(app: Any, path: str) -> None:
+    """The rare variant's ``RARE_GAP`` untraced requests before each traced one."""
+    from .bench_routes import _one
+
+    for _ in range(RARE_GAP):
+        await _one(app, path, False)
 
 
 def _callgrind(

@@ -224,12 +224,10 @@ def test_a_deadline_that_was_not_reached_is_no_wait() -> None:
 
     trace = traced(body)
     a = analyze(trace, NO_BLOCKING)
-    notes: dict[int, dict[str, Any]] = {}
-    for rid, key, value in trace.annotations:
-        notes.setdefault(rid, {})[key] = value
     timers = [r for r in trace.resources if r.type == "timer"]
-    deadlines = [r for r in timers if notes[r.async_id]["kind"] in ("timeout", "wait_for")]
-    sleeps = [r for r in timers if notes[r.async_id]["kind"] == "sleep"]
+    kind = {r.async_id: trace.annotations_of(r.async_id)["kind"] for r in timers}
+    deadlines = [r for r in timers if kind[r.async_id] in ("timeout", "wait_for")]
+    sleeps = [r for r in timers if kind[r.async_id] == "sleep"]
     assert len(deadlines) == 1 and deadlines[0].state == "cancelled" and len(sleeps) == 1
     # the deadline lived as long as the sleep it guarded, but the request waited on the sleep
     assert a.times[deadlines[0].async_id].wait == 0
@@ -245,12 +243,9 @@ def test_a_deadline_that_was_reached_is_a_wait() -> None:
 
     trace = traced(body)
     a = analyze(trace, NO_BLOCKING)
-    notes: dict[int, dict[str, Any]] = {}
-    for rid, key, value in trace.annotations:
-        notes.setdefault(rid, {})[key] = value
-    deadline = ("timeout", "wait_for")
+    timers = [r for r in trace.resources if r.type == "timer"]
     fired = [
-        r for r in trace.resources if r.type == "timer" and notes[r.async_id]["kind"] in deadline
+        r for r in timers if trace.annotations_of(r.async_id)["kind"] in ("timeout", "wait_for")
     ]
     assert len(fired) == 1 and fired[0].state == "ok"
     assert a.times[fired[0].async_id].wait >= 19 * 10**6

@@ -38,13 +38,6 @@ def _wait_for(traces: list[Trace], n: int) -> None:
     assert len(traces) == n
 
 
-def _notes(trace: Trace) -> dict[int, dict[str, Any]]:
-    notes: dict[int, dict[str, Any]] = {}
-    for async_id, key, value in trace.annotations:
-        notes.setdefault(async_id, {})[key] = value
-    return notes
-
-
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 def test_the_servers_keep_alive_timer_is_not_the_requests(http: str) -> None:
     app = AsyncTraceMiddleware(
@@ -60,13 +53,14 @@ def test_the_servers_keep_alive_timer_is_not_the_requests(http: str) -> None:
             assert got.status_code == 200
         _wait_for(traces, 3)
     for trace in traces:
-        notes = _notes(trace)
         timers = [r for r in trace.resources if r.type == "timer"]
-        assert timers == [], [notes.get(r.async_id) for r in timers]
+        assert timers == [], [trace.annotations_of(r.async_id) for r in timers]
         # the response body's writes are still the request's: recorded, the last one too
         writes = [r for r in trace.resources if r.type == "stream-write"]
         assert len(writes) == 1 and writes[0].state == "ok"
-        assert notes[writes[0].async_id]["bytes"] == (5 if trace.request["path"] == "/hello" else 3)
+        assert trace.annotations_of(writes[0].async_id)["bytes"] == (
+            5 if trace.request["path"] == "/hello" else 3
+        )
         assert trace.root.state == "ok"
 
 
@@ -88,11 +82,10 @@ def test_the_servers_websocket_pings_are_not_the_requests() -> None:
             assert c.recv(timeout=5) == "HI"
         _wait_for(traces, 1)
     trace = traces[0]
-    notes = _notes(trace)
     timers = [r for r in trace.resources if r.type == "timer"]
-    assert timers == [], [notes.get(r.async_id) for r in timers]
+    assert timers == [], [trace.annotations_of(r.async_id) for r in timers]
     # the messages are still the request's, the close included
-    messages = [notes[r.async_id] for r in trace.resources if r.type == "websocket"]
+    messages = [trace.annotations_of(r.async_id) for r in trace.resources if r.type == "websocket"]
     assert [(m["direction"], m["message"]) for m in messages] == [
         ("receive", "text"),
         ("send", "text"),
