@@ -287,11 +287,12 @@ def test_a_future_is_named_by_the_function_that_made_it_as_in_the_analysis(
     assert shown == "sleep"
 
 
-def test_a_bubble_is_named_after_the_work_not_the_deadline_around_it(
+def test_a_bubble_is_named_after_the_work_not_the_timers_around_it(
     page: Any, tmp_path: Path
 ) -> None:
-    # An aiocache get as the sample app makes it: the app's cache-get, then inside the library
-    # a task doing the work and wait_for's deadline around it, which lives a little longer.
+    # An aiocache set as the sample app makes it: the app's cache-put, then inside the library
+    # a task doing the work, wait_for's deadline around it, which lives a little longer, and
+    # the entry's expiry, still pending when the request ends.
     lib = ["wait_for @ <stdlib>/asyncio/tasks.py:479:12",
            "BaseCache.get @ site-packages/aiocache/base.py:44:20",
            "load @ shop/views.py:10:5"]  # fmt: skip
@@ -309,12 +310,20 @@ def test_a_bubble_is_named_after_the_work_not_the_deadline_around_it(
             {"asyncId": 4, "triggerId": 2, "type": "task", "stackTraceId": 1,
              "createdAt": 1_100_000, "callbacks": [[1_200_000, 1_300_000]],
              "destroyedAt": 9_900_000, "state": "ok"},
+            {"asyncId": 5, "triggerId": 4, "type": "timer", "stackTraceId": 2,
+             "createdAt": 1_250_000, "callbacks": [], "destroyedAt": None,
+             "state": "pending"},
         ],
-        "stackTraces": [{"id": 0, "frames": lib[2:]}, {"id": 1, "frames": lib}],
+        "stackTraces": [{"id": 0, "frames": lib[2:]}, {"id": 1, "frames": lib},
+                        {"id": 2, "frames": ["SimpleMemoryBackend._set @ "
+                                             "site-packages/aiocache/backends/memory.py:50:9",
+                                             *lib[1:]]}],
         "annotations": [
             {"asyncId": 3, "key": "kind", "value": "wait_for"},
             {"asyncId": 3, "key": "delayMs", "value": 5000},
             {"asyncId": 4, "key": "coroutine", "value": "BaseCache.get"},
+            {"asyncId": 5, "key": "kind", "value": "call_later"},
+            {"asyncId": 5, "key": "delayMs", "value": 30000},
         ],
     }  # fmt: skip
     path = tmp_path / "trace.html"
@@ -322,4 +331,4 @@ def test_a_bubble_is_named_after_the_work_not_the_deadline_around_it(
     page.goto(path.as_uri())
     page.wait_for_selector("body[data-loaded]")
     labels = page.locator(".bubble text.label").all_text_contents()
-    assert "task BaseCache.get + 1 more" in labels, labels
+    assert "task BaseCache.get + 2 more" in labels, labels
