@@ -8,7 +8,8 @@
 Times are nanoseconds from the request's start. A resource's *sync* time is the sum of its
 callback intervals (code running on the loop, or in a worker thread); its *wait* time is the rest
 of its life, from creation to settlement (none for a deadline that was cancelled before it was
-reached: the request waited on what the deadline guarded). The CLI, the viewer and
+reached, the request waited on what it guarded, nor for a timer other than a sleep still
+pending when the request ended: a callback set for later). The CLI, the viewer and
 ``asgi_asynctrace.testing`` all read traces through this module; the diagnoses themselves are in
 ``_findings``.
 Exports: analyze, Analysis, ResourceTimes, PathStep, label, creation_stack (and, from _findings,
@@ -178,6 +179,18 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
 _DEADLINES = frozenset(("timeout", "wait_for"))
 
 
+def _no_wait(r: Resource, notes: dict[str, Any]) -> bool:
+    """A timer nothing in the request waited on: a deadline cancelled before it was reached,
+    or a timer still pending when the request ended that is not a sleep (a callback set for
+    later, such as a cache entry's expiry; a sleep still pending is what its task awaited)."""
+    if r.type != "timer":
+        return False
+    kind = notes.get("kind")
+    if r.state == "cancelled":
+        return kind in _DEADLINES
+    return r.state == "pending" and kind != "sleep"
+
+
 def _times(
     r: Resource, o: int, duration: int, notes: dict[str, Any], stack: Sequence[str] | None
 ) -> ResourceTimes:
@@ -195,7 +208,7 @@ def _times(
         ended = duration
     ended = max(ended, created)
     waited = ended - created - sync
-    if r.type == "timer" and r.state == "cancelled" and notes.get("kind") in _DEADLINES:
+    if _no_wait(r, notes):
         waited = 0
     return ResourceTimes(
         async_id=r.async_id,

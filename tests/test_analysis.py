@@ -262,3 +262,19 @@ def test_a_future_is_named_by_the_function_that_made_it() -> None:
                     if t.type == "future")  # fmt: skip
     # a frame names its function by its qualified name from Python 3.11 (co_qualname)
     assert labels == sorted(["Event.wait" if sys.version_info >= (3, 11) else "wait", "sleep"])
+
+
+def test_a_timer_set_for_later_is_no_wait_but_a_pending_sleep_is() -> None:
+    async def body() -> None:
+        asyncio.get_running_loop().call_later(30, print)  # an expiry, set for after the request
+        asyncio.get_running_loop().create_task(asyncio.sleep(30))  # left sleeping
+        await asyncio.sleep(0.01)
+
+    trace = traced(body)
+    a = analyze(trace, NO_BLOCKING)
+    pending = {trace.annotations_of(r.async_id)["kind"]: a.times[r.async_id]
+               for r in trace.resources if r.type == "timer" and r.state == "pending"}  # fmt: skip
+    assert set(pending) == {"call_later", "sleep"}
+    assert pending["call_later"].wait == 0
+    assert pending["sleep"].wait >= 9 * 10**6  # its task was still waiting on it at the end
+    assert pending["call_later"].async_id not in [t.async_id for t in a.top("wait") if t.wait > 0]

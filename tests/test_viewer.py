@@ -249,6 +249,7 @@ def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
 ) -> None:
     async def body() -> None:
         await asyncio.wait_for(asyncio.sleep(0.02), timeout=5)
+        asyncio.get_running_loop().call_later(30, print)  # set for after the request
 
     trace = off_loop(body)
     path = tmp_path / "trace.html"
@@ -259,13 +260,16 @@ def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
     times = analyze(trace).times
     timers = [times[r.async_id] for r in trace.resources if r.type == "timer"]
     sleep = next(t for t in timers if t.label.startswith("sleep"))
-    deadline = next(t for t in timers if t is not sleep)
+    later = next(t for t in timers if t.label.startswith("call_later"))
+    deadline = next(t for t in timers if t is not sleep and t is not later)
     assert deadline.state == "cancelled" and deadline.wait == 0 and sleep.wait >= 19 * 10**6
+    assert later.state == "pending" and later.wait == 0
 
     def shown(t: Any) -> str:
         return str(page.inner_text(f'#tree .node[data-id="{t.async_id}"] .t'))
 
     assert shown(deadline).startswith("wait 0 ns"), shown(deadline)
+    assert shown(later).startswith("wait 0 ns"), shown(later)
     assert shown(sleep).startswith("wait ") and " ms" in shown(sleep).split("·")[0]
 
 

@@ -94,8 +94,10 @@ AT.normalize = function (input) {
     const parent = byId.get(res.trigger);
     if (parent && parent !== res) parent.children.push(res);
     res.label = AT.label(res);
-    // As the analysis counts it: a deadline cancelled before it was reached was no wait.
-    if (res.type === "timer" && res.state === "cancelled" && AT.DEADLINES.has(res.notes.kind)) {
+    // As the analysis counts it: a deadline cancelled before it was reached was no wait, nor
+    // a timer other than a sleep still pending when the request ended (set for later).
+    if (res.type === "timer" && (res.state === "cancelled" ? AT.DEADLINES.has(res.notes.kind)
+      : res.state === "pending" && res.notes.kind !== "sleep")) {
       res.wait = 0;
     }
   }
