@@ -77,11 +77,11 @@ AT.views.bubbles = (function () {
       node.weight = node.busy + node.sync;
       // Named after its most significant member: the root, else the longest-lived that is not
       // a bare future (a future is what something else is waiting on, not the thing itself),
-      // a deadline that was not reached (it lives as long as what it guards, which is the
-      // thing itself) or a timer still pending when the request ended (set for later, such
+      // a timer nothing waited on (load.js' noWait: a deadline not reached lives as long as
+      // what it guards) or any timer still pending when the request ended (set for later, such
       // as a cache entry's expiry: it lives to the end of the trace whatever it is for).
-      const guard = (r) => r.type === "future" || (r.type === "timer" && (r.state === "pending" ||
-        (r.state === "cancelled" && AT.DEADLINES.has(r.notes.kind))));
+      const guard = (r) => r.type === "future" || r.noWait ||
+        (r.type === "timer" && r.state === "pending");
       const lead = ms.find((m) => m.type === "root") || ms.reduce((best, m) => {
         const score = (r) => (guard(r) ? -1e18 : 0) + r.end - r.created + r.sync;
         return score(m) > score(best) ? m : best;

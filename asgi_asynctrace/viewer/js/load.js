@@ -96,10 +96,9 @@ AT.normalize = function (input) {
     res.label = AT.label(res);
     // As the analysis counts it: a deadline cancelled before it was reached was no wait, nor
     // a timer other than a sleep still pending when the request ended (set for later).
-    if (res.type === "timer" && (res.state === "cancelled" ? AT.DEADLINES.has(res.notes.kind)
-      : res.state === "pending" && res.notes.kind !== "sleep")) {
-      res.wait = 0;
-    }
+    res.noWait = res.type === "timer" && (res.state === "cancelled"
+      ? AT.DEADLINES.has(res.notes.kind) : res.state === "pending" && res.notes.kind !== "sleep");
+    if (res.noWait) res.wait = 0;
   }
   const root = resources.find((r) => r.type === "root") || resources[0];
   const critical = new Set((analysis ? analysis.criticalPath : []).map((s) => s.asyncId));
