@@ -53,7 +53,8 @@ class ResourceTimes:
 
 @dataclass(frozen=True)
 class PathStep:
-    """One resource on the critical path: ``depth`` 0 is a child of the root."""
+    """One step of the critical path: a resource the request waited on (``depth`` 0 is a child
+    of the root), or, with ``type`` "root", a stretch where the request ran its own code."""
 
     async_id: int
     type: str
@@ -115,9 +116,13 @@ def creation_stack(trace: Trace, res: Resource) -> Sequence[str] | None:
     return stacks[sid] if sid is not None and 0 <= sid < len(stacks) else None
 
 
+_BODIES = {"stream-read": "request body", "stream-write": "response body"}
+
+
 def label(res: Resource, notes: dict[str, Any], stack: Sequence[str] | None = None) -> str:
     """A short human name: the URL of a fetch, the statement of a query, a task's coroutine,
-    the function that made a future (from its creation ``stack``, when there is one)."""
+    the function that made a future (from its creation ``stack``, when there is one), the size
+    of a body or websocket message."""
     t = res.type
     if t == "future" and stack:
         return _short(stack[0].split(" @ ", 1)[0])
@@ -138,6 +143,11 @@ def label(res: Resource, notes: dict[str, Any], stack: Sequence[str] | None = No
         return f"{notes.get('kind', 'timer')} {notes.get('delayMs', '?')}ms"
     if t == "root":
         return f"{notes.get('method', '')} {notes.get('path', '')}".strip() or t
+    if t in _BODIES:
+        return f"{_BODIES[t]}, {notes.get('bytes', '?')} bytes"
+    if t == "websocket":
+        size = f", {notes['bytes']} bytes" if "bytes" in notes else ""
+        return f"{notes.get('direction', '')} {notes.get('message', '')}".strip() + size
     return str(notes.get("name", t))
 
 
@@ -161,7 +171,7 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     children: dict[int, list[Resource]] = defaultdict(list)
     for r in trace.resources:
         children[r.trigger_id].append(r)
-    path = _critical_path(trace, times, children)
+    path = _critical_path(trace, times, children, s)
     findings = diagnose(trace, times, children, path, notes, s, duration)
     return Analysis(
         trace_id=trace.trace_id,
@@ -223,8 +233,9 @@ def _times(
 
 
 def _critical_path(
-    trace: Trace, times: dict[int, ResourceTimes], children: dict[int, list[Resource]]
-) -> list[PathStep]:
+    trace: Trace, times: dict[int, ResourceTimes], children: dict[int, list[Resource]],
+    settings: AnalysisSettings,
+) -> list[PathStep]:  # fmt: skip
     """Walk back from the request's end: at each moment, what was the root waiting for?
 
     Among a resource's children, the one that ended last before the moment in question is what
@@ -266,4 +277,43 @@ def _critical_path(
             walk(child.async_id, child.ended, depth + 1, budget)
 
     walk(root.async_id, times[root.async_id].ended, 0, [500])
+    return _with_own_work(root, trace.origin, times[root.async_id], out, settings)
+
+
+def _with_own_work(
+    root: Resource, origin: int, root_times: ResourceTimes, path: list[PathStep],
+    settings: AnalysisSettings,
+) -> list[PathStep]:  # fmt: skip
+    """``path`` with the stretches between its top-level steps where the request ran its own
+    code (a blocking call, a loop over rows), as steps of the root: without them a request that
+    spent most of its time computing shows a critical path that accounts for little of it.
+
+    A stretch is shown when the root ran in it at least ``settings.own_code_ms`` or
+    ``settings.own_code_share`` of the request, whichever is less (never under 0.1 ms); it
+    spans the root's first to last running moment there.
+    """
+    end = root_times.ended
+    floor = max(100_000, min(settings.own_code_ms * 1e6, settings.own_code_share * end))
+    cb = root.callbacks
+    runs = [
+        (cb[i] - origin, (cb[i + 1] if i + 1 < len(cb) else origin + end) - origin)
+        for i in range(0, len(cb), 2)
+    ]
+    if not runs:
+        return path
+    out: list[PathStep] = []
+    since = root_times.created
+    for step in [*path, None]:
+        if step is not None and step.depth != 0:
+            out.append(step)
+            continue
+        until = end if step is None else step.start
+        inside = [(max(a, since), min(b, until)) for a, b in runs if a < until and b > since]
+        ran = sum(b - a for a, b in inside)
+        if ran >= floor:
+            what = f"the request's own code ran {ran / 1e6:.1f} ms"
+            out.append(PathStep(root.async_id, "root", what, inside[0][0], inside[-1][1], 0))
+        if step is not None:
+            out.append(step)
+            since = max(since, step.end)
     return out

@@ -50,6 +50,10 @@ class AnalysisSettings:
     thread_queue_ms: float = 10.0  # a thread job waiting this long to start
     high_share: float = 0.25  # a finding costing this share of the request is high severity
     medium_share: float = 0.05
+    # The critical path shows a stretch of the request's own code between its waits when it
+    # ran at least this long or this share of the request (whichever is less; never < 0.1 ms).
+    own_code_ms: float = 1.0
+    own_code_share: float = 0.05
 
 
 @dataclass(frozen=True)

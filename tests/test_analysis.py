@@ -43,8 +43,9 @@ def upstream() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://upstream")
 
 
-# For tests about other findings: a step stretched by a busy machine is no blocked loop there.
-NO_BLOCKING = AnalysisSettings(blocked_step_ms=10_000)
+# For tests about other things: a step stretched by a busy machine is no blocked loop there,
+# nor a stretch of the request's own code on the critical path.
+NO_BLOCKING = AnalysisSettings(blocked_step_ms=10_000, own_code_ms=10_000, own_code_share=1.0)
 
 
 def kinds(trace: Trace, settings: AnalysisSettings | None = None) -> list[str]:
@@ -190,10 +191,52 @@ def test_the_critical_path_follows_the_slowest_branch_down_to_the_timer() -> Non
         await asyncio.gather(child(5), child(25))
 
     trace = traced(body)
-    path = analyze(trace).critical_path
+    path = analyze(trace, NO_BLOCKING).critical_path
     # then the response body goes out: writing it is the last thing the request waited for
     assert [(s.type, s.depth) for s in path] == [("task", 0), ("timer", 1), ("stream-write", 0)]
     assert path[1].label == "sleep 25.0ms"
+
+
+def test_the_critical_path_shows_where_the_request_ran_its_own_code() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0.005)
+        await asyncio.sleep(0)  # a moment's own code: below the floor, not shown
+        time.sleep(0.03)  # blocking: the request's own code held it up
+
+    trace = traced(body)
+    settings = AnalysisSettings(blocked_step_ms=10_000)
+    path = analyze(trace, settings).critical_path
+    assert [(s.type, s.depth) for s in path] == [("timer", 0), ("root", 0), ("stream-write", 0)]
+    own = path[1]
+    assert own.async_id == trace.root.async_id
+    assert own.start >= path[0].end and own.end <= path[2].start
+    assert own.end - own.start >= 30_000_000
+    ran = float(own.label.split(" ran ")[1].removesuffix(" ms"))
+    assert 30.0 <= ran <= (own.end - own.start) / 1e6 + 0.05  # printed to 0.1 ms
+    text = format_summary(analyze(trace, settings))
+    assert f"the request's own code ran {ran:.1f} ms  #1" in text
+    assert "stream-write response body, 2 bytes" in text  # "ok"
+
+
+def test_the_summary_counts_a_run_of_the_same_steps_on_the_critical_path_once() -> None:
+    async def body() -> None:
+        for _ in range(4):  # a pair repeated: one line each, counted
+            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.003)  # once: a line of its own
+
+    trace = traced(body)
+    a = analyze(trace, NO_BLOCKING)
+    timers = [s for s in a.critical_path if s.type == "timer"]
+    assert [s.label for s in timers] == ["sleep 1.0ms", "sleep 2.0ms"] * 4 + ["sleep 3.0ms"]
+    lines = format_summary(a).split("critical path")[1].split("findings")[0].splitlines()
+    steps = [line.strip() for line in lines[1:] if line.strip()]
+    first, last = timers[0], timers[-2]
+    assert steps[0].startswith(f"{first.start / 1e6:.1f} ms → ")
+    assert steps[0].endswith(f"4 x timer sleep 1.0ms  #{first.async_id} … #{timers[6].async_id}")
+    assert steps[1] == f"then timer sleep 2.0ms  #{timers[1].async_id} … #{last.async_id}"
+    assert steps[2].endswith(f"timer sleep 3.0ms  #{timers[-1].async_id}")
+    assert " x " not in steps[2] and len(steps) == 4  # and the response body
 
 
 def test_summary_of_a_fixed_trace_matches_its_golden_file() -> None:

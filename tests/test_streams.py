@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_asynctrace import AsyncTraceMiddleware, Resource, Trace
+from asgi_asynctrace import AsyncTraceMiddleware, Resource, Trace, analyze
 from tests.helpers import run
 
 
@@ -61,19 +61,27 @@ async def upload(request: Request) -> Response:
     return PlainTextResponse(str(size))
 
 
-def test_a_request_body_read_from_a_slow_client_is_one_stream_with_a_step_per_chunk() -> None:
+def upload_trace() -> tuple[Trace, list[dict[str, Any]]]:
+    """150 bytes uploaded in two chunks 20 ms apart: the trace, and what was sent back."""
     app = Starlette(routes=[Route("/upload", upload, methods=["POST"])])
     incoming = [
         (0.0, {"type": "http.request", "body": b"a" * 100, "more_body": True}),
         (0.02, {"type": "http.request", "body": b"b" * 50, "more_body": True}),
         (0.0, {"type": "http.request", "body": b"", "more_body": False}),
     ]
-    trace, sent = serve(app, {"type": "http", "method": "POST", "path": "/upload"}, incoming)
+    return serve(app, {"type": "http", "method": "POST", "path": "/upload"}, incoming)
+
+
+def test_a_request_body_read_from_a_slow_client_is_one_stream_with_a_step_per_chunk() -> None:
+    trace, sent = upload_trace()
     assert sent[-1]["type"] == "http.response.body" and sent[-1]["body"] == b"150"
     body = only(trace, "stream-read")
     notes = trace.annotations_of(body.async_id)
     assert (notes["bytes"], notes["chunks"], body.state) == (150, 3, "ok")
     assert body.trigger_id == 1
+    labels = analyze(trace).times
+    assert labels[body.async_id].label == "request body, 150 bytes"
+    assert labels[only(trace, "stream-write").async_id].label == "response body, 3 bytes"
     steps = body.intervals()
     assert len(steps) == 3
     waited = [end - start for start, end in steps if end is not None]
@@ -131,21 +139,27 @@ def test_a_body_cut_off_by_a_disconnect_is_a_cancelled_stream() -> None:
     assert trace.root.state == "cancelled"
 
 
-def test_each_websocket_message_is_a_resource_and_a_clean_close_is_ok() -> None:
-    async def chat(ws: WebSocket) -> None:
-        await ws.accept()
-        for _ in range(2):
-            text = await ws.receive_text()
-            await ws.send_text(f"echo: {text}")
-        await ws.close()
+async def _echo(ws: WebSocket) -> None:
+    await ws.accept()
+    for _ in range(2):
+        text = await ws.receive_text()
+        await ws.send_text(f"echo: {text}")
+    await ws.close()
 
-    app = Starlette(routes=[WebSocketRoute("/chat", chat)])
+
+def chat_trace() -> tuple[Trace, list[dict[str, Any]]]:
+    """A websocket echoing two messages, then closing: the trace, and what was sent back."""
+    app = Starlette(routes=[WebSocketRoute("/chat", _echo)])
     incoming = [
         (0.0, {"type": "websocket.connect"}),
         (0.01, {"type": "websocket.receive", "text": "hello"}),
         (0.0, {"type": "websocket.receive", "text": "héllo"}),
     ]
-    trace, sent = serve(app, {"type": "websocket", "path": "/chat", "subprotocols": []}, incoming)
+    return serve(app, {"type": "websocket", "path": "/chat", "subprotocols": []}, incoming)
+
+
+def test_each_websocket_message_is_a_resource_and_a_clean_close_is_ok() -> None:
+    trace, sent = chat_trace()
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.send",
                                          "websocket.close"]  # fmt: skip
     messages = [trace.annotations_of(r.async_id) for r in trace.resources if r.type == "websocket"]
@@ -153,6 +167,11 @@ def test_each_websocket_message_is_a_resource_and_a_clean_close_is_ok() -> None:
         ("receive", "text", 5), ("send", "text", 11),
         ("receive", "text", 6), ("send", "text", 12),
         ("send", "close", None),
+    ]  # fmt: skip
+    times = analyze(trace).times
+    assert [times[r.async_id].label for r in trace.resources if r.type == "websocket"] == [
+        "receive text, 5 bytes", "send text, 11 bytes", "receive text, 6 bytes",
+        "send text, 12 bytes", "send close",
     ]  # fmt: skip
     first = next(r for r in trace.resources if r.type == "websocket")
     assert first.settled_at is not None and first.settled_at - first.created_at >= 9_000_000

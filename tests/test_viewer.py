@@ -291,6 +291,29 @@ def test_a_future_is_named_by_the_function_that_made_it_as_in_the_analysis(
     assert shown == "sleep"
 
 
+def test_bodies_and_websocket_messages_are_named_as_in_the_analysis(
+    page: Any, tmp_path: Path
+) -> None:
+    from tests.test_streams import chat_trace, upload_trace
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # off the page's loop
+        traces = [pool.submit(upload_trace).result()[0], pool.submit(chat_trace).result()[0]]
+    for i, trace in enumerate(traces):
+        path = tmp_path / f"trace{i}.html"
+        write_viewer(path, [trace])
+        page.goto(path.as_uri())
+        page.wait_for_selector("body[data-loaded]")
+        page.click("#tabs button[data-view=tree]")
+        times = analyze(trace).times
+        wanted = [r for r in trace.resources if r.type in ("stream-read", "stream-write",
+                                                           "websocket")]  # fmt: skip
+        assert len(wanted) >= 2
+        for r in wanted:
+            shown = page.inner_text(f'#tree .node[data-id="{r.async_id}"] .label')
+            assert shown == times[r.async_id].label, r.type
+            assert "bytes" in shown or shown == "send close"
+
+
 def test_a_bubble_is_named_after_the_work_not_the_timers_around_it(
     page: Any, tmp_path: Path
 ) -> None:

@@ -110,6 +110,8 @@ AT.normalize = function (input) {
 
 AT.DEADLINES = new Set(["timeout", "wait_for"]);
 
+AT.BODIES = { "stream-read": "request body", "stream-write": "response body" };
+
 AT.label = function (res) {
   // The same names as asgi_asynctrace's analysis.label().
   const n = res.notes, t = res.type;
@@ -126,5 +128,10 @@ AT.label = function (res) {
   if (t === "thread") return short(n.function || t);
   if (t === "timer") return `${n.kind || "timer"} ${n.delayMs !== undefined ? n.delayMs : "?"}ms`;
   if (t === "root") return `${n.method || ""} ${n.path || ""}`.trim() || t;
+  if (AT.BODIES[t]) return `${AT.BODIES[t]}, ${n.bytes !== undefined ? n.bytes : "?"} bytes`;
+  if (t === "websocket") {
+    const size = n.bytes !== undefined ? `, ${n.bytes} bytes` : "";
+    return `${n.direction || ""} ${n.message || ""}`.trim() + size;
+  }
   return String(n.name || t);
 };
