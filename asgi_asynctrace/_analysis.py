@@ -7,9 +7,9 @@
 
 Times are nanoseconds from the request's start. A resource's *sync* time is the sum of its
 callback intervals (code running on the loop, or in a worker thread); its *wait* time is the rest
-of its life, from creation to settlement (none for a deadline that was cancelled before it was
-reached, the request waited on what it guarded, nor for a timer other than a sleep still
-pending when the request ended: a callback set for later). The CLI, the viewer and
+of its life, from creation to settlement (none for a timer other than a sleep that never fired,
+cancelled or still pending when the request ended: a deadline that was not reached, whose
+request waited on what it guarded, or a callback set for later). The CLI, the viewer and
 ``asgi_asynctrace.testing`` all read traces through this module; the diagnoses themselves are in
 ``_findings``.
 Exports: analyze, Analysis, ResourceTimes, PathStep, label, creation_stack (and, from _findings,
@@ -184,21 +184,13 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     )
 
 
-# A timer of these kinds is a deadline (asyncio.timeout, wait_for): cancelled, it was never
-# reached, and what the request waited on was the operation it guarded, not the deadline.
-_DEADLINES = frozenset(("timeout", "wait_for"))
-
-
 def _no_wait(r: Resource, notes: dict[str, Any]) -> bool:
-    """A timer nothing in the request waited on: a deadline cancelled before it was reached,
-    or a timer still pending when the request ended that is not a sleep (a callback set for
-    later, such as a cache entry's expiry; a sleep still pending is what its task awaited)."""
-    if r.type != "timer":
-        return False
-    kind = notes.get("kind")
-    if r.state == "cancelled":
-        return kind in _DEADLINES
-    return r.state == "pending" and kind != "sleep"
+    """A timer nothing in the request waited on: one that never fired (cancelled, or still
+    pending when the request ended) and is not a sleep. A deadline cancelled before it was
+    reached, a cache entry's expiry set for later or cancelled by a delete: the request
+    waited on something else meanwhile. A sleep is what its task awaited, fired or not."""
+    never_fired = r.state in ("cancelled", "pending")
+    return r.type == "timer" and never_fired and notes.get("kind") != "sleep"
 
 
 def _times(

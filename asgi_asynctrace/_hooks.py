@@ -37,7 +37,7 @@ from typing import Any
 from . import _threads
 from ._context import ACTIVE, settle_from_exception
 from ._failures import report
-from ._model import Resource, Trace
+from ._model import Resource, Trace, check_watched
 
 _CDispatch: Callable[..., Any] | None
 _CTaskCall: Callable[..., Any] | None
@@ -124,7 +124,10 @@ class TimedCoroutine:
             self._stop(exc)
             raise
         if len(cb) & 1:
-            cb.append(_now())
+            now = _now()
+            cb.append(now)
+            if self._trace._watched:  # uvloop timers: was one cancelled in this step?
+                check_watched(self._trace._watched, now)
         if type(out) is TracedFuture:
             self._awaits(out)
         return out

@@ -201,6 +201,24 @@ def _machine_limits(limits: TraceLimits) -> tuple[int, int, int, int, int, int]:
 _limit_ints: dict[int, tuple[TraceLimits, tuple[int, int, int, int, int, int]]] = {}
 
 
+def check_watched(watched: list[tuple[Resource, Any]], now: int) -> None:
+    """A step of the request ended at ``now``: each watched timer whose handle says it was
+    cancelled since is settled ``cancelled`` now (the cancel ran in this step, or since the
+    last one), and one settled is let go. For timers whose loop reports no cancel (uvloop's
+    handles take no class of ours); the C core does the same in ``end()`` and a task's step."""
+    for i in range(len(watched) - 1, -1, -1):
+        res, handle = watched[i]
+        if res.settled_at is None:
+            try:
+                if not handle.cancelled():
+                    continue
+            except Exception as exc:
+                report("timers", exc)
+            else:
+                res.settled_at, res.state = now, "cancelled"
+        del watched[i]
+
+
 class _PyTraceCore:
     """The recording half of a trace: what every hook calls for every resource. With the C
     accelerator built, ``Trace`` stands on ``_speedups.TraceCore`` instead, the same methods
@@ -215,6 +233,7 @@ class _PyTraceCore:
         "_max_stacks",
         "_next_id",
         "_stack_ids",
+        "_watched",
         "annotations",
         "closed",
         "dropped",
@@ -230,6 +249,8 @@ class _PyTraceCore:
     _max_stacks: int
     _next_id: int
     _stack_ids: dict[object, int]
+    # (resource, handle) of timers whose loop reports no cancel (uvloop): see check_watched
+    _watched: list[tuple[Resource, Any]] | None
     annotations: list[tuple[int, str, AnnotationValue]]
     closed: bool
     dropped: Dropped
@@ -263,6 +284,8 @@ class _PyTraceCore:
         cb = res.callbacks
         if len(cb) & 1:
             cb.append(now)
+        if self._watched:
+            check_watched(self._watched, now)
 
     def settle(self, res: Resource, now: int, state: str) -> None:
         """``res`` reached its final state; only the first settlement counts."""
@@ -378,6 +401,7 @@ class Trace(_TraceCore):
         # recorders that can only settle their resources then (a cancelled uvloop timer).
         self.finishers: list[Callable[[Trace, int], None]] = []
         self._stack_ids: dict[object, int] = {}
+        self._watched = None
 
     @classmethod
     def start(
@@ -595,6 +619,7 @@ def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:
     for name, value in state.items():
         setattr(trace, name, value)
     trace._stack_ids = {}
+    trace._watched = None
     trace.finishers = []
     return trace
 
@@ -602,7 +627,7 @@ def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:
 _TRACE_FIELDS: Final = tuple(
     name
     for name in (*_PyTraceCore.__slots__, *Trace.__slots__)
-    if name not in ("_stack_ids", "finishers")
+    if name not in ("_stack_ids", "_watched", "finishers")
 )
 
 

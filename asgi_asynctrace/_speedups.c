@@ -1584,6 +1584,9 @@ typedef struct {
      * entries, then 32 (no bigger than the dict it saves for a trace with few stacks). */
     struct ident_key *ident;
     Py_ssize_t n_ident, ident_size;
+    /* (Resource, handle) pairs of timers whose loop reports no cancel (uvloop's handles take
+     * no class of ours): looked at as each step ends, see core_check_watched. NULL: none. */
+    PyObject *watched;
 } TraceCore;
 
 #define IDENTITY_KEYS 32
@@ -1676,6 +1679,53 @@ settle_resource(ResourceObject *r, PyObject *now, PyObject *state)
         Py_XSETREF(r->settled_at, Py_NewRef(now));
         Py_XSETREF(r->state, Py_NewRef(state));
     }
+}
+
+static PyObject *s_cancelled;
+static PyObject *report_and_clear(const char *where);
+
+/* A step of the request ended at now: each watched timer (see TraceCore.watched) whose
+ * handle says it was cancelled since is settled "cancelled" now (the cancel ran in this step,
+ * or since the last one), and a settled one is let go. Never fails: a handle that cannot
+ * say is let go, with the failure reported. */
+static void
+core_check_watched(TraceCore *t, PyObject *now)
+{
+    PyObject *w = t->watched;
+    if (w == NULL || !PyList_CheckExact(w) || PyList_GET_SIZE(w) == 0) {
+        return;
+    }
+    Py_INCREF(w);
+    for (Py_ssize_t i = PyList_GET_SIZE(w) - 1; i >= 0; i--) {
+        if (i >= PyList_GET_SIZE(w)) { /* a handle's cancelled() shortened it */
+            continue;
+        }
+        PyObject *pair = Py_NewRef(PyList_GET_ITEM(w, i));
+        int done = 1;
+        if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2 &&
+            Py_IS_TYPE(PyTuple_GET_ITEM(pair, 0), &ResourceType)) {
+            ResourceObject *r = (ResourceObject *)PyTuple_GET_ITEM(pair, 0);
+            if (r->settled_at == Py_None || r->settled_at == NULL) {
+                PyObject *c = PyObject_CallMethodNoArgs(PyTuple_GET_ITEM(pair, 1), s_cancelled);
+                int yes = c == NULL ? -1 : PyObject_IsTrue(c);
+                Py_XDECREF(c);
+                if (yes < 0) {
+                    report_and_clear("timers");
+                }
+                else if (yes) {
+                    settle_resource(r, now, s_cancelled);
+                }
+                else {
+                    done = 0;
+                }
+            }
+        }
+        Py_DECREF(pair);
+        if (done && i < PyList_GET_SIZE(w) && PyList_SetSlice(w, i, i + 1, NULL) < 0) {
+            report_and_clear("timers");
+        }
+    }
+    Py_DECREF(w);
 }
 
 /* add(type, trigger_id, stack_id, now) -> Resource | None */
@@ -1775,6 +1825,7 @@ core_end(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
+    core_check_watched(t, args[1]);
     Py_RETURN_NONE;
 }
 
@@ -2010,6 +2061,7 @@ core_traverse(TraceCore *t, visitproc visit, void *arg)
     Py_VISIT(t->stacks);
     Py_VISIT(t->stack_ids);
     Py_VISIT(t->dropped);
+    Py_VISIT(t->watched);
     for (Py_ssize_t i = 0; i < t->n_ident; i++) {
         Py_VISIT(t->ident[i].key);
     }
@@ -2024,6 +2076,7 @@ core_clear(TraceCore *t)
     Py_CLEAR(t->stacks);
     Py_CLEAR(t->stack_ids);
     Py_CLEAR(t->dropped);
+    Py_CLEAR(t->watched);
     core_drop_index(t);
     return 0;
 }
@@ -2094,6 +2147,7 @@ static PyMemberDef core_members[] = {
     {"_max_stacks", T_PYSSIZET, offsetof(TraceCore, max_stacks), 0, NULL},
     {"stack_depth", T_PYSSIZET, offsetof(TraceCore, stack_depth), 0, NULL},
     {"_next_id", T_LONGLONG, offsetof(TraceCore, next_id), 0, NULL},
+    {"_watched", T_OBJECT, offsetof(TraceCore, watched), 0, NULL},
     {NULL},
 };
 
@@ -2221,6 +2275,7 @@ timed_end(Timed *self, PyObject *now)
         return -1;
     }
     int rc = PyList_Append(cb, now);
+    core_check_watched(self->trace, now);
     Py_XDECREF(owned);
     return rc;
 }
@@ -2753,7 +2808,7 @@ static PyObject *traced_handle_type;   /* timers._TracedTimerHandle */
 static PyObject *unsettled_append;     /* timers._unsettled_append(trace, callback) */
 static PyObject *builtin_round;
 static PyObject *s_time, *s_timer, *s_kind, *s_delay_ms, *s_late_ms, *s_callback, *s_error;
-static PyObject *s_cancelled, *s_error_state, *s_class, *s_delay, *s_f_locals;
+static PyObject *s_error_state, *s_class, *s_delay, *s_f_locals;
 static PyObject *s_sleep, *s_timeout, *s_wait_for, *s_set_result_unless, *s_on_timeout;
 static PyObject *s_release_waiter, *thousand, *zero_float, *s_kind_call_later;
 
@@ -3386,7 +3441,7 @@ patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
         /* asyncio's loops: the handle records its own cancel */
         swap_class(handle, traced_handle_type);
     }
-    else if (unsettled_append != NULL) { /* uvloop's handles: a cancel is found at the end */
+    else if (unsettled_append != NULL) { /* uvloop's handles: watched, see core_check_watched */
         PyObject *out = PyObject_CallFunctionObjArgs(unsettled_append, (PyObject *)cb->trace,
                                                      wrapper, NULL);
         if (out == NULL) {

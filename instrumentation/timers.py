@@ -16,7 +16,9 @@ asyncio hooks (outside traced requests they pass straight to the loop's own, in 
 asyncio's loops and uvloop alike; the traced side is in C too when the accelerator is built
 (``TimerPatch``, ``TimerCallback``), the Python forms here otherwise. On asyncio's loops a cancel is
 recorded when it happens; uvloop gives no hook for it, so there a cancelled timer is settled
-``cancelled`` when the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
+``cancelled`` as the step of the request that cancelled it ends (each step's end asks the
+request's pending uvloop timers whether they were cancelled), or, after the last step, when
+the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
 Exports: TimersInstrumentation, instrumentation.
 """
 
@@ -149,10 +151,18 @@ class _Unsettled:
             if cb.res.settled_at is None and handle is not None and handle.cancelled():
                 trace.settle(cb.res, now, "cancelled")
         self.timers.clear()
+        trace._watched = None  # nothing more to watch: the request is over
 
 
 def _unsettled_append(trace: Trace, callback: Any) -> None:
+    """A timer whose loop reports no cancel (uvloop): watched as each step of the request ends
+    (``Trace.end``, and a task's step in C), which settles it at the end of the step that
+    cancelled it; and, for a cancel after the last step, looked at when the request ends."""
     _unsettled(trace).timers.append(callback)
+    watched = trace._watched
+    if watched is None:
+        watched = trace._watched = []
+    watched.append((callback.res, callback.handle))
 
 
 def _unsettled(trace: Trace) -> _Unsettled:
@@ -200,8 +210,8 @@ def _record(
             return handle
         except TypeError as exc:
             report("timers", exc)
-    try:  # uvloop's handles are its own: a cancel is found when the request ends
-        _unsettled(wrapper.trace).timers.append(wrapper)
+    try:  # uvloop's handles are its own: a cancel is found as the step that made it ends
+        _unsettled_append(wrapper.trace, wrapper)
     except Exception as exc:
         report("timers", exc)
     return handle

@@ -309,15 +309,25 @@ def test_a_future_is_named_by_the_function_that_made_it() -> None:
 
 def test_a_timer_set_for_later_is_no_wait_but_a_pending_sleep_is() -> None:
     async def body() -> None:
-        asyncio.get_running_loop().call_later(30, print)  # an expiry, set for after the request
-        asyncio.get_running_loop().create_task(asyncio.sleep(30))  # left sleeping
+        loop = asyncio.get_running_loop()
+        loop.call_later(30, print)  # an expiry, set for after the request
+        expiry = loop.call_later(30, print)  # one a delete cancels
+        sleeper = loop.create_task(asyncio.sleep(30))  # left sleeping
         await asyncio.sleep(0.01)
+        expiry.cancel()
+        await asyncio.sleep(0.01)
+        assert not sleeper.done()
 
     trace = traced(body)
     a = analyze(trace, NO_BLOCKING)
-    pending = {trace.annotations_of(r.async_id)["kind"]: a.times[r.async_id]
-               for r in trace.resources if r.type == "timer" and r.state == "pending"}  # fmt: skip
-    assert set(pending) == {"call_later", "sleep"}
-    assert pending["call_later"].wait == 0
-    assert pending["sleep"].wait >= 9 * 10**6  # its task was still waiting on it at the end
-    assert pending["call_later"].async_id not in [t.async_id for t in a.top("wait") if t.wait > 0]
+    left = {(trace.annotations_of(r.async_id)["kind"], r.state): a.times[r.async_id]
+            for r in trace.resources if r.type == "timer" and r.state != "ok"}  # fmt: skip
+    assert set(left) == {("call_later", "pending"), ("call_later", "cancelled"),
+                         ("sleep", "pending")}  # fmt: skip
+    assert left["call_later", "pending"].wait == 0
+    cancelled = left["call_later", "cancelled"]
+    assert cancelled.wait == 0 and cancelled.ended - cancelled.created >= 9 * 10**6
+    assert left["sleep", "pending"].wait >= 19 * 10**6  # its task still waited on it at the end
+    waits = [t.async_id for t in a.top("wait", 10) if t.wait > 0]
+    assert left["call_later", "pending"].async_id not in waits
+    assert cancelled.async_id not in waits

@@ -80,8 +80,38 @@ def test_a_sleep_whose_task_is_cancelled_is_a_cancelled_timer() -> None:
     assert timer.state == "cancelled"
     assert timer.callbacks == []
     assert timer.settled_at is not None and trace.ended_at is not None
-    if LOOP == "asyncio":  # seen as it happens; uvloop reports it when the request ends
-        assert timer.settled_at < trace.ended_at
+    assert timer.settled_at < trace.ended_at
+
+
+@pytest.mark.parametrize("where", ["task", "request"])
+def test_a_cancel_is_recorded_when_it_happens_on_either_loop(where: str) -> None:
+    """On asyncio's loops the handle reports its cancel; uvloop's cannot, and there the step
+    that cancelled it is seen to have done so as it ends (not when the request ends)."""
+    marks: dict[str, int] = {}
+
+    async def body() -> None:
+        if where == "task":  # a sleep's own timer, cancelled in its task's last step
+            task = asyncio.create_task(asyncio.sleep(10))
+            await asyncio.sleep(0.01)
+            marks["before"] = time.perf_counter_ns()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        else:  # the request's own call_later, cancelled in one of its steps
+            handle = asyncio.get_running_loop().call_later(10, print)
+            await asyncio.sleep(0.01)
+            marks["before"] = time.perf_counter_ns()
+            handle.cancel()
+            await asyncio.sleep(0)
+        marks["after"] = time.perf_counter_ns()
+        await asyncio.sleep(0.03)  # the request goes on well after the cancel
+
+    trace = traced(body)
+    (timer,) = [t for t in timers(trace) if notes(trace, t)["delayMs"] == 10_000]
+    assert timer.state == "cancelled"
+    assert timer.settled_at is not None and trace.ended_at is not None
+    assert marks["before"] <= timer.settled_at <= marks["after"] < trace.ended_at - 25_000_000
+    assert not trace._watched  # let go when the request ended
 
 
 def test_a_traced_timers_handle_is_still_asyncios_timer_handle() -> None:

@@ -94,10 +94,10 @@ AT.normalize = function (input) {
     const parent = byId.get(res.trigger);
     if (parent && parent !== res) parent.children.push(res);
     res.label = AT.label(res);
-    // As the analysis counts it: a deadline cancelled before it was reached was no wait, nor
-    // a timer other than a sleep still pending when the request ended (set for later).
-    res.noWait = res.type === "timer" && (res.state === "cancelled"
-      ? AT.DEADLINES.has(res.notes.kind) : res.state === "pending" && res.notes.kind !== "sleep");
+    // As the analysis counts it: a timer other than a sleep that never fired (cancelled or
+    // still pending at the end: a deadline not reached, a callback set for later) was no wait.
+    res.noWait = res.type === "timer" && (res.state === "cancelled" || res.state === "pending")
+      && res.notes.kind !== "sleep";
     if (res.noWait) res.wait = 0;
   }
   const root = resources.find((r) => r.type === "root") || resources[0];
@@ -107,8 +107,6 @@ AT.normalize = function (input) {
     root, analysis, critical, dropped: doc.dropped || {},
   };
 };
-
-AT.DEADLINES = new Set(["timeout", "wait_for"]);
 
 AT.BODIES = { "stream-read": "request body", "stream-write": "response body" };
 
