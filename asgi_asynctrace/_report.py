@@ -2,16 +2,17 @@
 
     print(format_summary(analyze(trace)))
 
-Exports: format_summary, format_ns.
+Exports: format_summary, format_ns, path_runs, PathRun.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ._analysis import Analysis, PathStep
 
-__all__ = ["format_ns", "format_summary"]
+__all__ = ["PathRun", "format_ns", "format_summary", "path_runs"]
 
 
 def format_ns(ns: int) -> str:
@@ -61,11 +62,23 @@ def _what(step: PathStep) -> str:
     return step.label if step.type == "root" else f"{step.type} {step.label}"
 
 
-def _path_lines(path: Sequence[PathStep]) -> list[str]:
-    """The critical path, one line a step; a run of the same step (or pair or triple of steps)
-    three or more times over, such as a query per row, one line a step of the run, counted."""
+@dataclass(frozen=True)
+class PathRun:
+    """Steps of the critical path in a row: ``steps`` once (``reps`` 1), or the same steps
+    (by depth, type and label: a query per row and what follows it) ``reps`` times over."""
+
+    steps: tuple[PathStep, ...]  # the first time round
+    last: tuple[PathStep, ...]  # the last time round (the same as steps when reps is 1)
+    reps: int
+    start: int
+    end: int
+
+
+def path_runs(path: Sequence[PathStep]) -> list[PathRun]:
+    """The critical path with each run of the same one, two or three steps, three times or
+    more, as one ``PathRun`` (the longest such run wins); what ``summary`` and the viewer list."""
     key = [(s.depth, s.type, s.label) for s in path]
-    lines = []
+    out = []
     i = 0
     while i < len(path):
         period, reps = 1, 1
@@ -75,26 +88,26 @@ def _path_lines(path: Sequence[PathStep]) -> list[str]:
                 n += 1
             if n >= 3 and p * n > period * reps:
                 period, reps = p, n
-        if reps == 1:
-            s = path[i]
-            lines.append(
-                f"  {format_ns(s.start):>10} → {format_ns(s.end):<10}{'  ' * s.depth}"
-                f"{_what(s)}  #{s.async_id}"
-            )
-            i += 1
-            continue
         run = path[i : i + period * reps]
-        for j in range(period):
-            first, last = run[j], run[j + period * (reps - 1)]
-            when = (
-                f"{format_ns(run[0].start):>10} → {format_ns(max(s.end for s in run)):<10}"
-                if j == 0
-                else " " * 23
-            )
-            count = f"{reps} x " if j == 0 else "then " if period > 1 else ""
+        out.append(PathRun(tuple(run[:period]), tuple(run[-period:]), reps, run[0].start,
+                           max(s.end for s in run)))  # fmt: skip
+        i += period * reps
+    return out
+
+
+def _path_lines(path: Sequence[PathStep]) -> list[str]:
+    """The critical path, one line a step; a run of the same steps, one line a step of the
+    run, the first counted and with the time the whole run took."""
+    lines = []
+    for run in path_runs(path):
+        for j, (first, last) in enumerate(zip(run.steps, run.last, strict=True)):
+            when = f"{format_ns(run.start):>10} → {format_ns(run.end):<10}" if j == 0 else " " * 23
+            if run.reps == 1:
+                lines.append(f"  {when}{'  ' * first.depth}{_what(first)}  #{first.async_id}")
+                continue
+            count = f"{run.reps} x " if j == 0 else "then "
             lines.append(
                 f"  {when}{'  ' * first.depth}{count}{_what(first)}"
                 f"  #{first.async_id} … #{last.async_id}"
             )
-        i += period * reps
     return lines

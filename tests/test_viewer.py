@@ -319,6 +319,67 @@ def test_bodies_and_websocket_messages_are_named_as_in_the_analysis(
             assert "bytes" in shown or shown == "send close"
 
 
+def _query_per_row_trace() -> Trace:
+    """A fixed trace: four queries each followed by a connection's close, one after another,
+    then 30 ms of the request's own code, then its response body."""
+    ms = 1_000_000
+    resources: list[dict[str, Any]] = []
+    notes: list[dict[str, Any]] = []
+
+    def add(rid: int, rtype: str, start: int, end: int, **more: Any) -> None:
+        resources.append({"asyncId": rid, "triggerId": 0 if rid == 1 else 1, "type": rtype,
+                          "stackTraceId": None, "createdAt": start, "destroyedAt": end,
+                          "callbacks": more.pop("callbacks", []), "state": "ok"})  # fmt: skip
+        notes.extend({"asyncId": rid, "key": k, "value": v} for k, v in more.items())
+
+    root_steps = [[0, ms // 10]]
+    for i in range(4):
+        add(2 + 2 * i, "db-query", (1 + 4 * i) * ms, (3 + 4 * i) * ms,
+            statement="select name from items where id = ?")  # fmt: skip
+        add(3 + 2 * i, "task", (3 + 4 * i) * ms + ms // 10, (4 + 4 * i) * ms, coroutine="close")
+        if i < 3:  # a moment's own code between them
+            root_steps.append([(4 + 4 * i) * ms + ms // 20, (4 + 4 * i) * ms + ms // 10])
+    root_steps.append([17 * ms, 47 * ms])
+    add(10, "stream-write", 47 * ms, 48 * ms, callbacks=[[47 * ms, 48 * ms]], bytes=5)
+    resources.insert(0, {"asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": None,
+                         "createdAt": 0, "destroyedAt": 48 * ms, "callbacks": root_steps,
+                         "state": "ok"})  # fmt: skip
+    notes += [{"asyncId": 1, "key": "method", "value": "GET"},
+              {"asyncId": 1, "key": "path", "value": "/rows"}]  # fmt: skip
+    doc = {"version": 1, "traceId": "ab" * 16, "request": {"method": "GET", "path": "/rows"},
+           "requestDurationNs": 48 * ms, "resources": resources, "annotations": notes,
+           "stackTraces": []}  # fmt: skip
+    return load_trace(json.dumps(doc).encode())
+
+
+def test_the_summary_bar_says_what_held_the_request_up_as_the_analysis_does(
+    page: Any, tmp_path: Path
+) -> None:
+    from asgi_asynctrace._report import path_runs
+
+    trace = _query_per_row_trace()
+    path = tmp_path / "trace.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    items = page.locator("#path li")
+    shown = [items.nth(i).inner_text() for i in range(items.count())]
+    assert len(shown) == 3, shown
+    queries = "db-query select name from items where id = ?, then task close"
+    assert shown[0].endswith(f"4 \u00d7 {queries}")
+    assert shown[1].endswith("the request's own code ran 30.0 ms")
+    assert shown[2].endswith("stream-write response body, 5 bytes")
+    # the same runs as the analysis groups them (the Python side prints them in `summary`)
+    runs = path_runs([s for s in analyze(trace).critical_path if s.depth == 0])
+    assert [(int(items.nth(i).get_attribute("data-id") or 0),
+             int(items.nth(i).get_attribute("data-reps") or 0)) for i in range(len(shown))] == [
+        (r.steps[0].async_id, r.reps) for r in runs
+    ]  # fmt: skip
+    assert [r.reps for r in runs] == [4, 1, 1]
+    items.nth(1).click()  # opens the step's resource: the request itself
+    assert page.inner_text("#details h2") == "root GET /rows"
+
+
 def test_a_bubble_is_named_after_the_work_not_the_timers_around_it(
     page: Any, tmp_path: Path
 ) -> None:

@@ -46,6 +46,7 @@
       AT.el("span", { class: "t" }, `trace ${m.traceId}`));
     const dropped = Object.entries(m.dropped || {}).filter(([, n]) => n);
     if (dropped.length) bar.append(AT.el("span", {}, "dropped by caps: " + dropped.map(([k, n]) => `${n} ${k}`).join(", ")));
+    if (m.analysis) bar.append(criticalPath(m));
     const list = AT.el("ol", { class: "findings", id: "findings" });
     if (m.analysis) {
       for (const f of m.analysis.findings) {
@@ -57,6 +58,27 @@
       list.append(AT.el("li", {}, "findings come with traces from the app or `asgi-asynctrace convert --to html`"));
     }
     bar.append(list);
+  }
+
+  // What held the request up, in order: the critical path's top-level steps (what the root
+  // waited on, and where its own code ran), a run of the same steps counted once. A click
+  // opens the step's resource.
+  function criticalPath(m) {
+    const what = (s) => (s.type === "root" ? s.label : `${s.type} ${s.label}`);
+    const runs = AT.pathRuns(m.analysis.criticalPath.filter((s) => s.depth === 0));
+    const list = AT.el("ol", { class: "path", id: "path" });
+    for (const run of runs.slice(0, 12)) {
+      const first = run.steps[0];
+      const text = run.steps.map(what).join(", then ");
+      const item = AT.el("li", { "data-id": first.asyncId, "data-reps": run.reps },
+        AT.el("span", { class: "t" }, `${AT.fmt(run.start)} → ${AT.fmt(run.end)}`), " ",
+        run.reps > 1 ? `${run.reps} × ${text}` : text);
+      item.addEventListener("click", () => { const res = m.byId.get(first.asyncId); if (res) AT.showDetails(m, res); });
+      list.append(item);
+    }
+    if (runs.length > 12) list.append(AT.el("li", {}, `… ${runs.length - 12} more (the tree marks them all)`));
+    if (!runs.length) list.append(AT.el("li", {}, "the request never waited on anything it started"));
+    return AT.el("div", { class: "path-box" }, AT.el("span", { class: "req" }, "what held it up"), list);
   }
 
   function show(name) {

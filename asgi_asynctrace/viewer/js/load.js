@@ -108,6 +108,32 @@ AT.normalize = function (input) {
   };
 };
 
+// Steps of the critical path in a row, each run of the same one, two or three steps three
+// times or more as one entry: as path_runs() in asgi_asynctrace's report.
+AT.pathRuns = function (path) {
+  const key = (s) => `${s.depth}\u0000${s.type}\u0000${s.label}`;
+  const same = (i, j, p) => {
+    if (j + p > path.length) return false;
+    for (let k = 0; k < p; k++) if (key(path[i + k]) !== key(path[j + k])) return false;
+    return true;
+  };
+  const out = [];
+  let i = 0;
+  while (i < path.length) {
+    let period = 1, reps = 1;
+    for (const p of [1, 2, 3]) {
+      let n = 1;
+      while (same(i, i + n * p, p)) n++;
+      if (n >= 3 && p * n > period * reps) { period = p; reps = n; }
+    }
+    const run = path.slice(i, i + period * reps);
+    out.push({ steps: run.slice(0, period), last: run.slice(-period), reps,
+      start: run[0].start, end: Math.max(...run.map((s) => s.end)) });
+    i += period * reps;
+  }
+  return out;
+};
+
 AT.BODIES = { "stream-read": "request body", "stream-write": "response body" };
 
 AT.label = function (res) {
