@@ -13,6 +13,8 @@ Exports: TracedRequest, Scope, Message, Receive, Send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -206,6 +208,15 @@ class TracedRequest:
             except Exception as exc:
                 report("send", exc)
             return
+        if kind == "http.response.pathsend":  # the server sends a file as the whole body
+            self.response_done = True
+            started = _now()
+            await self._server_send(message)
+            try:
+                self._file_sent(message, started, _now())
+            except Exception as exc:
+                report("send", exc)
+            return
         if kind == "http.response.start" or kind == "websocket.accept":
             message = self._on_start(message)
         started = _now()
@@ -221,14 +232,35 @@ class TracedRequest:
 
     async def _server_send(self, message: Message) -> None:
         """The server's ``send``, run outside the trace: what a server starts as a response
-        completes or a websocket opens or closes is its own, not the request's (uvicorn arms a
-        5 s keep-alive timer after every response and a 20 s ping timer after an accept, which
-        would otherwise sit in every trace, pending, at the end of its critical path)."""
+        completes (its last body chunk, or a file it sends) or a websocket opens or closes is
+        its own, not the request's (uvicorn arms a 5 s keep-alive timer after every response
+        and a 20 s ping timer after an accept, which would otherwise sit in every trace,
+        pending, at the end of its critical path)."""
         token = ACTIVE.set(None)
         try:
             await self._send(message)
         finally:
             ACTIVE.reset(token)
+
+    def _file_sent(self, message: Message, started: int, ended: int) -> None:
+        """The response body as a file the server sent (the ASGI ``http.response.pathsend``
+        extension): one ``stream-write`` with the file's ``path`` and its size then."""
+        trace = self.trace
+        if trace.closed:
+            return
+        res = trace.add("stream-write", _current(trace, self.root).async_id, None, started)
+        if res is None:
+            return
+        trace.begin(res, started)
+        trace.end(res, ended)
+        trace.settle(res, ended, "ok")
+        path = str(message.get("path"))
+        trace.annotate(res, "path", path)
+        # what the server sent, unless the file changed since; none when it cannot be read (the
+        # server could not send it either, and says so to the app)
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            trace.annotate(res, "bytes", os.stat(path).st_size)
+        trace.annotate(res, "chunks", 1)
 
     def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
         trace = self.trace

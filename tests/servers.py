@@ -50,6 +50,16 @@ def sample_app_process(env: dict[str, str], stderr: Any = None) -> Iterator[tupl
 
     Yields the base URL and the process (``stderr=subprocess.PIPE`` to read its log lines).
     """
+    with app_process(["uvicorn", "sample_app.app:app"], env, stderr) as got:
+        yield got
+
+
+@contextlib.contextmanager
+def app_process(
+    command: list[str], env: dict[str, str], stderr: Any = None
+) -> Iterator[tuple[str, Any]]:
+    """``python -m <command> --port <free port>`` from the project's root, once it answers
+    ``GET /``: the base URL and the process."""
     import os
     import subprocess
     import sys
@@ -58,7 +68,7 @@ def sample_app_process(env: dict[str, str], stderr: Any = None) -> Iterator[tupl
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "sample_app.app:app", "--port", str(port)],
+        [sys.executable, "-m", *command, "--port", str(port)],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL if stderr is None else stderr,
     )  # fmt: skip
@@ -71,7 +81,7 @@ def sample_app_process(env: dict[str, str], stderr: Any = None) -> Iterator[tupl
         except httpx.TransportError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("the sample app did not start") from None
+                raise RuntimeError(f"{' '.join(command)} did not start") from None
             time.sleep(0.1)
     try:
         yield base, proc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,8 +14,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_asynctrace import AsyncTraceMiddleware, Trace, capture_traces
-from tests.servers import serving
+from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces, load_trace
+from tests.servers import app_process, serving
 
 
 async def hello(request: Request) -> Response:
@@ -92,3 +93,32 @@ def test_the_servers_websocket_pings_are_not_the_requests() -> None:
         ("send", "close"),
     ]
     assert trace.root.state == "ok"
+
+
+def test_a_file_the_server_sends_itself_is_the_response_body_and_its_work_is_its_own(
+    tmp_path: Path,
+) -> None:
+    """granian sends a ``FileResponse``'s file itself, when the app hands it the file's path
+    (the ASGI ``http.response.pathsend`` extension): that is the response's body, a
+    ``stream-write`` with the file's path and size, sent outside the trace like a last chunk."""
+    content = tmp_path / "report.csv"
+    content.write_bytes(b"id,total\n" * 500)
+    command = ["granian", "--interface", "asgi", "tests.files_app:app", "--workers", "1"]
+    with app_process(command, {"FILES_APP_FILE": str(content)}) as (base, _):
+        got = httpx.get(base + "/file", headers={"X-Async-Trace": "1"})
+        assert got.status_code == 200 and got.content == content.read_bytes()
+        assert got.headers["x-pathsend"] == "1"  # the server offered it, and Starlette used it
+        trace_id = got.headers["x-async-trace-id"]
+        for _ in range(50):  # stored once the request has ended, just after the answer
+            stored = httpx.get(f"{base}/__asynctrace/traces/{trace_id}")
+            if stored.status_code == 200:
+                break
+            time.sleep(0.05)
+    trace = load_trace(stored.content)
+    (write,) = [r for r in trace.resources if r.type == "stream-write"]
+    notes = trace.annotations_of(write.async_id)
+    assert notes == {"path": str(content), "bytes": 4500, "chunks": 1}
+    assert write.state == "ok" and write.trigger_id == trace.root.async_id
+    assert trace.root.state == "ok" and trace.request["status"] == 200
+    assert [r.type for r in trace.resources if r.type == "timer"] == []
+    assert analyze(trace).times[write.async_id].label == "response body, 4500 bytes"
