@@ -127,7 +127,7 @@ class TimedCoroutine:
             now = _now()
             cb.append(now)
             if self._trace._watched:  # uvloop timers: was one cancelled in this step?
-                check_watched(self._trace._watched, now)
+                check_watched(self._trace, self._res, now)
         if type(out) is TracedFuture:
             self._awaits(out)
         return out

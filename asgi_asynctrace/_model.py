@@ -201,12 +201,10 @@ def _machine_limits(limits: TraceLimits) -> tuple[int, int, int, int, int, int]:
 _limit_ints: dict[int, tuple[TraceLimits, tuple[int, int, int, int, int, int]]] = {}
 
 
-def check_watched(watched: list[tuple[Resource, Any]], now: int) -> None:
-    """A step of the request ended at ``now``: each watched timer whose handle says it was
-    cancelled since is settled ``cancelled`` now (the cancel ran in this step, or since the
-    last one), and one settled is let go. For timers whose loop reports no cancel (uvloop's
-    handles take no class of ours); the C core does the same in ``end()`` and a task's step."""
+def _check_watched_list(watched: list[tuple[Resource, Any]], now: int) -> None:
     for i in range(len(watched) - 1, -1, -1):
+        if i >= len(watched):
+            continue
         res, handle = watched[i]
         if res.settled_at is None:
             try:
@@ -217,6 +215,28 @@ def check_watched(watched: list[tuple[Resource, Any]], now: int) -> None:
             else:
                 res.settled_at, res.state = now, "cancelled"
         del watched[i]
+
+
+def check_watched(trace: Any, res: Resource, now: int) -> None:
+    """A step of ``res`` ended at ``now``: of the timers whose loop reports no cancel (uvloop's
+    handles take no class of ours), watched in ``trace._watched``, those ``res`` made are asked
+    whether they were cancelled (a sleep's, a deadline's: cancelled by the task that made
+    them), all of them at a step of the root (what one task made and another cancelled is seen
+    as the request resumes). Each cancelled one is settled ``cancelled`` now; each settled one
+    is let go. The C core does the same in ``end()`` and a task's step."""
+    watched: dict[int, list[tuple[Resource, Any]]] | None = trace._watched
+    if not watched:
+        return
+    resources = trace.resources
+    if resources and resources[0] is res:
+        for each in list(watched.values()):
+            _check_watched_list(each, now)
+        return
+    mine = watched.get(res.async_id)
+    if mine is not None:
+        _check_watched_list(mine, now)
+        if not mine:
+            watched.pop(res.async_id, None)
 
 
 class _PyTraceCore:
@@ -249,8 +269,9 @@ class _PyTraceCore:
     _max_stacks: int
     _next_id: int
     _stack_ids: dict[object, int]
-    # (resource, handle) of timers whose loop reports no cancel (uvloop): see check_watched
-    _watched: list[tuple[Resource, Any]] | None
+    # timers whose loop reports no cancel (uvloop): their maker's async_id -> [(resource,
+    # handle)]; see check_watched
+    _watched: dict[int, list[tuple[Resource, Any]]] | None
     annotations: list[tuple[int, str, AnnotationValue]]
     closed: bool
     dropped: Dropped
@@ -285,7 +306,7 @@ class _PyTraceCore:
         if len(cb) & 1:
             cb.append(now)
         if self._watched:
-            check_watched(self._watched, now)
+            check_watched(self, res, now)
 
     def settle(self, res: Resource, now: int, state: str) -> None:
         """``res`` reached its final state; only the first settlement counts."""

@@ -1584,8 +1584,9 @@ typedef struct {
      * entries, then 32 (no bigger than the dict it saves for a trace with few stacks). */
     struct ident_key *ident;
     Py_ssize_t n_ident, ident_size;
-    /* (Resource, handle) pairs of timers whose loop reports no cancel (uvloop's handles take
-     * no class of ours): looked at as each step ends, see core_check_watched. NULL: none. */
+    /* Timers whose loop reports no cancel (uvloop's handles take no class of ours): the
+     * async_id of the resource that made them -> a list of (Resource, handle); looked at as
+     * steps end, see core_check_watched. NULL: none. */
     PyObject *watched;
 } TraceCore;
 
@@ -1684,17 +1685,12 @@ settle_resource(ResourceObject *r, PyObject *now, PyObject *state)
 static PyObject *s_cancelled;
 static PyObject *report_and_clear(const char *where);
 
-/* A step of the request ended at now: each watched timer (see TraceCore.watched) whose
- * handle says it was cancelled since is settled "cancelled" now (the cancel ran in this step,
- * or since the last one), and a settled one is let go. Never fails: a handle that cannot
- * say is let go, with the failure reported. */
+/* Of the watched timers in list w (see TraceCore.watched), those whose handle says it was
+ * cancelled are settled "cancelled" now, and those settled are let go. A handle that cannot
+ * say is let go, the failure reported. */
 static void
-core_check_watched(TraceCore *t, PyObject *now)
+check_watched_list(PyObject *w, PyObject *now)
 {
-    PyObject *w = t->watched;
-    if (w == NULL || !PyList_CheckExact(w) || PyList_GET_SIZE(w) == 0) {
-        return;
-    }
     Py_INCREF(w);
     for (Py_ssize_t i = PyList_GET_SIZE(w) - 1; i >= 0; i--) {
         if (i >= PyList_GET_SIZE(w)) { /* a handle's cancelled() shortened it */
@@ -1726,6 +1722,51 @@ core_check_watched(TraceCore *t, PyObject *now)
         }
     }
     Py_DECREF(w);
+}
+
+/* A step of res ended at now. The watched timers (see TraceCore.watched) that res made are
+ * asked whether they were cancelled (a sleep's, a deadline's: cancelled by the task that made
+ * them, in that step); at a step of the root, all of them (one task cancelling what another
+ * made, a delete cancelling an entry's expiry, is seen when the request resumes). Never fails. */
+static void
+core_check_watched(TraceCore *t, ResourceObject *res, PyObject *now)
+{
+    PyObject *w = t->watched;
+    if (w == NULL || !PyDict_CheckExact(w) || PyDict_GET_SIZE(w) == 0) {
+        return;
+    }
+    int root = PyList_Check(t->resources) && PyList_GET_SIZE(t->resources) > 0 &&
+               PyList_GET_ITEM(t->resources, 0) == (PyObject *)res;
+    if (!root) {
+        PyObject *mine = PyDict_GetItemWithError(w, res->async_id); /* borrowed */
+        if (mine == NULL) {
+            if (PyErr_Occurred()) {
+                report_and_clear("timers");
+            }
+            return;
+        }
+        if (PyList_CheckExact(mine)) {
+            Py_INCREF(mine);
+            check_watched_list(mine, now);
+            if (PyList_GET_SIZE(mine) == 0 && PyDict_DelItem(w, res->async_id) < 0) {
+                report_and_clear("timers");
+            }
+            Py_DECREF(mine);
+        }
+        return;
+    }
+    PyObject *lists = PyDict_Values(w); /* a copy: the dict may change meanwhile */
+    if (lists == NULL) {
+        report_and_clear("timers");
+        return;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lists); i++) {
+        PyObject *one = PyList_GET_ITEM(lists, i);
+        if (PyList_CheckExact(one)) {
+            check_watched_list(one, now);
+        }
+    }
+    Py_DECREF(lists);
 }
 
 /* add(type, trigger_id, stack_id, now) -> Resource | None */
@@ -1825,7 +1866,7 @@ core_end(TraceCore *t, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    core_check_watched(t, args[1]);
+    core_check_watched(t, r, args[1]);
     Py_RETURN_NONE;
 }
 
@@ -2275,7 +2316,7 @@ timed_end(Timed *self, PyObject *now)
         return -1;
     }
     int rc = PyList_Append(cb, now);
-    core_check_watched(self->trace, now);
+    core_check_watched(self->trace, self->res, now);
     Py_XDECREF(owned);
     return rc;
 }

@@ -62,7 +62,7 @@ class TraceCore:
     _max_callbacks: int
     _max_stacks: int
     _next_id: int
-    _watched: list[tuple[Resource, Any]] | None
+    _watched: dict[int, list[tuple[Resource, Any]]] | None
     def add(
         self, type: str, trigger_id: int, stack_id: int | None, now: int, /
     ) -> Resource | None: ...

@@ -16,9 +16,9 @@ asyncio hooks (outside traced requests they pass straight to the loop's own, in 
 asyncio's loops and uvloop alike; the traced side is in C too when the accelerator is built
 (``TimerPatch``, ``TimerCallback``), the Python forms here otherwise. On asyncio's loops a cancel is
 recorded when it happens; uvloop gives no hook for it, so there a cancelled timer is settled
-``cancelled`` as the step of the request that cancelled it ends (each step's end asks the
-request's pending uvloop timers whether they were cancelled), or, after the last step, when
-the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
+``cancelled`` as the step that cancelled it ends (a step of the task that made it asks that
+task's pending uvloop timers whether they were cancelled, a step of the request itself asks
+all of them), or, after the last step, when the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
 Exports: TimersInstrumentation, instrumentation.
 """
 
@@ -155,14 +155,15 @@ class _Unsettled:
 
 
 def _unsettled_append(trace: Trace, callback: Any) -> None:
-    """A timer whose loop reports no cancel (uvloop): watched as each step of the request ends
-    (``Trace.end``, and a task's step in C), which settles it at the end of the step that
-    cancelled it; and, for a cancel after the last step, looked at when the request ends."""
+    """A timer whose loop reports no cancel (uvloop): watched, under the resource that made it,
+    as steps end (``Trace.end``, and a task's step in C; see ``check_watched``), which settles
+    it at the end of the step that cancelled it; and looked at when the request ends."""
     _unsettled(trace).timers.append(callback)
     watched = trace._watched
     if watched is None:
-        watched = trace._watched = []
-    watched.append((callback.res, callback.handle))
+        watched = trace._watched = {}
+    res = callback.res
+    watched.setdefault(res.trigger_id, []).append((res, callback.handle))
 
 
 def _unsettled(trace: Trace) -> _Unsettled:
