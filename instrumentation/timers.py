@@ -18,7 +18,8 @@ asyncio's loops and uvloop alike; the traced side is in C too when the accelerat
 recorded when it happens; uvloop gives no hook for it, so there a cancelled timer is settled
 ``cancelled`` as the step that cancelled it ends (a step of the task that made it asks that
 task's pending uvloop timers whether they were cancelled, a step of the request itself asks
-all of them), or, after the last step, when the request ends. ``asyncio.sleep(0)`` schedules no timer and records none.
+all of them), or, after the last step, when the request ends. ``asyncio.sleep(0)`` schedules
+no timer and records none.
 Exports: TimersInstrumentation, instrumentation.
 """
 
