@@ -25,7 +25,7 @@ from ._failures import report
 from ._hooks import acquire_hooks
 from ._model import Resource, Trace
 from ._sinks import trace_header
-from ._streams import BodyStream, body_chunk, message_size, record_message
+from ._streams import BodyStream, body_chunk, message_size, record_message, whole_body
 
 _find_header: Callable[[Any, bytes], Any] | None
 try:
@@ -245,22 +245,16 @@ class TracedRequest:
     def _file_sent(self, message: Message, started: int, ended: int) -> None:
         """The response body as a file the server sent (the ASGI ``http.response.pathsend``
         extension): one ``stream-write`` with the file's ``path`` and its size then."""
-        trace = self.trace
-        if trace.closed:
-            return
-        res = trace.add("stream-write", _current(trace, self.root).async_id, None, started)
-        if res is None:
-            return
-        trace.begin(res, started)
-        trace.end(res, ended)
-        trace.settle(res, ended, "ok")
         path = str(message.get("path"))
-        trace.annotate(res, "path", path)
+        size = None
         # what the server sent, unless the file changed since; none when it cannot be read (the
         # server could not send it either, and says so to the app)
-        with contextlib.suppress(OSError, TypeError, ValueError):
-            trace.annotate(res, "bytes", os.stat(path).st_size)
-        trace.annotate(res, "chunks", 1)
+        with contextlib.suppress(OSError, ValueError):
+            size = os.stat(path).st_size
+        trace = self.trace
+        res = whole_body(trace, "stream-write", _current(trace, self.root), started, ended, size)
+        if res is not None:
+            trace.annotate(res, "path", path)
 
     def _sent(self, message: Message, kind: object, started: int, ended: int) -> None:
         trace = self.trace

@@ -7,8 +7,8 @@
 A body is one resource however many chunks it has: each chunk is one callback interval, from
 the moment the app asked for it (``receive()``) or handed it over (``send()``) to the moment it
 came back, so the time spent blocked on a slow client shows as the intervals' length. A
-websocket message is a resource of its own. Exports: BodyStream, body_chunk, message_size,
-record_message.
+websocket message is a resource of its own. Exports: BodyStream, body_chunk, whole_body,
+message_size, record_message.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from ._model import Resource, Trace
 
-__all__ = ["BodyStream", "body_chunk", "message_size", "record_message"]
+__all__ = ["BodyStream", "body_chunk", "message_size", "record_message", "whole_body"]
 
 _now = time.perf_counter_ns
 
@@ -80,19 +80,29 @@ def body_chunk(
     if stream is None:
         if not last:
             stream = BodyStream(trace, type)
-        elif not trace.closed:
-            res = trace.add(type, parent.async_id, None, started)
-            if res is not None:
-                trace.begin(res, started)
-                trace.end(res, ended)
-                trace.settle(res, ended, "ok")
-                trace.annotate(res, "bytes", size)
-                trace.annotate(res, "chunks", 1)
-            return None
         else:
+            whole_body(trace, type, parent, started, ended, size)
             return None
     stream.chunk(parent, started, ended, size, last)
     return stream
+
+
+def whole_body(
+    trace: Trace, type: str, parent: Resource, started: int, ended: int, size: int | None
+) -> Resource | None:
+    """A body that came (or went) whole, in one message: its resource, settled, with its size
+    (none when it is not known). None once the trace is closed or full."""
+    if trace.closed:
+        return None
+    res = trace.add(type, parent.async_id, None, started)
+    if res is not None:
+        trace.begin(res, started)
+        trace.end(res, ended)
+        trace.settle(res, ended, "ok")
+        if size is not None:
+            trace.annotate(res, "bytes", size)
+        trace.annotate(res, "chunks", 1)
+    return res
 
 
 def message_size(message: Mapping[str, Any]) -> tuple[str, int]:
