@@ -59,7 +59,11 @@ def test_two_independent_fetches_awaited_in_turn_are_named_sequential() -> None:
             await client.get("/slow?ms=20")
 
     trace = traced(body)
-    first = analyze(trace, NO_BLOCKING).findings[0]
+    # The request's own code between the two (httpx building the second request) is well
+    # under the 2 ms gap allowed, but a busy machine has stretched it past that (seen once
+    # in CI, on 3.12): not what this test is about.
+    settings = AnalysisSettings(blocked_step_ms=10_000, sequential_gap_ms=50)
+    first = analyze(trace, settings).findings[0]
     fetches = tuple(r.async_id for r in trace.resources if r.type == "fetch")
     assert first.kind == "sequential-awaits" and first.resources == fetches
     # what running them together would save: the shorter of the two, which could overlap
