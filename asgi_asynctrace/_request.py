@@ -71,6 +71,11 @@ def _upstream(scope: Scope) -> tuple[str, int] | None:
     return (match[1].decode(), int(match[2])) if match else None
 
 
+# What starts a response: its status and headers, or a websocket's accept (or its refusal,
+# answered with HTTP: the ASGI websocket.http.response extension).
+_STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
+
+
 def _current(trace: Trace, root: Resource) -> Resource:
     """The resource that is reading or writing: whoever called receive() or send()."""
     active = ACTIVE.get()
@@ -191,7 +196,8 @@ class TracedRequest:
         """The app's ``send``: the server's, recorded, the response headers given the trace
         when it was asked for."""
         kind = message.get("type")
-        if kind == "http.response.body":  # the usual message
+        # the usual message; or the body of a websocket's refusal, answered with HTTP
+        if kind == "http.response.body" or kind == "websocket.http.response.body":
             last = not message.get("more_body", False)
             started = _now()
             if last:
@@ -217,7 +223,7 @@ class TracedRequest:
             except Exception as exc:
                 report("send", exc)
             return
-        if kind == "http.response.start" or kind == "websocket.accept":
+        if kind in _STARTS:
             message = self._on_start(message)
         started = _now()
         if kind == "websocket.accept" or kind == "websocket.close":

@@ -95,6 +95,36 @@ def test_the_servers_websocket_pings_are_not_the_requests() -> None:
     assert trace.root.state == "ok"
 
 
+async def refuse(websocket: WebSocket) -> None:
+    await websocket.send_denial_response(PlainTextResponse("not you", status_code=403))
+
+
+def test_a_websocket_refused_with_an_http_response_records_its_status_and_body() -> None:
+    """The ASGI websocket.http.response extension (uvicorn offers it): the app answers the
+    handshake with an HTTP response; that response is the request's, with its status, its
+    body and, when asked for, the trace's headers."""
+    import websockets.exceptions
+    import websockets.sync.client
+
+    app = AsyncTraceMiddleware(Starlette(routes=[WebSocketRoute("/ws", refuse)]),
+                               log_traces=False)  # fmt: skip
+    with serving(app) as base, capture_traces() as traces:
+        url = base.replace("http://", "ws://") + "/ws"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            websockets.sync.client.connect(url, additional_headers={"X-Async-Trace": "1"})
+        _wait_for(traces, 1)
+    response = refused.value.response
+    assert response.status_code == 403 and response.body == b"not you"
+    trace = traces[0]
+    assert response.headers["x-async-trace-id"] == trace.trace_id
+    assert trace.request["status"] == 403
+    notes = trace.annotations_of(trace.root.async_id)
+    assert notes["status"] == 403 and "responseStartedAt" in notes
+    (write,) = [r for r in trace.resources if r.type == "stream-write"]
+    assert trace.annotations_of(write.async_id)["bytes"] == 7 and write.state == "ok"
+    assert [r for r in trace.resources if r.type == "timer"] == []
+
+
 def test_a_file_the_server_sends_itself_is_the_response_body_and_its_work_is_its_own(
     tmp_path: Path,
 ) -> None:

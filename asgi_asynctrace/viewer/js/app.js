@@ -65,7 +65,7 @@
   // opens the step's resource.
   function criticalPath(m) {
     const what = (s) => (s.type === "root" ? s.label : `${s.type} ${s.label}`);
-    const runs = AT.pathRuns(m.analysis.criticalPath.filter((s) => s.depth === 0));
+    const runs = AT.pathRuns((m.analysis.criticalPath || []).filter((s) => s.depth === 0));
     const list = AT.el("ol", { class: "path", id: "path" });
     for (const run of runs.slice(0, 12)) {
       const first = run.steps[0];
