@@ -35,7 +35,7 @@ from typing import Any
 from asgi_asynctrace._context import ACTIVE
 from asgi_asynctrace._failures import report
 from asgi_asynctrace._hooks import add_loop_patch, dispatch_python, remove_loop_patch
-from asgi_asynctrace._model import Resource, Trace
+from asgi_asynctrace._model import Resource, Trace, check_watched
 
 from ._base import Instrumentation
 
@@ -137,43 +137,25 @@ class _TimerCallback:
         return repr(self.callback)
 
 
-class _Unsettled:
-    """A trace's timers that may need settling when it ends: a cancel the loop did not report
-    (uvloop) is found then. Registered as the trace's finisher on its first timer."""
-
-    __slots__ = ("timers",)
-
-    def __init__(self) -> None:
-        self.timers: list[_TimerCallback] = []
-
-    def __call__(self, trace: Trace, now: int) -> None:
-        for cb in self.timers:
-            handle = cb.handle
-            if cb.res.settled_at is None and handle is not None and handle.cancelled():
-                trace.settle(cb.res, now, "cancelled")
-        self.timers.clear()
-        trace._watched = None  # nothing more to watch: the request is over
+def _settle_cancelled(trace: Trace, now: int) -> None:
+    """The trace's finisher once it watches a timer whose loop reports no cancel (uvloop): a
+    cancel after the request's last step is found as the request ends (``check_watched`` at
+    the root asks every watched timer); then nothing more is watched."""
+    if trace._watched and trace.resources:
+        check_watched(trace, trace.resources[0], now)
+    trace._watched = None
 
 
 def _unsettled_append(trace: Trace, callback: Any) -> None:
     """A timer whose loop reports no cancel (uvloop): watched, under the resource that made it,
     as steps end (``Trace.end``, and a task's step in C; see ``check_watched``), which settles
     it at the end of the step that cancelled it; and looked at when the request ends."""
-    _unsettled(trace).timers.append(callback)
     watched = trace._watched
     if watched is None:
         watched = trace._watched = {}
+        trace.finishers.append(_settle_cancelled)
     res = callback.res
     watched.setdefault(res.trigger_id, []).append((res, callback.handle))
-
-
-def _unsettled(trace: Trace) -> _Unsettled:
-    for finisher in trace.finishers:
-        if type(finisher) is _Unsettled:
-            return finisher
-    finisher = _Unsettled()
-    trace.finishers.append(finisher)
-    return finisher
 
 
 def _record(
