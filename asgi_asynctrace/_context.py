@@ -33,6 +33,8 @@ __all__ = [
     "call_recorder",
     "current_resource",
     "current_trace",
+    "found",
+    "keyed_recorder",
     "record_call",
     "start_resource",
 ]
@@ -206,12 +208,25 @@ _T = TypeVar("_T")
 Done = Callable[[Any], "dict[str, Any] | None"]
 
 _CScopedCall: Any
+_CKeyedCall: Any
+_c_found: Any
 try:  # the optional C accelerator: ScopedCall is record_call's Python form below, in C
+    from ._speedups import KeyedCall as _CKeyedCall
     from ._speedups import ScopedCall as _CScopedCall
+    from ._speedups import found as _c_found
 except ImportError:  # pragma: no cover - built everywhere the tests run
-    _CScopedCall = None
+    _CScopedCall = _CKeyedCall = _c_found = None
 SCOPED_CALL_IN_C = _CScopedCall is not None
 _scoped_call_in_c = SCOPED_CALL_IN_C  # False: the Python form (tests run both)
+
+
+def _found(result: object) -> dict[str, Any]:
+    return {"hit": result is not None}
+
+
+#: The ``done`` of a read: ``{"hit": result is not None}``. In C with the accelerator, where
+#: a recorded call given this one annotates the hit itself, with no call and no dict.
+found: Done = _c_found or _found
 
 
 def record_call(
@@ -235,6 +250,24 @@ def call_recorder() -> Callable[[str, Awaitable[Any], dict[str, Any], Done | Non
     if _scoped_call_in_c:
         return functools.partial(_CScopedCall, ACTIVE)
     return _record_call
+
+
+def keyed_recorder(
+    type: str, op: str, original: Callable[..., Any], fallback: Callable[..., Any],
+    backends: dict[type, str], done: Done | None, where: str,
+) -> Callable[..., Any] | None:  # fmt: skip
+    """A keyed library method's record with no Python frame, or None without the accelerator.
+
+    Called as ``original(self, key, ...)`` is: when the key is given by position and
+    ``backends`` names the class of ``self``, it returns the library's call recorded as
+    ``record_call(type, call, {"backend": backends[cls], "op": op, "key": str(key)}, done)``;
+    any other call goes to ``fallback``, the instrumentation's Python form of the same record
+    (which is where a class new to ``backends`` gets its name). A failure of ours is counted
+    under ``where`` and leaves that call unrecorded."""
+    if not _scoped_call_in_c or _CKeyedCall is None:
+        return None
+    keyed = _CKeyedCall(ACTIVE, type, op, original, fallback, backends, done, where)
+    return keyed  # type: ignore[no-any-return]
 
 
 async def _record_call(

@@ -3603,6 +3603,15 @@ typedef struct {
 } ScopedCall;
 
 static PyObject *s_await;
+static PyObject *s_hit;
+static PyObject *found_function; /* this module's found(), which ScopedCall answers itself */
+
+/* found(result) -> {"hit": result is not None}: what a read adds when it returns. */
+static PyObject *
+found(PyObject *module, PyObject *result)
+{
+    return Py_BuildValue("{sO}", "hit", result == Py_None ? Py_False : Py_True);
+}
 
 /* The first step: the resource, its notes, and it as the current resource. */
 static void
@@ -3676,7 +3685,15 @@ scoped_finish(ScopedCall *s, PyObject *result)
     }
     TraceCore *t = (TraceCore *)s->trace;
     ResourceObject *r = (ResourceObject *)s->res;
-    if (result != NULL && s->done != Py_None) { /* more annotations from the result */
+    if (result != NULL && s->done == found_function) { /* a read: did it find its key? */
+        PyObject *args[3] = {s->res, s_hit, result == Py_None ? Py_False : Py_True};
+        PyObject *out = core_annotate(t, args, 3);
+        Py_XDECREF(out);
+        if (out == NULL) {
+            report_and_clear("start_resource");
+        }
+    }
+    else if (result != NULL && s->done != Py_None) { /* more annotations from the result */
         PyObject *extra = PyObject_CallOneArg(s->done, result);
         if (extra != NULL && PyDict_Check(extra)) {
             PyObject *key, *val;
@@ -4003,6 +4020,162 @@ static PyTypeObject ScopedCallType = {
     .tp_iter = (getiterfunc)timed_self,
     .tp_iternext = (iternextfunc)scoped_iternext,
     .tp_methods = scoped_methods,
+};
+
+/* KeyedCall(var, type, op, original, fallback, backends, done, where): in place of a
+ * library's ``method(self, key, ...)`` while a request is traced (the traced side of a
+ * Dispatch). When the key is given by position and ``backends`` names the class of ``self``,
+ * the call is ``original(self, key, ...)`` recorded as ScopedCall(var, type, call, {"backend",
+ * "op", "key": str(key)}, done) with no Python frame; any other call goes to ``fallback``, the
+ * instrumentation's Python form, which makes the same record (and names new classes). A
+ * failure of ours is counted under ``where``, as the Python form counts it, and the call is
+ * returned unrecorded. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *var, *type, *op, *original, *fallback, *backends, *done, *where;
+    vectorcallfunc vectorcall;
+} KeyedCall;
+
+static void
+keyed_report(KeyedCall *k)
+{
+    const char *where = PyUnicode_AsUTF8(k->where);
+    if (where == NULL) { /* cannot be: where is a str checked when made */
+        PyErr_Clear();
+        where = "instrumentation";
+    }
+    report_and_clear(where);
+}
+
+static PyObject *s_backend, *s_op, *s_key;
+
+static PyObject *
+keyed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    KeyedCall *k = (KeyedCall *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *backend = NULL;
+    if (nargs >= 2 && args[1] != Py_None) {
+        backend = PyDict_GetItemWithError(k->backends, (PyObject *)Py_TYPE(args[0]));
+        if (backend == NULL && PyErr_Occurred()) {
+            keyed_report(k);
+        }
+    }
+    if (backend == NULL) {
+        return PyObject_Vectorcall(k->fallback, args, nargsf, kwnames);
+    }
+    Py_INCREF(backend); /* borrowed from a dict the library's code could change */
+    PyObject *call = PyObject_Vectorcall(k->original, args, nargsf, kwnames);
+    if (call == NULL) { /* the library's own error, raised as untraced */
+        Py_DECREF(backend);
+        return NULL;
+    }
+    PyObject *key = PyObject_Str(args[1]);
+    PyObject *notes = key != NULL ? PyDict_New() : NULL;
+    if (notes == NULL || PyDict_SetItem(notes, s_backend, backend) < 0 ||
+        PyDict_SetItem(notes, s_op, k->op) < 0 || PyDict_SetItem(notes, s_key, key) < 0) {
+        Py_DECREF(backend);
+        Py_XDECREF(key);
+        Py_XDECREF(notes);
+        keyed_report(k);
+        return call; /* unrecorded, as the Python form returns it when its notes fail */
+    }
+    Py_DECREF(backend);
+    Py_DECREF(key);
+    PyObject *out = scoped_make(&ScopedCallType, k->var, k->type, call, notes, k->done);
+    Py_DECREF(notes);
+    if (out == NULL) {
+        keyed_report(k);
+        return call;
+    }
+    Py_DECREF(call);
+    return out;
+}
+
+static PyObject *
+keyed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *var, *rtype, *op, *original, *fallback, *backends, *done, *where;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "KeyedCall() takes no keywords");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!UUOOO!OU:KeyedCall", &PyContextVar_Type, &var, &rtype, &op,
+                          &original, &fallback, &PyDict_Type, &backends, &done, &where)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(original) || !PyCallable_Check(fallback) ||
+        (done != Py_None && !PyCallable_Check(done))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "KeyedCall(var, type, op, original: callable, fallback: callable, "
+                        "backends: dict, done: callable or None, where: str)");
+        return NULL;
+    }
+    KeyedCall *k = (KeyedCall *)type->tp_alloc(type, 0);
+    if (k == NULL) {
+        return NULL;
+    }
+    k->var = Py_NewRef(var);
+    k->type = Py_NewRef(rtype);
+    k->op = Py_NewRef(op);
+    k->original = Py_NewRef(original);
+    k->fallback = Py_NewRef(fallback);
+    k->backends = Py_NewRef(backends);
+    k->done = Py_NewRef(done);
+    k->where = Py_NewRef(where);
+    k->vectorcall = keyed_call;
+    return (PyObject *)k;
+}
+
+static int
+keyed_traverse(KeyedCall *k, visitproc visit, void *arg)
+{
+    Py_VISIT(k->var);
+    Py_VISIT(k->type);
+    Py_VISIT(k->op);
+    Py_VISIT(k->original);
+    Py_VISIT(k->fallback);
+    Py_VISIT(k->backends);
+    Py_VISIT(k->done);
+    Py_VISIT(k->where);
+    return 0;
+}
+
+static int
+keyed_clear(KeyedCall *k)
+{
+    Py_CLEAR(k->var);
+    Py_CLEAR(k->type);
+    Py_CLEAR(k->op);
+    Py_CLEAR(k->original);
+    Py_CLEAR(k->fallback);
+    Py_CLEAR(k->backends);
+    Py_CLEAR(k->done);
+    Py_CLEAR(k->where);
+    return 0;
+}
+
+static void
+keyed_dealloc(KeyedCall *k)
+{
+    PyObject_GC_UnTrack(k);
+    keyed_clear(k);
+    Py_TYPE(k)->tp_free((PyObject *)k);
+}
+
+static PyTypeObject KeyedCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asgi_asynctrace._speedups.KeyedCall",
+    .tp_basicsize = sizeof(KeyedCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "KeyedCall(var, type, op, original, fallback, backends, done, where): a keyed "
+              "library call, recorded without a Python frame.",
+    .tp_new = keyed_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(KeyedCall, vectorcall),
+    .tp_traverse = (traverseproc)keyed_traverse,
+    .tp_clear = (inquiry)keyed_clear,
+    .tp_dealloc = (destructor)keyed_dealloc,
 };
 
 /* Futures (_hooks.TracedFuture and create_future's traced side, in C). SettleAfter(method,
@@ -4337,6 +4510,8 @@ static PyMethodDef methods[] = {
      "annotations_json(annotations, encode[, cache]) -> bytes: v1's annotations."},
     {"set_timed_hooks", (PyCFunction)(void (*)(void))set_timed_hooks, METH_FASTCALL,
      "set_timed_hooks(traced_future_type, settle_from_exception, report)."},
+    {"found", (PyCFunction)found, METH_O,
+     "found(result) -> {'hit': result is not None}: a read's annotation (ScopedCall's own)."},
     {"set_timer_hooks", (PyCFunction)(void (*)(void))set_timer_hooks, METH_FASTCALL,
      "set_timer_hooks(var, timer_handle_type, traced_handle_type, unsettled_append)."},
     {NULL, NULL, 0, NULL},
@@ -4429,6 +4604,13 @@ PyInit__speedups(void)
         !s_ended_at || !s_limits || !s_finishers || !s_propagate_to) {
         return NULL;
     }
+    s_hit = PyUnicode_InternFromString("hit");
+    s_backend = PyUnicode_InternFromString("backend");
+    s_op = PyUnicode_InternFromString("op");
+    s_key = PyUnicode_InternFromString("key");
+    if (!s_hit || !s_backend || !s_op || !s_key) {
+        return NULL;
+    }
     s_frames = PyUnicode_InternFromString("frames");
     s_ellipsis = PyUnicode_FromString("\xe2\x80\xa6"); /* U+2026, as _model appends */
     PyObject *time_module = PyImport_ImportModule("time");
@@ -4446,7 +4628,8 @@ PyInit__speedups(void)
         PyType_Ready(&TimedType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
         PyType_Ready(&TimerCallbackType) < 0 || PyType_Ready(&TimerPatchType) < 0 ||
         PyType_Ready(&ScopedCallType) < 0 || PyType_Ready(&SettleAfterType) < 0 ||
-        PyType_Ready(&FutureMakerType) < 0 || PyType_Ready(&TimerCancelType) < 0) {
+        PyType_Ready(&FutureMakerType) < 0 || PyType_Ready(&TimerCancelType) < 0 ||
+        PyType_Ready(&KeyedCallType) < 0) {
         return NULL;
     }
     core_new_resource_method = PyDict_GetItemWithError(TraceCoreType.tp_dict, s_new_resource);
@@ -4472,7 +4655,13 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(m, "ScopedCall", (PyObject *)&ScopedCallType) < 0 ||
         PyModule_AddObjectRef(m, "SettleAfter", (PyObject *)&SettleAfterType) < 0 ||
         PyModule_AddObjectRef(m, "FutureMaker", (PyObject *)&FutureMakerType) < 0 ||
-        PyModule_AddObjectRef(m, "TimerCancel", (PyObject *)&TimerCancelType) < 0) {
+        PyModule_AddObjectRef(m, "TimerCancel", (PyObject *)&TimerCancelType) < 0 ||
+        PyModule_AddObjectRef(m, "KeyedCall", (PyObject *)&KeyedCallType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    found_function = PyObject_GetAttrString(m, "found");
+    if (found_function == NULL) {
         Py_DECREF(m);
         return NULL;
     }

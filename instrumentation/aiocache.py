@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from asgi_asynctrace._context import Done, call_recorder
+from asgi_asynctrace._context import Done, call_recorder, found, keyed_recorder
 from asgi_asynctrace._failures import report
 
 from ._base import Instrumentation
@@ -48,7 +48,7 @@ _OPS = {
 
 # What a call's result adds: whether a read found its key(s).
 _DONE: dict[str, Done] = {
-    "get": lambda result: {"hit": result is not None},
+    "get": found,
     "exists": lambda result: {"hit": bool(result)},
     "multi_get": lambda result: {"hits": sum(v is not None for v in result or ())},
 }
@@ -98,7 +98,11 @@ def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., An
             return call
         return record(rtype, call, notes, done)
 
-    return untraced_fast_path(original, traced)  # type: ignore[no-any-return]
+    # A keyed call whose cache class has its name: recorded in C, no frame of traced's.
+    fast = (
+        keyed_recorder(rtype, op, original, traced, _backends, done, "aiocache") if keyed else None
+    )
+    return untraced_fast_path(original, fast or traced)  # type: ignore[no-any-return]
 
 
 class AiocacheInstrumentation(Instrumentation):

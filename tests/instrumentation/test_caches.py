@@ -185,3 +185,91 @@ def test_an_instrumented_method_is_the_libraries_own_outside_traced_requests() -
     assert asyncio.iscoroutinefunction(cache.get)
     assert inspect.signature(cache.get) == inspect.signature(original.__get__(cache))
     assert asyncio.run(cache.get("nothing", default=3)) == 3
+
+
+def _keyed_forms() -> list[str]:
+    from asgi_asynctrace import _context
+
+    return ["python", "c"] if _context._CKeyedCall is not None else ["python"]
+
+
+@pytest.mark.parametrize("form", _keyed_forms())
+def test_aiocache_keyed_calls_are_recorded_alike_in_c_and_in_python(
+    form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the accelerator, a keyed call (get, exists, delete) of a cache class already named
+    is recorded in C (``KeyedCall``), with no Python frame; what it records is what the Python
+    form records, whatever the key's type or how the rest of the call is given."""
+    import importlib
+
+    import aiocache.base
+
+    from asgi_asynctrace import _context
+
+    ours = importlib.import_module("asgi_asynctrace.instrumentation.aiocache")
+    uninstrument("aiocache")
+    if form == "python":
+        monkeypatch.setattr(_context, "_CKeyedCall", None)
+    instrument("aiocache")
+    traced_side = getattr(aiocache.base.BaseCache.__dict__["get"], "traced", None)
+    assert (type(traced_side).__name__ == "KeyedCall") == (form == "c")
+
+    async def body() -> None:
+        cache = SimpleMemoryCache(namespace="keyed:")
+        # the first call names the class (the Python form, either way); then the class is known
+        assert await cache.get("warm") is None
+        assert type(cache) in ours._backends
+        assert await cache.get("user:1") is None
+        await cache.set("user:1", "ada")
+        assert await cache.get("user:1", namespace="keyed:") == "ada"
+        assert await cache.get(42, default=7) == 7  # not a str: named by str()
+        assert await cache.exists("user:1") is True
+        assert await cache.delete(key="user:1") == 1  # by keyword: the Python form's part
+        assert await cache.get("user:1") is None
+
+    trace = traced(body)
+    backend = "aiocache:memory"
+    assert [(t, only(n, "backend", "op", "key", "hit")) for t, n in cache_calls(trace)] == [
+        ("cache-get", {"backend": backend, "op": "get", "key": "warm", "hit": False}),
+        ("cache-get", {"backend": backend, "op": "get", "key": "user:1", "hit": False}),
+        ("cache-put", {"backend": backend, "op": "set", "key": "user:1"}),
+        ("cache-get", {"backend": backend, "op": "get", "key": "user:1", "hit": True}),
+        ("cache-get", {"backend": backend, "op": "get", "key": "42", "hit": True}),
+        ("cache-get", {"backend": backend, "op": "exists", "key": "user:1", "hit": True}),
+        ("cache-delete", {"backend": backend, "op": "delete", "key": "user:1"}),
+        ("cache-get", {"backend": backend, "op": "get", "key": "user:1", "hit": False}),
+    ]  # fmt: skip
+    calls = [r for r in trace.resources if r.type in CACHE_TYPES]
+    assert all(r.state == "ok" and r.trigger_id == trace.root.async_id for r in calls)
+
+
+@pytest.mark.parametrize("form", _keyed_forms())
+def test_a_key_that_cannot_be_named_leaves_its_call_unrecorded_and_the_app_unaffected(
+    form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_asynctrace import _context, failure_counts
+
+    uninstrument("aiocache")
+    if form == "python":
+        monkeypatch.setattr(_context, "_CKeyedCall", None)
+    instrument("aiocache")
+
+    class Key:
+        """A key whose name fails once: when the tracer asks it (the library asks after)."""
+
+        asked = 0
+
+        def __str__(self) -> str:
+            Key.asked += 1
+            if Key.asked == 1:
+                raise ValueError("no name yet")
+            return "named"
+
+    async def body() -> None:
+        cache = SimpleMemoryCache()
+        await cache.get("warm")  # names the class
+        assert await cache.get(Key(), default=5) == 5
+
+    trace = traced(body)
+    assert [n.get("key") for _, n in cache_calls(trace)] == ["warm"]
+    assert failure_counts() == {"aiocache": 1}
