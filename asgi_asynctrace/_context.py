@@ -254,19 +254,20 @@ def call_recorder() -> Callable[[str, Awaitable[Any], dict[str, Any], Done | Non
 
 def keyed_recorder(
     type: str, op: str, original: Callable[..., Any], fallback: Callable[..., Any],
-    backends: dict[type, str], done: Done | None, where: str,
+    backends: dict[type, str], done: Done | None, where: str, ttl_at: int = -1,
 ) -> Callable[..., Any] | None:  # fmt: skip
     """A keyed library method's record with no Python frame, or None without the accelerator.
 
     Called as ``original(self, key, ...)`` is: when the key is given by position and
     ``backends`` names the class of ``self``, it returns the library's call recorded as
-    ``record_call(type, call, {"backend": backends[cls], "op": op, "key": str(key)}, done)``;
-    any other call goes to ``fallback``, the instrumentation's Python form of the same record
-    (which is where a class new to ``backends`` gets its name). A failure of ours is counted
-    under ``where`` and leaves that call unrecorded."""
+    ``record_call(type, call, {"backend": backends[cls], "op": op, "key": str(key)}, done)``,
+    with ``"ttl"`` when ``ttl_at`` >= 0 and a number is given as ``ttl=`` or at that position
+    (``self`` is 0); any other call goes to ``fallback``, the instrumentation's Python form of
+    the same record (which is where a class new to ``backends`` gets its name). A failure of
+    ours is counted under ``where`` and leaves that call unrecorded."""
     if not _scoped_call_in_c or _CKeyedCall is None:
         return None
-    keyed = _CKeyedCall(ACTIVE, type, op, original, fallback, backends, done, where)
+    keyed = _CKeyedCall(ACTIVE, type, op, original, fallback, backends, done, where, ttl_at)
     return keyed  # type: ignore[no-any-return]
 
 

@@ -4022,17 +4022,19 @@ static PyTypeObject ScopedCallType = {
     .tp_methods = scoped_methods,
 };
 
-/* KeyedCall(var, type, op, original, fallback, backends, done, where): in place of a
+/* KeyedCall(var, type, op, original, fallback, backends, done, where, ttl_at): in place of a
  * library's ``method(self, key, ...)`` while a request is traced (the traced side of a
  * Dispatch). When the key is given by position and ``backends`` names the class of ``self``,
  * the call is ``original(self, key, ...)`` recorded as ScopedCall(var, type, call, {"backend",
- * "op", "key": str(key)}, done) with no Python frame; any other call goes to ``fallback``, the
- * instrumentation's Python form, which makes the same record (and names new classes). A
- * failure of ours is counted under ``where``, as the Python form counts it, and the call is
- * returned unrecorded. */
+ * "op", "key": str(key)}, done) with no Python frame, and with "ttl" when ``ttl_at`` >= 0 and
+ * a number is given as ``ttl=`` or at that position (self is 0); any other call goes to
+ * ``fallback``, the instrumentation's Python form, which makes the same record (and names new
+ * classes). A failure of ours is counted under ``where``, as the Python form counts it, and
+ * the call is returned unrecorded. */
 typedef struct {
     PyObject_HEAD
     PyObject *var, *type, *op, *original, *fallback, *backends, *done, *where;
+    Py_ssize_t ttl_at;
     vectorcallfunc vectorcall;
 } KeyedCall;
 
@@ -4047,7 +4049,7 @@ keyed_report(KeyedCall *k)
     report_and_clear(where);
 }
 
-static PyObject *s_backend, *s_op, *s_key;
+static PyObject *s_backend, *s_op, *s_key, *s_ttl;
 
 static PyObject *
 keyed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -4082,6 +4084,21 @@ keyed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
     }
     Py_DECREF(backend);
     Py_DECREF(key);
+    if (k->ttl_at >= 0) { /* a write's ttl: by keyword, else at its position */
+        PyObject *ttl = nargs > k->ttl_at ? args[k->ttl_at] : NULL;
+        Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            if (PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, i), s_ttl) == 0) {
+                ttl = args[nargs + i];
+            }
+        }
+        if (ttl != NULL && ((PyLong_Check(ttl) && !PyBool_Check(ttl)) || PyFloat_Check(ttl)) &&
+            PyDict_SetItem(notes, s_ttl, ttl) < 0) {
+            Py_DECREF(notes);
+            keyed_report(k);
+            return call;
+        }
+    }
     PyObject *out = scoped_make(&ScopedCallType, k->var, k->type, call, notes, k->done);
     Py_DECREF(notes);
     if (out == NULL) {
@@ -4096,19 +4113,21 @@ static PyObject *
 keyed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyObject *var, *rtype, *op, *original, *fallback, *backends, *done, *where;
+    Py_ssize_t ttl_at;
     if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
         PyErr_SetString(PyExc_TypeError, "KeyedCall() takes no keywords");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!UUOOO!OU:KeyedCall", &PyContextVar_Type, &var, &rtype, &op,
-                          &original, &fallback, &PyDict_Type, &backends, &done, &where)) {
+    if (!PyArg_ParseTuple(args, "O!UUOOO!OUn:KeyedCall", &PyContextVar_Type, &var, &rtype, &op,
+                          &original, &fallback, &PyDict_Type, &backends, &done, &where,
+                          &ttl_at)) {
         return NULL;
     }
     if (!PyCallable_Check(original) || !PyCallable_Check(fallback) ||
         (done != Py_None && !PyCallable_Check(done))) {
         PyErr_SetString(PyExc_TypeError,
                         "KeyedCall(var, type, op, original: callable, fallback: callable, "
-                        "backends: dict, done: callable or None, where: str)");
+                        "backends: dict, done: callable or None, where: str, ttl_at: int)");
         return NULL;
     }
     KeyedCall *k = (KeyedCall *)type->tp_alloc(type, 0);
@@ -4123,6 +4142,7 @@ keyed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     k->backends = Py_NewRef(backends);
     k->done = Py_NewRef(done);
     k->where = Py_NewRef(where);
+    k->ttl_at = ttl_at < 0 ? -1 : ttl_at;
     k->vectorcall = keyed_call;
     return (PyObject *)k;
 }
@@ -4168,8 +4188,8 @@ static PyTypeObject KeyedCallType = {
     .tp_name = "asgi_asynctrace._speedups.KeyedCall",
     .tp_basicsize = sizeof(KeyedCall),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "KeyedCall(var, type, op, original, fallback, backends, done, where): a keyed "
-              "library call, recorded without a Python frame.",
+    .tp_doc = "KeyedCall(var, type, op, original, fallback, backends, done, where, ttl_at): a "
+              "keyed library call, recorded without a Python frame.",
     .tp_new = keyed_new,
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(KeyedCall, vectorcall),
@@ -4608,7 +4628,8 @@ PyInit__speedups(void)
     s_backend = PyUnicode_InternFromString("backend");
     s_op = PyUnicode_InternFromString("op");
     s_key = PyUnicode_InternFromString("key");
-    if (!s_hit || !s_backend || !s_op || !s_key) {
+    s_ttl = PyUnicode_InternFromString("ttl");
+    if (!s_hit || !s_backend || !s_op || !s_key || !s_ttl) {
         return NULL;
     }
     s_frames = PyUnicode_InternFromString("frames");

@@ -162,7 +162,7 @@ class FutureMaker:
 class KeyedCall:
     def __init__(
         self, var: Any, type: str, op: str, original: Any, fallback: Any,
-        backends: dict[Any, str], done: Any, where: str, /,
+        backends: dict[Any, str], done: Any, where: str, ttl_at: int, /,
     ) -> None: ...  # fmt: skip
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 

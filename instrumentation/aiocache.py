@@ -98,10 +98,12 @@ def _wrap(op: str, rtype: str, original: Callable[..., Any]) -> Callable[..., An
             return call
         return record(rtype, call, notes, done)
 
-    # A keyed call whose cache class has its name: recorded in C, no frame of traced's.
-    fast = (
-        keyed_recorder(rtype, op, original, traced, _backends, done, "aiocache") if keyed else None
-    )
+    # A keyed call, or a write by key, of a cache class already named: recorded in C, with
+    # no frame of traced's. (self, key, value, ttl): a write's ttl is at position 3.
+    fast = None
+    if keyed or op in ("set", "add"):
+        ttl_at = -1 if keyed else 3
+        fast = keyed_recorder(rtype, op, original, traced, _backends, done, "aiocache", ttl_at)
     return untraced_fast_path(original, fast or traced)  # type: ignore[no-any-return]
 
 

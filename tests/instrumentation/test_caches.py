@@ -197,9 +197,10 @@ def _keyed_forms() -> list[str]:
 def test_aiocache_keyed_calls_are_recorded_alike_in_c_and_in_python(
     form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the accelerator, a keyed call (get, exists, delete) of a cache class already named
-    is recorded in C (``KeyedCall``), with no Python frame; what it records is what the Python
-    form records, whatever the key's type or how the rest of the call is given."""
+    """With the accelerator, a keyed call (get, exists, delete, set, add) of a cache class
+    already named is recorded in C (``KeyedCall``), with no Python frame; what it records is
+    what the Python form records, whatever the key's type or how the rest of the call is
+    given (a write's ttl by keyword, by position, not at all, or not a number)."""
     import importlib
 
     import aiocache.base
@@ -211,8 +212,9 @@ def test_aiocache_keyed_calls_are_recorded_alike_in_c_and_in_python(
     if form == "python":
         monkeypatch.setattr(_context, "_CKeyedCall", None)
     instrument("aiocache")
-    traced_side = getattr(aiocache.base.BaseCache.__dict__["get"], "traced", None)
-    assert (type(traced_side).__name__ == "KeyedCall") == (form == "c")
+    for op in ("get", "exists", "delete", "set", "add"):
+        traced_side = getattr(aiocache.base.BaseCache.__dict__[op], "traced", None)
+        assert (type(traced_side).__name__ == "KeyedCall") == (form == "c")
 
     async def body() -> None:
         cache = SimpleMemoryCache(namespace="keyed:")
@@ -221,6 +223,10 @@ def test_aiocache_keyed_calls_are_recorded_alike_in_c_and_in_python(
         assert type(cache) in ours._backends
         assert await cache.get("user:1") is None
         await cache.set("user:1", "ada")
+        await cache.set("user:2", "bob", ttl=30)
+        await cache.set("user:3", "cy", 2.5)
+        await cache.add("user:4", "di", ttl=True)  # not a number: no ttl, as in Python
+        await cache.add("user:5", "ed", 60)
         assert await cache.get("user:1", namespace="keyed:") == "ada"
         assert await cache.get(42, default=7) == 7  # not a str: named by str()
         assert await cache.exists("user:1") is True
@@ -229,10 +235,15 @@ def test_aiocache_keyed_calls_are_recorded_alike_in_c_and_in_python(
 
     trace = traced(body)
     backend = "aiocache:memory"
-    assert [(t, only(n, "backend", "op", "key", "hit")) for t, n in cache_calls(trace)] == [
+    got = [(t, only(n, "backend", "op", "key", "hit", "ttl")) for t, n in cache_calls(trace)]
+    assert got == [
         ("cache-get", {"backend": backend, "op": "get", "key": "warm", "hit": False}),
         ("cache-get", {"backend": backend, "op": "get", "key": "user:1", "hit": False}),
         ("cache-put", {"backend": backend, "op": "set", "key": "user:1"}),
+        ("cache-put", {"backend": backend, "op": "set", "key": "user:2", "ttl": 30}),
+        ("cache-put", {"backend": backend, "op": "set", "key": "user:3", "ttl": 2.5}),
+        ("cache-put", {"backend": backend, "op": "add", "key": "user:4"}),
+        ("cache-put", {"backend": backend, "op": "add", "key": "user:5", "ttl": 60}),
         ("cache-get", {"backend": backend, "op": "get", "key": "user:1", "hit": True}),
         ("cache-get", {"backend": backend, "op": "get", "key": "42", "hit": True}),
         ("cache-get", {"backend": backend, "op": "exists", "key": "user:1", "hit": True}),
