@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from asgi_asynctrace import start_resource
-from asgi_asynctrace._context import Done, record_call
+from asgi_asynctrace._context import Done, found, record_call
 from asgi_asynctrace._failures import report
 
 from ._base import Instrumentation
@@ -73,10 +73,6 @@ def _ttl(name: str, args: Sequence[Any]) -> float | None:
     return None
 
 
-def _single_hit(result: Any) -> dict[str, Any]:
-    return {"hit": result is not None}
-
-
 def _any_hit(result: Any) -> dict[str, Any]:
     return {"hit": bool(result)}
 
@@ -86,8 +82,8 @@ def _hits(result: Any) -> dict[str, Any] | None:
 
 
 def _done(name: str) -> Done | None:
-    if name in _SINGLE_HIT:
-        return _single_hit
+    if name in _SINGLE_HIT:  # {"hit": result is not None}, which the C record makes itself
+        return found
     if name in ("EXISTS", "HEXISTS", "SISMEMBER"):
         return _any_hit
     return _hits if name in _MULTI_HIT else None
