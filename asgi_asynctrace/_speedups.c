@@ -3610,7 +3610,12 @@ static PyObject *found_function; /* this module's found(), which ScopedCall answ
 static PyObject *
 found(PyObject *module, PyObject *result)
 {
-    return Py_BuildValue("{sO}", "hit", result == Py_None ? Py_False : Py_True);
+    PyObject *notes = PyDict_New();
+    if (notes != NULL &&
+        PyDict_SetItem(notes, s_hit, result == Py_None ? Py_False : Py_True) < 0) {
+        Py_CLEAR(notes);
+    }
+    return notes;
 }
 
 /* The first step: the resource, its notes, and it as the current resource. */
