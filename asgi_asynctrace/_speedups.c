@@ -2868,11 +2868,23 @@ static PyTypeObject TimerCallbackType;
 
 /* A duration in milliseconds to the microsecond, as timers._ms writes it: for a float,
  * round(max(seconds, 0.0) * 1000 * 1000) / 1000 (round() halves to even, as nearbyint does;
- * round(x, 3) would cost a decimal conversion, a tenth of a traced timer); otherwise, or
- * beyond 2**52 microseconds, round(max(seconds, 0.0) * 1000, 3). */
+ * round(x, 3) would cost a decimal conversion, a tenth of a traced timer); for an int not
+ * below 0, seconds * 1000 (what round(seconds * 1000, 3) gives back, without calling it: a
+ * timeout such as wait_for's is often an int); otherwise, or beyond 2**52 microseconds,
+ * round(max(seconds, 0.0) * 1000, 3). */
 static PyObject *
 as_ms(PyObject *seconds)
 {
+    if (PyLong_CheckExact(seconds)) {
+        int overflow = 0;
+        long long s = PyLong_AsLongLongAndOverflow(seconds, &overflow);
+        if (s == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!overflow && s >= 0 && s <= LLONG_MAX / 1000) {
+            return PyLong_FromLongLong(s * 1000);
+        }
+    }
     if (PyFloat_CheckExact(seconds)) {
         double s = PyFloat_AS_DOUBLE(seconds);
         double micro = (s < 0.0 ? 0.0 : s) * 1000.0 * 1000.0;

@@ -65,11 +65,14 @@ _PYTHON_DISPATCH_CODE = dispatch_python(print, print).__code__
 
 def _ms(seconds: Any) -> Any:
     """A duration in milliseconds, to the microsecond (as the C form writes it): round() of a
-    float's microseconds, then / 1000, since round(x, 3) costs a decimal conversion."""
+    float's microseconds, then / 1000, since round(x, 3) costs a decimal conversion; an int
+    not below 0 times 1000, which is what round() would give back."""
     if type(seconds) is float:
         micro = max(seconds, 0.0) * 1000 * 1000
         if abs(micro) < 2**52:
             return round(micro) / 1000
+    elif type(seconds) is int and seconds >= 0:
+        return seconds * 1000
     return round(max(seconds, 0.0) * 1000, 3)
 
 

@@ -413,7 +413,8 @@ def test_a_timers_milliseconds_are_the_same_in_both_forms_and_to_the_microsecond
     from asgi_asynctrace._speedups import duration_ms
 
     rng = random.Random(8)
-    odd = [0.0, -0.0, -2.5, 5, 0, -3, True, 2.0**60, math.inf, -math.inf, 1e300, 2.5e-6, 3.5e-6]
+    odd = [0.0, -0.0, -2.5, 5, 0, -3, True, False, 2.0**60, math.inf, -math.inf, 1e300,
+           2.5e-6, 3.5e-6, 2**62, -(2**62), 2**70, 9_223_372_036_854_775, 9_223_372_036_854_776]  # fmt: skip
     many = [rng.random() * 10 ** rng.randint(-9, 6) for _ in range(20_000)]
     halves = [k / 2_000_000 for k in range(20_000)]  # each halfway between two microseconds
     for seconds in [*odd, *many, *halves]:
@@ -425,4 +426,5 @@ def test_a_timers_milliseconds_are_the_same_in_both_forms_and_to_the_microsecond
     assert module._ms(0.0025e-3) == 0.002 and module._ms(0.0035e-3) == 0.004  # halves to even
     assert module._ms(-1.0) == 0.0 and str(module._ms(-0.0)) == "0.0"
     assert module._ms(5) == 5000 and type(module._ms(5)) is int  # an int delay stays an int
+    assert duration_ms(2**70) == 2**70 * 1000 and type(duration_ms(-3)) is float  # as round()
     assert math.isnan(module._ms(math.nan)) and math.isnan(duration_ms(math.nan))
