@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from . import _instrument
+from . import _instrument, _threads
 from ._analysis import AnalysisSettings
 from ._context import ACTIVE
 from ._endpoint import serve_store
@@ -139,6 +139,8 @@ class AsyncTraceMiddleware:
             propagate_to if isinstance(propagate_to, Mapping) else dict.fromkeys(propagate_to, "1")
         )
         self.propagate_to = {str(k): str(v) for k, v in hosts.items()}
+        # What the first traced request would otherwise wait for: done here, at start-up.
+        _threads.prepare()
         if instrument is True:
             _instrument.instrument()
         elif instrument:

@@ -133,6 +133,17 @@ def _patch_anyio() -> None:
     )
 
 
+def prepare() -> None:
+    """Load anyio's asyncio backend now, when the app already imported anyio (Starlette
+    does), so that the first traced request does not: importing it takes about 10 ms, which
+    that request would wait for and its trace would show as a gap before its first step."""
+    if "anyio" in sys.modules and "anyio._backends._asyncio" not in sys.modules:
+        try:
+            importlib.import_module("anyio._backends._asyncio")
+        except Exception as exc:  # an anyio we do not know: patched (or not) as before
+            report("anyio-patch", exc)
+
+
 def _unpatch_anyio() -> None:
     global _anyio_original, _anyio_backend
     if _anyio_backend is not None:

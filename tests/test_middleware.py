@@ -700,3 +700,45 @@ def test_a_traceparent_is_kept_however_the_server_shapes_its_headers(shape: Any)
     (trace,) = traces
     assert trace.request["traceparent"] == parent.decode()
     assert trace.annotations_of(trace.root.async_id)["traced"] == "requested"
+
+
+_FIRST_REQUEST = """
+import asyncio, sys
+import anyio
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from asgi_asynctrace import AsyncTraceMiddleware
+
+async def ok(request):
+    return PlainTextResponse("ok")
+
+loaded_before = "anyio._backends._asyncio" in sys.modules
+app = AsyncTraceMiddleware(Starlette(routes=[Route("/", ok)]), log_traces=False)
+loaded_at_startup = "anyio._backends._asyncio" in sys.modules
+
+async def first_traced_request():
+    async def receive():
+        return {"type": "http.request", "body": b""}
+    async def send(message):
+        pass
+    before = set(sys.modules)
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-async-trace", b"1")],
+             "client": ("127.0.0.1", 1), "query_string": b"", "root_path": ""}
+    await app(scope, receive, send)
+    return sorted(set(sys.modules) - before), len(app.store)
+
+imported, stored = asyncio.run(first_traced_request())
+print(loaded_before, loaded_at_startup, imported, stored)
+"""
+
+
+def test_the_first_traced_request_does_not_wait_for_anyios_backend_to_load() -> None:
+    # Loading anyio's asyncio backend takes about 10 ms; done by the first traced request
+    # (to patch its thread-pool calls) it showed as a gap before that request's first step.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FIRST_REQUEST], capture_output=True,
+                         text=True, check=True, timeout=60)  # fmt: skip
+    assert out.stdout.split() == ["False", "True", "[]", "1"], out.stdout + out.stderr
