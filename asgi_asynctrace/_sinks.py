@@ -105,7 +105,8 @@ class TraceStore:
     """The most recent traces, newest last; old ones fall out when ``max_traces`` is reached.
 
     Given a trace without its JSON, the store keeps the finished ``Trace`` itself and writes
-    the JSON when the trace is first read: a trace nobody opens costs no serialization.
+    the JSON when the trace is first read: a trace nobody opens costs no serialization, and
+    its summary is made only when the list of traces is asked for.
     """
 
     needs_json: Final = False
@@ -114,47 +115,56 @@ class TraceStore:
         if max_traces < 1:
             raise ValueError(f"max_traces must be at least 1, got {max_traces}")
         self.max_traces = max_traces
-        self._items: OrderedDict[str, tuple[dict[str, Any], bytes | Trace]] = OrderedDict()
+        # trace id -> the finished Trace until it is first read, then (its summary, its JSON)
+        self._items: OrderedDict[str, Trace | tuple[dict[str, Any], bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __call__(self, trace: Trace, data: bytes | None = None, /) -> None:
-        summary = {
-            "traceId": trace.trace_id,
-            "method": trace.request.get("method"),
-            "path": trace.request.get("path"),
-            "status": trace.request.get("status"),
-            "state": trace.root.state,
-            "startedAtUnixNs": trace.started_at_unix_ns,
-            "durationNs": trace.duration_ns,
-            "resources": len(trace.resources),
-        }
+        kept = trace if data is None else (_summary(trace), data)
         with self._lock:
-            self._items[trace.trace_id] = (summary, trace if data is None else data)
-            while len(self._items) > self.max_traces:
-                self._items.popitem(last=False)
+            items = self._items
+            items[trace.trace_id] = kept
+            while len(items) > self.max_traces:
+                items.popitem(last=False)
 
     def get(self, trace_id: str) -> bytes | None:
         """The trace's JSON, or None when the store does not hold it (any more)."""
         with self._lock:
-            item = self._items.get(trace_id)
-        if item is None:
+            kept = self._items.get(trace_id)
+        if kept is None:
             return None
-        summary, kept = item
-        if isinstance(kept, bytes):
-            return kept
+        if isinstance(kept, tuple):
+            return kept[1]
         data = kept.to_json()  # the trace is finished: nothing records into it any more
+        read = (_summary(kept), data)
         with self._lock:  # from now on the bytes, unless the trace fell out meanwhile
-            if self._items.get(trace_id) is item:
-                self._items[trace_id] = (summary, data)
+            if self._items.get(trace_id) is kept:
+                self._items[trace_id] = read
         return data
 
     def summaries(self) -> list[dict[str, Any]]:
         """One small record per stored trace, newest first."""
         with self._lock:
-            return [summary for summary, _ in reversed(self._items.values())]
+            kept = list(reversed(self._items.values()))
+        return [k[0] if isinstance(k, tuple) else _summary(k) for k in kept]
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _summary(trace: Trace) -> dict[str, Any]:
+    """What the store's list shows of a finished trace."""
+    request = trace.request
+    return {
+        "traceId": trace.trace_id,
+        "method": request.get("method"),
+        "path": request.get("path"),
+        "status": request.get("status"),
+        "state": trace.root.state,
+        "startedAtUnixNs": trace.started_at_unix_ns,
+        "durationNs": trace.duration_ns,
+        "resources": len(trace.resources),
+    }
 
 
 # The header value is one zlib stream made of raw-deflate segments, each compressed with no

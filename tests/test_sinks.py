@@ -127,3 +127,33 @@ def test_headers_made_on_several_threads_at_once_are_each_their_own() -> None:
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def _finished(path: str, status: int) -> Trace:
+    trace = Trace.start(request={"method": "GET", "path": path})
+    trace.request["status"] = status
+    trace.add("timer", 1, None, trace.origin + 5)
+    trace.finish(trace.origin + 1_000, "error" if status >= 500 else "ok")
+    return trace
+
+
+def test_the_store_summarises_a_trace_the_same_before_and_after_it_is_read() -> None:
+    from asgi_asynctrace._sinks import TraceStore
+
+    store = TraceStore(max_traces=3)
+    kept, given = _finished("/a", 200), _finished("/b", 503)
+    store(kept)  # kept as the Trace: summarised when listed
+    store(given, given.to_json())  # the JSON given with it: summarised at once
+    before = store.summaries()
+    assert [s["path"] for s in before] == ["/b", "/a"]  # newest first
+    assert before[1] == {
+        "traceId": kept.trace_id, "method": "GET", "path": "/a", "status": 200, "state": "ok",
+        "startedAtUnixNs": kept.started_at_unix_ns, "durationNs": 1_000, "resources": 2,
+    }  # fmt: skip
+    assert before[0]["state"] == "error" and before[0]["resources"] == 2
+    assert store.get(kept.trace_id) == kept.to_json() == store.get(kept.trace_id)
+    assert store.summaries() == before  # read: its JSON kept, its place and summary unchanged
+    for path in ("/c", "/d"):
+        store(_finished(path, 200))
+    assert [s["path"] for s in store.summaries()] == ["/d", "/c", "/b"]
+    assert store.get(kept.trace_id) is None and len(store) == 3
