@@ -12,7 +12,10 @@ connections, for an untimed second after each switch and then a bounded time; th
 order rotates from round to round, and the ratios of requests per second to the bare app (taken
 within each round) are medians, with their interquartile range. Two cores are shared by uvicorn
 and wrk, so absolute numbers are low; the ratios are what to read. uvicorn and wrk are each kept
-on one CPU, and the server's CPU time per request is given beside requests per second.
+on one CPU, and the server's CPU time per request is given beside requests per second, with
+and without the time its garbage collector ran (counted in the server through
+``gc.callbacks``): a full collection of the sample app's heap takes tens of milliseconds on a
+shared VM, and how many of them fall inside a window moves that window's throughput.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import httpx
 
 VARIANTS = ("bare", "floor", "idle", "hooks", "sampled")
 CONTROL = "/__bench/variant/"  # as in e2e_app, which this process does not import
+GC_STATS = "/__bench/gc"
 
 
 def _port() -> int:
@@ -72,17 +76,29 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wrk(url: str, seconds: int, server: int) -> tuple[float, float]:
-    """Requests per second, and requests per second of the server's CPU time (which leaves
-    out the time wrk and the rest of the machine took from it)."""
+def _collections(base: str) -> tuple[float, int]:
+    """Seconds the server's garbage collector ran, and its full collections, since the last
+    call."""
+    got = httpx.get(f"{base}{GC_STATS}", timeout=10).json()
+    return got["ns"] / 1e9, int(got["full"])
+
+
+def _wrk(base: str, route: str, seconds: int, server: int) -> tuple[float, ...]:
+    """Requests per second; per second of the server's CPU time (which leaves out the time
+    wrk and the rest of the machine took from it); per second of that CPU time outside the
+    garbage collector; the share of the server's CPU time the collector took; and its full
+    collections per 10,000 requests."""
+    _collections(base)
     cpu = _cpu_s(server)
-    out = subprocess.run(_pinned(0, ["wrk", "-t1", "-c50", f"-d{seconds}s", url]),
+    out = subprocess.run(_pinned(0, ["wrk", "-t1", "-c50", f"-d{seconds}s", base + route]),
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     cpu = _cpu_s(server) - cpu
+    in_gc, full = _collections(base)
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     count = re.search(r"(\d+) requests in", out)
     assert rate and count, out
-    return float(rate.group(1)), int(count.group(1)) / cpu
+    n = int(count.group(1))
+    return float(rate.group(1)), n / cpu, n / max(cpu - in_gc, 1e-9), in_gc / cpu, 1e4 * full / n
 
 
 def main() -> None:
@@ -100,7 +116,7 @@ def main() -> None:
     proc = _serve(port, db)
     base = f"http://127.0.0.1:{port}"
     try:
-        results: dict[tuple[str, str], list[tuple[float, float]]] = {
+        results: dict[tuple[str, str], list[tuple[float, ...]]] = {
             (route, v): [] for route in routes for v in VARIANTS
         }
         for r in range(args.rounds):
@@ -108,8 +124,8 @@ def main() -> None:
             for route in routes:
                 for v in order:  # rotated, so no variant always runs first or last
                     httpx.post(f"{base}{CONTROL}{v}", timeout=10).raise_for_status()
-                    _wrk(f"{base}{route}", 1, proc.pid)  # untimed: lookups re-learned
-                    results[(route, v)].append(_wrk(f"{base}{route}", args.seconds, proc.pid))
+                    _wrk(base, route, 1, proc.pid)  # untimed: lookups re-learned
+                    results[(route, v)].append(_wrk(base, route, args.seconds, proc.pid))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -117,8 +133,10 @@ def main() -> None:
           f"loopback (CPU 1) serving every variant, wrk -t1 -c50 (CPU 0) for {args.seconds} s "
           f"after 1 s untimed, {args.rounds} rounds; medians of the rounds' ratios to the bare "
           "app, and in brackets their middle half (how much they moved)\n")  # fmt: skip
-    print("| route | variant | requests/s | vs bare | per CPU second, vs bare | target |")
-    print("|---|---|---|---|---|---|")
+    print("| route | variant | requests/s | vs bare | per CPU second, vs bare "
+          "| per CPU second outside the collector, vs bare | the collector's share of the "
+          "server's CPU | full collections per 10,000 requests | target |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = (("bare", "bare app", "-"), ("floor", "a do-nothing middleware (the floor)", "-"),
             ("idle", "middleware, untraced", ">= 0.99x"),
             ("hooks", "the same, hooks on (as after the first traced request)", ">= 0.99x"),
@@ -128,13 +146,16 @@ def main() -> None:
         for v, label, target in rows:
             got = results[(route, v)]
             cells = []
-            for i in (0, 1):  # wall clock, then the server's CPU time
+            for i in (0, 1, 2):  # wall clock, the server's CPU time, that outside the GC
                 ratios = [x[i] / b[i] for x, b in zip(got, bare, strict=True)]
                 q1, _, q3 = statistics.quantiles(ratios, n=4)
                 spread = f" ({q1:.3f} to {q3:.3f})" if v != "bare" else ""
                 cells.append(f"{statistics.median(ratios):.3f}x{spread}")
+            share = statistics.median(x[3] for x in got)
+            full = statistics.median(x[4] for x in got)
             print(f"| {route} | {label} | {statistics.median(x[0] for x in got):.0f} "
-                  f"| {cells[0]} | {cells[1]} | {target} |")  # fmt: skip
+                  f"| {cells[0]} | {cells[1]} | {cells[2]} | {100 * share:.1f} % "
+                  f"| {full:.1f} | {target} |")  # fmt: skip
 
 
 if __name__ == "__main__":

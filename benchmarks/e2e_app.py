@@ -16,7 +16,10 @@ specialized lookups.
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
+import time
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,6 +32,8 @@ from sample_app.app import app as sample
 from .bench_hooks import PassThrough
 
 CONTROL = "/__bench/variant/"
+# GET: the time the collector ran and its full collections since the last GET, as JSON.
+GC_STATS = "/__bench/gc"
 logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
 bare = Starlette(routes=sample.routes, lifespan=patterns.lifespan)
 
@@ -40,6 +45,30 @@ apps: dict[str, Any] = {
     "hooks": AsyncTraceMiddleware(bare, log_traces=False),
     "sampled": AsyncTraceMiddleware(bare, log_traces=False, sample_rate=0.01),
 }
+
+
+class _Collections:
+    """The collector's running time (clock time; the server is one thread on one CPU, so
+    close to CPU time) and full collections, counted through ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.ns = self.full = self._started = 0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter_ns()
+            return
+        self.ns += time.perf_counter_ns() - self._started
+        self.full += info["generation"] == 2
+
+    def take(self) -> bytes:
+        out = json.dumps({"ns": self.ns, "full": self.full}).encode()
+        self.ns = self.full = 0
+        return out
+
+
+collections = _Collections()
 
 
 class Switch:
@@ -60,6 +89,10 @@ class Switch:
             install_hooks()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == GC_STATS:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": collections.take()})
+            return
         if scope["type"] == "http" and scope["path"].startswith(CONTROL):
             variant = scope["path"][len(CONTROL) :]
             status = 200 if variant in apps else 404
