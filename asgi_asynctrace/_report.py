@@ -19,6 +19,12 @@ def format_ns(ns: int) -> str:
     return f"{ns / 1e6:.1f} ms" if ns else "-"
 
 
+def _unless_ok(state: str) -> str:
+    """How a resource ended, when not as expected: a wait cut short by a cancel or an error,
+    or one still going when the request ended (counted up to then)."""
+    return "" if state == "ok" else f" ({state})"
+
+
 def format_summary(a: Analysis) -> str:
     """The terminal report of ``summary``: plain text, no colour, stable for golden files."""
     req = a.request
@@ -38,7 +44,8 @@ def format_summary(a: Analysis) -> str:
         if rows:
             lines += ["", f"  {title}"]
             lines += [
-                f"  {format_ns(getattr(t, key)):>10}  {t.type} {t.label}  #{t.async_id}"
+                f"  {format_ns(getattr(t, key)):>10}  {t.type} {t.label}{_unless_ok(t.state)}"
+                f"  #{t.async_id}"
                 for t in rows
             ]
     lines += ["", "  critical path (what held the request up, in order)"]

@@ -243,6 +243,22 @@ def test_the_summary_counts_a_run_of_the_same_steps_on_the_critical_path_once() 
     assert " x " not in steps[2] and len(steps) == 4  # and the response body
 
 
+def test_the_summary_says_which_waits_were_cut_short() -> None:
+    async def body() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(1), timeout=0.02)  # cancelled at 20 ms
+        await asyncio.sleep(0.005)
+
+    trace = traced(body)
+    waits = format_summary(analyze(trace, NO_BLOCKING)).split("longest waits")[1]
+    waits = waits.split("most time running")[0]
+    sleep_1s = next(r for r in trace.resources if r.type == "timer" and r.state == "cancelled")
+    # a one-second sleep listed with a 20 ms wait: the summary says why
+    assert f"timer sleep 1000ms (cancelled)  #{sleep_1s.async_id}" in waits
+    assert "task sleep (cancelled)  #" in waits
+    assert "timer sleep 5.0ms  #" in waits  # and one that ran as asked, as before
+
+
 def test_summary_of_a_fixed_trace_matches_its_golden_file() -> None:
     trace = load_trace((GOLDEN / "checkout.json").read_bytes())
     text = format_summary(analyze(trace))
