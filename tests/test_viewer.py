@@ -235,6 +235,8 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     page.wait_for_selector("body[data-loaded]")
     assert "GET /work 200" in page.inner_text("#summary")
     assert "no findings" in page.inner_text("#findings")
+    note = page.locator("#findings li").first  # a note, not a numbered finding
+    assert note.evaluate("li => getComputedStyle(li).listStyleType") == "none"
     shoot(page, "served")
 
     # the sample app's index links here with ?run=<path>: run it traced, show its trace

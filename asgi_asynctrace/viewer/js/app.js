@@ -53,9 +53,9 @@
         list.append(AT.el("li", { class: `finding ${f.severity}` },
           `[${f.severity}] ${f.kind}: ${f.title}`, f.costNs ? ` (${AT.fmt(f.costNs)})` : "", " — ", f.fix));
       }
-      if (!m.analysis.findings.length) list.append(AT.el("li", {}, "no findings: nothing held this request up beyond its own work"));
+      if (!m.analysis.findings.length) list.append(AT.el("li", { class: "none" }, "no findings: nothing held this request up beyond its own work"));
     } else {
-      list.append(AT.el("li", {}, "findings come with traces from the app or `asgi-asynctrace convert --to html`"));
+      list.append(AT.el("li", { class: "none" }, "findings come with traces from the app or `asgi-asynctrace convert --to html`"));
     }
     bar.append(list);
   }
