@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._findings import SEVERITIES, AnalysisSettings, Finding, diagnose
+from ._findings import SEVERITIES, AnalysisSettings, Finding, diagnose, format_duration
 from ._model import Resource, Trace
 
 __all__ = [
@@ -303,7 +303,7 @@ def _with_own_work(
         inside = [(max(a, since), min(b, until)) for a, b in runs if a < until and b > since]
         ran = sum(b - a for a, b in inside)
         if ran >= floor:
-            what = f"the request's own code ran {ran / 1e6:.1f} ms"
+            what = f"the request's own code ran {format_duration(ran)}"
             out.append(PathStep(root.async_id, "root", what, inside[0][0], inside[-1][1], 0))
         if step is not None:
             out.append(step)

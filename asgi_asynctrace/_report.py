@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._analysis import Analysis, PathStep
+from ._findings import format_duration
 
 __all__ = ["PathRun", "format_ns", "format_summary", "path_runs"]
 
 
 def format_ns(ns: int) -> str:
-    return f"{ns / 1e6:.1f} ms" if ns else "-"
+    """A duration in the summary's columns: ``-`` for none."""
+    return format_duration(ns) if ns else "-"
 
 
 def _unless_ok(state: str) -> str:

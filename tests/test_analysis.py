@@ -22,7 +22,7 @@ from starlette.routing import Route
 from asgi_asynctrace import Trace, load_trace, start_resource
 from asgi_asynctrace._analysis import AnalysisSettings, analyze
 from asgi_asynctrace._cli import main
-from asgi_asynctrace._report import format_summary
+from asgi_asynctrace._report import format_ns, format_summary
 from tests.helpers import traced
 
 TracingTransport: Any = importlib.import_module(
@@ -236,7 +236,7 @@ def test_the_summary_counts_a_run_of_the_same_steps_on_the_critical_path_once() 
     lines = format_summary(a).split("critical path")[1].split("findings")[0].splitlines()
     steps = [line.strip() for line in lines[1:] if line.strip()]
     first, last = timers[0], timers[-2]
-    assert steps[0].startswith(f"{first.start / 1e6:.1f} ms → ")
+    assert steps[0].startswith(f"{format_ns(first.start)} → ")
     assert steps[0].endswith(f"4 x timer sleep 1.0ms  #{first.async_id} … #{timers[6].async_id}")
     assert steps[1] == f"then timer sleep 2.0ms  #{timers[1].async_id} … #{last.async_id}"
     assert steps[2].endswith(f"timer sleep 3.0ms  #{timers[-1].async_id}")
