@@ -140,7 +140,11 @@ def label(res: Resource, notes: dict[str, Any], stack: Sequence[str] | None = No
     if t == "thread":
         return _short(str(notes.get("function", t)))
     if t == "timer":
-        return f"{notes.get('kind', 'timer')} {notes.get('delayMs', '?')}ms"
+        delay = notes.get("delayMs", "?")
+        # 19.993 for a deadline 20 ms away, as worked out from the loop's clock: to a tenth
+        if isinstance(delay, float) and delay >= 1 and round(delay, 1) != delay:
+            delay = round(delay, 1)
+        return f"{notes.get('kind', 'timer')} {delay}ms"
     if t == "root":
         return f"{notes.get('method', '')} {notes.get('path', '')}".strip() or t
     if t in _BODIES:

@@ -258,6 +258,21 @@ def test_the_summary_says_which_waits_were_cut_short() -> None:
     assert "timer sleep 5.0ms  #" in waits  # and one that ran as asked, as before
 
 
+def test_a_timer_is_named_by_its_delay_to_a_tenth_of_a_millisecond_at_most() -> None:
+    from asgi_asynctrace._analysis import label
+
+    trace = Trace.start()
+    timer = trace.add("timer", 1, None, trace.origin)
+    assert timer is not None
+    names = [label(timer, {"kind": kind, "delayMs": delay})
+             for kind, delay in (("timeout", 19.993), ("sleep", 10.5), ("sleep", 10.0),
+                                 ("call_later", 30000), ("timer", 0.04))]  # fmt: skip
+    # a deadline's delay is worked out from the loop's clock (19.993 for 20 ms asked): to a
+    # tenth, as asked; what was given is shown as it was given, and under a millisecond too
+    assert names == ["timeout 20.0ms", "sleep 10.5ms", "sleep 10.0ms", "call_later 30000ms",
+                     "timer 0.04ms"]  # fmt: skip
+
+
 def test_summary_of_a_fixed_trace_matches_its_golden_file() -> None:
     trace = load_trace((GOLDEN / "checkout.json").read_bytes())
     text = format_summary(analyze(trace))

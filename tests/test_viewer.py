@@ -280,6 +280,27 @@ def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
     assert shown(sleep).startswith("wait ") and " ms" in shown(sleep).split("·")[0]
 
 
+def test_a_timer_is_named_by_its_delay_as_in_the_analysis(page: Any, tmp_path: Path) -> None:
+    trace = Trace.start(request={"method": "GET", "path": "/timers"})
+    delays = {"timeout": 19.993, "sleep": 10.5, "call_later": 30000, "timer": 0.04}
+    for kind, delay in delays.items():
+        timer = trace.add("timer", 1, None, trace.origin + 1000)
+        assert timer is not None
+        trace.annotate(timer, "kind", kind)
+        trace.annotate(timer, "delayMs", delay)
+    trace.finish(trace.origin + 10**6)
+    path = tmp_path / "trace.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    page.click("#tabs button[data-view=tree]")
+    times = analyze(trace).times
+    timers = [r for r in trace.resources if r.type == "timer"]
+    shown = [page.inner_text(f'#tree .node[data-id="{r.async_id}"] .label') for r in timers]
+    assert shown == [times[r.async_id].label for r in timers]
+    assert shown[0] == "timeout 20.0ms" and shown[3] == "timer 0.04ms"
+
+
 def test_a_future_is_named_by_the_function_that_made_it_as_in_the_analysis(
     page: Any, tmp_path: Path
 ) -> None:

@@ -150,7 +150,10 @@ AT.label = function (res) {
   if (t === "future" && res.stack.length) return short(String(res.stack[0]).split(" @ ")[0]);
   if (t === "task") return short(n.coroutine || t);
   if (t === "thread") return short(n.function || t);
-  if (t === "timer") return `${n.kind || "timer"} ${n.delayMs !== undefined ? n.delayMs : "?"}ms`;
+  if (t === "timer") {  // a deadline's delay (19.993) to a tenth, as the summary gives it
+    const d = n.delayMs, tenths = typeof d === "number" && d >= 1 && Math.abs(d * 10 - Math.round(d * 10)) > 1e-9;
+    return `${n.kind || "timer"} ${d === undefined ? "?" : tenths ? d.toFixed(1) : d}ms`;
+  }
   if (t === "root") return `${n.method || ""} ${n.path || ""}`.trim() || t;
   if (AT.BODIES[t]) return `${AT.BODIES[t]}, ${n.bytes !== undefined ? n.bytes : "?"} bytes`;
   if (t === "websocket") {
