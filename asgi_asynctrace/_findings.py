@@ -105,9 +105,6 @@ def format_duration(ns: int) -> str:
     return f"{ns / MS:.1f} ms"
 
 
-_ms = format_duration
-
-
 def diagnose(
     trace: Trace,
     times: dict[int, ResourceTimes],
@@ -162,8 +159,8 @@ def diagnose(
             if ran >= limit:
                 t = times[r.async_id]
                 add("blocked-loop",
-                    f"{t.label} ran {_ms(ran)} without yielding: every other request on this "
-                    "process waited", ran, (r.async_id,),
+                    f"{t.label} ran {format_duration(ran)} without yielding: every other "
+                    "request on this process waited", ran, (r.async_id,),
                     "move the blocking call off the loop (asyncio.to_thread, an async client) "
                     "or split the work with await points")  # fmt: skip
 
@@ -173,7 +170,7 @@ def diagnose(
             took = step.end - step.start
             if took >= s.slow_upstream_ms * MS and took >= s.slow_upstream_share * duration:
                 add("slow-upstream",
-                    f"{step.type} {step.label} took {_ms(took)}, "
+                    f"{step.type} {step.label} took {format_duration(took)}, "
                     f"{100 * took // duration}% of the request", took, (step.async_id,),
                     "cache its result, set a tighter timeout, or make the upstream faster; "
                     "nothing else in this request matters as much")  # fmt: skip
@@ -185,7 +182,8 @@ def diagnose(
             delay = r.callbacks[0] - r.created_at
             if delay >= queued:
                 add("thread-starvation",
-                    f"{times[r.async_id].label} waited {_ms(delay)} for a free worker thread",
+                    f"{times[r.async_id].label} waited {format_duration(delay)} for a free "
+                    "worker thread",
                     delay, (r.async_id,),
                     "the thread pool is saturated: make the blocking calls async, or give the "
                     "executor (anyio's limiter for Starlette) more workers")  # fmt: skip
