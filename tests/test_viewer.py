@@ -69,6 +69,16 @@ def shoot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
+def opened(page: Any, tmp_path: Path, trace: Trace, view: str | None = None) -> None:
+    """``trace`` written as one viewer page and opened in ``page`` (on ``view``, if given)."""
+    path = tmp_path / "trace.html"
+    write_viewer(path, [trace])
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    if view is not None:
+        page.click(f"#tabs button[data-view={view}]")
+
+
 def off_loop(body: Any, futures: bool = False) -> Trace:
     """Trace ``body`` in a thread: Playwright's sync API keeps a loop running on this one."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -91,10 +101,7 @@ def sample() -> Trace:
 
 def test_each_view_draws_the_trace_written_to_a_file(page: Any, tmp_path: Path) -> None:
     trace = sample()
-    path = tmp_path / "trace.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
+    opened(page, tmp_path, trace)
     assert trace.trace_id in page.inner_text("#summary")
     assert page.get_attribute("#bubbles", "data-bubbles") is not None
     labels = page.locator(".bubble text.label").all_text_contents()
@@ -257,11 +264,7 @@ def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
         expiry.cancel()  # as a delete cancels an entry's expiry
 
     trace = off_loop(body)
-    path = tmp_path / "trace.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
-    page.click("#tabs button[data-view=tree]")
+    opened(page, tmp_path, trace, "tree")
     times = analyze(trace).times
     timers = [times[r.async_id] for r in trace.resources if r.type == "timer"]
     sleep = next(t for t in timers if t.label.startswith("sleep"))
@@ -289,11 +292,7 @@ def test_a_timer_is_named_by_its_delay_as_in_the_analysis(page: Any, tmp_path: P
         trace.annotate(timer, "kind", kind)
         trace.annotate(timer, "delayMs", delay)
     trace.finish(trace.origin + 10**6)
-    path = tmp_path / "trace.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
-    page.click("#tabs button[data-view=tree]")
+    opened(page, tmp_path, trace, "tree")
     times = analyze(trace).times
     timers = [r for r in trace.resources if r.type == "timer"]
     shown = [page.inner_text(f'#tree .node[data-id="{r.async_id}"] .label') for r in timers]
@@ -308,11 +307,7 @@ def test_a_future_is_named_by_the_function_that_made_it_as_in_the_analysis(
         await asyncio.sleep(0.001)
 
     trace = off_loop(body, futures=True)
-    path = tmp_path / "trace.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
-    page.click("#tabs button[data-view=tree]")
+    opened(page, tmp_path, trace, "tree")
     future = next(r for r in trace.resources if r.type == "future")
     assert analyze(trace).times[future.async_id].label == "sleep"
     shown = page.inner_text(f'#tree .node[data-id="{future.async_id}"] .label')
@@ -381,10 +376,7 @@ def test_the_summary_bar_says_what_held_the_request_up_as_the_analysis_does(
     from asgi_asynctrace._report import path_runs
 
     trace = _query_per_row_trace()
-    path = tmp_path / "trace.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
+    opened(page, tmp_path, trace)
     items = page.locator("#path li")
     shown = [items.nth(i).inner_text() for i in range(items.count())]
     assert len(shown) == 3, shown
@@ -442,9 +434,6 @@ def test_a_bubble_is_named_after_the_work_not_the_timers_around_it(
             {"asyncId": 5, "key": "delayMs", "value": 30000},
         ],
     }  # fmt: skip
-    path = tmp_path / "trace.html"
-    write_viewer(path, [load_trace(doc)])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
+    opened(page, tmp_path, load_trace(doc))
     labels = page.locator(".bubble text.label").all_text_contents()
     assert "task BaseCache.get + 2 more" in labels, labels
