@@ -14,8 +14,9 @@ within each round) are medians, with their interquartile range. Two cores are sh
 and wrk, so absolute numbers are low; the ratios are what to read. uvicorn and wrk are each kept
 on one CPU, and the server's CPU time per request is given beside requests per second, with
 and without the time its garbage collector ran (counted in the server through
-``gc.callbacks``): a full collection of the sample app's heap takes tens of milliseconds on a
-shared VM, and how many of them fall inside a window moves that window's throughput.
+``gc.callbacks``), with the collector's share and its full collections per request: a full
+collection of the sample app's heap takes tens of milliseconds on a shared VM, so the table
+says whether a variant made the collector run more, and what its ratio is without it.
 """
 
 from __future__ import annotations
