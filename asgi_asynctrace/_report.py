@@ -22,8 +22,8 @@ def format_ns(ns: int) -> str:
 
 
 def _unless_ok(state: str) -> str:
-    """How a resource ended, when not as expected: a wait cut short by a cancel or an error,
-    or one still going when the request ended (counted up to then)."""
+    """How a resource ended, when not as expected: cut short by a cancel or an error, or still
+    going when the request ended."""
     return "" if state == "ok" else f" ({state})"
 
 
