@@ -121,12 +121,14 @@ def diagnose(
         sid = by_id[rid].stack_id
         return trace.stacks[sid] if sid is not None and sid < len(trace.stacks) else ()
 
-    def add(kind: str, title: str, cost: int, rids: tuple[int, ...], fix: str) -> None:
+    def add(
+        kind: str, title: str, cost: int, rids: tuple[int, ...], fix: str,
+        stack: tuple[str, ...] | None = None,
+    ) -> None:  # fmt: skip
         if cost < s.min_cost_ms * MS and kind != "unawaited-task":
             return
-        found.append(
-            Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), stack_of(rids[0]))
-        )
+        where = stack_of(rids[0]) if stack is None else stack
+        found.append(Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), where))
 
     # N+1: one call site issuing the same operation again and again, each after the last ended,
     # whatever the loop does in between. Sequential awaits: the other runs of operations under
@@ -149,20 +151,27 @@ def diagnose(
                 run = [op]
         _runs(run, notes, add)
 
-    # The loop blocked: one step on the loop longer than the threshold.
+    # The loop blocked: one step on the loop longer than the threshold. Where it was blocked
+    # is the first stack the watchdog took in that step, when it took one; else the stack
+    # that created the resource.
     limit = s.blocked_step_ms * MS
+    sampled: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+    for rid, at, frames in trace.samples or ():
+        sampled.setdefault(rid, []).append((at, frames))
     for r in trace.resources:
         if r.type not in LOOP_TYPES:
             continue
         for start, end in r.intervals():
-            ran = (end if end is not None else trace.origin + duration) - start
+            stop = end if end is not None else trace.origin + duration
+            ran = stop - start
             if ran >= limit:
                 t = times[r.async_id]
+                seen = [f for at, f in sampled.get(r.async_id, ()) if start <= at <= stop]
                 add("blocked-loop",
                     f"{t.label} ran {format_duration(ran)} without yielding: every other "
                     "request on this process waited", ran, (r.async_id,),
                     "move the blocking call off the loop (asyncio.to_thread, an async client) "
-                    "or split the work with await points")  # fmt: skip
+                    "or split the work with await points", seen[0] if seen else None)  # fmt: skip
 
     # A slow upstream: one operation dominating the critical path.
     for step in path:

@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 _now = time.perf_counter_ns
+_get_ident = threading.get_ident
 TaskFactory = Callable[..., "asyncio.Future[Any]"]
 #: make(original) -> what runs in place of a loop method while the hooks are on, called as
 #: ``method(loop, *args, **kwargs)``; ``original`` is called the same way, loop first. None:
@@ -118,11 +119,16 @@ class TimedCoroutine:
             cb.append(_now())
         else:
             self._trace.dropped.callbacks += 1
+        trace = self._trace
+        outer = trace._running  # the step running now, for the blocked-loop watchdog
+        trace._running = (self._res, _get_ident())
         try:
             out = self._coro.send(value)
         except BaseException as exc:
+            trace._running = outer
             self._stop(exc)
             raise
+        trace._running = outer
         if len(cb) & 1:
             now = _now()
             cb.append(now)
@@ -140,11 +146,15 @@ class TimedCoroutine:
         if trace.closed:
             return self._coro.throw(*args)
         trace.begin(res, _now())
+        outer = trace._running
+        trace._running = (res, _get_ident())
         try:
             out = self._coro.throw(*args)
         except BaseException as exc:
+            trace._running = outer
             self._stop(exc)
             raise
+        trace._running = outer
         trace.end(res, _now())
         if type(out) is TracedFuture:
             self._awaits(out)

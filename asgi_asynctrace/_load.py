@@ -164,6 +164,7 @@ def _load_v1(doc: dict[str, Any]) -> Trace:
         trace.resources.append(res)
         by_id[res.async_id] = res
     _annotations(trace, doc, by_id)
+    _samples(trace, doc)
     dropped = doc.get("dropped")
     if isinstance(dropped, dict):
         d = trace.dropped
@@ -173,6 +174,19 @@ def _load_v1(doc: dict[str, Any]) -> Trace:
         d.stacks = int(dropped.get("stacks") or 0)
         d.truncated = int(dropped.get("truncatedValues") or 0)
     return trace
+
+
+def _samples(trace: Trace, doc: dict[str, Any]) -> None:
+    """The watchdog's stacks of steps that blocked the loop (optional; absent: none taken)."""
+    samples = []
+    for where, entry in _objects(doc, "samples"):
+        rid = _field(entry, "asyncId", int, where)
+        at = _field(entry, "at", int, where)
+        frames = _field(entry, "frames", list, where)
+        if not all(isinstance(f, str) for f in frames):
+            raise TraceFormatError(f"{where}.frames: expected a list of strings")
+        samples.append((rid, at, tuple(frames)))
+    trace.samples = samples or None
 
 
 def _resource(entry: dict[str, Any], where: str, stacks: dict[int, int]) -> Resource:

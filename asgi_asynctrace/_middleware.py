@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from ._hooks import LINGER_S, TimedCoroutine, mark_coroutine_function
 from ._model import Trace, TraceLimits
 from ._request import Receive, Scope, Send, TracedRequest
 from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
+from ._watchdog import unwatch, watch
 
 _check: Callable[[object, bytes, str], object] | None
 try:
@@ -80,6 +82,9 @@ class AsyncTraceMiddleware:
         of names for those, False for none (call ``asgi_asynctrace.instrument()`` yourself).
     analysis: the thresholds of the findings the trace store serves with each trace (and the
         viewer shows); the defaults when None.
+    blocked_sample_ms: when a step of a traced request has run this long on the loop without
+        yielding, a watchdog thread takes its stack (and again at 2, 4, 8... times as long),
+        so the trace says where the loop was blocked; None: never.
     hooks_linger: seconds the asyncio hooks stay on after the last traced request ends;
         by default (infinity) they stay until the loop closes, since outside traced requests
         they are C pass-throughs that cost nothing measurable, while taking them off and on
@@ -105,7 +110,14 @@ class AsyncTraceMiddleware:
         logger: logging.Logger | None = None,
         analysis: AnalysisSettings | None = None,
         hooks_linger: float = LINGER_S,
+        blocked_sample_ms: float | None = 20.0,
     ) -> None:
+        if blocked_sample_ms is not None and not 0 < blocked_sample_ms < math.inf:
+            raise ValueError(
+                f"blocked_sample_ms must be > 0 milliseconds or None, got {blocked_sample_ms}"
+            )
+        # Nanoseconds a traced step runs before the watchdog takes its stack; 0: it never does.
+        self._blocked_ns = 0 if blocked_sample_ms is None else max(1, int(blocked_sample_ms * 1e6))
         if header_limit < 0:
             raise ValueError(f"header_limit must be >= 0, got {header_limit}")
         if not hooks_linger >= 0:
@@ -224,6 +236,8 @@ class AsyncTraceMiddleware:
             report("start-trace", exc)
             return await self.app(scope, receive, send)
         release = run.acquire_hooks()
+        if self._blocked_ns:
+            watch(run.trace, self._blocked_ns)
         token = ACTIVE.set((run.trace, run.root))
         state = "ok"
         try:
@@ -238,6 +252,8 @@ class AsyncTraceMiddleware:
             raise
         finally:
             ACTIVE.reset(token)
+            if self._blocked_ns:
+                unwatch(run.trace)
             run.finish(state)
             if release is not None:
                 release()

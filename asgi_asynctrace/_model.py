@@ -252,12 +252,14 @@ class _PyTraceCore:
         "_max_resources",
         "_max_stacks",
         "_next_id",
+        "_running",
         "_stack_ids",
         "_watched",
         "annotations",
         "closed",
         "dropped",
         "resources",
+        "samples",
         "stack_depth",
         "stacks",
     )
@@ -268,6 +270,8 @@ class _PyTraceCore:
     _max_resources: int
     _max_stacks: int
     _next_id: int
+    # (resource, thread ident) of the step running now, or None: see _watchdog
+    _running: tuple[Resource, int] | None
     _stack_ids: dict[object, int]
     # timers whose loop reports no cancel (uvloop): their maker's async_id -> [(resource,
     # handle)]; see check_watched
@@ -276,6 +280,9 @@ class _PyTraceCore:
     closed: bool
     dropped: Dropped
     resources: list[Resource]
+    # Where a long step on the loop was when the watchdog looked: (async_id, when, frames,
+    # innermost first), or None when it never looked
+    samples: list[tuple[int, int, tuple[str, ...]]] | None
     stack_depth: int
     stacks: list[tuple[str, ...]]
 
@@ -423,6 +430,8 @@ class Trace(_TraceCore):
         self.finishers: list[Callable[[Trace, int], None]] = []
         self._stack_ids: dict[object, int] = {}
         self._watched = None
+        self._running = None
+        self.samples = None
 
     @classmethod
     def start(
@@ -548,11 +557,14 @@ class Trace(_TraceCore):
                 # One buffer: the fields before "resources" and the dropped counts from
                 # orjson, everything else written by C straight from the model.
                 head = dumps(self._head(self.request))
-                return _c_trace_json(
+                data = _c_trace_json(
                     head, ordered, self.origin, _SLOTS, self.stacks if with_stacks else None,
                     _frames_json, self.annotations, dumps(self.dropped.to_dict()), dumps,
                     strings,
                 )  # fmt: skip
+                if self.samples:  # rare (a step that blocked the loop): after "dropped"
+                    data = b"".join((data[:-1], b',"samples":', self._samples_json(), b"}"))
+                return data
             except Exception as exc:
                 accelerated = exc
         no_stacks = None if with_stacks else ()
@@ -591,6 +603,8 @@ class Trace(_TraceCore):
             "annotations": annotations,
             "dropped": self.dropped.to_dict(),
         }
+        if self.samples:
+            out["samples"] = self._sample_dicts()
         if safe:
             for a in annotations:
                 a["key"], a["value"] = _json_safe(a["key"]), _json_safe(a["value"])
@@ -599,7 +613,26 @@ class Trace(_TraceCore):
                 stack["frames"] = [_json_safe(f) for f in stack["frames"]]
             for r in resources:
                 r["type"] = _json_safe(r["type"])
+            for sample in out.get("samples", ()):
+                sample["frames"] = [_json_safe(f) for f in sample["frames"]]
         return out
+
+    def _sample_dicts(self) -> list[dict[str, Any]]:
+        """``samples`` in format v1: each with its time from the request's start."""
+        o = self.origin
+        return [
+            {"asyncId": rid, "at": at - o, "frames": list(frames)}
+            for rid, at, frames in self.samples or ()
+        ]
+
+    def _samples_json(self) -> bytes:
+        dicts = self._sample_dicts()
+        try:
+            return orjson.dumps(dicts)
+        except orjson.JSONEncodeError:  # a frame JSON cannot hold: as _as_dict(safe=True)
+            for sample in dicts:
+                sample["frames"] = [_json_safe(f) for f in sample["frames"]]
+            return orjson.dumps(dicts)
 
     def _head(self, request: dict[str, Any]) -> dict[str, Any]:
         """The fields of format v1 before "resources", in their order."""
@@ -641,6 +674,7 @@ def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:
         setattr(trace, name, value)
     trace._stack_ids = {}
     trace._watched = None
+    trace._running = None
     trace.finishers = []
     return trace
 
@@ -648,7 +682,7 @@ def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:
 _TRACE_FIELDS: Final = tuple(
     name
     for name in (*_PyTraceCore.__slots__, *Trace.__slots__)
-    if name not in ("_stack_ids", "_watched", "finishers")
+    if name not in ("_running", "_stack_ids", "_watched", "finishers")
 )
 
 

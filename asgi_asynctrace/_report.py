@@ -64,6 +64,8 @@ def format_summary(a: Analysis) -> str:
         lines.append(f"        fix: {f.fix}")
         if f.site:
             lines.append(f"        at {f.site}")
+            if f.kind == "blocked-loop" and f.stack[0] != f.site:  # what it was blocked in
+                lines.append(f"        in {f.stack[0]}")
     return "\n".join(lines) + "\n"
 
 

@@ -1588,7 +1588,38 @@ typedef struct {
      * async_id of the resource that made them -> a list of (Resource, handle); looked at as
      * steps end, see core_check_watched. NULL: none. */
     PyObject *watched;
+    /* The resource whose step runs now, and the thread running it (set around each step of a
+     * TimedCoroutine or a timer's callback, the outer step's put back after): what the
+     * blocked-loop watchdog (_watchdog.py) reads to know which step to sample. NULL: none. */
+    PyObject *running;
+    unsigned long running_thread;
+    /* What the watchdog saw a long step doing: a list of (async_id, when, frames), or NULL. */
+    PyObject *samples;
 } TraceCore;
+
+/* What a step replaced as the trace's running step, given back when it ends. */
+typedef struct {
+    PyObject *res;
+    unsigned long thread;
+} step_mark;
+
+static inline step_mark
+step_enter(TraceCore *t, PyObject *res)
+{
+    step_mark outer = {t->running, t->running_thread};
+    t->running = Py_NewRef(res);
+    t->running_thread = PyThread_get_thread_ident();
+    return outer;
+}
+
+static inline void
+step_leave(TraceCore *t, step_mark outer)
+{
+    PyObject *mine = t->running;
+    t->running = outer.res;
+    t->running_thread = outer.thread;
+    Py_XDECREF(mine);
+}
 
 #define IDENTITY_KEYS 32
 struct ident_key {
@@ -2103,6 +2134,8 @@ core_traverse(TraceCore *t, visitproc visit, void *arg)
     Py_VISIT(t->stack_ids);
     Py_VISIT(t->dropped);
     Py_VISIT(t->watched);
+    Py_VISIT(t->running);
+    Py_VISIT(t->samples);
     for (Py_ssize_t i = 0; i < t->n_ident; i++) {
         Py_VISIT(t->ident[i].key);
     }
@@ -2118,6 +2151,8 @@ core_clear(TraceCore *t)
     Py_CLEAR(t->stack_ids);
     Py_CLEAR(t->dropped);
     Py_CLEAR(t->watched);
+    Py_CLEAR(t->running);
+    Py_CLEAR(t->samples);
     core_drop_index(t);
     return 0;
 }
@@ -2189,6 +2224,37 @@ static PyMemberDef core_members[] = {
     {"stack_depth", T_PYSSIZET, offsetof(TraceCore, stack_depth), 0, NULL},
     {"_next_id", T_LONGLONG, offsetof(TraceCore, next_id), 0, NULL},
     {"_watched", T_OBJECT, offsetof(TraceCore, watched), 0, NULL},
+    {"samples", T_OBJECT, offsetof(TraceCore, samples), 0, NULL},
+    {NULL},
+};
+
+/* (resource, thread ident) of the step running now, or None: for the watchdog. */
+static PyObject *
+core_get_running(TraceCore *t, void *unused)
+{
+    if (t->running == NULL) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(Ok)", t->running, t->running_thread);
+}
+
+static int
+core_set_running(TraceCore *t, PyObject *value, void *unused)
+{
+    PyObject *res = NULL;
+    unsigned long thread = 0;
+    if (value != NULL && value != Py_None &&
+        !PyArg_ParseTuple(value, "Ok:_running", &res, &thread)) {
+        return -1;
+    }
+    Py_XSETREF(t->running, Py_XNewRef(res));
+    t->running_thread = thread;
+    return 0;
+}
+
+static PyGetSetDef core_getset[] = {
+    {"_running", (getter)core_get_running, (setter)core_set_running,
+     "(resource, thread ident) of the step running now, or None", NULL},
     {NULL},
 };
 
@@ -2204,6 +2270,7 @@ static PyTypeObject TraceCoreType = {
     .tp_dealloc = (destructor)core_dealloc,
     .tp_methods = core_methods,
     .tp_members = core_members,
+    .tp_getset = core_getset,
 };
 
 /* trace.new_resource(type, parent, skip) for call = {trace, type, parent, skip}: the hooks
@@ -2397,7 +2464,9 @@ timed_am_send(Timed *self, PyObject *arg, PyObject **result)
         *result = NULL;
         return PYGEN_ERROR;
     }
+    step_mark outer = step_enter(self->trace, (PyObject *)self->res);
     PySendResult status = PyIter_Send(self->coro, arg, result);
+    step_leave(self->trace, outer);
     if (status == PYGEN_NEXT) {
         if (timed_end(self, NULL) < 0 || timed_awaits(self, *result) < 0) {
             Py_CLEAR(*result);
@@ -2460,7 +2529,9 @@ timed_throw(Timed *self, PyObject *args)
         Py_DECREF(throw);
         return NULL;
     }
+    step_mark outer = step_enter(self->trace, (PyObject *)self->res);
     PyObject *out = PyObject_Call(throw, args, NULL);
+    step_leave(self->trace, outer);
     Py_DECREF(throw);
     if (out == NULL) {
         timed_stop(self, 0);
@@ -2987,7 +3058,9 @@ timer_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
             report_and_clear("timers");
         }
     }
+    step_mark outer = step_enter(cb->trace, (PyObject *)cb->res);
     PyObject *out = PyObject_Vectorcall(cb->callback, args, nargsf, kwnames);
+    step_leave(cb->trace, outer);
     if (out == NULL) {
         PyObject *type, *value, *tb;
         fetch_exception(&type, &value, &tb);

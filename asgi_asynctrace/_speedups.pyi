@@ -63,6 +63,8 @@ class TraceCore:
     _max_stacks: int
     _next_id: int
     _watched: dict[int, list[tuple[Resource, Any]]] | None
+    _running: tuple[Resource, int] | None
+    samples: list[tuple[int, int, tuple[str, ...]]] | None
     def add(
         self, type: str, trigger_id: int, stack_id: int | None, now: int, /
     ) -> Resource | None: ...

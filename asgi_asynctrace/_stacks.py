@@ -7,7 +7,7 @@ Walking frames reads no source files (``traceback.extract_stack`` does); the for
 cached by the (code, instruction) pairs of the walk, so a repeated call site costs the walk and
 one dict lookup. The walk is done by the optional C accelerator (``_speedups``) when it was built,
 in Python otherwise: same keys' meaning, same stacks.
-Exports: Stack, capture, format_frame.
+Exports: Stack, capture, format_frame, frames_from.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ except ImportError:  # built without a compiler: the pure-Python walk below
 #: Whether creation stacks are walked by the C accelerator.
 ACCELERATED: Final = _c_lookup is not None
 
-__all__ = ["ACCELERATED", "Stack", "capture", "capture_python", "format_frame"]
+__all__ = ["ACCELERATED", "Stack", "capture", "capture_python", "format_frame", "frames_from"]
 
 _PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # The instrumentation package lives beside us once installed, or in the source tree's
@@ -118,7 +118,7 @@ def _format_and_cache(key: object, skip: int, n: int) -> Stack:
 
 
 def _format(skip: int, n: int) -> Stack:
-    f = sys._getframe(skip)
+    f: FrameType | None = sys._getframe(skip)
     frames: list[str] = []
     codes: list[CodeType] = []
     for _ in range(n):
@@ -126,18 +126,42 @@ def _format(skip: int, n: int) -> Stack:
             break
         code = f.f_code
         codes.append(code)
-        key = (id(code), f.f_lasti)
-        known = _frame_cache.get(key)
-        if known is None or known[0] is not code:
-            path = _display_path(code.co_filename)
-            text = format_frame(code, f.f_lasti, f.f_lineno, path) if path is not None else None
-            if len(_frame_cache) >= _MAX_FRAME_CACHE:
-                _frame_cache.clear()
-            known = _frame_cache[key] = (code, text)
-        if known[1] is not None:
-            frames.append(known[1])
-        f = f.f_back  # type: ignore[assignment]
+        text = _frame_text(f, code)
+        if text is not None:
+            frames.append(text)
+        f = f.f_back
     return Stack(tuple(frames), tuple(codes))
+
+
+def _frame_text(f: FrameType, code: CodeType) -> str | None:
+    """One frame as text, None for the tracer's own (cached by code and instruction)."""
+    key = (id(code), f.f_lasti)
+    known = _frame_cache.get(key)
+    if known is None or known[0] is not code:
+        path = _display_path(code.co_filename)
+        text = format_frame(code, f.f_lasti, f.f_lineno, path) if path is not None else None
+        if len(_frame_cache) >= _MAX_FRAME_CACHE:
+            _frame_cache.clear()
+        known = _frame_cache[key] = (code, text)
+    return known[1]
+
+
+def frames_from(frame: FrameType | None, max_depth: int) -> tuple[str, ...]:
+    """Another thread's frames from ``frame`` outwards, innermost first, as ``capture()``
+    formats them: up to the loop's callback runner, the tracer's own frames left out (the
+    blocked-loop watchdog's samples; uncached, since a sample is rare)."""
+    frames: list[str] = []
+    n = 0
+    while frame is not None and n < max_depth:
+        code = frame.f_code
+        if code is _STOP_CODE:
+            break
+        text = _frame_text(frame, code)
+        if text is not None:
+            frames.append(text)
+        frame = frame.f_back
+        n += 1
+    return tuple(frames)
 
 
 if _c_lookup is not None:  # what TraceCore.new_resource formats a missed walk with

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -112,11 +113,15 @@ class _TimerCallback:
             token = ACTIVE.set((trace, res))
         except Exception as exc:
             report("timers", exc)
+        outer = trace._running  # the step running now, for the blocked-loop watchdog
+        trace._running = (res, threading.get_ident())
         try:
             out = self.callback(*args)
         except BaseException as exc:
+            trace._running = outer
             self._done("error", exc, token)
             raise
+        trace._running = outer
         self._done("ok", None, token)
         return out
 

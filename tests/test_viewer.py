@@ -437,3 +437,34 @@ def test_a_bubble_is_named_after_the_work_not_the_timers_around_it(
     opened(page, tmp_path, load_trace(doc))
     labels = page.locator(".bubble text.label").all_text_contents()
     assert "task BaseCache.get + 2 more" in labels, labels
+
+
+async def _blocks_the_loop() -> None:
+    await asyncio.sleep(0)
+    time.sleep(0.05)  # the line the viewer must show
+
+
+def test_a_blocked_loop_finding_shows_where_and_opens_the_stacks_of_it(
+    page: Any, tmp_path: Path
+) -> None:
+    trace = off_loop(_blocks_the_loop)
+    assert trace.samples, "the watchdog took no sample of a 50 ms blocking step"
+    frame = trace.samples[0][2][0]
+    assert frame.startswith("_blocks_the_loop @ tests/test_viewer.py:")
+    opened(page, tmp_path, trace)
+    finding = page.locator("#findings li.finding", has_text="blocked-loop")
+    assert finding.locator(".site").inner_text() == f" at {frame}"
+    finding.click()
+    assert page.inner_text("#details h2") == "root GET /"
+    blocked = page.inner_text("#details-blocked")
+    start = trace.root.intervals()[1][0]
+    first = (trace.samples[0][1] - start) / 1e6
+    assert f"{first:.1f} ms into the step" in blocked
+    assert f"  {frame}   [app]" in blocked
+    assert blocked.count("into the step") == len(trace.samples)
+    shoot(page, "blocked-loop")
+    # A resource the watchdog never sampled has no such section.
+    page.locator("#details button").click()
+    page.click("#tabs button[data-view=tree]")
+    page.locator("#tree .node", has_text="stream-write").first.click()
+    assert page.locator("#details-blocked").count() == 0

@@ -21,9 +21,17 @@
       res.stack.length ? res.stack.map((f) => `${f}   [${AT.origin(f)}]`).join("\n") : "no creation stack");
     const steps = res.callbacks.slice(0, 200).map(([s, e]) => `${AT.fmt(s)} → ${e === null ? "(running)" : AT.fmt(e)}  (${AT.fmt((e === null ? res.end : e) - s)})`);
     if (res.callbacks.length > 200) steps.push(`… ${res.callbacks.length - 200} more`);
+    // The stacks the watchdog took while a step ran long: where the loop was blocked.
+    const blocked = res.samples.length ? [AT.el("h2", {}, "blocked the loop at"),
+      AT.el("pre", { id: "details-blocked" }, res.samples.map((s) => {
+        const step = res.callbacks.find(([b, e]) => b <= s.at && (e === null || s.at <= e));
+        const into = step ? `, ${AT.fmt(s.at - step[0])} into the step` : "";
+        return `at ${AT.fmt(s.at)}${into}:\n` + s.frames.map((f) => `  ${f}   [${AT.origin(f)}]`).join("\n");
+      }).join("\n\n"))] : [];
     panel.replaceChildren(
       AT.el("button", { type: "button", onclick: () => { panel.hidden = true; } }, "close"),
       AT.el("h2", {}, `${res.type} ${res.label}`), table,
+      ...blocked,
       AT.el("h2", {}, "annotations"), notes,
       AT.el("h2", {}, "created at"), stack,
       AT.el("h2", {}, `callbacks (${res.callbacks.length})`),
@@ -50,8 +58,12 @@
     const list = AT.el("ol", { class: "findings", id: "findings" });
     if (m.analysis) {
       for (const f of m.analysis.findings) {
-        list.append(AT.el("li", { class: `finding ${f.severity}` },
-          `[${f.severity}] ${f.kind}: ${f.title}`, f.costNs ? ` (${AT.fmt(f.costNs)})` : "", " — ", f.fix));
+        const item = AT.el("li", { class: `finding ${f.severity}`, "data-id": (f.resources || [])[0] },
+          `[${f.severity}] ${f.kind}: ${f.title}`, f.costNs ? ` (${AT.fmt(f.costNs)})` : "", " — ", f.fix,
+          f.site ? AT.el("span", { class: "site" }, ` at ${f.site}`) : "");
+        // A click opens what it is about (for a blocked loop, with the stacks of where).
+        item.addEventListener("click", () => { const res = m.byId.get((f.resources || [])[0]); if (res) AT.showDetails(m, res); });
+        list.append(item);
       }
       if (!m.analysis.findings.length) list.append(AT.el("li", { class: "none" }, "no findings: nothing held this request up beyond its own work"));
     } else {

@@ -77,7 +77,7 @@ AT.normalize = function (input) {
       id: r.asyncId, trigger: r.triggerId, type, created: r.createdAt, settled,
       state: seed ? (settled !== null ? "ok" : "pending") : String(r.state || "pending"),
       stack: sid !== null && stacks.has(sid) ? stacks.get(sid) : [],
-      callbacks, notes: {}, children: [], awaitedBy: r.awaitedBy || [],
+      callbacks, notes: {}, children: [], awaitedBy: r.awaitedBy || [], samples: [],
     };
     res.end = Math.max(res.settled !== null ? res.settled : duration, res.created);
     res.sync = callbacks.reduce((t, [s, e]) => t + Math.max(0, (e === null ? duration : e) - s), 0);
@@ -90,6 +90,13 @@ AT.normalize = function (input) {
     const res = a && byId.get(a.asyncId);
     if (res) res.notes[String(a.key)] = a.value;
   }
+  // Where a long step was when the app's watchdog looked (format v1's optional "samples").
+  (doc.samples || []).forEach((s, i) => {
+    need(s && isInt(s.asyncId) && isInt(s.at) && Array.isArray(s.frames),
+      `samples[${i}]: needs an asyncId, an at and frames`);
+    const res = byId.get(s.asyncId);
+    if (res) res.samples.push({ at: s.at, frames: s.frames.map(String) });
+  });
   for (const res of resources) {
     const parent = byId.get(res.trigger);
     if (parent && parent !== res) parent.children.push(res);

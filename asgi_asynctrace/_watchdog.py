@@ -1,0 +1,166 @@
+"""The blocked-loop watchdog: where a traced request's step was while it held the loop.
+
+    watch(trace, after_ns=20_000_000)   # as the request starts (the middleware does this)
+    unwatch(trace)                      # as it ends
+    trace.samples                       # [(async_id, when, frames), ...] or None
+
+A step that runs long on the event loop holds up every request of the process. The trace
+shows that it did (one long callback interval) but not where: the step's resource was created
+somewhere else, long before. So while traced requests run, one thread of ours looks at the
+step each of them is running (``TimedCoroutine`` and the timers' callbacks keep it in
+``trace._running``); once that step has run ``after_ns``, it takes the stack of the thread
+running it, and again at 2, 4, 8, ... times ``after_ns`` while the same step goes on (at most
+``MAX_SAMPLES`` per trace). Each sample goes to ``trace.samples``; the analyzer names its first
+frame of the app's own code in the blocked-loop finding, and the viewer shows the stacks.
+
+What it costs: nothing for a request that is not traced, a dict entry per traced request, and
+while traced requests run, one wake-up of this thread per ``after_ns`` (20 ms by default),
+which takes the GIL for a few microseconds. A step blocked in C code that holds the GIL is
+seen only once it lets go, by when it has ended: there is nothing to sample then. The thread
+starts with the first traced request and sleeps on an event while none runs. A failure in it
+is counted and logged once (``asgi_asynctrace.failure_counts()``), like every other.
+Exports: watch, unwatch, MAX_SAMPLES.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Final
+
+from ._failures import report
+from ._stacks import frames_from
+
+if TYPE_CHECKING:
+    from ._model import Trace
+
+__all__ = ["MAX_SAMPLES", "unwatch", "watch"]
+
+MAX_SAMPLES: Final = 32
+# Stacks of a blocked step are worth more frames than creation stacks: the blocking call is
+# often deep in a library, under the app's own frame that made it.
+_MIN_DEPTH: Final = 24
+# After the last traced request ends, the thread keeps looking this long before it sleeps on
+# its event, so a steady trickle of sampled requests does not wake it each time.
+_LINGER_NS: Final = 1_000_000_000
+
+_now = time.perf_counter_ns
+
+
+class _Watch:
+    """One trace's watch: its threshold, and the step it last saw running."""
+
+    __slots__ = ("after", "due", "res", "step")
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.res: object = None  # the step last seen: its resource and its start's index
+        self.step = -1
+        self.due = 0  # when that step is next sampled
+
+
+_watched: dict[Trace, _Watch] = {}
+_wake = threading.Event()
+_thread: threading.Thread | None = None
+_lock = threading.Lock()  # starting the thread
+
+
+def watch(trace: Trace, after_ns: int) -> None:
+    """Sample ``trace``'s steps that run ``after_ns`` or longer until ``unwatch(trace)``."""
+    _watched[trace] = _Watch(after_ns)
+    if not _wake.is_set():
+        try:
+            _start()
+        except Exception as exc:  # no thread to be had: the trace goes on without samples
+            report("watchdog", exc)
+
+
+def unwatch(trace: Trace) -> None:
+    _watched.pop(trace, None)
+
+
+def _start() -> None:
+    global _thread
+    with _lock:
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_run, name="asgi-asynctrace-watchdog", daemon=True)
+            _thread.start()
+        _wake.set()
+
+
+def _run() -> None:
+    idle_since: int | None = None
+    while True:
+        _wake.wait()
+        try:
+            now = _now()
+            if _watched:
+                idle_since = None
+                pause = _look(now)
+            else:
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= _LINGER_NS:
+                    _wake.clear()
+                    if _watched:  # one came in as it cleared: look again at once
+                        _wake.set()
+                    idle_since = None
+                    continue
+                pause = 20_000_000
+        except Exception as exc:  # never let it die: count, log once, go on
+            report("watchdog", exc)
+            pause = 20_000_000
+        time.sleep(pause / 1e9)
+
+
+def _look(now: int) -> int:
+    """Sample every watched trace's step that is due; nanoseconds until the next is due."""
+    pause = 20_000_000
+    for trace, w in list(_watched.items()):
+        pause = min(pause, w.after)
+        running = trace._running
+        if running is None or trace.closed:
+            continue
+        res, thread = running
+        callbacks = res.callbacks
+        n = len(callbacks)
+        if not n & 1:  # its start went over the cap: no start to measure from
+            continue
+        if w.res is not res or w.step != n:
+            w.res, w.step, w.due = res, n, callbacks[-1] + w.after
+        if now < w.due:
+            pause = min(pause, w.due - now)
+            continue
+        w.due = callbacks[-1] + 2 * (now - callbacks[-1])  # 1, 2, 4, 8 ... times after_ns
+        pause = min(pause, w.due - now)
+        samples = trace.samples
+        if samples is not None and len(samples) >= MAX_SAMPLES:
+            continue
+        frame = sys._current_frames().get(thread)
+        if frame is None:
+            continue
+        frames = frames_from(frame, max(trace.stack_depth, _MIN_DEPTH))
+        del frame
+        # The same step still running after the walk: the stack was its own all along.
+        still = trace._running
+        if still is None or still[0] is not res or len(res.callbacks) != n or not frames:
+            continue
+        if samples is None:
+            samples = trace.samples = []
+        samples.append((res.async_id, now, frames))
+    return max(pause, 1_000_000)
+
+
+def _forget_after_fork() -> None:
+    """A forked child has no watchdog thread: the next traced request starts one."""
+    global _thread, _wake, _lock
+    _thread = None
+    _wake = threading.Event()
+    _lock = threading.Lock()
+    _watched.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,254 @@
+"""The blocked-loop watchdog: a step of a traced request that holds the loop gets the stack of
+where it was, in the trace, its JSON, the analysis and the summary."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from asgi_asynctrace import (
+    AnalysisSettings,
+    AsyncTraceMiddleware,
+    Trace,
+    _watchdog,
+    analyze,
+    failure_counts,
+    load_trace,
+)
+from asgi_asynctrace._report import format_summary
+from tests.helpers import run
+
+HERE = "tests/test_watchdog.py"
+
+
+def _line(fn: Any, text: str) -> int:
+    """The line of ``fn``'s source that holds ``text``."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:  # pure Python: holds the GIL but for switch intervals
+        pass
+
+
+def _request(body: Any, **settings: Any) -> Trace:
+    """``body`` as the handler of one traced request; its trace."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await body()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    traces: list[Trace] = []
+    middleware = AsyncTraceMiddleware(
+        app, log_traces=False, store_size=0, sinks=[lambda t, d: traces.append(t)], **settings
+    )
+    scope = {"type": "http", "method": "GET", "path": "/block",
+             "headers": [(b"x-async-trace", b"1")], "client": ("127.0.0.1", 1)}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    run(middleware(scope, receive, send))
+    (trace,) = traces
+    return trace
+
+
+async def _sleeps_on_the_loop() -> None:
+    await asyncio.sleep(0)
+    time.sleep(0.06)  # blocks the loop; lets go of the GIL
+
+
+def test_a_blocking_call_in_the_request_is_sampled_where_it_blocks() -> None:
+    trace = _request(_sleeps_on_the_loop)
+    line = _line(_sleeps_on_the_loop, "time.sleep(0.06)")
+    assert trace.samples, "no sample of a 60 ms blocking step"
+    rid, at, frames = trace.samples[0]
+    assert rid == 1  # the root: the request's own code
+    assert frames[0].startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
+    (start, end) = trace.root.intervals()[1]  # the step after the sleep(0)
+    assert end is not None and start + 20_000_000 <= at <= end
+    # 20 ms, then 40 ms into the 60 ms step: the second at twice the first's time, or later
+    assert len(trace.samples) == 2
+    assert trace.samples[1][1] - start >= 2 * (at - start) - 1_000_000
+    assert trace._running is None  # the step's mark is taken off as it ends
+    assert failure_counts() == {}
+
+
+def test_a_busy_loop_holding_the_gil_is_sampled_too() -> None:
+    async def spins() -> None:
+        await asyncio.sleep(0)
+        _spin(0.08)
+
+    trace = _request(spins)
+    assert trace.samples
+    line = _line(_spin, "while time.perf_counter() < end")
+    assert trace.samples[0][2][0].startswith(f"_spin @ {HERE}:{line}:")
+    assert trace.samples[0][2][1].startswith(
+        f"test_a_busy_loop_holding_the_gil_is_sampled_too.<locals>.spins @ {HERE}:"
+    )
+
+
+def test_a_blocking_task_and_a_blocking_timer_callback_are_sampled_as_themselves() -> None:
+    async def body() -> None:
+        async def child() -> None:
+            time.sleep(0.05)
+
+        await asyncio.create_task(child())
+        fired = asyncio.get_running_loop().create_future()
+
+        def late() -> None:
+            time.sleep(0.05)
+            fired.set_result(None)
+
+        asyncio.get_running_loop().call_later(0.001, late)
+        await fired
+
+    trace = _request(body)
+    by_id = {r.async_id: r for r in trace.resources}
+    sampled = {by_id[rid].type: frames for rid, _, frames in trace.samples or ()}
+    assert set(sampled) == {"task", "timer"}, trace.samples
+    assert sampled["task"][0].startswith("test_a_blocking_task_and_a_blocking_timer_callback")
+    assert ".child @ " in sampled["task"][0]
+    assert ".late @ " in sampled["timer"][0]
+
+
+def test_short_steps_are_never_sampled() -> None:
+    async def quick() -> None:
+        for _ in range(20):
+            time.sleep(0.002)
+            await asyncio.sleep(0.003)
+
+    trace = _request(quick)
+    assert trace.samples is None
+
+
+def test_blocked_sample_ms_sets_the_threshold_and_none_turns_sampling_off() -> None:
+    assert _request(_sleeps_on_the_loop, blocked_sample_ms=None).samples is None
+    assert _request(_sleeps_on_the_loop, blocked_sample_ms=500).samples is None
+    assert _request(_sleeps_on_the_loop, blocked_sample_ms=5).samples
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf")])
+def test_a_bad_threshold_is_refused_at_startup(bad: float) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="blocked_sample_ms must be > 0 milliseconds or None"):
+        AsyncTraceMiddleware(app, blocked_sample_ms=bad)
+
+
+def test_samples_go_into_the_json_and_come_back_from_it() -> None:
+    trace = _request(_sleeps_on_the_loop)
+    doc = orjson.loads(trace.to_json())
+    assert doc["samples"] == [
+        {"asyncId": rid, "at": at - trace.origin, "frames": list(frames)}
+        for rid, at, frames in trace.samples or ()
+    ]
+    assert list(doc)[-1] == "samples"  # after "dropped": readers of older traces skip it
+    assert trace.to_dict()["samples"] == doc["samples"]
+    again = load_trace(trace.to_json())
+    assert again.samples == [(s["asyncId"], s["at"], tuple(s["frames"])) for s in doc["samples"]]
+    assert orjson.loads(again.to_json())["samples"] == doc["samples"]
+    # A trace that was never sampled has no "samples" at all.
+    unsampled = _request(_sleeps_on_the_loop, blocked_sample_ms=None)
+    assert "samples" not in orjson.loads(unsampled.to_json())
+    assert "samples" not in unsampled.to_dict()
+
+
+def test_a_bad_sample_in_a_file_is_a_clear_error() -> None:
+    from asgi_asynctrace import TraceFormatError
+
+    doc = orjson.loads(_request(_sleeps_on_the_loop).to_json())
+    doc["samples"][0]["frames"] = [1, 2]
+    with pytest.raises(TraceFormatError, match=r"samples\[0\]\.frames: expected a list of strings"):
+        load_trace(doc)
+    del doc["samples"][0]["at"]
+    with pytest.raises(TraceFormatError, match=r"samples\[0\]: missing 'at'"):
+        load_trace(doc)
+
+
+def test_the_blocked_loop_finding_says_where_the_loop_was_blocked() -> None:
+    trace = _request(_sleeps_on_the_loop)
+    analysis = analyze(trace)
+    (blocked,) = [f for f in analysis.findings if f.kind == "blocked-loop"]
+    line = _line(_sleeps_on_the_loop, "time.sleep(0.06)")
+    assert blocked.site.startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
+    text = format_summary(analysis)
+    assert f"        at _sleeps_on_the_loop @ {HERE}:{line}:" in text
+    # Without samples the finding points where it did before: the resource's creation stack
+    # (the root has none).
+    unsampled = _request(_sleeps_on_the_loop, blocked_sample_ms=None)
+    (before,) = [f for f in analyze(unsampled).findings if f.kind == "blocked-loop"]
+    assert before.site == ""
+
+
+def test_the_finding_shows_the_innermost_frame_when_a_library_blocked() -> None:
+    trace = Trace.start(request={"method": "GET", "path": "/x"})
+    root = trace.root
+    o = trace.origin
+    root.callbacks[:] = [o, o + 50_000_000]
+    frames = ("recv_into @ site-packages/driver/net.py:10:5", "load @ app/views.py:7:3")
+    trace.samples = [(1, o + 25_000_000, frames)]
+    trace.finish(o + 50_000_000)
+    (blocked,) = [f for f in analyze(trace).findings if f.kind == "blocked-loop"]
+    assert blocked.stack == frames and blocked.site == frames[1]
+    text = format_summary(analyze(trace))
+    assert (
+        "        at load @ app/views.py:7:3\n"
+        "        in recv_into @ site-packages/driver/net.py:10:5" in text
+    )
+    # A sample outside the step's interval does not belong to it.
+    trace.samples = [(1, o + 60_000_000, frames)]
+    (blocked,) = [f for f in analyze(trace).findings if f.kind == "blocked-loop"]
+    assert blocked.stack == ()
+
+
+def test_the_watchdog_thread_sleeps_when_no_traced_request_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_watchdog, "_LINGER_NS", 50_000_000)
+    _request(_sleeps_on_the_loop)
+    thread = _watchdog._thread
+    assert thread is not None and thread.is_alive() and thread.daemon
+    assert not _watchdog._watched  # each trace is let go as its request ends
+    deadline = time.monotonic() + 5
+    while _watchdog._wake.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _watchdog._wake.is_set(), "the watchdog still looks with nothing to watch"
+    # and wakes for the next traced request
+    assert _request(_sleeps_on_the_loop).samples
+    assert sum(t.name == "asgi-asynctrace-watchdog" for t in threading.enumerate()) == 1
+
+
+def test_a_failure_in_the_watchdog_is_counted_and_the_request_unharmed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(frame: Any, depth: int) -> tuple[str, ...]:
+        raise RuntimeError("walk failed")
+
+    monkeypatch.setattr(_watchdog, "frames_from", broken)
+    trace = _request(_sleeps_on_the_loop)
+    assert trace.samples is None and trace.root.state == "ok"
+    assert failure_counts().get("watchdog", 0) >= 1
+    monkeypatch.undo()
+    assert _request(_sleeps_on_the_loop).samples  # and it goes on working
+
+
+def test_analysis_settings_and_sampling_are_independent() -> None:
+    # Samples are taken at the middleware's threshold; a stricter analysis still names them.
+    trace = _request(_sleeps_on_the_loop, blocked_sample_ms=10)
+    kinds = [f.kind for f in analyze(trace, AnalysisSettings(blocked_step_ms=50)).findings]
+    assert "blocked-loop" in kinds
