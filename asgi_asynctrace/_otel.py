@@ -6,8 +6,9 @@
 Each finished trace becomes spans: the root a SERVER span named ``GET /items``, every other
 resource a span whose parent is its trigger's span, with the resource's life as the span's
 time, its annotations as ``asynctrace.*`` attributes (``asynctrace.type``,
-``asynctrace.url``, ...), an event for each callback step, and the status ERROR for a resource
-that failed. When the request carried a W3C ``traceparent``, the root span is its child, so
+``asynctrace.url``, ...), an event for each callback step, a ``blocked`` event with a
+``code.stacktrace`` where the watchdog saw a step block the loop, and the status ERROR for a
+resource that failed. When the request carried a W3C ``traceparent``, the root span is its child, so
 the spans join the distributed trace the caller started. Futures are left out unless asked
 for: they are what something else waited on. Needs ``opentelemetry-api`` (and an SDK to send
 spans anywhere). Exports: OtelSink.
@@ -47,6 +48,9 @@ class OtelSink:
             notes.setdefault(rid, {})[key] = value
         incoming = trace.request.get("traceparent")
         parent_context = extract({"traceparent": incoming}) if isinstance(incoming, str) else None
+        sampled: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+        for rid, at, frames in trace.samples or ():
+            sampled.setdefault(rid, []).append((at, frames))
         spans: dict[int, Any] = {}
         for r in sorted(trace.resources, key=lambda r: r.async_id):
             if r.type == "future" and not self._futures:
@@ -73,6 +77,9 @@ class OtelSink:
                     ended = cb[i + 1] if i + 1 < len(cb) else end_of_trace
                     span.add_event("step", {"asynctrace.duration_ns": ended - cb[i]},
                                    timestamp=wall + cb[i])  # fmt: skip
+                for at, frames in sampled.get(r.async_id, ()):
+                    span.add_event("blocked", {"code.stacktrace": "\n".join(frames)},
+                                   timestamp=wall + at)  # fmt: skip
                 if r.state == "error":
                     error = notes.get(r.async_id, {}).get("error")
                     span.set_status(Status(StatusCode.ERROR, str(error) if error else None))

@@ -6,10 +6,11 @@
 Each request is a track group named after it; each resource is a track under it, holding one
 slice for its life (created to settled, with its type, annotations and creation stack as debug
 annotations) and inside that one slice per callback interval (each step a task ran, a thread
-job's run). A flow arrow joins the moment a resource was created, on its trigger's track, to
-the new resource's slice. Timestamps are wall-clock nanoseconds, so several requests written to
-one file line up in time. Needs the ``perfetto`` package (``pip install
-'asgi-asynctrace[perfetto]'``). Exports: to_perfetto, trace_packets, PerfettoSink.
+job's run), with a mark where the watchdog saw a step that blocked the loop. A flow arrow joins
+the moment a resource was created, on its trigger's track, to the new resource's slice.
+Timestamps are wall-clock nanoseconds, so several requests written to one file line up in
+time. Needs the ``perfetto`` package (``pip install 'asgi-asynctrace[perfetto]'``).
+Exports: to_perfetto, trace_packets, PerfettoSink.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def trace_packets(trace: Trace) -> Iterator[Any]:
         if flow is not None:  # on the trigger's track, just inside whatever runs there then
             creation = ("flow", r, base | r.trigger_id, flow, None)
             events.append((start, r.trigger_id, 0.5, creation))
+    # Where the watchdog saw a long step: a mark inside that step's slice, with the stack.
+    for rid, at, frames in trace.samples or ():
+        if rid in ids:
+            events.append((at, rid, 0.75, ("sample", None, base | rid, None, frames)))
     events.sort(key=lambda ev: (ev[0], ev[1], ev[2]))
     TYPE = pb.TrackEvent.Type
     for at, _, _, (kind, r, track, flow, info) in events:
@@ -130,6 +135,11 @@ def trace_packets(trace: Trace) -> Iterator[Any]:
             ev.categories.append("callback")
         elif kind == "step-end":
             ev.type = TYPE.TYPE_SLICE_END
+        elif kind == "sample":
+            ev.type = TYPE.TYPE_INSTANT
+            ev.name = f"blocked at {info[0]}" if info else "blocked"
+            ev.categories.append("blocked")
+            _annotate(ev, "stack", "\n".join(info))
         else:  # the creation, on the trigger's track: where the arrow starts
             ev.type = TYPE.TYPE_INSTANT
             ev.name = f"creates {r.type} #{r.async_id}"

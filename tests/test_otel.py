@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_asynctrace import AsyncTraceMiddleware, OtelSink, start_resource
+from asgi_asynctrace import AsyncTraceMiddleware, OtelSink, Trace, start_resource
 from tests.helpers import call
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -78,3 +79,30 @@ def test_an_incoming_traceparent_makes_the_root_span_its_child() -> None:
     assert {f"{s.context.trace_id:032x}" for s in spans} == {PARENT_TRACE}
     spans, _ = spans_of({"traceparent": "garbage"})
     assert next(s for s in spans if s.name == "GET /orders").parent is None
+
+
+def test_a_step_that_blocked_the_loop_gets_a_blocked_event_with_its_stack() -> None:
+    async def blocks(request: Request) -> Response:
+        await asyncio.sleep(0)
+        time.sleep(0.05)  # the line the event's stack starts at
+        return PlainTextResponse("ok")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traces: list[Trace] = []
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/block", blocks)]), log_traces=False,
+                               sinks=[OtelSink(tracer_provider=provider),
+                                      lambda t, d: traces.append(t)])  # fmt: skip
+    call(app, lambda c: c.get("/block", headers={"X-Async-Trace": "1"}))
+    (trace,) = traces
+    assert trace.samples
+    (root,) = [s for s in exporter.get_finished_spans() if s.name == "GET /block"]
+    blocked = [e for e in root.events if e.name == "blocked"]
+    assert len(blocked) == len(trace.samples)
+    wall = trace.started_at_unix_ns - trace.origin
+    for event, (_, at, frames) in zip(blocked, trace.samples, strict=True):
+        assert event.attributes is not None
+        assert event.attributes["code.stacktrace"] == "\n".join(frames)
+        assert frames[0].startswith("test_a_step_that_blocked_the_loop_gets_a_blocked_event")
+        assert event.timestamp == wall + at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,26 @@ def test_cli_convert_writes_a_perfetto_file(tmp_path: Path) -> None:
     got = check(out.read_bytes())
     assert len(got["flows"]) == 4
     assert os.path.getsize(out) > 0
+
+
+def test_a_step_that_blocked_the_loop_is_marked_where_the_watchdog_saw_it() -> None:
+    async def body() -> None:
+        await asyncio.sleep(0)
+        time.sleep(0.05)
+
+    trace = traced(body)
+    assert trace.samples
+    got = check(to_perfetto(trace))
+    (uuid,) = [u for u, t in got["tracks"].items() if t.name.endswith("#1")]
+    packets = got["events"][uuid]
+    marks = [p for p in packets if list(p.track_event.categories) == ["blocked"]]
+    assert len(marks) == len(trace.samples)
+    for mark, (_, at, frames) in zip(marks, trace.samples, strict=True):
+        assert mark.track_event.name == f"blocked at {frames[0]}"
+        assert frames[0].startswith("test_a_step_that_blocked_the_loop_is_marked")
+        (stack,) = [a for a in mark.track_event.debug_annotations if a.name == "stack"]
+        assert stack.string_value == "\n".join(frames)
+        assert mark.timestamp == trace.started_at_unix_ns + (at - trace.origin)
+    # inside the step that blocked: after its begin, before its end
+    i = packets.index(marks[0])
+    assert packets[i - 1].track_event.type == BEGIN and packets[i - 1].track_event.name == "step"
