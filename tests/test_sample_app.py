@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,13 @@ def test_sequential_and_slow_carry_their_planted_problems(sample: Any) -> None:
     assert kinds(trace, blocking=False)[0] in ("n-plus-one", "sequential-awaits")
     _, trace = traced_get(sample, "/slow")
     assert {"n-plus-one", "blocked-loop"} <= set(kinds(trace))
+    # and the blocked-loop finding names the blocking call's line, from the watchdog's sample
+    from sample_app import patterns
+
+    (blocked,) = [f for f in analyze(trace).findings if f.kind == "blocked-loop"]
+    lines, first = inspect.getsourcelines(patterns.slow_report)
+    line = first + next(i for i, text in enumerate(lines) if "time.sleep(" in text)
+    assert blocked.site.startswith(f"slow_report @ sample_app/patterns.py:{line}:")
 
 
 @pytest.mark.parametrize(
