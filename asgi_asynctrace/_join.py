@@ -50,6 +50,7 @@ def _copy(trace: Trace) -> Trace:
     out.stacks = list(trace.stacks)
     out.annotations = list(trace.annotations)
     out.dropped = trace.dropped
+    out.samples = list(trace.samples) if trace.samples else None
     for r in trace.resources:
         out.resources.append(_clone(r, 0, 0, r.trigger_id, {}))
     return out
@@ -98,4 +99,8 @@ def _attach(up: Trace, down: Trace) -> None:
         up.resources.append(c)
     for rid, key, value in down.annotations:
         up.annotations.append((rid + offset, key, value))
+    if down.samples:
+        samples = up.samples if up.samples is not None else []
+        samples.extend((rid + offset, at + shift, frames) for rid, at, frames in down.samples)
+        up.samples = samples
     up.annotations.append((down.root.async_id + offset, "remoteTraceId", down.trace_id))

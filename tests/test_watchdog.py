@@ -252,3 +252,27 @@ def test_analysis_settings_and_sampling_are_independent() -> None:
     trace = _request(_sleeps_on_the_loop, blocked_sample_ms=10)
     kinds = [f.kind for f in analyze(trace, AnalysisSettings(blocked_step_ms=50)).findings]
     assert "blocked-loop" in kinds
+
+
+def test_joined_and_copied_traces_keep_their_samples() -> None:
+    import copy
+    import pickle
+
+    from asgi_asynctrace import join_traces
+
+    up = Trace.start(request={"method": "GET", "path": "/front"})
+    fetch = up.add("fetch", 1, None, up.origin + 1_000)
+    assert fetch is not None
+    up.finish(up.origin + 90_000_000)
+    down = Trace.start(request={"method": "GET", "path": "/back",
+                                "parent": {"traceId": up.trace_id, "asyncId": fetch.async_id}})  # fmt: skip
+    down.started_at_unix_ns = up.started_at_unix_ns + 5_000_000  # began 5 ms after the front
+    frames = ("handler @ back/app.py:3:5",)
+    down.samples = [(1, down.origin + 30_000_000, frames)]
+    down.finish(down.origin + 60_000_000)
+    (whole,) = join_traces([up, down])
+    remote = next(r for r in whole.resources if r.type == "remote-root")
+    assert whole.samples == [(remote.async_id, up.origin + 35_000_000, frames)]
+    assert up.samples is None  # the traces joined are left as they were
+    for twin in (copy.copy(down), pickle.loads(pickle.dumps(down))):
+        assert twin.samples == down.samples
