@@ -264,8 +264,8 @@ def test_joined_and_copied_traces_keep_their_samples() -> None:
     fetch = up.add("fetch", 1, None, up.origin + 1_000)
     assert fetch is not None
     up.finish(up.origin + 90_000_000)
-    down = Trace.start(request={"method": "GET", "path": "/back",
-                                "parent": {"traceId": up.trace_id, "asyncId": fetch.async_id}})  # fmt: skip
+    parent = {"traceId": up.trace_id, "asyncId": fetch.async_id}
+    down = Trace.start(request={"method": "GET", "path": "/back", "parent": parent})
     down.started_at_unix_ns = up.started_at_unix_ns + 5_000_000  # began 5 ms after the front
     frames = ("handler @ back/app.py:3:5",)
     down.samples = [(1, down.origin + 30_000_000, frames)]
