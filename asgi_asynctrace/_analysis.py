@@ -147,6 +147,8 @@ def label(res: Resource, notes: dict[str, Any], stack: Sequence[str] | None = No
         return f"{notes.get('kind', 'timer')} {delay}ms"
     if t == "root":
         return f"{notes.get('method', '')} {notes.get('path', '')}".strip() or t
+    if t == "gc":
+        return f"generation {notes.get('generation', '?')}"
     if t in _BODIES:
         return f"{_BODIES[t]}, {notes.get('bytes', '?')} bytes"
     if t == "websocket":

@@ -135,6 +135,8 @@ def _diagnose_command(args: argparse.Namespace) -> int:
                     cost = f" ({format_ns(f.cost_ns)})" if f.cost_ns else ""
                     print(f"  [{f.severity}] {f.kind}{cost}: {f.title}")
                     print(f"      fix: {f.fix}")
+                    if f.site:
+                        print(f"      at {f.site}")
             if threshold is not None:
                 failing += sum(SEVERITIES.index(f.severity) >= threshold for f in analysis.findings)
     if threshold is not None and failing:

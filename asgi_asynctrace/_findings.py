@@ -158,20 +158,42 @@ def diagnose(
     sampled: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
     for rid, at, frames in trace.samples or ():
         sampled.setdefault(rid, []).append((at, frames))
+    collections: dict[int, list[Resource]] = {}
+    for r in trace.resources:
+        if r.type == "gc" and r.callbacks:
+            collections.setdefault(r.trigger_id, []).append(r)
     for r in trace.resources:
         if r.type not in LOOP_TYPES:
             continue
         for start, end in r.intervals():
             stop = end if end is not None else trace.origin + duration
             ran = stop - start
-            if ran >= limit:
-                t = times[r.async_id]
-                seen = [f for at, f in sampled.get(r.async_id, ()) if start <= at <= stop]
-                add("blocked-loop",
-                    f"{t.label} ran {format_duration(ran)} without yielding: every other "
-                    "request on this process waited", ran, (r.async_id,),
-                    "move the blocking call off the loop (asyncio.to_thread, an async client) "
-                    "or split the work with await points", seen[0] if seen else None)  # fmt: skip
+            if ran < limit:
+                continue
+            t = times[r.async_id]
+            seen = [f for at, f in sampled.get(r.async_id, ()) if start <= at <= stop]
+            gcs = [g for g in collections.get(r.async_id, ()) if start <= g.callbacks[0] <= stop]
+            in_gc = sum(min(g.callbacks[-1], stop) - g.callbacks[0] for g in gcs)
+            title = f"{t.label} ran {format_duration(ran)} without yielding"
+            fix = ("move the blocking call off the loop (asyncio.to_thread, an async client) or "
+                   "split the work with await points")  # fmt: skip
+            if in_gc:
+                top = max(int(notes.get(g.async_id, {}).get("generation", 0)) for g in gcs)
+                title += (
+                    f", {format_duration(in_gc)} of it in garbage collection (generation {top})"
+                )
+                if 2 * in_gc >= ran:
+                    fix = ("the garbage collector ran in this step: call gc.freeze() once the app "
+                           "has started, so what it loaded stays out of every collection, or "
+                           "raise its thresholds (gc.set_threshold)")  # fmt: skip
+            add(
+                "blocked-loop",
+                title + ": every other request on this process waited",
+                ran,
+                (r.async_id, *(g.async_id for g in gcs)),
+                fix,
+                seen[0] if seen else None,
+            )
 
     # A slow upstream: one operation dominating the critical path.
     for step in path:

@@ -66,7 +66,7 @@ RESOURCE_TYPES: Final = frozenset(
         "cache-get", "cache-put", "cache-delete",
         "kv-get", "kv-put", "kv-delete", "kv-list", "kv-pipeline", "kv-command",
         "db-query", "queue-send", "queue-receive",
-        "stream-read", "stream-write", "websocket", "remote-root", "other",
+        "stream-read", "stream-write", "websocket", "remote-root", "gc", "other",
     }
 )  # fmt: skip
 STATES: Final = ("ok", "error", "cancelled", "pending")

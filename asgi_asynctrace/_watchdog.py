@@ -24,6 +24,7 @@ Exports: watch, unwatch, MAX_SAMPLES.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -34,7 +35,7 @@ from ._failures import report
 from ._stacks import frames_from
 
 if TYPE_CHECKING:
-    from ._model import Trace
+    from ._model import Resource, Trace
 
 __all__ = ["MAX_SAMPLES", "unwatch", "watch"]
 
@@ -50,15 +51,18 @@ _now = time.perf_counter_ns
 
 
 class _Watch:
-    """One trace's watch: its threshold, and the step it last saw running."""
+    """One trace's watch: its threshold, the step it last saw running, and the garbage
+    collections that ran in its steps (recorded into the trace when the request ends)."""
 
-    __slots__ = ("after", "due", "res", "step")
+    __slots__ = ("after", "due", "gcs", "res", "step")
 
     def __init__(self, after: int) -> None:
         self.after = after
         self.res: object = None  # the step last seen: its resource and its start's index
         self.step = -1
         self.due = 0  # when that step is next sampled
+        # (resource whose step paid for it, start, end, generation, objects collected)
+        self.gcs: list[tuple[Resource, int, int, int, int]] | None = None
 
 
 _watched: dict[Trace, _Watch] = {}
@@ -68,8 +72,11 @@ _lock = threading.Lock()  # starting the thread
 
 
 def watch(trace: Trace, after_ns: int) -> None:
-    """Sample ``trace``'s steps that run ``after_ns`` or longer until ``unwatch(trace)``."""
+    """Sample ``trace``'s steps that run ``after_ns`` or longer until ``unwatch(trace)``, and
+    note the garbage collections its steps pay for."""
     _watched[trace] = _Watch(after_ns)
+    if not _gc_on:
+        _gc_watch(True)
     if not _wake.is_set():
         try:
             _start()
@@ -78,7 +85,73 @@ def watch(trace: Trace, after_ns: int) -> None:
 
 
 def unwatch(trace: Trace) -> None:
-    _watched.pop(trace, None)
+    """Stop watching ``trace``; the collections its steps paid for become its ``gc``
+    resources (here, on the request's own thread: never from inside the collector, which
+    may run in the middle of any recording)."""
+    w = _watched.pop(trace, None)
+    if not _watched and _gc_on:
+        _gc_watch(False)
+    if w is not None and w.gcs:
+        try:
+            for res, start, end, generation, collected in w.gcs:
+                gc_res = trace.add("gc", res.async_id, None, start)
+                if gc_res is None:  # over the resource cap (counted as dropped)
+                    break
+                trace.begin(gc_res, start)
+                trace.end(gc_res, end)
+                trace.settle(gc_res, end, "ok")
+                trace.annotate(gc_res, "generation", generation)
+                trace.annotate(gc_res, "collected", collected)
+        except Exception as exc:
+            report("watchdog-gc", exc)
+
+
+# -- garbage collections -----------------------------------------------------------------------
+# A collection runs in whatever thread allocates past the collector's threshold, holding the
+# GIL throughout: a step of a traced request that triggers a full collection (40-50 ms for a
+# large app's heap) blocks the loop, and the sampling thread cannot see it (it waits for the
+# GIL). gc.callbacks says when each collection starts and stops; one of at least GC_MIN_NS,
+# run by a traced request's step on this thread, is noted for that request. The callback is
+# on gc.callbacks only while a traced request runs.
+
+#: Collections shorter than this are not recorded (a young generation's take microseconds).
+GC_MIN_NS: Final = 1_000_000
+_gc_on = False
+_gc_started = 0
+
+
+def _gc_watch(on: bool) -> None:
+    global _gc_on
+    _gc_on = on
+    try:
+        if on and _on_gc not in gc.callbacks:
+            gc.callbacks.append(_on_gc)
+        elif not on and _on_gc in gc.callbacks:
+            gc.callbacks.remove(_on_gc)
+    except Exception as exc:
+        report("watchdog-gc", exc)
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    global _gc_started
+    try:
+        if phase == "start":
+            _gc_started = _now()
+            return
+        now = _now()
+        started = _gc_started
+        if not started or now - started < GC_MIN_NS:
+            return
+        me = threading.get_ident()
+        for w_trace, w in list(_watched.items()):
+            running = w_trace._running
+            if running is not None and running[1] == me:
+                if w.gcs is None:
+                    w.gcs = []
+                entry = (running[0], started, now, info["generation"], info["collected"])
+                w.gcs.append(entry)
+    except Exception as exc:  # the collector ignores what a callback raises: we count it
+        report("watchdog-gc", exc)
 
 
 def _start() -> None:
@@ -160,6 +233,7 @@ def _forget_after_fork() -> None:
     _wake = threading.Event()
     _lock = threading.Lock()
     _watched.clear()
+    _gc_watch(False)
 
 
 if hasattr(os, "register_at_fork"):

@@ -285,7 +285,13 @@ def test_cli_summary_and_diagnose(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert main(["summary", golden]) == 0
     assert capsys.readouterr().out == (GOLDEN / "checkout.summary.txt").read_text()
     assert main(["diagnose", golden]) == 0
-    assert "sequential-awaits" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sequential-awaits" in out
+    # each finding with the app's line, as summary gives it
+    sites = [line.strip() for line in out.splitlines() if line.startswith("      at ")]
+    summary_sites = [line.strip() for line in (GOLDEN / "checkout.summary.txt").read_text()
+                     .splitlines() if line.startswith("        at ")]  # fmt: skip
+    assert sites and sites == summary_sites
     assert main(["diagnose", golden, "--fail-on", "medium"]) == 1
     assert "at or above medium" in capsys.readouterr().err
     bad = tmp_path / "bad.json"

@@ -4,6 +4,7 @@ where it was, in the trace, its JSON, the analysis and the summary."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import Any
@@ -276,3 +277,84 @@ def test_joined_and_copied_traces_keep_their_samples() -> None:
     assert up.samples is None  # the traces joined are left as they were
     for twin in (copy.copy(down), pickle.loads(pickle.dumps(down))):
         assert twin.samples == down.samples
+
+
+def _big_heap() -> list[Any]:
+    """Enough objects that a full collection takes milliseconds."""
+    return [[{} for _ in range(10)] for _ in range(30_000)]
+
+
+def test_a_garbage_collection_in_a_traced_step_is_recorded_and_named() -> None:
+    heap = _big_heap()
+
+    async def collects() -> None:
+        await asyncio.sleep(0)
+        gc.collect()
+
+    trace = _request(collects)
+    del heap
+    (collection,) = [r for r in trace.resources if r.type == "gc"]
+    notes = trace.annotations_of(collection.async_id)
+    assert notes["generation"] == 2 and isinstance(notes["collected"], int)
+    assert collection.trigger_id == 1 and collection.state == "ok"
+    (gc_start, gc_end) = collection.intervals()[0]
+    assert gc_end is not None and gc_end - gc_start >= _watchdog.GC_MIN_NS
+    (start, end) = trace.root.intervals()[1]
+    assert end is not None and start <= gc_start < gc_end <= end  # inside the step it blocked
+    assert collection.settled_at == gc_end
+    (blocked,) = [f for f in analyze(trace, AnalysisSettings(blocked_step_ms=1)).findings
+                  if f.kind == "blocked-loop"]  # fmt: skip
+    assert "of it in garbage collection (generation 2)" in blocked.title
+    assert collection.async_id in blocked.resources
+    assert "gc.freeze()" in blocked.fix
+    assert _watchdog._on_gc not in gc.callbacks  # taken off as the last traced request ended
+    doc = orjson.loads(trace.to_json())
+    assert load_trace(trace.to_json()).to_dict()["resources"] == doc["resources"]
+
+
+def test_a_collection_another_requests_code_ran_is_not_this_requests() -> None:
+    heap = _big_heap()
+
+    async def main() -> Trace:
+        async def elsewhere() -> None:  # untraced: made before the traced request
+            await asyncio.sleep(0.005)
+            gc.collect()
+
+        other = asyncio.create_task(elsewhere())
+
+        async def waits() -> None:
+            await asyncio.sleep(0.03)
+
+        trace = await _request_in_loop(waits)
+        assert other.done()  # its collection ran while the traced request waited
+        await other
+        return trace
+
+    trace = run(main())
+    del heap
+    assert not [r for r in trace.resources if r.type == "gc"]
+
+
+async def _request_in_loop(body: Any) -> Trace:
+    """``_request`` on the running loop."""
+    traces: list[Trace] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await body()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = AsyncTraceMiddleware(
+        app, log_traces=False, store_size=0, sinks=[lambda t, d: traces.append(t)]
+    )
+    scope = {"type": "http", "method": "GET", "path": "/", "client": ("127.0.0.1", 1),
+             "headers": [(b"x-async-trace", b"1")]}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await middleware(scope, receive, send)
+    return traces[0]

@@ -162,6 +162,7 @@ AT.label = function (res) {
     return `${n.kind || "timer"} ${d === undefined ? "?" : tenths ? d.toFixed(1) : d}ms`;
   }
   if (t === "root") return `${n.method || ""} ${n.path || ""}`.trim() || t;
+  if (t === "gc") return `generation ${n.generation !== undefined ? n.generation : "?"}`;
   if (AT.BODIES[t]) return `${AT.BODIES[t]}, ${n.bytes !== undefined ? n.bytes : "?"} bytes`;
   if (t === "websocket") {
     const size = n.bytes !== undefined ? `, ${n.bytes} bytes` : "";
