@@ -468,3 +468,23 @@ def test_a_blocked_loop_finding_shows_where_and_opens_the_stacks_of_it(
     page.click("#tabs button[data-view=tree]")
     page.locator("#tree .node", has_text="stream-write").first.click()
     assert page.locator("#details-blocked").count() == 0
+
+
+def test_a_garbage_collection_is_named_by_its_generation_as_in_the_analysis(
+    page: Any, tmp_path: Path
+) -> None:
+    trace = Trace.start(request={"method": "GET", "path": "/gc"})
+    o = trace.origin
+    trace.root.callbacks[:] = [o, o + 30_000_000]
+    collection = trace.add("gc", 1, None, o + 1_000_000)
+    assert collection is not None
+    trace.begin(collection, o + 1_000_000)
+    trace.end(collection, o + 29_000_000)
+    trace.settle(collection, o + 29_000_000, "ok")
+    trace.annotate(collection, "generation", 2)
+    trace.annotate(collection, "collected", 0)
+    trace.finish(o + 30_000_000)
+    opened(page, tmp_path, trace, "tree")
+    shown = page.inner_text(f'#tree .node[data-id="{collection.async_id}"] .label')
+    assert shown == analyze(trace).times[collection.async_id].label == "generation 2"
+    assert "28.0 ms of it in garbage collection (generation 2)" in page.inner_text("#findings")
