@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import threading
 import time
 from typing import Any
@@ -69,21 +70,23 @@ def _request(body: Any, **settings: Any) -> Trace:
 
 async def _sleeps_on_the_loop() -> None:
     await asyncio.sleep(0)
-    time.sleep(0.06)  # blocks the loop; lets go of the GIL
+    time.sleep(0.1)  # blocks the loop; lets go of the GIL
 
 
 def test_a_blocking_call_in_the_request_is_sampled_where_it_blocks() -> None:
     trace = _request(_sleeps_on_the_loop)
-    line = _line(_sleeps_on_the_loop, "time.sleep(0.06)")
-    assert trace.samples, "no sample of a 60 ms blocking step"
-    rid, at, frames = trace.samples[0]
-    assert rid == 1  # the root: the request's own code
-    assert frames[0].startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
+    line = _line(_sleeps_on_the_loop, "time.sleep(0.1)")
+    assert trace.samples, "no sample of a 100 ms blocking step"
     (start, end) = trace.root.intervals()[1]  # the step after the sleep(0)
-    assert end is not None and start + 20_000_000 <= at <= end
-    # 20 ms, then 40 ms into the 60 ms step: the second at twice the first's time, or later
-    assert len(trace.samples) == 2
-    assert trace.samples[1][1] - start >= 2 * (at - start) - 1_000_000
+    assert end is not None
+    for rid, at, frames in trace.samples:
+        assert rid == 1  # the root: the request's own code
+        assert frames[0].startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
+        assert start + 20_000_000 <= at <= end
+    # 20 ms into the step, then at twice the time the last was taken (40, 80 ms): 2 or 3
+    times = [at - start for _, at, _ in trace.samples]
+    assert 2 <= len(times) <= 3, times
+    assert all(later >= 2 * earlier - 1_000_000 for earlier, later in itertools.pairwise(times))
     assert trace._running is None  # the step's mark is taken off as it ends
     assert failure_counts() == {}
 
@@ -97,9 +100,8 @@ def test_a_busy_loop_holding_the_gil_is_sampled_too() -> None:
     assert trace.samples
     line = _line(_spin, "while time.perf_counter() < end")
     assert trace.samples[0][2][0].startswith(f"_spin @ {HERE}:{line}:")
-    assert trace.samples[0][2][1].startswith(
-        f"test_a_busy_loop_holding_the_gil_is_sampled_too.<locals>.spins @ {HERE}:"
-    )
+    # (qualified names from 3.11: "test_....<locals>.spins"; 3.10's frames have only "spins")
+    assert f"spins @ {HERE}:{_line(spins, '_spin(0.08)')}:" in trace.samples[0][2][1]
 
 
 def test_a_blocking_task_and_a_blocking_timer_callback_are_sampled_as_themselves() -> None:
@@ -121,9 +123,8 @@ def test_a_blocking_task_and_a_blocking_timer_callback_are_sampled_as_themselves
     by_id = {r.async_id: r for r in trace.resources}
     sampled = {by_id[rid].type: frames for rid, _, frames in trace.samples or ()}
     assert set(sampled) == {"task", "timer"}, trace.samples
-    assert sampled["task"][0].startswith("test_a_blocking_task_and_a_blocking_timer_callback")
-    assert ".child @ " in sampled["task"][0]
-    assert ".late @ " in sampled["timer"][0]
+    assert "child @ " in sampled["task"][0] and "late @ " in sampled["timer"][0]
+    assert f"@ {HERE}:" in sampled["task"][0] and f"@ {HERE}:" in sampled["timer"][0]
 
 
 def test_short_steps_are_never_sampled() -> None:
@@ -185,7 +186,7 @@ def test_the_blocked_loop_finding_says_where_the_loop_was_blocked() -> None:
     trace = _request(_sleeps_on_the_loop)
     analysis = analyze(trace)
     (blocked,) = [f for f in analysis.findings if f.kind == "blocked-loop"]
-    line = _line(_sleeps_on_the_loop, "time.sleep(0.06)")
+    line = _line(_sleeps_on_the_loop, "time.sleep(0.1)")
     assert blocked.site.startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
     text = format_summary(analysis)
     assert f"        at _sleeps_on_the_loop @ {HERE}:{line}:" in text
