@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._findings import SEVERITIES, AnalysisSettings, Finding, diagnose, format_duration
-from ._model import Resource, Trace
+from ._model import Resource, Trace, frame_origin
 
 __all__ = [
     "SEVERITIES",
@@ -275,12 +275,14 @@ def _critical_path(
             walk(child.async_id, child.ended, depth + 1, budget)
 
     walk(root.async_id, times[root.async_id].ended, 0, [500])
-    return _with_own_work(root, trace.origin, times[root.async_id], out, settings)
+    seen = [(at - trace.origin, frames) for rid, at, frames in trace.samples or ()
+            if rid == root.async_id]  # fmt: skip
+    return _with_own_work(root, trace.origin, times[root.async_id], out, settings, seen)
 
 
 def _with_own_work(
     root: Resource, origin: int, root_times: ResourceTimes, path: list[PathStep],
-    settings: AnalysisSettings,
+    settings: AnalysisSettings, samples: Sequence[tuple[int, tuple[str, ...]]] = (),
 ) -> list[PathStep]:  # fmt: skip
     """``path`` with the stretches between its top-level steps where the request ran its own
     code (a blocking call, a loop over rows), as steps of the root: without them a request that
@@ -288,7 +290,8 @@ def _with_own_work(
 
     A stretch is shown when the root ran in it at least ``settings.own_code_ms`` or
     ``settings.own_code_share`` of the request, whichever is less (never under 0.1 ms); it
-    spans the root's first to last running moment there.
+    spans the root's first to last running moment there, and says where the watchdog saw it
+    blocked, when it took a sample there (its first frame of the app's own code).
     """
     end = root_times.ended
     floor = max(100_000, min(settings.own_code_ms * 1e6, settings.own_code_share * end))
@@ -310,7 +313,12 @@ def _with_own_work(
         ran = sum(b - a for a, b in inside)
         if ran >= floor:
             what = f"the request's own code ran {format_duration(ran)}"
-            out.append(PathStep(root.async_id, "root", what, inside[0][0], inside[-1][1], 0))
+            first, last = inside[0][0], inside[-1][1]
+            seen = [frames for at, frames in samples if first <= at <= last and frames]
+            if seen:
+                app = [f for f in seen[0] if frame_origin(f) == "app"]
+                what += f", blocked at {(app or seen[0])[0]}"
+            out.append(PathStep(root.async_id, "root", what, first, last, 0))
         if step is not None:
             out.append(step)
             since = max(since, step.end)

@@ -190,6 +190,10 @@ def test_the_blocked_loop_finding_says_where_the_loop_was_blocked() -> None:
     assert blocked.site.startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
     text = format_summary(analysis)
     assert f"        at _sleeps_on_the_loop @ {HERE}:{line}:" in text
+    # and the critical path says it where the request's own code ran
+    (own,) = [s for s in analysis.critical_path if s.type == "root"]
+    assert own.label.startswith("the request's own code ran ")
+    assert own.label.endswith(f", blocked at _sleeps_on_the_loop @ {HERE}:{line}:5")
     # Without samples the finding points where it did before: the resource's creation stack
     # (the root has none).
     unsampled = _request(_sleeps_on_the_loop, blocked_sample_ms=None)
