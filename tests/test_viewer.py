@@ -463,8 +463,11 @@ def test_a_blocked_loop_finding_shows_where_and_opens_the_stacks_of_it(
     assert f"  {frame}   [app]" in blocked
     assert blocked.count("into the step") == len(trace.samples)
     shoot(page, "blocked-loop")
-    # A resource the watchdog never sampled has no such section.
     page.locator("#details button").click()
+    page.click("#tabs button[data-view=timeline]")  # a notch per sample on the root's lane
+    assert page.get_attribute("#timeline", "data-blocked") == str(len(trace.samples))
+    shoot(page, "blocked-loop-timeline")
+    # A resource the watchdog never sampled has no such section.
     page.click("#tabs button[data-view=tree]")
     page.locator("#tree .node", has_text="stream-write").first.click()
     assert page.locator("#details-blocked").count() == 0

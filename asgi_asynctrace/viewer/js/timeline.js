@@ -1,6 +1,7 @@
 // timeline.js: one lane per resource (futures on request), its life as a thin bar, each
 // callback step as a solid block, an arrow from the trigger's lane at the moment of creation,
-// the critical path's lanes marked. Drawn on a canvas, only the lanes in view, so 10,000
+// the critical path's lanes marked, a dark notch where the watchdog saw a step block the
+// loop (its stacks are in the resource's details). Drawn on a canvas, only the lanes in view, so 10,000
 // lanes scroll smoothly. Ctrl/⌘ + wheel zooms around the pointer, dragging pans, 0 resets.
 "use strict";
 
@@ -40,7 +41,7 @@ AT.views.timeline = (function () {
       AT.el("button", { type: "button", onclick: () => zoom(2) }, "−"),
       AT.el("button", { type: "button", onclick: () => { state.t0 = 0; state.t1 = Math.max(1, model.duration); paint(); } }, "reset"),
       AT.el("label", {}, futures, " show futures"), count,
-      AT.el("span", { class: "t" }, "ctrl/⌘ + wheel: zoom · drag: pan · red: critical path"));
+      AT.el("span", { class: "t" }, "ctrl/⌘ + wheel: zoom · drag: pan · red: critical path · ▼: blocked the loop here"));
     const scroll = AT.el("div", { id: "timeline-scroll" });
     const spacer = AT.el("div", {});
     const canvas = AT.el("canvas", { id: "timeline" });
@@ -56,6 +57,7 @@ AT.views.timeline = (function () {
       index = new Map(lanes.map((r, i) => [r.id, i]));
       spacer.style.height = Math.max(0, lanes.length * LANE + AXIS - scroll.clientHeight) + "px";
       canvas.dataset.lanes = String(lanes.length);
+      canvas.dataset.blocked = String(lanes.reduce((n, r) => n + r.samples.length, 0));
       count.textContent = `${lanes.length} lanes`;
       paint();
     };
@@ -102,6 +104,12 @@ AT.views.timeline = (function () {
             if (b >= LABEL && a <= width) g.fillRect(a, y + 3, Math.max(1, b - a), 10);
           }
           if (critical) { g.strokeStyle = "#d62d20"; g.strokeRect(x0, y + 2, Math.max(1, x1 - x0), 12); }
+          for (const sample of res.samples) {  // where the watchdog saw the step block the loop
+            const x = xOf(sample.at, width);
+            if (x < LABEL || x > width) continue;
+            g.fillStyle = "#1d2329";
+            g.beginPath(); g.moveTo(x - 4, y); g.lineTo(x + 4, y); g.lineTo(x, y + 7); g.fill();
+          }
         }
         const from = index.get(res.trigger);
         if (from !== undefined) {  // the arrow from the trigger's lane at creation time
