@@ -1,7 +1,8 @@
-"""The blocked-loop watchdog: where a traced request's step was while it held the loop.
+"""The blocked-loop watchdog: where a traced request's step was while it held the loop, and
+the garbage collections its steps paid for.
 
     watch(trace, after_ns=20_000_000)   # as the request starts (the middleware does this)
-    unwatch(trace)                      # as it ends
+    unwatch(trace)                      # as it ends: its collections become "gc" resources
     trace.samples                       # [(async_id, when, frames), ...] or None
 
 A step that runs long on the event loop holds up every request of the process. The trace
@@ -16,10 +17,11 @@ frame of the app's own code in the blocked-loop finding, and the viewer shows th
 What it costs: nothing for a request that is not traced, a dict entry per traced request, and
 while traced requests run, one wake-up of this thread per ``after_ns`` (20 ms by default),
 which takes the GIL for a few microseconds. A step blocked in C code that holds the GIL is
-seen only once it lets go, by when it has ended: there is nothing to sample then. The thread
-starts with the first traced request and sleeps on an event while none runs. A failure in it
-is counted and logged once (``asgi_asynctrace.failure_counts()``), like every other.
-Exports: watch, unwatch, MAX_SAMPLES.
+seen only once it lets go, by when it has ended: there is nothing to sample then. The
+garbage collector is such a case, and is told apart by its own callback (below). The thread
+starts with the first traced request and sleeps on an event a second after the last one
+ended. A failure in it is counted and logged once (``asgi_asynctrace.failure_counts()``),
+like every other. Exports: watch, unwatch, MAX_SAMPLES, GC_MIN_NS.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ._stacks import frames_from
 if TYPE_CHECKING:
     from ._model import Resource, Trace
 
-__all__ = ["MAX_SAMPLES", "unwatch", "watch"]
+__all__ = ["GC_MIN_NS", "MAX_SAMPLES", "unwatch", "watch"]
 
 MAX_SAMPLES: Final = 32
 # Stacks of a blocked step are worth more frames than creation stacks: the blocking call is
