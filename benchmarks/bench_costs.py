@@ -27,7 +27,7 @@ import sys
 import tempfile
 from typing import Any
 
-from .bench_instructions import _callgrind, _total, count_answers
+from .bench_instructions import _callgrind, _total, count_answers, without_watchdog_thread
 
 PATHS = ["/ok", "/cache"]
 # name: (traced, the instrumentation turned on, futures recorded, stack depth)
@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[bool, list[str] | None, bool, int]] = {
     "aiocache": (True, ["aiocache"], True, 16),
     "full": (True, None, True, 16),
     "nostacks": (True, None, True, 0),
+    "nowatchdog": (True, None, True, 16),  # as full, with blocked_sample_ms=None
     "untraced": (False, None, True, 16),
 }
 
@@ -70,6 +71,7 @@ def _app(variant: str, path: str) -> Any:
         bare, log_traces=False, store_size=100, sample_rate=1.0 if traced else 0.0,
         instrument=True if instrument is None else (instrument or False),
         record_futures=futures, limits=TraceLimits(max_stack_depth=depth),
+        blocked_sample_ms=None if variant == "nowatchdog" else 20.0,
     )  # fmt: skip
 
 
@@ -151,6 +153,7 @@ def main() -> None:
         import logging
 
         logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
+        without_watchdog_thread()
         asyncio.run(_work(args.worker, args.warmup, args.n))
         return
     if shutil.which("valgrind") is None:
@@ -177,6 +180,12 @@ def main() -> None:
         f"| of all the above, the {stacks} creation stacks (walked, looked up; "
         f"`TraceLimits(max_stack_depth=0)` turns them off) | {depth:,} "
         f"| {depth / stacks:,.0f} | {100 * depth / extra:.0f} % |"
+    )
+    watchdog = c["full"][cache] - c["nowatchdog"][cache]
+    print(
+        "| of all the above, the blocked-loop watchdog on the request's path (watch and unwatch,"
+        " the gc callback put on and taken off, each step's mark; `blocked_sample_ms=None` "
+        f"turns it off) | {watchdog:,} | - | {100 * watchdog / extra:.0f} % |"
     )
     print(f"| **all: a traced request over an untraced one** | **{extra:,}** | - | 100 % |")
 
