@@ -33,6 +33,18 @@ def _fresh_failure_counts() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_gc_resources(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A garbage collection of 1 ms or more in a traced step becomes a ``gc`` resource, and
+    when one comes depends on everything the test process did before: tests that compare
+    traces resource by resource would pass or fail by chance. Off, but where a test is
+    marked ``gc_resources`` (the tests of that recording)."""
+    if request.node.get_closest_marker("gc_resources") is None:
+        from asgi_asynctrace import _watchdog
+
+        monkeypatch.setattr(_watchdog, "GC_MIN_NS", 2**62)
+
+
 def _answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):

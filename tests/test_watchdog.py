@@ -290,6 +290,7 @@ def _big_heap() -> list[Any]:
     return [[{} for _ in range(10)] for _ in range(30_000)]
 
 
+@pytest.mark.gc_resources
 def test_a_garbage_collection_in_a_traced_step_is_recorded_and_named() -> None:
     heap = _big_heap()
 
@@ -318,6 +319,7 @@ def test_a_garbage_collection_in_a_traced_step_is_recorded_and_named() -> None:
     assert load_trace(trace.to_json()).to_dict()["resources"] == doc["resources"]
 
 
+@pytest.mark.gc_resources
 def test_a_collection_another_requests_code_ran_is_not_this_requests() -> None:
     heap = _big_heap()
 
