@@ -393,3 +393,23 @@ def test_an_eager_tasks_first_step_inside_its_creators_is_its_own_then_the_creat
     # each sample where its own resource was running: the task's in its step, the root's after
     assert all(t == ("task" if name == "eager" else "root") for t, name in kinds), kinds
     assert trace._running is None
+
+
+def test_the_response_headers_trace_carries_the_samples_taken_before_it_started() -> None:
+    from asgi_asynctrace import decode_trace_header
+    from tests.helpers import call
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _sleeps_on_the_loop()  # before the response starts: in the header's trace
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = AsyncTraceMiddleware(app, log_traces=False)
+    response = call(middleware, lambda c: c.get("/", headers={"X-Async-Trace": "1"}))
+    doc = decode_trace_header(response.headers["x-async-trace-data"])
+    assert isinstance(doc, dict)
+    line = _line(_sleeps_on_the_loop, "time.sleep(0.1)")
+    assert doc["samples"], doc.get("samples")
+    assert all(s["frames"][0].startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
+               for s in doc["samples"])  # fmt: skip
+    assert load_trace(doc).samples
