@@ -84,7 +84,8 @@ class AsyncTraceMiddleware:
         viewer shows); the defaults when None.
     blocked_sample_ms: when a step of a traced request has run this long on the loop without
         yielding, a watchdog thread takes its stack (and again at 2, 4, 8... times as long),
-        so the trace says where the loop was blocked; None: never.
+        so the trace says where the loop was blocked; the same watch records the garbage
+        collections the request's steps ran as ``gc`` resources. None: neither.
     hooks_linger: seconds the asyncio hooks stay on after the last traced request ends;
         by default (infinity) they stay until the loop closes, since outside traced requests
         they are C pass-throughs that cost nothing measurable, while taking them off and on
