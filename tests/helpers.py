@@ -56,8 +56,10 @@ async def _request(
     traced: bool = True,
     instrument: bool = True,
     linger: float | None = None,
+    **settings: Any,
 ) -> Trace | None:
-    """Run ``body`` as the handler of one request through the middleware; return its trace."""
+    """Run ``body`` as the handler of one request through the middleware (made with more
+    ``settings``, when given); return its trace."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await body()
@@ -73,6 +75,7 @@ async def _request(
         instrument=instrument,
         sinks=[lambda trace, data: traces.append(trace)],
         hooks_linger=LINGER_S if linger is None else linger,
+        **settings,
     )
     headers = [(b"x-async-trace", b"1")] if traced else []
     scope = {"type": "http", "method": "GET", "path": "/", "headers": headers,

@@ -24,6 +24,7 @@ from asgi_asynctrace import (
     load_trace,
 )
 from asgi_asynctrace._report import format_summary
+from tests.helpers import _request as request_through_middleware
 from tests.helpers import run
 
 HERE = "tests/test_watchdog.py"
@@ -45,27 +46,14 @@ def _spin(seconds: float) -> None:
 
 def _request(body: Any, **settings: Any) -> Trace:
     """``body`` as the handler of one traced request; its trace."""
+    trace = run(_request_in_loop(body, **settings))
+    return trace
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await body()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
 
-    traces: list[Trace] = []
-    middleware = AsyncTraceMiddleware(
-        app, log_traces=False, store_size=0, sinks=[lambda t, d: traces.append(t)], **settings
-    )
-    scope = {"type": "http", "method": "GET", "path": "/block",
-             "headers": [(b"x-async-trace", b"1")], "client": ("127.0.0.1", 1)}  # fmt: skip
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        pass
-
-    run(middleware(scope, receive, send))
-    (trace,) = traces
+async def _request_in_loop(body: Any, **settings: Any) -> Trace:
+    """``_request`` on the running loop."""
+    trace = await request_through_middleware(body, **settings)
+    assert trace is not None
     return trace
 
 
@@ -341,31 +329,6 @@ def test_a_collection_another_requests_code_ran_is_not_this_requests() -> None:
     trace = run(main())
     del heap
     assert not [r for r in trace.resources if r.type == "gc"]
-
-
-async def _request_in_loop(body: Any) -> Trace:
-    """``_request`` on the running loop."""
-    traces: list[Trace] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await body()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    middleware = AsyncTraceMiddleware(
-        app, log_traces=False, store_size=0, sinks=[lambda t, d: traces.append(t)]
-    )
-    scope = {"type": "http", "method": "GET", "path": "/", "client": ("127.0.0.1", 1),
-             "headers": [(b"x-async-trace", b"1")]}  # fmt: skip
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        pass
-
-    await middleware(scope, receive, send)
-    return traces[0]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in Python 3.12")
