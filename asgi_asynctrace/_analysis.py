@@ -275,8 +275,7 @@ def _critical_path(
             walk(child.async_id, child.ended, depth + 1, budget)
 
     walk(root.async_id, times[root.async_id].ended, 0, [500])
-    seen = [(at - trace.origin, frames) for rid, at, frames in trace.samples or ()
-            if rid == root.async_id]  # fmt: skip
+    seen = [(at - trace.origin, f) for at, f in trace.samples_by_resource().get(root.async_id, ())]
     return _with_own_work(root, trace.origin, times[root.async_id], out, settings, seen)
 
 

@@ -155,9 +155,7 @@ def diagnose(
     # is the first stack the watchdog took in that step, when it took one; else the stack
     # that created the resource.
     limit = s.blocked_step_ms * MS
-    sampled: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
-    for rid, at, frames in trace.samples or ():
-        sampled.setdefault(rid, []).append((at, frames))
+    sampled = trace.samples_by_resource()
     collections: dict[int, list[Resource]] = {}
     for r in trace.resources:
         if r.type == "gc" and r.callbacks:

@@ -500,6 +500,14 @@ class Trace(_TraceCore):
     def annotations_of(self, async_id: int) -> dict[str, AnnotationValue]:
         return {k: v for rid, k, v in self.annotations if rid == async_id}
 
+    def samples_by_resource(self) -> dict[int, list[tuple[int, tuple[str, ...]]]]:
+        """The watchdog's samples by the resource whose step they were taken in: async_id ->
+        [(when, frames)], in the order taken."""
+        out: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+        for rid, at, frames in self.samples or ():
+            out.setdefault(rid, []).append((at, frames))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The trace in format v1 (a plain dict, ready for any JSON encoder)."""
         return self._as_dict(resource_dicts(self._ordered(), self.origin))

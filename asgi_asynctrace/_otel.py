@@ -48,9 +48,7 @@ class OtelSink:
             notes.setdefault(rid, {})[key] = value
         incoming = trace.request.get("traceparent")
         parent_context = extract({"traceparent": incoming}) if isinstance(incoming, str) else None
-        sampled: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
-        for rid, at, frames in trace.samples or ():
-            sampled.setdefault(rid, []).append((at, frames))
+        sampled = trace.samples_by_resource()
         spans: dict[int, Any] = {}
         for r in sorted(trace.resources, key=lambda r: r.async_id):
             if r.type == "future" and not self._futures:
