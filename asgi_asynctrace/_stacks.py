@@ -147,9 +147,10 @@ def _frame_text(f: FrameType, code: CodeType) -> str | None:
 
 
 def frames_from(frame: FrameType | None, max_depth: int) -> tuple[str, ...]:
-    """Another thread's frames from ``frame`` outwards, innermost first, as ``capture()``
-    formats them: up to the loop's callback runner, the tracer's own frames left out (the
-    blocked-loop watchdog's samples; uncached, since a sample is rare)."""
+    """The frames from ``frame`` (another thread's, for the blocked-loop watchdog) outwards,
+    innermost first, as ``capture()`` formats them: up to the loop's callback runner, the
+    tracer's own frames left out. Each frame's text comes from the cache creation stacks use;
+    the walk itself is not cached, since a sample is rare."""
     frames: list[str] = []
     n = 0
     while frame is not None and n < max_depth:
