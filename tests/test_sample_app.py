@@ -180,3 +180,25 @@ def test_the_sample_runs_on_redis_and_postgresql_when_their_urls_are_set() -> No
             {"key": a["key"], "value": a["value"]} for a in notes]  # fmt: skip
         assert any(a["key"] == "backend" and a["value"] == "aiocache:redis" for a in notes)
         assert any(r["type"] == "kv-get" for d in docs for r in d["resources"])
+
+
+def test_slow_over_a_real_server_names_the_line_that_blocked_its_loop(tmp_path: Path) -> None:
+    # uvicorn as a user runs it (on uvloop, when it is installed): the watchdog's thread, the
+    # store and the served analysis, end to end
+    from sample_app import patterns
+
+    lines, first = inspect.getsourcelines(patterns.slow_report)
+    line = first + next(i for i, text in enumerate(lines) if "time.sleep(" in text)
+    where = f"slow_report @ sample_app/patterns.py:{line}:"
+    with sample_app_process({"SAMPLE_DB": str(tmp_path / "slow.db")}) as (base, _):
+        response = httpx.get(f"{base}/slow", headers={"X-Async-Trace": "1"}, timeout=30)
+        assert response.status_code == 200
+        trace_id = response.headers["x-async-trace-id"]
+        served = httpx.get(f"{base}/__asynctrace/traces/{trace_id}?analysis=1", timeout=30)
+    body = served.json()
+    # (a cold server's first request may block elsewhere too: its first connection, say)
+    at_sleep = [s for s in body["trace"]["samples"] if s["frames"][0].startswith(where)]
+    assert at_sleep and all(s["asyncId"] == 1 for s in at_sleep)  # the request's own code
+    (blocked,) = [f for f in body["analysis"]["findings"]
+                  if f["kind"] == "blocked-loop" and f["site"].startswith(where)]  # fmt: skip
+    assert blocked["costNs"] >= 30_000_000
