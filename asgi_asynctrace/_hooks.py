@@ -34,7 +34,7 @@ from collections.abc import Callable, Coroutine
 from contextvars import Context
 from typing import Any
 
-from . import _threads
+from . import _stacks, _threads
 from ._context import ACTIVE, settle_from_exception
 from ._failures import report
 from ._model import Resource, Trace, check_watched
@@ -231,6 +231,8 @@ def dispatch(untraced: Callable[..., Any], traced: Callable[..., Any]) -> Callab
 # skips the ABC machinery.
 collections.abc.Coroutine.register(TimedCoroutine)
 PyTimedCoroutine = TimedCoroutine
+# A stack walked inside the coroutine it drives goes on into the awaiter's frames.
+_stacks.pass_through(TimedCoroutine.send.__code__, TimedCoroutine.throw.__code__)
 if _CTimedCoroutine is not None:
     collections.abc.Coroutine.register(_CTimedCoroutine)  # type: ignore[arg-type]
     TimedCoroutine = _CTimedCoroutine  # type: ignore[misc,assignment]

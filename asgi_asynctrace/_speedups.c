@@ -87,6 +87,62 @@ slot_set(PyObject *obj, PyObject *name, PyObject *value)
 
 #define MAX_FRAMES 256
 
+/* Where a request's stack ends on a loop whose callbacks run in C (uvloop), where no frame of
+ * asyncio's Handle._run is there to stop at: a coroutine's frame entered from a plain
+ * function's is a coroutine being driven by whoever runs the loop (asyncio.Runner.run,
+ * uvloop.run, a server's main), and everything from that plain function outwards is the
+ * process, not the request. A plain function that drives a coroutine for the tracer itself
+ * (the pure-Python TimedCoroutine's send and throw) is passed through: set_stack_drivers. */
+#define MAX_DRIVERS 4
+static PyObject *stack_drivers[MAX_DRIVERS]; /* owned code objects */
+static int n_stack_drivers;
+/* And, for a callback's walk on such a loop, the frames that run a loop (asyncio.Runner.run,
+ * asyncio.run): stopped at, as stop_code is. */
+#define MAX_RUNNERS 4
+static PyObject *loop_runners[MAX_RUNNERS]; /* owned code objects */
+static int n_loop_runners;
+
+static inline int
+is_runner(PyObject *code)
+{
+    for (int i = 0; i < n_loop_runners; i++) {
+        if (loop_runners[i] == code) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+#define CORO_FLAGS (CO_COROUTINE | CO_ITERABLE_COROUTINE)
+#define RESUMABLE_FLAGS (CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR)
+
+/* Whether the walk stops before outer, the frame just outside inner's. */
+static inline int
+is_driver(PyObject *code)
+{
+    for (int i = 0; i < n_stack_drivers; i++) {
+        if (stack_drivers[i] == code) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* A driver's frame stands for the coroutine it drives: inside, it is walked past; outside, it
+ * is where the coroutine was entered from the loop. */
+static inline int
+leaves_the_loop(PyObject *inner, PyObject *outer)
+{
+    if (!PyCode_Check(inner) || !PyCode_Check(outer) ||
+        (((PyCodeObject *)outer)->co_flags & RESUMABLE_FLAGS)) {
+        return 0;
+    }
+    if (!(((PyCodeObject *)inner)->co_flags & CORO_FLAGS) && !is_driver(inner)) {
+        return 0;
+    }
+    return !is_driver(outer);
+}
+
 typedef struct {
     void *code;
     long long lasti;
@@ -118,7 +174,7 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
     }
     while (f != NULL && n < depth) {
         PyObject *code = FRAME_CODE(f);
-        if (code == stop) {
+        if (code == stop || is_runner(code)) {
             break;
         }
         buf[n].code = (void *)code;
@@ -127,6 +183,9 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
         f = f->previous;
         while (f != NULL && _PyFrame_IsIncomplete(f)) {
             f = f->previous;
+        }
+        if (f != NULL && leaves_the_loop(code, FRAME_CODE(f))) {
+            break;
         }
     }
 #undef FRAME_CODE
@@ -140,7 +199,7 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
     }
     while (f != NULL && n < depth) {
         PyCodeObject *code = PyFrame_GetCode(f);
-        if ((PyObject *)code == stop) {
+        if ((PyObject *)code == stop || is_runner((PyObject *)code)) {
             Py_DECREF(code);
             break;
         }
@@ -150,11 +209,20 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
 #else
         buf[n].lasti = f->f_lasti;
 #endif
-        Py_DECREF(code);
         n++;
         PyFrameObject *back = PyFrame_GetBack(f);
         Py_DECREF(f);
         f = back;
+        if (f != NULL) {
+            PyCodeObject *outer = PyFrame_GetCode(f);
+            int leaves = leaves_the_loop((PyObject *)code, (PyObject *)outer);
+            Py_DECREF(outer);
+            if (leaves) {
+                Py_DECREF(code);
+                break;
+            }
+        }
+        Py_DECREF(code);
     }
     Py_XDECREF(f);
 #endif
@@ -2188,6 +2256,46 @@ set_stack_formatter(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(format_stack, Py_NewRef(args[0]));
     Py_XSETREF(stack_cache, Py_NewRef(args[1]));
     Py_XSETREF(stop_code, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
+/* Keeps codes (a tuple of at most max code objects) in slots; 0, or -1 with an exception. */
+static int
+keep_codes(PyObject *codes, PyObject **slots, int *n, int max)
+{
+    if (!PyTuple_Check(codes) || PyTuple_GET_SIZE(codes) > max) {
+        PyErr_Format(PyExc_TypeError, "set_stack_bounds: a tuple of at most %d code objects", max);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(codes); i++) {
+        if (!PyCode_Check(PyTuple_GET_ITEM(codes, i))) {
+            PyErr_SetString(PyExc_TypeError, "set_stack_bounds: not a code object");
+            return -1;
+        }
+    }
+    for (int i = 0; i < *n; i++) {
+        Py_CLEAR(slots[i]);
+    }
+    *n = (int)PyTuple_GET_SIZE(codes);
+    for (int i = 0; i < *n; i++) {
+        slots[i] = Py_NewRef(PyTuple_GET_ITEM(codes, i));
+    }
+    return 0;
+}
+
+/* Set by _stacks: the plain functions that drive a coroutine for the tracer (walked past, see
+ * leaves_the_loop) and the frames that run a loop (stopped at). */
+static PyObject *
+set_stack_bounds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_stack_bounds(drivers, runners)");
+        return NULL;
+    }
+    if (keep_codes(args[0], stack_drivers, &n_stack_drivers, MAX_DRIVERS) < 0 ||
+        keep_codes(args[1], loop_runners, &n_loop_runners, MAX_RUNNERS) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -4603,6 +4711,9 @@ static PyMethodDef methods[] = {
      "dropped_type) -> a started trace, as Trace.start makes it."},
     {"set_stack_formatter", (PyCFunction)(void (*)(void))set_stack_formatter, METH_FASTCALL,
      "set_stack_formatter(format, cache, stop_code): what TraceCore.new_resource walks with."},
+    {"set_stack_bounds", (PyCFunction)(void (*)(void))set_stack_bounds, METH_FASTCALL,
+     "set_stack_bounds(drivers, runners): code a walk goes past into the coroutine it drives, "
+     "and code a walk stops at."},
     {"stack_lookup", (PyCFunction)(void (*)(void))stack_lookup, METH_FASTCALL,
      "stack_lookup(skip, max_depth, stop_code, cache) -> the cached Stack, or (hash, key)."},
     {"resources_json", (PyCFunction)(void (*)(void))resources_json, METH_FASTCALL,

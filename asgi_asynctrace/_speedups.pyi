@@ -1,3 +1,4 @@
+from types import CodeType
 from typing import Any
 
 def stack_lookup(
@@ -47,6 +48,7 @@ class Resource:
 def set_stack_formatter(
     format: Any, cache: dict[int, tuple[bytes, Any]], stop_code: object, /
 ) -> None: ...
+def set_stack_bounds(drivers: tuple[CodeType, ...], runners: tuple[CodeType, ...], /) -> None: ...
 
 class TraceCore:
     resources: list[Resource]

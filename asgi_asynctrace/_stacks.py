@@ -7,12 +7,14 @@ Walking frames reads no source files (``traceback.extract_stack`` does); the for
 cached by the (code, instruction) pairs of the walk, so a repeated call site costs the walk and
 one dict lookup. The walk is done by the optional C accelerator (``_speedups``) when it was built,
 in Python otherwise: same keys' meaning, same stacks.
-Exports: Stack, capture, format_frame, frames_from.
+Exports: Stack, capture, format_frame, frames_from, pass_through.
 """
 
 from __future__ import annotations
 
 import asyncio.events
+import asyncio.runners
+import inspect
 import os
 import sys
 import sysconfig
@@ -28,7 +30,15 @@ except ImportError:  # built without a compiler: the pure-Python walk below
 #: Whether creation stacks are walked by the C accelerator.
 ACCELERATED: Final = _c_lookup is not None
 
-__all__ = ["ACCELERATED", "Stack", "capture", "capture_python", "format_frame", "frames_from"]
+__all__ = [
+    "ACCELERATED",
+    "Stack",
+    "capture",
+    "capture_python",
+    "format_frame",
+    "frames_from",
+    "pass_through",
+]
 
 _PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # The instrumentation package lives beside us once installed, or in the source tree's
@@ -42,6 +52,33 @@ _STDLIB_DIRS: Final = tuple(
 )
 # A frame of the loop running a callback: everything outside it is the loop, not the request.
 _STOP_CODE: Final = asyncio.events.Handle._run.__code__
+# A loop whose callbacks run in C (uvloop) leaves no such frame: there a walk stops where a
+# coroutine's frame was entered from a plain function's (see _leaves_the_loop), and, for a
+# callback's walk, at asyncio's runner (what asyncio.run, uvloop.run and uvicorn run the loop
+# from on 3.11+; asyncio.run itself on 3.10).
+_runner = getattr(asyncio.runners, "Runner", None)
+_RUNNER_CODES: Final = (
+    asyncio.runners.run.__code__,
+    (_runner.run.__code__ if _runner is not None else asyncio.runners.run.__code__),
+)
+_CORO_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE
+_RESUMABLE_FLAGS: Final = (
+    inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE
+) | inspect.CO_ASYNC_GENERATOR
+# Plain functions that drive a coroutine for the tracer itself: walked past (pass_through).
+# Compared by identity (a code object's hash and equality read its contents).
+_drivers: tuple[CodeType, ...] = ()
+
+
+def _stops(code: CodeType) -> bool:
+    """Whether a walk stops before a frame running ``code``: the loop's, not the request's."""
+    return code is _STOP_CODE or code is _RUNNER_CODES[0] or code is _RUNNER_CODES[1]
+
+
+def _is_driver(code: CodeType) -> bool:
+    return any(code is d for d in _drivers)
+
+
 _MAX_CACHE: Final = 8192
 
 # (code id, instruction) pairs -> Stack. The Stack keeps those code objects alive, so an id
@@ -69,6 +106,31 @@ class Stack:
         self.codes = codes  # keeps the code objects, hence the ids in the cache key, alive
 
 
+def _leaves_the_loop(inner: CodeType, outer: CodeType) -> bool:
+    """Whether a walk stops before ``outer``, the frame just outside ``inner``'s: a coroutine
+    entered from a plain function is being driven by whoever runs the loop (asyncio.Runner,
+    uvloop.run, a server's main), and from there outwards the frames are the process's, not
+    the request's. What Handle._run marks on asyncio's own loop, for any loop. A driver's
+    frame (see pass_through) stands for the coroutine it drives."""
+    return (
+        outer.co_flags & _RESUMABLE_FLAGS == 0
+        and (inner.co_flags & _CORO_FLAGS != 0 or _is_driver(inner))
+        and not _is_driver(outer)
+    )
+
+
+def pass_through(*codes: CodeType) -> None:
+    """Have every walk go on past frames running ``codes`` (plain functions that drive a
+    coroutine for the tracer, such as the pure-Python TimedCoroutine's ``send``) into the
+    coroutine's awaiter, as it does past the C TimedCoroutine, which has no frame."""
+    global _drivers
+    _drivers = codes
+    if _c_lookup is not None:
+        from ._speedups import set_stack_bounds
+
+        set_stack_bounds(codes, _RUNNER_CODES)
+
+
 def capture(max_depth: int, skip: int = 1) -> Stack:
     """The caller's stack, innermost frame first."""
     if _c_lookup is not None:
@@ -87,12 +149,14 @@ def capture_python(max_depth: int, skip: int = 1) -> Stack:
     n = 0
     while f is not None and n < max_depth:
         code = f.f_code
-        if code is _STOP_CODE:
+        if _stops(code):
             break
         append(id(code))
         append(f.f_lasti)
         f = f.f_back
         n += 1
+        if f is not None and _leaves_the_loop(code, f.f_code):
+            break
     k = tuple(key)
     hit = _cache.get(k)
     if hit is not None:
@@ -155,13 +219,15 @@ def frames_from(frame: FrameType | None, max_depth: int) -> tuple[str, ...]:
     n = 0
     while frame is not None and n < max_depth:
         code = frame.f_code
-        if code is _STOP_CODE:
+        if _stops(code):
             break
         text = _frame_text(frame, code)
         if text is not None:
             frames.append(text)
         frame = frame.f_back
         n += 1
+        if frame is not None and _leaves_the_loop(code, frame.f_code):
+            break
     return tuple(frames)
 
 
@@ -169,6 +235,7 @@ if _c_lookup is not None:  # what TraceCore.new_resource formats a missed walk w
     from ._speedups import set_stack_formatter
 
     set_stack_formatter(_format_and_cache_c, _c_cache, _STOP_CODE)
+    pass_through()
 
 
 def format_frame(code: CodeType, lasti: int, lineno: int | None, path: str) -> str:

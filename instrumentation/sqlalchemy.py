@@ -21,8 +21,7 @@ from typing import Any
 
 from asgi_asynctrace._context import ACTIVE, ResourceScope
 from asgi_asynctrace._failures import report
-from asgi_asynctrace._stacks import _STOP_CODE, format_frame
-from asgi_asynctrace._stacks import _display_path as display_path
+from asgi_asynctrace._stacks import frames_from
 
 from ._base import Instrumentation
 from ._sql import normalize
@@ -43,21 +42,11 @@ def _awaiting_frames(limit: int) -> tuple[str, ...]:
     except ImportError:
         return ()
     parent = greenlet.getcurrent().parent
-    return _frames(getattr(parent, "gr_frame", None), limit)
-
-
-def _frames(f: Any, limit: int) -> tuple[str, ...]:
-    frames: list[str] = []
-    while f is not None and len(frames) < limit and f.f_code is not _STOP_CODE:
-        path = display_path(f.f_code.co_filename)
-        if path is not None:
-            frames.append(format_frame(f.f_code, f.f_lasti, f.f_lineno, path))
-        f = f.f_back
-    return tuple(frames)
+    return frames_from(getattr(parent, "gr_frame", None), limit)
 
 
 def _in_greenlet_stack(limit: int) -> tuple[str, ...]:
-    return _frames(sys._getframe(2), limit)
+    return frames_from(sys._getframe(2), limit)
 
 
 def _before(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any,

@@ -1011,7 +1011,7 @@ def test_the_c_task_factory_and_timed_coroutine_record_what_the_python_ones_do(
             monkeypatch.setattr(_hooks, "_made", {})  # the loop's create_future too
             for name, method in _hooks.PY_FUTURE_METHODS.items():
                 monkeypatch.setattr(_hooks.TracedFuture, name, method)
-        made.append(traced(body, futures=True))  # one line: on uvloop stacks reach this frame
+        made.append(traced(body, futures=True))
     monkeypatch.undo()
     _hooks._last_factory = None
     c_trace, python_trace = made

@@ -4,11 +4,14 @@ import asyncio
 import os
 import shutil
 import sys
+from collections.abc import Generator
+from typing import Any
 
 import pytest
 
 from asgi_asynctrace import _stacks
 from asgi_asynctrace._stacks import capture
+from tests.helpers import run_on_uvloop
 
 
 def _here() -> tuple[object, tuple[str, ...]]:
@@ -64,6 +67,98 @@ def test_the_walk_stops_at_the_event_loop_and_at_the_depth_cap() -> None:
     frames = asyncio.run(inner())
     assert len(frames) == 1 and frames[0].split(" @ ")[0].endswith("inner")
     assert len(capture(2, skip=1).frames) == 2
+
+
+def _uvloop_run(main: Any) -> Any:
+    pytest.importorskip("uvloop")
+    return run_on_uvloop(main)
+
+
+@pytest.mark.parametrize("walk", ["c", "python"])
+def test_on_uvloop_a_tasks_walk_stops_at_its_coroutine_not_at_the_process_outside_it(
+    walk: str,
+) -> None:
+    # uvloop runs a task's step from C: no Handle._run frame to stop at. The walk stops where
+    # the task's outermost coroutine was entered from a plain function (asyncio.Runner.run
+    # here), as it does at Handle._run on asyncio's own loop; the coroutines awaited in the
+    # task, and a plain function called in one, are all kept.
+    take = capture if walk == "c" else _stacks.capture_python
+
+    def helper() -> tuple[str, ...]:
+        return take(64, skip=1).frames
+
+    async def awaited() -> tuple[str, ...]:
+        return helper()
+
+    async def task() -> tuple[str, ...]:
+        return await awaited()
+
+    async def main() -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return await asyncio.create_task(task()), await task()
+
+    in_task, in_main = _uvloop_run(main())
+    assert [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in in_task] == ["helper", "awaited", "task"]
+    names = [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in in_main[:4]]
+    assert names == ["helper", "awaited", "task", "main"]
+    # on 3.11+ uvloop.run's own wrapper coroutine runs main(): the walk ends in it
+    assert [f.split(" @ ")[1].split("/")[1] for f in in_main[4:]] in ([], ["uvloop"])
+
+
+@pytest.mark.parametrize("walk", ["c", "python"])
+def test_on_uvloop_a_callbacks_walk_stops_at_the_loops_runner(walk: str) -> None:
+    take = capture if walk == "c" else _stacks.capture_python
+
+    async def main() -> tuple[str, ...]:
+        got: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+
+        def callback() -> None:
+            got.set_result(take(64, skip=1).frames)
+
+        asyncio.get_running_loop().call_soon(callback)
+        return await got
+
+    frames = _uvloop_run(main())
+    assert [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in frames] == ["callback"]
+
+
+@pytest.mark.parametrize("walk", ["c", "python"])
+def test_a_coroutine_driven_through_a_plain_generator_keeps_its_awaiters_frames(
+    walk: str,
+) -> None:
+    # Only a plain function outside a coroutine ends a walk: an __await__ that is a plain
+    # generator delegating to a coroutine (yield from) is walked through.
+    take = capture if walk == "c" else _stacks.capture_python
+
+    async def deep() -> tuple[str, ...]:
+        return take(64, skip=1).frames
+
+    class Delegating:
+        def __await__(self) -> Generator[Any, None, tuple[str, ...]]:
+            return (yield from deep().__await__())
+
+    async def outer() -> tuple[str, ...]:
+        return await Delegating()
+
+    frames = asyncio.run(outer())
+    names = [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in frames]
+    assert names == ["deep", "__await__", "outer"]
+
+
+@pytest.mark.parametrize("walk", ["c", "python"])
+def test_a_coroutine_sent_to_by_hand_ends_its_walk_at_the_sender(walk: str) -> None:
+    take = capture if walk == "c" else _stacks.capture_python
+
+    async def coro() -> tuple[str, ...]:
+        return take(64, skip=1).frames
+
+    def driver() -> tuple[str, ...]:
+        try:
+            coro().send(None)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        raise AssertionError("did not finish")
+
+    assert [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in driver()] == ["coro"]
 
 
 def test_library_paths_are_spelled_so_their_origin_shows() -> None:
