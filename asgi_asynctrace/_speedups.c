@@ -92,7 +92,8 @@ slot_set(PyObject *obj, PyObject *name, PyObject *value)
  * function's is a coroutine being driven by whoever runs the loop (asyncio.Runner.run,
  * uvloop.run, a server's main), and everything from that plain function outwards is the
  * process, not the request. A plain function that drives a coroutine for the tracer itself
- * (the pure-Python TimedCoroutine's send and throw) is passed through: set_stack_drivers. */
+ * (the pure-Python TimedCoroutine's send and throw) is passed through. Both set by
+ * set_stack_bounds. */
 #define MAX_DRIVERS 4
 static PyObject *stack_drivers[MAX_DRIVERS]; /* owned code objects */
 static int n_stack_drivers;
@@ -116,7 +117,6 @@ is_runner(PyObject *code)
 #define CORO_FLAGS (CO_COROUTINE | CO_ITERABLE_COROUTINE)
 #define RESUMABLE_FLAGS (CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR)
 
-/* Whether the walk stops before outer, the frame just outside inner's. */
 static inline int
 is_driver(PyObject *code)
 {
@@ -128,19 +128,28 @@ is_driver(PyObject *code)
     return 0;
 }
 
-/* A driver's frame stands for the coroutine it drives: inside, it is walked past; outside, it
- * is where the coroutine was entered from the loop. */
+/* What the walk does at a frame running code, given whether the frame just inside it (walked
+ * before) is a coroutine or stands for one: STOPS before it, or goes on, with *coro set to
+ * whether this frame is a coroutine or stands for one (a driver stands for the coroutine it
+ * drives). A request's walk is mostly coroutines, which cost one test of their flags. */
+#define STOPS (-1)
 static inline int
-leaves_the_loop(PyObject *inner, PyObject *outer)
+frame_kind(PyObject *code, PyObject *stop, int inner_coro, int *coro)
 {
-    if (!PyCode_Check(inner) || !PyCode_Check(outer) ||
-        (((PyCodeObject *)outer)->co_flags & RESUMABLE_FLAGS)) {
+    *coro = 0;
+    if (code == stop || !PyCode_Check(code)) {
+        return code == stop ? STOPS : 0;
+    }
+    int flags = ((PyCodeObject *)code)->co_flags;
+    if (flags & RESUMABLE_FLAGS) {
+        *coro = (flags & CORO_FLAGS) != 0;
         return 0;
     }
-    if (!(((PyCodeObject *)inner)->co_flags & CORO_FLAGS) && !is_driver(inner)) {
+    if (is_driver(code)) {
+        *coro = 1;
         return 0;
     }
-    return !is_driver(outer);
+    return inner_coro || is_runner(code) ? STOPS : 0;
 }
 
 typedef struct {
@@ -172,9 +181,10 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
             f = f->previous;
         }
     }
+    int coro = 0;
     while (f != NULL && n < depth) {
         PyObject *code = FRAME_CODE(f);
-        if (code == stop || is_runner(code)) {
+        if (frame_kind(code, stop, coro, &coro) == STOPS) {
             break;
         }
         buf[n].code = (void *)code;
@@ -183,9 +193,6 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
         f = f->previous;
         while (f != NULL && _PyFrame_IsIncomplete(f)) {
             f = f->previous;
-        }
-        if (f != NULL && leaves_the_loop(code, FRAME_CODE(f))) {
-            break;
         }
     }
 #undef FRAME_CODE
@@ -197,9 +204,10 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
         Py_DECREF(f);
         f = back;
     }
+    int coro = 0;
     while (f != NULL && n < depth) {
         PyCodeObject *code = PyFrame_GetCode(f);
-        if ((PyObject *)code == stop || is_runner((PyObject *)code)) {
+        if (frame_kind((PyObject *)code, stop, coro, &coro) == STOPS) {
             Py_DECREF(code);
             break;
         }
@@ -213,15 +221,6 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
         PyFrameObject *back = PyFrame_GetBack(f);
         Py_DECREF(f);
         f = back;
-        if (f != NULL) {
-            PyCodeObject *outer = PyFrame_GetCode(f);
-            int leaves = leaves_the_loop((PyObject *)code, (PyObject *)outer);
-            Py_DECREF(outer);
-            if (leaves) {
-                Py_DECREF(code);
-                break;
-            }
-        }
         Py_DECREF(code);
     }
     Py_XDECREF(f);

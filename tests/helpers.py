@@ -119,6 +119,7 @@ def assert_recorded_alike(c_form: Recorded, python_form: Recorded) -> None:
     creation stack), is the same, stacks included: every walk stops where the loop runs the
     task (asyncio's Handle._run, or on uvloop the plain function outside the task's
     coroutine), the Python form's own frames (``TimedCoroutine.send``) walked past."""
-    assert [record for record, _ in c_form] == [record for record, _ in python_form]
+    c_records, python_records = [r for r, _ in c_form], [r for r, _ in python_form]
+    assert c_records == python_records, f"C: {c_records}\nPython: {python_records}"
     for (_, ours), (_, theirs) in zip(c_form, python_form, strict=True):
-        assert ours == theirs
+        assert ours == theirs, f"C: {ours}\nPython: {theirs}"

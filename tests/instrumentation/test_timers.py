@@ -328,8 +328,13 @@ async def _scheduled_directly() -> None:
 
 
 async def _deadlines() -> None:
+    # The sleep's task is started before its deadline is set: a deadline of 1 ms set first
+    # could, on a loaded machine, fire before the task's first step made its sleep's timer,
+    # and the two forms' runs would then record different resources.
+    sleeping = asyncio.ensure_future(asyncio.sleep(1))
+    await asyncio.sleep(0)
     with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.sleep(1), 0.001)  # reached
+        await asyncio.wait_for(sleeping, 0.001)  # reached
     await asyncio.wait_for(asyncio.sleep(0), 1)  # not reached
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(1):
