@@ -177,8 +177,12 @@ def test_many_traced_timer_handles_leave_both_handle_classes_as_many_references_
 def test_a_wait_for_deadline_that_is_not_reached_is_cancelled_and_one_that_is_fires() -> None:
     async def body() -> None:
         await asyncio.wait_for(asyncio.sleep(0.001), timeout=5)
+        # started before its deadline is set: uvloop runs due timers before the ready
+        # callbacks, so on a loaded machine a 10 ms deadline could fire first
+        sleeping = asyncio.ensure_future(asyncio.sleep(5))
+        await asyncio.sleep(0)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.sleep(5), timeout=0.01)
+            await asyncio.wait_for(sleeping, timeout=0.01)
 
     trace = traced(body)
     kind = "timeout" if sys.version_info >= (3, 12) else "wait_for"
