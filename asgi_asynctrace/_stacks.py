@@ -52,10 +52,12 @@ _STDLIB_DIRS: Final = tuple(
 )
 # A frame of the loop running a callback: everything outside it is the loop, not the request.
 _STOP_CODE: Final = asyncio.events.Handle._run.__code__
-# A loop whose callbacks run in C (uvloop) leaves no such frame: there a walk stops where a
-# coroutine's frame was entered from a plain function's (see _leaves_the_loop), and, for a
-# callback's walk, at asyncio's runner (what asyncio.run, uvloop.run and uvicorn run the loop
-# from on 3.11+; asyncio.run itself on 3.10).
+# A loop whose callbacks run in C (uvloop) leaves no such frame. There a walk stops where a
+# coroutine's frame was entered from a plain function's: that coroutine is being driven by
+# whoever runs the loop (asyncio.Runner.run, uvloop.run, a server's main), and from that plain
+# function outwards the frames are the process's, not the request's. A callback's walk stops
+# at asyncio's runners (what asyncio.run, uvloop.run and uvicorn run the loop from on 3.11+;
+# asyncio.run itself on 3.10). _speedups.c's walk does the same (frame_kind).
 _runner = getattr(asyncio.runners, "Runner", None)
 _RUNNER_CODES: Final = (
     asyncio.runners.run.__code__,
@@ -65,18 +67,28 @@ _CORO_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE
 _RESUMABLE_FLAGS: Final = (
     inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE
 ) | inspect.CO_ASYNC_GENERATOR
-# Plain functions that drive a coroutine for the tracer itself: walked past (pass_through).
-# Compared by identity (a code object's hash and equality read its contents).
+# Plain functions that drive a coroutine for the tracer itself (pass_through): walked past,
+# standing for the coroutine they drive. Compared by identity (a code object's hash and
+# equality read its contents).
 _drivers: tuple[CodeType, ...] = ()
+_STOPS: Final = -1
 
 
-def _stops(code: CodeType) -> bool:
-    """Whether a walk stops before a frame running ``code``: the loop's, not the request's."""
-    return code is _STOP_CODE or code is _RUNNER_CODES[0] or code is _RUNNER_CODES[1]
-
-
-def _is_driver(code: CodeType) -> bool:
-    return any(code is d for d in _drivers)
+def _frame_kind(code: CodeType, inner_coro: int) -> int:
+    """What a walk does at a frame running ``code``, given whether the frame just inside it
+    is a coroutine (or stands for one): ``_STOPS`` before it, or goes on, returning whether
+    this frame is a coroutine or stands for one."""
+    flags = code.co_flags
+    if flags & _RESUMABLE_FLAGS:
+        return flags & _CORO_FLAGS
+    if code is _STOP_CODE:
+        return _STOPS
+    for d in _drivers:
+        if code is d:
+            return 1
+    if inner_coro or code is _RUNNER_CODES[0] or code is _RUNNER_CODES[1]:
+        return _STOPS
+    return 0
 
 
 _MAX_CACHE: Final = 8192
@@ -104,19 +116,6 @@ class Stack:
     def __init__(self, frames: tuple[str, ...], codes: tuple[CodeType, ...]) -> None:
         self.frames = frames
         self.codes = codes  # keeps the code objects, hence the ids in the cache key, alive
-
-
-def _leaves_the_loop(inner: CodeType, outer: CodeType) -> bool:
-    """Whether a walk stops before ``outer``, the frame just outside ``inner``'s: a coroutine
-    entered from a plain function is being driven by whoever runs the loop (asyncio.Runner,
-    uvloop.run, a server's main), and from there outwards the frames are the process's, not
-    the request's. What Handle._run marks on asyncio's own loop, for any loop. A driver's
-    frame (see pass_through) stands for the coroutine it drives."""
-    return (
-        outer.co_flags & _RESUMABLE_FLAGS == 0
-        and (inner.co_flags & _CORO_FLAGS != 0 or _is_driver(inner))
-        and not _is_driver(outer)
-    )
 
 
 def pass_through(*codes: CodeType) -> None:
@@ -147,16 +146,20 @@ def capture_python(max_depth: int, skip: int = 1) -> Stack:
     key: list[int] = []
     append = key.append
     n = 0
+    coro = 0
     while f is not None and n < max_depth:
         code = f.f_code
-        if _stops(code):
-            break
+        flags = code.co_flags
+        if flags & _RESUMABLE_FLAGS:  # most of a request's frames: no call to classify them
+            coro = flags & _CORO_FLAGS
+        else:
+            coro = _frame_kind(code, coro)
+            if coro == _STOPS:
+                break
         append(id(code))
         append(f.f_lasti)
         f = f.f_back
         n += 1
-        if f is not None and _leaves_the_loop(code, f.f_code):
-            break
     k = tuple(key)
     hit = _cache.get(k)
     if hit is not None:
@@ -217,17 +220,17 @@ def frames_from(frame: FrameType | None, max_depth: int) -> tuple[str, ...]:
     the walk itself is not cached, since a sample is rare."""
     frames: list[str] = []
     n = 0
+    coro = 0
     while frame is not None and n < max_depth:
         code = frame.f_code
-        if _stops(code):
+        coro = _frame_kind(code, coro)
+        if coro == _STOPS:
             break
         text = _frame_text(frame, code)
         if text is not None:
             frames.append(text)
         frame = frame.f_back
         n += 1
-        if frame is not None and _leaves_the_loop(code, frame.f_code):
-            break
     return tuple(frames)
 
 
