@@ -18,6 +18,16 @@ from asgi_asynctrace._hooks import LINGER_S
 
 T = TypeVar("T")
 LOOP = os.environ.get("ASYNCTRACE_TEST_LOOP", "asyncio")
+# Where asyncio.eager_task_factory can run at all: on 3.12+, and not on uvloop 0.23 under
+# 3.13, whose create_task hands the factory an eager_start it refuses (a TypeError without
+# this package anywhere near).
+NO_EAGER_TASKS = (
+    "eager tasks are new in Python 3.12"
+    if sys.version_info < (3, 12)
+    else "uvloop cannot run asyncio.eager_task_factory on Python 3.13+"
+    if LOOP == "uvloop" and sys.version_info >= (3, 13)
+    else ""
+)
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:

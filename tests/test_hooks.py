@@ -22,7 +22,15 @@ from asgi_asynctrace import (
     current_resource,
     start_resource,
 )
-from tests.helpers import LOOP, Recorded, _request, assert_recorded_alike, run, traced
+from tests.helpers import (
+    LOOP,
+    NO_EAGER_TASKS,
+    Recorded,
+    _request,
+    assert_recorded_alike,
+    run,
+    traced,
+)
 
 Tree = list[tuple[str, list[Any]]]
 OWN_SUITES = frozenset({"timer", "stream-read", "stream-write"})
@@ -659,7 +667,7 @@ def test_a_task_factory_already_on_the_loop_is_chained_and_restored() -> None:
     assert any(name.endswith("leaf") for name in made)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in Python 3.12")
+@pytest.mark.skipif(bool(NO_EAGER_TASKS), reason=NO_EAGER_TASKS)
 def test_eager_tasks_have_their_first_step_recorded_at_creation() -> None:
     async def main() -> Trace | None:
         loop = asyncio.get_running_loop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import sys
 import threading
 import time
 from typing import Any
@@ -24,8 +23,8 @@ from asgi_asynctrace import (
     load_trace,
 )
 from asgi_asynctrace._report import format_summary
+from tests.helpers import NO_EAGER_TASKS, run
 from tests.helpers import _request as request_through_middleware
-from tests.helpers import run
 
 HERE = "tests/test_watchdog.py"
 
@@ -331,7 +330,7 @@ def test_a_collection_another_requests_code_ran_is_not_this_requests() -> None:
     assert not [r for r in trace.resources if r.type == "gc"]
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in Python 3.12")
+@pytest.mark.skipif(bool(NO_EAGER_TASKS), reason=NO_EAGER_TASKS)
 def test_an_eager_tasks_first_step_inside_its_creators_is_its_own_then_the_creators() -> None:
     async def main() -> Trace:
         loop = asyncio.get_running_loop()
