@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str, str | None, bool]] = {
     "costs": ("benchmarks.bench_costs", "costs", "valgrind", True),
     "misses": ("benchmarks.bench_misses", "misses", "valgrind", True),
     "routes": ("benchmarks.bench_routes", "routes", None, True),
+    "parts": ("benchmarks.bench_parts", "parts", None, True),
     "viewer": ("benchmarks.bench_viewer", "viewer", "/usr/bin/chromium", False),
     "e2e": ("benchmarks.bench_e2e", "e2e", "wrk", False),
 }

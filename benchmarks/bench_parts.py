@@ -1,0 +1,98 @@
+"""A traced `/cache` request's latency in time, with each part of the recording turned off.
+
+    python -m benchmarks.bench_parts            # the table
+    python -m benchmarks.bench_parts --quick    # fewer rounds (a smoke check)
+
+bench_costs takes a traced request's *instructions* apart; this takes its *time* apart, on
+the route where the tracer's cost shows most (`/cache`: 19 resources in 0.1 ms of CPU work,
+nothing to wait on). Each variant is the middleware with one setting changed, every request
+traced to the store (no header); each is timed, like bench_routes' latency table, on the
+last of four requests in a row, the variants in turn, each leading in its turn, and compared
+with the bare app timed in the same rotation. What a row saves is what that part costs in
+time: it says which setting buys how much on a CPU-bound route, and how far the defaults
+are from the 1.25x target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import tempfile
+from typing import Any
+
+from benchmarks.bench_routes import _answered, _bare
+
+_IN_A_ROW = 4
+PATH = "/cache"
+
+
+def _variants(bare: Any) -> dict[str, Any]:
+    from asgi_asynctrace import AsyncTraceMiddleware, TraceLimits
+
+    def traced(**settings: Any) -> Any:
+        return AsyncTraceMiddleware(
+            bare, log_traces=False, store_size=100, sample_rate=1.0, **settings
+        )
+
+    lean = {"limits": TraceLimits(max_stack_depth=0), "record_futures": False}
+    return {
+        "the defaults (everything recorded)": traced(),
+        "no creation stacks (`TraceLimits(max_stack_depth=0)`)": traced(
+            limits=TraceLimits(max_stack_depth=0)
+        ),
+        "no futures (`record_futures=False`)": traced(record_futures=False),
+        "no blocked-loop watchdog (`blocked_sample_ms=None`)": traced(blocked_sample_ms=None),
+        "none of the three": traced(blocked_sample_ms=None, **lean),
+    }
+
+
+async def parts_table(rounds: int) -> list[str]:
+    from asgi_asynctrace._hooks import uninstall_hooks
+    from sample_app.app import app as sample
+
+    bare = _bare(sample)
+    apps = {"bare": bare, **_variants(bare)}
+    names = list(apps)
+    got: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        took: dict[str, int] = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            for _ in range(_IN_A_ROW - 1):
+                await _answered(apps[name], PATH, False)
+            took[name] = await _answered(apps[name], PATH, False)
+        got["bare"].append(took["bare"])
+        for name in names[1:]:
+            got[name].append(took[name] / took["bare"])
+    uninstall_hooks()
+    median = {name: statistics.median(v) for name, v in got.items()}
+    defaults = median[names[1]]
+    rows = [
+        f"| `{PATH}`, traced to the store | latency vs the bare app | saves, vs the defaults |",
+        "|---|---|---|",
+    ]
+    for name in names[1:]:
+        saved = "-" if name == names[1] else f"{defaults - median[name]:.3f}x"
+        rows.append(f"| {name} | {median[name]:.3f}x | {saved} |")
+    rows.append(f"| (the bare app) | {median['bare'] / 1e3:.0f} µs | - |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke check)")
+    args = parser.parse_args()
+    rounds = 30 if args.quick else 3000
+    os.environ.setdefault("SAMPLE_DB", os.path.join(tempfile.mkdtemp(), "bench.db"))
+    logging.getLogger("asgi_asynctrace.trace").setLevel(logging.WARNING)
+    rows = asyncio.run(parts_table(rounds))
+    print(f"Python {sys.version.split()[0]}; one request at a time, each variant timed on the "
+          f"last of {_IN_A_ROW} in a row, {rounds} rounds; medians of the ratios\n")  # fmt: skip
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
