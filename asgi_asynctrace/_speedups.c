@@ -103,30 +103,22 @@ static int n_stack_drivers;
 static PyObject *loop_runners[MAX_RUNNERS]; /* owned code objects */
 static int n_loop_runners;
 
-static inline int
-is_runner(PyObject *code)
-{
-    for (int i = 0; i < n_loop_runners; i++) {
-        if (loop_runners[i] == code) {
-            return 1;
-        }
-    }
-    return 0;
-}
-
 #define CORO_FLAGS (CO_COROUTINE | CO_ITERABLE_COROUTINE)
 #define RESUMABLE_FLAGS (CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR)
 
+/* Whether code is one of the n codes (compared by address). */
 static inline int
-is_driver(PyObject *code)
+one_of(PyObject *code, PyObject *const *codes, int n)
 {
-    for (int i = 0; i < n_stack_drivers; i++) {
-        if (stack_drivers[i] == code) {
+    for (int i = 0; i < n; i++) {
+        if (codes[i] == code) {
             return 1;
         }
     }
     return 0;
 }
+#define is_runner(code) one_of((code), loop_runners, n_loop_runners)
+#define is_driver(code) one_of((code), stack_drivers, n_stack_drivers)
 
 /* What the walk does at a frame running code, given whether the frame just inside it (walked
  * before) is a coroutine or stands for one: STOPS before it, or goes on, with *coro set to
