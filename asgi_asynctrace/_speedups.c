@@ -7,8 +7,9 @@
  *   got = stack_lookup(skip, max_depth, stop_code, cache)   # a Stack, or (hash, packed walk)
  *
  * Walks from the caller's frame (skip = 0) outwards, at most max_depth frames, stopping
- * before a frame running stop_code, and looks the (code object address, last instruction)
- * pairs of the walk up in the cache, allocating nothing the garbage collector sees on a hit.
+ * before a frame running stop_code or where the loop runs the task (frame_kind, below), and
+ * looks the (code object address, last instruction) pairs of the walk up in the cache,
+ * allocating nothing the garbage collector sees on a hit.
  * The Python fallback in _stacks.py keys its own cache by the same pairs as a tuple; the two
  * caches never meet. Optional at build time: without a compiler the package runs on the
  * fallback.

@@ -121,7 +121,8 @@ class Stack:
 def pass_through(*codes: CodeType) -> None:
     """Have every walk go on past frames running ``codes`` (plain functions that drive a
     coroutine for the tracer, such as the pure-Python TimedCoroutine's ``send``) into the
-    coroutine's awaiter, as it does past the C TimedCoroutine, which has no frame."""
+    coroutine's awaiter, as it does past the C TimedCoroutine, which has no frame. The codes
+    given replace those given before (at most four)."""
     global _drivers
     _drivers = codes
     if _c_lookup is not None:
