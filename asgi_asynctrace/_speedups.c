@@ -2276,7 +2276,7 @@ keep_codes(PyObject *codes, PyObject **slots, int *n, int max)
 }
 
 /* Set by _stacks: the plain functions that drive a coroutine for the tracer (walked past, see
- * leaves_the_loop) and the frames that run a loop (stopped at). */
+ * frame_kind) and the frames that run a loop (stopped at). */
 static PyObject *
 set_stack_bounds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
