@@ -23,8 +23,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._findings import SEVERITIES, AnalysisSettings, Finding, diagnose, format_duration
-from ._model import Resource, Trace, frame_origin
+from ._findings import (
+    SEVERITIES,
+    AnalysisSettings,
+    Finding,
+    diagnose,
+    format_duration,
+    site_of,
+)
+from ._model import Resource, Trace
 
 __all__ = [
     "SEVERITIES",
@@ -315,8 +322,7 @@ def _with_own_work(
             first, last = inside[0][0], inside[-1][1]
             seen = [frames for at, frames in samples if first <= at <= last and frames]
             if seen:
-                app = [f for f in seen[0] if frame_origin(f) == "app"]
-                what += f", blocked at {(app or seen[0])[0]}"
+                what += f", blocked at {site_of(seen[0])}"
             out.append(PathStep(root.async_id, "root", what, first, last, 0))
         if step is not None:
             out.append(step)

@@ -12,6 +12,7 @@ SEVERITIES, IO_TYPES.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -20,7 +21,7 @@ from ._model import Resource, Trace, frame_origin
 if TYPE_CHECKING:
     from ._analysis import PathStep, ResourceTimes
 
-__all__ = ["IO_TYPES", "SEVERITIES", "AnalysisSettings", "Finding", "diagnose"]
+__all__ = ["IO_TYPES", "SEVERITIES", "AnalysisSettings", "Finding", "diagnose", "site_of"]
 
 MS: Final = 1_000_000
 # What a request waits on: the operations a diagnosis talks about.
@@ -56,6 +57,14 @@ class AnalysisSettings:
     own_code_share: float = 0.05
 
 
+def site_of(stack: Sequence[str]) -> str:
+    """A stack's first frame of the app's own code (else its first frame; "" for none)."""
+    for frame in stack:
+        if frame_origin(frame) == "app":
+            return frame
+    return stack[0] if stack else ""
+
+
 @dataclass(frozen=True)
 class Finding:
     kind: str  # sequential-awaits, n-plus-one, blocked-loop, slow-upstream, thread-starvation,
@@ -70,10 +79,7 @@ class Finding:
     @property
     def site(self) -> str:
         """Where in the app's own code it happened: its first app frame (else the first)."""
-        for frame in self.stack:
-            if frame_origin(frame) == "app":
-                return frame
-        return self.stack[0] if self.stack else ""
+        return site_of(self.stack)
 
     def to_dict(self) -> dict[str, Any]:
         return {
