@@ -1657,6 +1657,26 @@ typedef struct {
     PyObject *samples;
 } TraceCore;
 
+/* What the watchdog's thread reads without the GIL (quiet_wait, below): how many traces have a
+ * step running now, and a count bumped each time any trace's running step changes. Written
+ * with the GIL held, by every thread that runs traced steps; read by the watchdog's thread
+ * with the GIL released, so both are atomic (relaxed: only "did it change", "is it zero"). */
+static long steps_running;
+static unsigned long step_changes;
+
+static inline void
+running_changed(PyObject *before, PyObject *after)
+{
+    if (before == NULL && after != NULL) {
+        __atomic_add_fetch(&steps_running, 1, __ATOMIC_RELAXED);
+    }
+    else if (before != NULL && after == NULL) {
+        __atomic_sub_fetch(&steps_running, 1, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&step_changes, __atomic_load_n(&step_changes, __ATOMIC_RELAXED) + 1,
+                     __ATOMIC_RELAXED);
+}
+
 /* What a step replaced as the trace's running step, given back when it ends. */
 typedef struct {
     PyObject *res;
@@ -1667,6 +1687,7 @@ static inline step_mark
 step_enter(TraceCore *t, PyObject *res)
 {
     step_mark outer = {t->running, t->running_thread};
+    running_changed(outer.res, res);
     t->running = Py_NewRef(res);
     t->running_thread = PyThread_get_thread_ident();
     return outer;
@@ -1676,6 +1697,7 @@ static inline void
 step_leave(TraceCore *t, step_mark outer)
 {
     PyObject *mine = t->running;
+    running_changed(mine, outer.res);
     t->running = outer.res;
     t->running_thread = outer.thread;
     Py_XDECREF(mine);
@@ -2211,7 +2233,10 @@ core_clear(TraceCore *t)
     Py_CLEAR(t->stack_ids);
     Py_CLEAR(t->dropped);
     Py_CLEAR(t->watched);
-    Py_CLEAR(t->running);
+    if (t->running != NULL) {
+        running_changed(t->running, NULL);
+        Py_CLEAR(t->running);
+    }
     Py_CLEAR(t->samples);
     core_drop_index(t);
     return 0;
@@ -2347,9 +2372,106 @@ core_set_running(TraceCore *t, PyObject *value, void *unused)
         !PyArg_ParseTuple(value, "Ok:_running", &res, &thread)) {
         return -1;
     }
+    running_changed(t->running, res);
     Py_XSETREF(t->running, Py_XNewRef(res));
     t->running_thread = thread;
     return 0;
+}
+
+static long long
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* quiet_wait(pause_ns, after_ns, limit_ns, pokes) -> bool: the watchdog's sleep, with the GIL let go
+ * throughout. Returns True when a step may be due for a sample: the step running at the call
+ * still runs pause_ns later (the caller reckoned it due then), or one that began since has
+ * run after_ns with no step starting or ending (counted from when this wait saw the change,
+ * so never before the step itself had run that long); then the watchdog takes the GIL to
+ * look. Returns False after limit_ns, or once the count of pokes is no longer pokes (read
+ * with quiet_poke(False) before the caller said what it waits for). A thread that woke every 20 ms to look with the
+ * GIL took it from a busy loop each time (up to the 5 ms switch interval of handing it over,
+ * a futile wake-up at each of the loop's polls meanwhile): with traced requests one in a
+ * hundred, 1-2 % of the process's CPU. Now it asks for the GIL only when a step is long. */
+static unsigned long quiet_pokes;
+
+/* quiet_poke(bump) -> int: with bump true, every quiet_wait under way returns False now (a
+ * trace watched meanwhile wants its steps sampled sooner than the wait's after_ns); the count
+ * of pokes, which a quiet_wait is given as where it starts from. */
+static PyObject *
+quiet_poke(PyObject *module, PyObject *bump)
+{
+    int yes = PyObject_IsTrue(bump);
+    if (yes < 0) {
+        return NULL;
+    }
+    if (yes) {
+        __atomic_add_fetch(&quiet_pokes, 1, __ATOMIC_RELAXED);
+    }
+    return PyLong_FromUnsignedLong(__atomic_load_n(&quiet_pokes, __ATOMIC_RELAXED));
+}
+
+static PyObject *
+quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long pause, after, limit;
+    unsigned long pokes;
+    if (nargs != 4 || (pause = PyLong_AsLongLong(args[0])) == -1 ||
+        (after = PyLong_AsLongLong(args[1])) == -1 || (limit = PyLong_AsLongLong(args[2])) == -1 ||
+        ((pokes = PyLong_AsUnsignedLong(args[3])) == (unsigned long)-1 && PyErr_Occurred())) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "quiet_wait(pause_ns, after_ns, limit_ns, pokes)");
+        }
+        return NULL;
+    }
+    if (after < 1000000) {
+        after = 1000000;
+    }
+    int long_step = 0;
+    Py_BEGIN_ALLOW_THREADS
+    long long start = monotonic_ns(), since = start, now = start;
+    if (pause < 1000000) {
+        pause = 1000000;
+    }
+    unsigned long seen = __atomic_load_n(&step_changes, __ATOMIC_RELAXED);
+    for (;;) {
+        /* look four times per after_ns (a long step is seen within 1.25 after_ns of its start),
+         * and at least every 5 ms, for a poke */
+        long long nap = after / 4 < 5000000 ? after / 4 : 5000000;
+        if (now - start < pause && pause - (now - start) < nap) {
+            nap = pause - (now - start);
+        }
+        if (limit - (now - start) < nap) {
+            nap = limit - (now - start);
+        }
+        if (nap > 0) {
+            struct timespec ts = {(time_t)(nap / 1000000000LL), (long)(nap % 1000000000LL)};
+            nanosleep(&ts, NULL);
+        }
+        now = monotonic_ns();
+        if (__atomic_load_n(&quiet_pokes, __ATOMIC_RELAXED) != pokes) {
+            break;
+        }
+        unsigned long changes = __atomic_load_n(&step_changes, __ATOMIC_RELAXED);
+        if (changes != seen || __atomic_load_n(&steps_running, __ATOMIC_RELAXED) <= 0) {
+            seen = changes;
+            since = now;
+        }
+        else if (since == start ? now - start >= pause : now - since >= after) {
+            /* the step running at the call, now due (pause: the caller's reckoning from its
+             * start); or one that began since, after_ns ago or more */
+            long_step = 1;
+            break;
+        }
+        if (now - start >= limit) {
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(long_step);
 }
 
 static PyGetSetDef core_getset[] = {
@@ -4703,6 +4825,12 @@ static PyMethodDef methods[] = {
      "dropped_type) -> a started trace, as Trace.start makes it."},
     {"set_stack_formatter", (PyCFunction)(void (*)(void))set_stack_formatter, METH_FASTCALL,
      "set_stack_formatter(format, cache, stop_code): what TraceCore.new_resource walks with."},
+    {"quiet_poke", (PyCFunction)quiet_poke, METH_O,
+     "quiet_poke(bump): with bump true, every quiet_wait under way returns False now; the "
+     "count of pokes"},
+    {"quiet_wait", (PyCFunction)(void (*)(void))quiet_wait, METH_FASTCALL,
+     "quiet_wait(pause_ns, after_ns, limit_ns, pokes): sleep, without the GIL, until a step "
+     "has run after_ns with no other starting or ending (True), limit_ns or a poke (False)"},
     {"set_stack_bounds", (PyCFunction)(void (*)(void))set_stack_bounds, METH_FASTCALL,
      "set_stack_bounds(drivers, runners): code a walk goes past into the coroutine it drives, "
      "and code a walk stops at."},

@@ -375,3 +375,107 @@ def test_the_response_headers_trace_carries_the_samples_taken_before_it_started(
     assert all(s["frames"][0].startswith(f"_sleeps_on_the_loop @ {HERE}:{line}:")
                for s in doc["samples"])  # fmt: skip
     assert load_trace(doc).samples
+
+
+# -- the thread's sleep without the GIL (quiet_wait, in the C accelerator) -------------------
+try:
+    from asgi_asynctrace._speedups import quiet_poke, quiet_wait
+except ImportError:  # ASYNCTRACE_PURE_PYTHON: the thread sleeps with time.sleep
+    quiet_poke = quiet_wait = None  # type: ignore[assignment]
+_C_WAIT = pytest.mark.skipif(quiet_wait is None, reason="the C accelerator is off")
+
+
+def _wait_in_a_thread(pause_ms: int, after_ms: int, limit_ms: int) -> tuple[list[Any], Any]:
+    """``quiet_wait`` in a thread of its own, started now; [(what it returned, when)] once it
+    has, and the thread."""
+    wait, pokes = quiet_wait, quiet_poke(False)
+    got: list[Any] = []
+
+    def waits() -> None:
+        returned = wait(pause_ms * 1_000_000, after_ms * 1_000_000, limit_ms * 1_000_000, pokes)
+        got.append((returned, time.perf_counter()))
+
+    thread = threading.Thread(target=waits)
+    thread.start()
+    return got, thread
+
+
+async def _short_steps() -> None:
+    """400 ms of traced steps of 0.2 ms each: a busy loop that never blocks."""
+    end = time.perf_counter() + 0.4
+    while time.perf_counter() < end:
+        _spin(0.0002)
+        await asyncio.sleep(0)
+
+
+@_C_WAIT
+def test_the_watchdog_sleeps_through_a_busy_loop_of_short_steps() -> None:
+    start = time.perf_counter()
+    got, thread = _wait_in_a_thread(1, 100, 300)
+    _request(_short_steps, blocked_sample_ms=None)
+    thread.join()
+    [(returned, at)] = got
+    assert returned is False and at - start >= 0.3  # no step ran 100 ms: slept to its limit
+
+
+@_C_WAIT
+def test_the_watchdog_wakes_for_a_long_step_while_it_runs() -> None:
+    when: dict[str, float] = {}
+
+    async def blocks() -> None:
+        await asyncio.sleep(0)
+        when["start"] = time.perf_counter()
+        time.sleep(0.2)  # lets go of the GIL, as a blocking driver call does
+        when["end"] = time.perf_counter()
+
+    got, thread = _wait_in_a_thread(1, 30, 2000)
+    _request(blocks, blocked_sample_ms=None)
+    thread.join()
+    [(returned, at)] = got
+    assert returned is True
+    assert when["start"] + 0.03 <= at < when["end"]  # 30 ms into the step, before it ended
+
+
+@_C_WAIT
+def test_the_watchdog_sleeps_when_no_traced_step_runs() -> None:
+    # after traced requests of every kind have come and gone (a step's mark always taken off),
+    # a wait for 1 ms steps sleeps to its limit
+    _request(_sleeps_on_the_loop, blocked_sample_ms=None)
+    _request(_short_steps, blocked_sample_ms=None)
+    start = time.perf_counter()
+    got, thread = _wait_in_a_thread(1, 1, 60)
+    thread.join()
+    [(returned, at)] = got
+    assert returned is False and at - start >= 0.06
+
+
+@_C_WAIT
+def test_a_poke_ends_the_wait() -> None:
+    start = time.perf_counter()
+    got, thread = _wait_in_a_thread(1, 10_000, 10_000)
+    time.sleep(0.05)
+    quiet_poke(True)
+    thread.join(5)
+    [(returned, at)] = got
+    assert returned is False and at - start < 2
+
+
+@_C_WAIT
+def test_the_watchdog_takes_the_gil_only_to_look_at_a_long_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    looks: list[int] = []
+    look = _watchdog._look
+
+    def counted(now: int) -> int:
+        looks.append(now)
+        return look(now)
+
+    monkeypatch.setattr(_watchdog, "_look", counted)
+    # 400 ms of short steps, sampled from 100 ms: the thread looked every 20 ms before (20
+    # times, taking the GIL from the loop each time); now once as it starts, or not at all
+    trace = _request(_short_steps, blocked_sample_ms=100)
+    assert trace.samples is None
+    assert len(looks) <= 2, len(looks)
+    # and a trace watched with a lower threshold than the wait's has its long step sampled
+    assert _request(_sleeps_on_the_loop, blocked_sample_ms=5).samples
