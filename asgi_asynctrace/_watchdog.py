@@ -19,11 +19,11 @@ while traced requests run, a thread that sleeps without the GIL (``quiet_wait``,
 accelerator) until a step has run ``after_ns`` with no other starting or ending, and only then
 takes the GIL to look: a busy loop of short steps never hands it over. (Looking every 20 ms
 with the GIL took it from a busy loop each time, which cost 1-2 % of the process's CPU with
-one request in a hundred traced. Without the accelerator it still does.) A step blocked in C code that holds the GIL is
-seen only once it lets go, by when it has ended: there is nothing to sample then. The
-garbage collector is such a case, and is told apart by its own callback (below). The thread
-starts with the first traced request and sleeps on an event a second after the last one
-ended. A failure in it is counted and logged once (``asgi_asynctrace.failure_counts()``),
+one request in a hundred traced. Without the accelerator it still does.) A step blocked in
+C code that holds the GIL is seen only once it lets go, by when it has ended: there is
+nothing to sample then. The garbage collector is such a case, and is told apart by its own
+callback (below). The thread starts with the first traced request and sleeps on an event a
+second after the last one ended. A failure in it is counted and logged once (``asgi_asynctrace.failure_counts()``),
 like every other. Exports: watch, unwatch, MAX_SAMPLES, GC_MIN_NS.
 """
 
@@ -188,7 +188,8 @@ def _run() -> None:
             if _watched:
                 idle_since = None
                 pause = _look(now)
-                after = min(w.after for w in list(_watched.values()))
+                # (the request's thread may let go of the last trace meanwhile)
+                after = min((w.after for w in list(_watched.values())), default=after)
                 limit = _LINGER_NS
             else:
                 if idle_since is None:
