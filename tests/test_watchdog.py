@@ -411,7 +411,9 @@ async def _short_steps() -> None:
 @_C_WAIT
 def test_the_watchdog_sleeps_through_a_busy_loop_of_short_steps() -> None:
     start = time.perf_counter()
-    got, thread = _wait_in_a_thread(1, 100, 300)
+    # (pause = after: should the thread start only once a step runs, on a loaded machine, that
+    # step counts as due when it has run as long as any other)
+    got, thread = _wait_in_a_thread(100, 100, 300)
     _request(_short_steps, blocked_sample_ms=None)
     thread.join()
     [(returned, at)] = got
@@ -428,7 +430,7 @@ def test_the_watchdog_wakes_for_a_long_step_while_it_runs() -> None:
         time.sleep(0.2)  # lets go of the GIL, as a blocking driver call does
         when["end"] = time.perf_counter()
 
-    got, thread = _wait_in_a_thread(1, 30, 2000)
+    got, thread = _wait_in_a_thread(30, 30, 2000)  # (pause = after: as above)
     _request(blocks, blocked_sample_ms=None)
     thread.join()
     [(returned, at)] = got
