@@ -1661,12 +1661,20 @@ typedef struct {
  * step running now, and a count bumped each time any trace's running step changes. Written
  * with the GIL held, by every thread that runs traced steps; read by the watchdog's thread
  * with the GIL released, so both are atomic (relaxed: only "did it change", "is it zero"). */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32) && \
+    !defined(ASYNCTRACE_NO_QUIET_WAIT)
+#define HAVE_QUIET_WAIT 1 /* atomics, nanosleep, CLOCK_MONOTONIC; elsewhere the thread polls */
 static long steps_running;
 static unsigned long step_changes;
+#endif
 
 static inline void
 running_changed(PyObject *before, PyObject *after)
 {
+#ifndef HAVE_QUIET_WAIT
+    (void)before;
+    (void)after;
+#else
     if (before == NULL && after != NULL) {
         __atomic_add_fetch(&steps_running, 1, __ATOMIC_RELAXED);
     }
@@ -1675,6 +1683,7 @@ running_changed(PyObject *before, PyObject *after)
     }
     __atomic_store_n(&step_changes, __atomic_load_n(&step_changes, __ATOMIC_RELAXED) + 1,
                      __ATOMIC_RELAXED);
+#endif
 }
 
 /* What a step replaced as the trace's running step, given back when it ends. */
@@ -2378,6 +2387,7 @@ core_set_running(TraceCore *t, PyObject *value, void *unused)
     return 0;
 }
 
+#ifdef HAVE_QUIET_WAIT
 static long long
 monotonic_ns(void)
 {
@@ -2473,6 +2483,7 @@ quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(long_step);
 }
+#endif /* HAVE_QUIET_WAIT */
 
 static PyGetSetDef core_getset[] = {
     {"_running", (getter)core_get_running, (setter)core_set_running,
@@ -4825,12 +4836,14 @@ static PyMethodDef methods[] = {
      "dropped_type) -> a started trace, as Trace.start makes it."},
     {"set_stack_formatter", (PyCFunction)(void (*)(void))set_stack_formatter, METH_FASTCALL,
      "set_stack_formatter(format, cache, stop_code): what TraceCore.new_resource walks with."},
+#ifdef HAVE_QUIET_WAIT
     {"quiet_poke", (PyCFunction)quiet_poke, METH_O,
      "quiet_poke(bump): with bump true, every quiet_wait under way returns False now; the "
      "count of pokes"},
     {"quiet_wait", (PyCFunction)(void (*)(void))quiet_wait, METH_FASTCALL,
      "quiet_wait(pause_ns, after_ns, limit_ns, pokes): sleep, without the GIL, until a step "
      "has run after_ns with no other starting or ending (True), limit_ns or a poke (False)"},
+#endif
     {"set_stack_bounds", (PyCFunction)(void (*)(void))set_stack_bounds, METH_FASTCALL,
      "set_stack_bounds(drivers, runners): code a walk goes past into the coroutine it drives, "
      "and code a walk stops at."},

@@ -23,8 +23,9 @@ one request in a hundred traced. Without the accelerator it still does.) A step 
 C code that holds the GIL is seen only once it lets go, by when it has ended: there is
 nothing to sample then. The garbage collector is such a case, and is told apart by its own
 callback (below). The thread starts with the first traced request and sleeps on an event a
-second after the last one ended. A failure in it is counted and logged once (``asgi_asynctrace.failure_counts()``),
-like every other. Exports: watch, unwatch, MAX_SAMPLES, GC_MIN_NS.
+second after the last one ended. A failure in it is counted and logged once
+(``asgi_asynctrace.failure_counts()``), like every other. Exports: watch, unwatch,
+MAX_SAMPLES, GC_MIN_NS.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ._stacks import frames_from
 try:  # the C accelerator's sleep without the GIL, which wakes only for a long step
     from ._speedups import quiet_poke as _quiet_poke
     from ._speedups import quiet_wait as _quiet_wait
-except ImportError:  # pragma: no cover - built everywhere the tests run but one mode
+except ImportError:  # pragma: no cover - no accelerator, or built without atomics (MSVC)
     _quiet_wait = _quiet_poke = None  # type: ignore[assignment]
 # The after_ns the thread's quiet_wait waits for now (None: not in one)
 _waiting_after: int | None = None

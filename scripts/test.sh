@@ -13,7 +13,11 @@ venv() {  # venv DIR PYTHON: create DIR with PYTHON if needed and install the pr
 }
 
 venv .venv "$PYTHON"
-echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
+# (one command a line: under set -e a failure before the last command of an && list does not
+# stop the script, which let a ruff error through until 2026-11-30's eleventh session)
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "== mypy --strict"; .venv/bin/mypy --strict asgi_asynctrace instrumentation sample_app tests benchmarks
 echo "== pytest (asyncio loop)"; .venv/bin/python -m pytest -q
 echo "== pytest (uvloop)"; ASYNCTRACE_TEST_LOOP=uvloop .venv/bin/python -m pytest -q

@@ -380,9 +380,9 @@ def test_the_response_headers_trace_carries_the_samples_taken_before_it_started(
 # -- the thread's sleep without the GIL (quiet_wait, in the C accelerator) -------------------
 try:
     from asgi_asynctrace._speedups import quiet_poke, quiet_wait
-except ImportError:  # ASYNCTRACE_PURE_PYTHON: the thread sleeps with time.sleep
+except ImportError:  # no accelerator, or one built without atomics: the thread polls
     quiet_poke = quiet_wait = None  # type: ignore[assignment]
-_C_WAIT = pytest.mark.skipif(quiet_wait is None, reason="the C accelerator is off")
+_C_WAIT = pytest.mark.skipif(quiet_wait is None, reason="quiet_wait is not built (no accelerator)")
 
 
 def _wait_in_a_thread(pause_ms: int, after_ms: int, limit_ms: int) -> tuple[list[Any], Any]:
