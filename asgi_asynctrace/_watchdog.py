@@ -89,7 +89,7 @@ def watch(trace: Trace, after_ns: int) -> None:
     """Sample ``trace``'s steps that run ``after_ns`` or longer until ``unwatch(trace)``, and
     note the garbage collections its steps pay for."""
     _watched[trace] = _Watch(after_ns)
-    if _quiet_poke is not None and _waiting_after is not None and after_ns < _waiting_after:
+    if _waiting_after is not None and after_ns < _waiting_after:  # (set only with quiet_wait)
         _quiet_poke(True)  # the thread waits for longer steps than this trace's: it looks again
     if not _gc_on:
         _gc_watch(True)
@@ -188,9 +188,7 @@ def _run() -> None:
             now = _now()
             if _watched:
                 idle_since = None
-                pause = _look(now)
-                # (the request's thread may let go of the last trace meanwhile)
-                after = min((w.after for w in list(_watched.values())), default=after)
+                pause, after = _look(now)
                 limit = _LINGER_NS
             else:
                 if idle_since is None:
@@ -218,7 +216,7 @@ def _sleep(pause: int, after: int, limit: int) -> None:
         return
     global _waiting_after
     try:
-        pokes = _quiet_poke(False) if _quiet_poke is not None else 0  # before saying what for
+        pokes = _quiet_poke(False)  # read before saying what it waits for
         _waiting_after = after
         _quiet_wait(pause, after, limit, pokes)
     except Exception as exc:
@@ -228,11 +226,13 @@ def _sleep(pause: int, after: int, limit: int) -> None:
         _waiting_after = None
 
 
-def _look(now: int) -> int:
-    """Sample every watched trace's step that is due; nanoseconds until the next is due."""
-    pause = 20_000_000
+def _look(now: int) -> tuple[int, int]:
+    """Sample every watched trace's step that is due; nanoseconds until the next is due, and
+    the lowest threshold of the traces watched (none: never, the wait ends at its limit)."""
+    pause, after = 20_000_000, 1 << 62
     for trace, w in list(_watched.items()):
         pause = min(pause, w.after)
+        after = min(after, w.after)
         running = trace._running
         if running is None or trace.closed:
             continue
@@ -263,7 +263,7 @@ def _look(now: int) -> int:
         if samples is None:
             samples = trace.samples = []
         samples.append((res.async_id, now, frames))
-    return max(pause, 1_000_000)
+    return max(pause, 1_000_000), after
 
 
 def _forget_after_fork() -> None:

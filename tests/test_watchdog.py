@@ -469,7 +469,7 @@ def test_the_watchdog_takes_the_gil_only_to_look_at_a_long_step(
     looks: list[int] = []
     look = _watchdog._look
 
-    def counted(now: int) -> int:
+    def counted(now: int) -> tuple[int, int]:
         looks.append(now)
         return look(now)
 
