@@ -2396,16 +2396,6 @@ monotonic_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* quiet_wait(pause_ns, after_ns, limit_ns, pokes) -> bool: the watchdog's sleep, with the GIL let go
- * throughout. Returns True when a step may be due for a sample: the step running at the call
- * still runs pause_ns later (the caller reckoned it due then), or one that began since has
- * run after_ns with no step starting or ending (counted from when this wait saw the change,
- * so never before the step itself had run that long); then the watchdog takes the GIL to
- * look. Returns False after limit_ns, or once the count of pokes is no longer pokes (read
- * with quiet_poke(False) before the caller said what it waits for). A thread that woke every 20 ms to look with the
- * GIL took it from a busy loop each time (up to the 5 ms switch interval of handing it over,
- * a futile wake-up at each of the loop's polls meanwhile): with traced requests one in a
- * hundred, 1-2 % of the process's CPU. Now it asks for the GIL only when a step is long. */
 static unsigned long quiet_pokes;
 
 /* quiet_poke(bump) -> int: with bump true, every quiet_wait under way returns False now (a
@@ -2424,6 +2414,17 @@ quiet_poke(PyObject *module, PyObject *bump)
     return PyLong_FromUnsignedLong(__atomic_load_n(&quiet_pokes, __ATOMIC_RELAXED));
 }
 
+/* quiet_wait(pause_ns, after_ns, limit_ns, pokes) -> bool: the watchdog's sleep, with the GIL
+ * let go throughout. Returns True when a step may be due for a sample: the step running at
+ * the call still runs pause_ns later (the caller reckoned it due then), or one that began
+ * since has run after_ns with no step starting or ending (counted from when this wait saw the
+ * change, so never before the step itself had run that long); then the watchdog takes the GIL
+ * to look. Returns False after limit_ns, or once the count of pokes is no longer pokes (read
+ * with quiet_poke(False) before the caller said what it waits for). A thread that woke every
+ * 20 ms to look with the GIL took it from a busy loop each time (up to the 5 ms switch
+ * interval of handing it over, a futile wake-up at each of the loop's polls meanwhile): with
+ * traced requests one in a hundred, 1-2 % of the process's CPU. Now it asks for the GIL only
+ * when a step is long. */
 static PyObject *
 quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2437,15 +2438,11 @@ quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         return NULL;
     }
-    if (after < 1000000) {
-        after = 1000000;
-    }
+    after = after < 1000000 ? 1000000 : after; /* at least 1 ms: never a spin */
+    pause = pause < 1000000 ? 1000000 : pause;
     int long_step = 0;
     Py_BEGIN_ALLOW_THREADS
     long long start = monotonic_ns(), since = start, now = start;
-    if (pause < 1000000) {
-        pause = 1000000;
-    }
     unsigned long seen = __atomic_load_n(&step_changes, __ATOMIC_RELAXED);
     for (;;) {
         /* look four times per after_ns (a long step is seen within 1.25 after_ns of its start),
