@@ -3,8 +3,8 @@
     python -m benchmarks.bench_e2e           # needs wrk (apt-get install wrk)
 
 One uvicorn process serves every variant (bare, a do-nothing middleware, the middleware idle,
-the same with the hooks on, 1 % sampled: see ``e2e_app``), switched between wrk runs, so the
-variants share the process: measured each in its own process, as before 2026-11-30's fourth
+the same with the hooks on, 1 % and 10 % sampled: see ``e2e_app``), switched between wrk runs,
+so the variants share the process: measured each in its own process, as before 2026-11-30's fourth
 session, the do-nothing middleware read anywhere from 0.75x to 1.23x of the bare app, the
 process's own layout deciding more than the code. wrk drives each route (``--routes``, by
 default ``/parallel``, which waits on fetches, and ``/cache``, which is all CPU) with 50
@@ -34,7 +34,7 @@ import time
 
 import httpx
 
-VARIANTS = ("bare", "floor", "idle", "hooks", "sampled")
+VARIANTS = ("bare", "floor", "idle", "hooks", "sampled", "sampled10")
 CONTROL = "/__bench/variant/"  # as in e2e_app, which this process does not import
 GC_STATS = "/__bench/gc"
 
@@ -141,7 +141,7 @@ def main() -> None:
     rows = (("bare", "bare app", "-"), ("floor", "a do-nothing middleware (the floor)", "-"),
             ("idle", "middleware, untraced", ">= 0.99x"),
             ("hooks", "the same, hooks on (as after the first traced request)", ">= 0.99x"),
-            ("sampled", "1 % sampled", ">= 0.98x"))  # fmt: skip
+            ("sampled", "1 % sampled", ">= 0.98x"), ("sampled10", "10 % sampled", "-"))  # fmt: skip
     for route in routes:
         bare = results[(route, "bare")]
         for v, label, target in rows:
@@ -157,6 +157,37 @@ def main() -> None:
             print(f"| {route} | {label} | {statistics.median(x[0] for x in got):.0f} "
                   f"| {cells[0]} | {cells[1]} | {cells[2]} | {100 * share:.1f} % "
                   f"| {full:.1f} | {target} |")  # fmt: skip
+    print()
+    print(_traced_cost_table(results, routes))
+
+
+def _traced_cost(sampled: tuple[float, ...], hooks: tuple[float, ...], rate: float) -> float:
+    """What one traced request costs, in untraced requests, from one round's requests per CPU
+    second with a share ``rate`` traced, against the same round's with none traced (the hooks
+    on in both): ``(1 - rate) + rate * cost`` untraced requests' time per request."""
+    return 1 + (hooks[1] / sampled[1] - 1) / rate
+
+
+def _traced_cost_table(results: dict[tuple[str, str], list[tuple[float, ...]]],
+                       routes: list[str]) -> str:  # fmt: skip
+    """Per route: a traced request's cost in untraced ones, from the 10 % and the 1 % runs (in
+    the server's CPU time, against the hooks-on runs of the same rounds); and what the 10 %
+    figure predicts for 1 %, beside what the 1 % runs measured. At 10 % the traced requests'
+    share of the time is ten times what it is at 1 %, and so ten times as far above the
+    rounds' noise."""
+    lines = ["| route | a traced request costs, from the 10 % runs | from the 1 % runs | "
+             "1 % sampled vs hooks on, predicted from the 10 % runs | measured |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for route in routes:
+        hooks = results[(route, "hooks")]
+        tens = list(zip(results[(route, "sampled10")], hooks, strict=True))
+        ones = list(zip(results[(route, "sampled")], hooks, strict=True))
+        c10 = statistics.median(_traced_cost(x, h, 0.1) for x, h in tens)
+        c1 = statistics.median(_traced_cost(x, h, 0.01) for x, h in ones)
+        measured = statistics.median(x[1] / h[1] for x, h in ones)
+        lines.append(f"| {route} | {c10:.1f} untraced | {c1:.1f} untraced | "
+                     f"{1 / (1 + 0.01 * (c10 - 1)):.3f}x | {measured:.3f}x |")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,32 @@ def test_replace_block_swaps_only_its_own_block() -> None:
     assert out == text.replace("old", "| new |")
     with pytest.raises(SystemExit, match="no <!-- z:start -->"):
         replace_block(text, "z", "t")
+
+
+def _run(per_cpu_s: float) -> tuple[float, ...]:
+    """One wrk run as bench_e2e keeps it: requests/s, per CPU second, and the rest unused."""
+    return (per_cpu_s, per_cpu_s, per_cpu_s, 0.2, 4.0)
+
+
+def test_the_e2e_table_recovers_what_a_traced_request_costs() -> None:
+    from benchmarks.bench_e2e import _traced_cost_table
+
+    # A traced request costing 3 untraced ones: (1 - p) + 3p untraced requests' time each.
+    def at(rate: float, untraced: float) -> tuple[float, ...]:
+        return _run(untraced / (1 - rate + 3 * rate))
+
+    hooks = [_run(1000.0), _run(1100.0), _run(900.0)]  # rounds differ; each is its own base
+    results = {
+        ("/r", "hooks"): hooks,
+        ("/r", "sampled10"): [at(0.1, h[1]) for h in hooks],
+        ("/r", "sampled"): [at(0.01, h[1]) for h in hooks],
+    }
+    table = _traced_cost_table(results, ["/r"])
+    assert table.splitlines()[-1] == ("| /r | 3.0 untraced | 3.0 untraced | 0.980x | 0.980x |"), (
+        table
+    )
+    # A 1 % run 2 % slower than its cost says reads as 2 more untraced requests a traced one.
+    results[("/r", "sampled")] = [_run(x[1] * 0.98) for x in results[("/r", "sampled")]]
+    assert "| 3.0 untraced | 5.1 untraced | 0.980x | 0.961x |" in _traced_cost_table(
+        results, ["/r"]
+    )
