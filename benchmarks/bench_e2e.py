@@ -104,8 +104,8 @@ def _wrk(base: str, route: str, seconds: int, server: int) -> tuple[float, ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--routes", default="/parallel,/cache",
                         help="comma-separated: a route that waits, one all CPU")  # fmt: skip
     args = parser.parse_args()
