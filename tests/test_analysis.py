@@ -205,7 +205,7 @@ def test_the_critical_path_shows_where_the_request_ran_its_own_code() -> None:
     async def body() -> None:
         await asyncio.sleep(0.005)
         await asyncio.sleep(0)  # a moment's own code: below the floor, not shown
-        time.sleep(0.05)  # blocking: the request's own code held it up
+        time.sleep(0.15)  # blocking: the request's own code held it up
 
     trace = traced(body)
     settings = AnalysisSettings(blocked_step_ms=10_000)

@@ -84,7 +84,7 @@ def test_an_incoming_traceparent_makes_the_root_span_its_child() -> None:
 def test_a_step_that_blocked_the_loop_gets_a_blocked_event_with_its_stack() -> None:
     async def blocks(request: Request) -> Response:
         await asyncio.sleep(0)
-        time.sleep(0.05)  # the line the event's stack starts at
+        time.sleep(0.15)  # the line the event's stack starts at
         return PlainTextResponse("ok")
 
     exporter = InMemorySpanExporter()

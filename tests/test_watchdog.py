@@ -95,13 +95,13 @@ def test_a_busy_loop_holding_the_gil_is_sampled_too() -> None:
 def test_a_blocking_task_and_a_blocking_timer_callback_are_sampled_as_themselves() -> None:
     async def body() -> None:
         async def child() -> None:
-            time.sleep(0.05)
+            time.sleep(0.15)
 
         await asyncio.create_task(child())
         fired = asyncio.get_running_loop().create_future()
 
         def late() -> None:
-            time.sleep(0.05)
+            time.sleep(0.15)
             fired.set_result(None)
 
         asyncio.get_running_loop().call_later(0.001, late)
