@@ -94,6 +94,21 @@ def test_sequential_and_slow_carry_their_planted_problems(sample: Any) -> None:
     assert blocked.site.startswith(f"slow_report @ sample_app/patterns.py:{line}:")
 
 
+def test_the_committed_samples_show_their_routes_patterns_and_only_the_planted_problems() -> None:
+    # What sample_app/generate.py wrote: a sample that caught a first request's imports, or a
+    # full collection that happened to fall in it, would show that instead of its pattern.
+    from asgi_asynctrace import load_trace
+
+    folder = Path(__file__).resolve().parent.parent / "sample_app" / "traces"
+    found = {p.stem: kinds(load_trace(p.read_bytes())) for p in sorted(folder.glob("*.json"))}
+    assert len(found) == 13, sorted(found)
+    planted = {"sequential": ["n-plus-one"], "slow": ["blocked-loop", "n-plus-one"]}
+    assert {name: sorted(k) for name, k in found.items() if k} == planted, found
+    items = load_trace((folder / "items.json").read_bytes())
+    story = ("cache-get", "db-query", "cache-put")  # a miss, the query, the put; no schema
+    assert [r.type for r in items.resources if r.type in story] == list(story)
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
