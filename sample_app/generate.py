@@ -5,9 +5,12 @@
 The JSON traces are committed; all.pftrace and all.html are written for you to open (and are
 not committed: the page would be a second copy of the viewer's sources).
 
-Runs every route of the sample app in-process with ``X-Async-Trace: 1`` on embedded defaults,
-writes each trace as ``<route>.json``, all of them as one Perfetto trace and one viewer page,
-and refreshes the viewer's built-in demo (the /items trace).
+Runs every route of the sample app in-process on embedded defaults, once untraced and then
+with ``X-Async-Trace: 1`` (in a process that has served each route before, as a server that
+has been up a while: no first-use imports, the schema made, the heap frozen), writes each
+trace as ``<route>.json``, all of them as one Perfetto trace and one viewer page, and
+refreshes the viewer's built-in demo (the /items trace). tests/test_sample_app.py checks
+that the committed traces carry only the planted problems.
 """
 
 from __future__ import annotations
