@@ -84,10 +84,10 @@ class Switch:
     @staticmethod
     def state(variant: str) -> None:
         uninstall_hooks()  # as in a process that never traced a request; sampled: until it does
-        if variant in ("idle", "hooks", "sampled", "sampled10"):
-            instrument()
-        else:
+        if variant in ("bare", "floor"):
             uninstrument()
+        else:
+            instrument()
         if variant == "hooks":  # as after the first traced request: on for good
             install_hooks()
 

@@ -40,9 +40,7 @@ def test_the_e2e_table_recovers_what_a_traced_request_costs() -> None:
         ("/r", "sampled"): [at(0.01, h[1]) for h in hooks],
     }
     table = _traced_cost_table(results, ["/r"])
-    assert table.splitlines()[-1] == ("| /r | 3.0 untraced | 3.0 untraced | 0.980x | 0.980x |"), (
-        table
-    )
+    assert table.splitlines()[-1] == "| /r | 3.0 untraced | 3.0 untraced | 0.980x | 0.980x |"
     # A 1 % run 2 % slower than its cost says reads as 2 more untraced requests a traced one.
     results[("/r", "sampled")] = [_run(x[1] * 0.98) for x in results[("/r", "sampled")]]
     assert "| 3.0 untraced | 5.1 untraced | 0.980x | 0.961x |" in _traced_cost_table(
