@@ -12,7 +12,9 @@ SEVERITIES, IO_TYPES.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,6 +51,9 @@ class AnalysisSettings:
     slow_upstream_share: float = 0.5  # one operation taking this share of the request...
     slow_upstream_ms: float = 100.0  # ...and at least this long is a slow upstream
     thread_queue_ms: float = 10.0  # a thread job waiting this long to start
+    # the request ready to go on (its timer due, a future it awaited settled) but the loop
+    # running other work, not this request's, for this long
+    loop_busy_ms: float = 20.0
     high_share: float = 0.25  # a finding costing this share of the request is high severity
     medium_share: float = 0.05
     # The critical path shows a stretch of the request's own code between its waits when it
@@ -67,8 +72,8 @@ def site_of(stack: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # sequential-awaits, n-plus-one, blocked-loop, slow-upstream, thread-starvation,
-    # unawaited-task
+    kind: str  # sequential-awaits, n-plus-one, blocked-loop, loop-busy, slow-upstream,
+    # thread-starvation, unawaited-task
     title: str
     cost_ns: int  # the time it cost the request (what fixing it would save, at most)
     resources: tuple[int, ...]
@@ -199,6 +204,8 @@ def diagnose(
                 seen[0] if seen else None,
             )
 
+    _loop_busy(trace, times, notes, s, duration, add)
+
     # A slow upstream: one operation dominating the critical path.
     for step in path:
         if step.type in IO_TYPES and step.type != "thread":
@@ -234,6 +241,89 @@ def diagnose(
 
     found.sort(key=lambda f: (-f.cost_ns, f.kind, f.resources))
     return found
+
+
+def _loop_busy(
+    trace: Trace, times: dict[int, ResourceTimes], notes: dict[int, dict[str, Any]],
+    s: AnalysisSettings, duration: int, add: Any,
+) -> None:  # fmt: skip
+    """The loop busy elsewhere: the request was ready to go on but the loop ran other work
+    first, for at least ``s.loop_busy_ms``: another request's blocking step, a background task,
+    code outside any trace. Seen where a timer of the request ran late (its ``lateMs``), and
+    where a future it awaited settled long before the awaiting step went on. The time this
+    request's own steps ran in such a window is left out (that is blocked-loop's to say), and
+    windows that overlap count once."""
+    own = _Spans(
+        (a, b if b is not None else trace.origin + duration)
+        for r in trace.resources if r.type in LOOP_TYPES for a, b in r.intervals()
+    )  # fmt: skip
+    by_id = {r.async_id: r for r in trace.resources}
+    windows: list[tuple[int, int, int]] = []  # (ready, went on, the resource that waited)
+    for r in trace.resources:
+        late = notes.get(r.async_id, {}).get("lateMs")
+        if r.type == "timer" and r.callbacks and isinstance(late, int | float) and late > 0:
+            windows.append((r.callbacks[0] - round(late * MS), r.callbacks[0], r.async_id))
+        elif r.type == "future" and r.settled_at is not None:
+            for rid in r.awaited_by or ():
+                waiter = by_id.get(rid)
+                if waiter is None:
+                    continue
+                starts = waiter.callbacks[::2]
+                i = bisect.bisect_left(starts, r.settled_at)
+                if i < len(starts):
+                    windows.append((r.settled_at, starts[i], r.async_id))
+    busy = s.loop_busy_ms * MS
+    held = sorted(w for w in windows if w[1] - w[0] - own.within(w[0], w[1]) >= busy)
+    if not held:
+        return
+    union: list[list[int]] = []
+    for ready, went_on, _ in held:
+        if union and ready <= union[-1][1]:
+            union[-1][1] = max(union[-1][1], went_on)
+        else:
+            union.append([ready, went_on])
+    other = sum(b - a - own.within(a, b) for a, b in union)
+    ready, went_on, rid = max(held, key=lambda w: w[1] - w[0])
+    t = times[rid]
+    add(
+        "loop-busy",
+        f"{t.type} {t.label} was ready {format_duration(went_on - ready)} before the loop got "
+        f"back to it: {format_duration(other)} of this request went to other work on the loop",
+        other,
+        (rid, *sorted({w[2] for w in held} - {rid})),
+        "something else held the event loop then (another request, a background task, or the "
+        "process was not given the CPU): look for a blocked-loop finding in the traces of "
+        "requests running at that moment, keep blocking calls off the loop "
+        "(asyncio.to_thread), or spread the load over more worker processes",
+    )
+
+
+class _Spans:
+    """Time spans, merged where they overlap, for how much of any window they cover."""
+
+    def __init__(self, spans: Iterable[tuple[int, int]]) -> None:
+        merged: list[list[int]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.starts = [a for a, _ in merged]
+        self.ends = [b for _, b in merged]
+        self.before = list(itertools.accumulate((b - a for a, b in merged), initial=0))
+
+    def within(self, a: int, b: int) -> int:
+        """How long the spans cover between ``a`` and ``b``."""
+        if b <= a:
+            return 0
+        i = bisect.bisect_right(self.ends, a)  # the first span ending after a
+        j = bisect.bisect_left(self.starts, b)  # the spans from i up to j start before b
+        if i >= j:
+            return 0
+        covered = self.before[j] - self.before[i]
+        covered -= max(0, a - self.starts[i])  # the first one cut at a
+        covered -= max(0, self.ends[j - 1] - b)  # the last one cut at b
+        return covered
 
 
 _READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})

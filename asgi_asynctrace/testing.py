@@ -68,9 +68,10 @@ def findings(trace: Trace, *kinds: str, settings: AnalysisSettings | None = None
 def assert_no_findings(trace: Trace, *kinds: str, settings: AnalysisSettings | None = None) -> None:
     """Fail with the analyzer's summary when the trace has findings (of ``kinds``).
 
-    blocked-loop is about wall-clock time: on a busy CI machine a step can stretch past its
-    20 ms threshold without the code blocking. Name the kinds the test is about, or raise
-    the threshold: ``settings=AnalysisSettings(blocked_step_ms=200)``.
+    blocked-loop and loop-busy are about wall-clock time: on a busy CI machine a step can
+    stretch past its 20 ms threshold without the code blocking, and a timer run 20 ms late
+    without other work holding the loop. Name the kinds the test is about, or raise the
+    thresholds: ``settings=AnalysisSettings(blocked_step_ms=200, loop_busy_ms=200)``.
     """
     found = findings(trace, *kinds, settings=settings)
     if found:

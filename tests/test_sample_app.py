@@ -54,9 +54,10 @@ def types(trace: Trace) -> set[str]:
 
 
 def kinds(trace: Trace, blocking: bool = True) -> list[str]:
-    """The findings' kinds; without blocked-loop ones unless ``blocking`` (a step on a busy
-    machine can stretch past the threshold; only /slow plants a real one)."""
-    settings = None if blocking else AnalysisSettings(blocked_step_ms=10_000)
+    """The findings' kinds; without blocked-loop and loop-busy ones unless ``blocking`` (on a
+    busy machine a step can stretch past the threshold, a timer run late; only /slow plants a
+    real one)."""
+    settings = None if blocking else AnalysisSettings(blocked_step_ms=10_000, loop_busy_ms=10_000)
     return [f.kind for f in analyze(trace, settings).findings]
 
 

@@ -55,7 +55,7 @@ def test_a_concurrent_endpoint_passes_and_a_sequential_one_fails_with_the_summar
     good = run(trace_request(APP, "GET", "/together"))
     assert_concurrent(good, "fetch", count=3)
     # (a step stretched by a busy CI machine is not what this test is about)
-    assert_no_findings(good, settings=AnalysisSettings(blocked_step_ms=10_000))
+    assert_no_findings(good, settings=AnalysisSettings(blocked_step_ms=10_000, loop_busy_ms=10_000))
 
     bad = run(trace_request(APP, "GET", "/one-by-one"))
     with pytest.raises(AssertionError, match="ended before the last fetch started"):
