@@ -273,16 +273,11 @@ def _loop_busy(
                 if i < len(starts):
                     windows.append((r.settled_at, starts[i], r.async_id))
     busy = s.loop_busy_ms * MS
-    held = sorted(w for w in windows if w[1] - w[0] - own.within(w[0], w[1]) >= busy)
+    held = [w for w in windows if w[1] - w[0] - own.within(w[0], w[1]) >= busy]
     if not held:
         return
-    union: list[list[int]] = []
-    for ready, went_on, _ in held:
-        if union and ready <= union[-1][1]:
-            union[-1][1] = max(union[-1][1], went_on)
-        else:
-            union.append([ready, went_on])
-    other = sum(b - a - own.within(a, b) for a, b in union)
+    union = _Spans((ready, went_on) for ready, went_on, _ in held)
+    other = sum(b - a - own.within(a, b) for a, b in zip(union.starts, union.ends, strict=True))
     ready, went_on, rid = max(held, key=lambda w: w[1] - w[0])
     t = times[rid]
     add(
