@@ -204,7 +204,7 @@ def diagnose(
                 seen[0] if seen else None,
             )
 
-    _loop_busy(trace, times, notes, s, duration, add)
+    _loop_busy(trace, by_id, times, notes, s, duration, add)
 
     # A slow upstream: one operation dominating the critical path.
     for step in path:
@@ -244,8 +244,8 @@ def diagnose(
 
 
 def _loop_busy(
-    trace: Trace, times: dict[int, ResourceTimes], notes: dict[int, dict[str, Any]],
-    s: AnalysisSettings, duration: int, add: Any,
+    trace: Trace, by_id: dict[int, Resource], times: dict[int, ResourceTimes],
+    notes: dict[int, dict[str, Any]], s: AnalysisSettings, duration: int, add: Any,
 ) -> None:  # fmt: skip
     """The loop busy elsewhere: the request was ready to go on but the loop ran other work
     first, for at least ``s.loop_busy_ms``: another request's blocking step, a background task,
@@ -257,7 +257,6 @@ def _loop_busy(
         (a, b if b is not None else trace.origin + duration)
         for r in trace.resources if r.type in LOOP_TYPES for a, b in r.intervals()
     )  # fmt: skip
-    by_id = {r.async_id: r for r in trace.resources}
     windows: list[tuple[int, int, int]] = []  # (ready, went on, the resource that waited)
     for r in trace.resources:
         late = notes.get(r.async_id, {}).get("lateMs")
