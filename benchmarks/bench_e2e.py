@@ -17,6 +17,13 @@ and without the time its garbage collector ran (counted in the server through
 ``gc.callbacks``), with the collector's share and its full collections per request: a full
 collection of the sample app's heap takes tens of milliseconds on a shared VM, so the table
 says whether a variant made the collector run more, and what its ratio is without it.
+
+Then latency as a client sees it (``--latency-rounds``): wrk over one connection, each request
+sent when the last is answered, on the bare app, the middleware untraced, and requests that ask
+for a trace (``X-Async-Trace: 1``) traced to the store only or with the trace in the response
+header. wrk and uvicorn share one CPU for this: on two CPUs each side sleeps while the other
+works, and on this VM waking a sleeping CPU took longer than the request (a bare ``/cache``
+read 870 µs that way, 250 µs on one CPU, its rounds 0.6x to 1.25x of each other).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ import httpx
 
 VARIANTS = ("bare", "floor", "idle", "hooks", "sampled", "sampled10")
 RATES = {"sampled": 0.01, "sampled10": 0.1}  # their sample_rate in e2e_app
+# The latency table's columns: (variant, whether the request asks for a trace, label).
+LATENCY = (("bare", False, "bare app"), ("hooks", False, "middleware, untraced (hooks on)"),
+           ("stored", True, "traced, to the store"),
+           ("hooks", True, "traced, trace in the response header"))  # fmt: skip
 CONTROL = "/__bench/variant/"  # as in e2e_app, which this process does not import
 GC_STATS = "/__bench/gc"
 
@@ -103,15 +114,72 @@ def _wrk(base: str, route: str, seconds: int, server: int) -> tuple[float, ...]:
     return float(rate.group(1)), n / cpu, n / max(cpu - in_gc, 1e-9), in_gc / cpu, 1e4 * full / n
 
 
+def _latency(base: str, route: str, seconds: int, traced: bool) -> float:
+    """Microseconds per request as the client sees them: one connection, each request sent
+    when the last is answered (wrk's requests per second over one connection, inverted)."""
+    ask = ["-H", "X-Async-Trace: 1"] if traced else []
+    out = subprocess.run(_pinned(1, ["wrk", "-t1", "-c1", f"-d{seconds}s", *ask, base + route]),
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert rate, out
+    return 1e6 / float(rate.group(1))
+
+
+def _check_traced(base: str, route: str, traced: bool) -> None:
+    """The variant does what its column says: a trace id in the response when it asked for a
+    trace (inline data unless to the store only), none when it did not."""
+    got = httpx.get(base + route, headers={"X-Async-Trace": "1"} if traced else {}, timeout=10)
+    got.raise_for_status()
+    if traced != ("x-async-trace-id" in got.headers):
+        raise RuntimeError(f"{route}: traced={traced} but headers {dict(got.headers)}")
+
+
+def _latency_rounds(base: str, routes: list[str], rounds: int, seconds: int
+                    ) -> dict[tuple[str, int], list[float]]:  # fmt: skip
+    """Each route's latency in each column of ``LATENCY``, round by round, the columns'
+    order rotated from round to round."""
+    results: dict[tuple[str, int], list[float]] = {(r, i): [] for r in routes for i in
+                                                   range(len(LATENCY))}  # fmt: skip
+    for r in range(rounds):
+        order = [(r + k) % len(LATENCY) for k in range(len(LATENCY))]
+        for route in routes:
+            for i in order:
+                variant, traced, _ = LATENCY[i]
+                httpx.post(f"{base}{CONTROL}{variant}", timeout=10).raise_for_status()
+                _check_traced(base, route, traced)
+                _latency(base, route, 1, traced)  # untimed: lookups re-learned, caches warm
+                results[(route, i)].append(_latency(base, route, seconds, traced))
+    return results
+
+
+def _latency_table(results: dict[tuple[str, int], list[float]], routes: list[str]) -> str:
+    """Per route: the bare app's latency, and each column's median ratio to it (taken within
+    each round), with the middle half of the rounds' ratios."""
+    lines = ["| route | " + " | ".join(label for _, _, label in LATENCY) + " | target |",
+             "|---" * (len(LATENCY) + 2) + "|"]  # fmt: skip
+    for route in routes:
+        bare = results[(route, 0)]
+        cells = [f"{statistics.median(bare):.0f} µs"]
+        for i in range(1, len(LATENCY)):
+            ratios = [x / b for x, b in zip(results[(route, i)], bare, strict=True)]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            cells.append(f"{statistics.median(ratios):.3f}x ({q1:.3f} to {q3:.3f})")
+        lines.append(f"| {route} | " + " | ".join(cells) + " | traced <= 1.25x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--latency-rounds", type=int, default=8,
+                        help="rounds of the one-connection latency table (0: none)")  # fmt: skip
     parser.add_argument("--routes", default="/parallel,/cache",
                         help="comma-separated: a route that waits, one all CPU")  # fmt: skip
     args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2 (the table gives the rounds' spread)")
+    if args.rounds < 2 or args.latency_rounds == 1:
+        parser.error("--rounds (and --latency-rounds, unless 0) must be at least 2: the tables "
+                     "give the rounds' spread")  # fmt: skip
     routes = args.routes.split(",")
     db = os.path.join(tempfile.mkdtemp(), "e2e.db")
     port = _port()
@@ -128,6 +196,7 @@ def main() -> None:
                     httpx.post(f"{base}{CONTROL}{v}", timeout=10).raise_for_status()
                     _wrk(base, route, 1, proc.pid)  # untimed: lookups re-learned
                     results[(route, v)].append(_wrk(base, route, args.seconds, proc.pid))
+        latency = _latency_rounds(base, routes, args.latency_rounds, args.seconds)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -160,6 +229,13 @@ def main() -> None:
                   f"| {full:.1f} | {target} |")  # fmt: skip
     print()
     print(_traced_cost_table(results, routes))
+    if args.latency_rounds:
+        print(f"\nLatency as the client sees it: wrk -t1 -c1 (one connection, each request sent "
+              f"when the last is answered) for {args.seconds} s after 1 s untimed, "
+              f"{args.latency_rounds} rounds, every request of a traced column asking with "
+              "`X-Async-Trace: 1`; medians of the rounds' ratios to the bare app, in brackets "
+              "their middle half\n")  # fmt: skip
+        print(_latency_table(latency, routes))
 
 
 def _traced_cost(sampled: tuple[float, ...], hooks: tuple[float, ...], rate: float) -> float:

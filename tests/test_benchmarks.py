@@ -46,3 +46,15 @@ def test_the_e2e_table_recovers_what_a_traced_request_costs() -> None:
     assert "| 3.0 untraced | 5.1 untraced | 0.980x | 0.961x |" in _traced_cost_table(
         results, ["/r"]
     )
+
+
+def test_the_e2e_latency_table_gives_each_column_against_the_bare_app() -> None:
+    from benchmarks.bench_e2e import LATENCY, _latency_table
+
+    # Two rounds on different days: the bare app 200 then 300 µs, each column a fixed ratio.
+    ratios = (1.0, 1.02, 1.3, 2.0)
+    assert len(ratios) == len(LATENCY)
+    results = {("/r", i): [200 * x, 300 * x] for i, x in enumerate(ratios)}
+    row = _latency_table(results, ["/r"]).splitlines()[-1]
+    assert row == ("| /r | 250 µs | 1.020x (1.020 to 1.020) | 1.300x (1.300 to 1.300) "
+                   "| 2.000x (2.000 to 2.000) | traced <= 1.25x |")  # fmt: skip
