@@ -89,10 +89,12 @@ def test_sequential_and_slow_carry_their_planted_problems(sample: Any) -> None:
     # and the blocked-loop finding names the blocking call's line, from the watchdog's sample
     from sample_app import patterns
 
-    (blocked,) = [f for f in analyze(trace).findings if f.kind == "blocked-loop"]
     lines, first = inspect.getsourcelines(patterns.slow_report)
     line = first + next(i for i, text in enumerate(lines) if "time.sleep(" in text)
-    assert blocked.site.startswith(f"slow_report @ sample_app/patterns.py:{line}:")
+    where = f"slow_report @ sample_app/patterns.py:{line}:"
+    # (on a starved machine another step can run past the threshold too: a second finding)
+    blocked = [f for f in analyze(trace).findings if f.kind == "blocked-loop"]
+    assert [f for f in blocked if f.site.startswith(where)], [f.site for f in blocked]
 
 
 def test_the_committed_samples_show_their_routes_patterns_and_only_the_planted_problems() -> None:
