@@ -184,7 +184,7 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     children: dict[int, list[Resource]] = defaultdict(list)
     for r in trace.resources:
         children[r.trigger_id].append(r)
-    path = _critical_path(trace, times, children, s)
+    path = _critical_path(trace, times, children, s, _late_timers(times, notes, s))
     findings = diagnose(trace, times, children, path, notes, s, duration)
     return Analysis(
         trace_id=trace.trace_id,
@@ -237,9 +237,22 @@ def _times(
     )
 
 
+def _late_timers(
+    times: dict[int, ResourceTimes], notes: dict[int, dict[str, Any]], settings: AnalysisSettings
+) -> dict[int, str]:
+    """``, ran 47.8 ms late`` for each timer that ran ``loop_busy_ms`` or more after its
+    deadline (its ``lateMs``): on the critical path, a 5 ms sleep that took 53 ms says why."""
+    out = {}
+    for rid, t in times.items():
+        late = notes.get(rid, {}).get("lateMs") if t.type == "timer" else None
+        if isinstance(late, (int, float)) and late >= settings.loop_busy_ms:
+            out[rid] = f", ran {late:.1f} ms late"
+    return out
+
+
 def _critical_path(
     trace: Trace, times: dict[int, ResourceTimes], children: dict[int, list[Resource]],
-    settings: AnalysisSettings,
+    settings: AnalysisSettings, late: dict[int, str] | None = None,
 ) -> list[PathStep]:  # fmt: skip
     """Walk back from the request's end: at each moment, what was the root waiting for?
 
@@ -247,8 +260,10 @@ def _critical_path(
     it waited on; before that child was created, the one that ended last before then; and so
     on back to the resource's creation. Each chosen child is expanded the same way. Futures are
     skipped (what resolved them is on the path instead), and so are cancelled timers (a deadline
-    that was never reached held nothing up).
+    that was never reached held nothing up). A timer in ``late`` has its lateness added to its
+    label.
     """
+    late = late or {}
     if not trace.resources:
         return []
     root = trace.resources[0]
@@ -283,9 +298,8 @@ def _critical_path(
             budget[0] -= 1
             moment = child.created
         for child in reversed(picked):
-            out.append(
-                PathStep(child.async_id, child.type, child.label, child.created, child.ended, depth)
-            )
+            name = child.label + late.get(child.async_id, "")
+            out.append(PathStep(child.async_id, child.type, name, child.created, child.ended, depth))
             walk(child.async_id, child.ended, depth + 1, budget)
 
     walk(root.async_id, times[root.async_id].ended, 0, [500])

@@ -410,7 +410,17 @@ def test_a_request_kept_waiting_by_other_work_on_the_loop_is_told_so() -> None:
     assert busy.title.startswith("timer sleep 5.0ms was ready ")
     line = body.__code__.co_firstlineno + 1  # where the request waited
     assert f"body @ tests/test_analysis.py:{line}:" in busy.site
-    assert analyze(trace, AnalysisSettings(loop_busy_ms=200)).findings == []
+    # and the critical path says why a 5 ms sleep took 100: "sleep 5.0ms, ran 95.2 ms late"
+    (step,) = [s for s in analyze(trace).critical_path if s.async_id == timer.async_id]
+    name, _, late = step.label.partition(", ran ")
+    assert name == "sleep 5.0ms" and late.endswith(" ms late"), step.label
+    assert 80 <= float(late.removesuffix(" ms late")) <= 110
+    assert f"timer {step.label}  #{timer.async_id}" in format_summary(analyze(trace))
+    quiet = AnalysisSettings(loop_busy_ms=200)
+    assert analyze(trace, quiet).findings == []
+    assert [s.label for s in analyze(trace, quiet).critical_path if s.type == "timer"] == [
+        "sleep 5.0ms"
+    ]  # under the threshold: the timer's name alone
 
 
 def test_a_future_settled_long_before_its_waiter_went_on_is_loop_busy_too() -> None:
