@@ -298,8 +298,9 @@ def _critical_path(
             budget[0] -= 1
             moment = child.created
         for child in reversed(picked):
-            name = child.label + late.get(child.async_id, "")
-            out.append(PathStep(child.async_id, child.type, name, child.created, child.ended, depth))
+            rid = child.async_id
+            name = child.label + late.get(rid, "")
+            out.append(PathStep(rid, child.type, name, child.created, child.ended, depth))
             walk(child.async_id, child.ended, depth + 1, budget)
 
     walk(root.async_id, times[root.async_id].ended, 0, [500])
