@@ -12,8 +12,9 @@ Exports: serve_store.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -25,6 +26,7 @@ from ._viewer import viewer_html
 __all__ = ["serve_store"]
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+T = TypeVar("T")
 
 
 # The viewer runs only its own inline code and talks only to this app.
@@ -54,6 +56,14 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
+async def _off_loop(store: TraceStore, read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)``: in the loop's thread pool when the store reads files (a directory
+    shared by workers), so that listing a hundred traces never holds up the app's requests."""
+    if store.shared is None:
+        return read(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, read, *args)
+
+
 async def serve_store(
     store: TraceStore,
     prefix: str,
@@ -75,9 +85,9 @@ async def serve_store(
         return True
     trace_id = rest[len("/traces/") :].strip("/")
     if not trace_id:
-        await _respond(send, 200, orjson.dumps({"traces": store.summaries()}))
+        await _respond(send, 200, orjson.dumps({"traces": await _off_loop(store, store.summaries)}))
         return True
-    data = store.get(trace_id)
+    data = await _off_loop(store, store.get, trace_id)
     if data is None:
         message = f"no trace {trace_id[:64]!r} in the store (it keeps the last {store.max_traces})"
         await _respond(send, 404, orjson.dumps({"error": message}))

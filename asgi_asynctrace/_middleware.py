@@ -68,6 +68,10 @@ class AsyncTraceMiddleware:
     header_limit: the most bytes of encoded trace put inline in ``X-Async-Trace-Data``.
     store_size: how many recent traces ``{path_prefix}/traces`` keeps (0: no store, no
         endpoint).
+    store_dir: a directory the app's worker processes share the store through (under
+        ``uvicorn --workers N`` or gunicorn each process has its own store, and the endpoint
+        answers from whichever one the request lands on): every trace is also written there,
+        and each worker serves the others' traces from it.
     log_traces: log ``AsyncTrace completed; toJson() = ...`` for every trace.
     sinks: more callables that receive each finished trace and its JSON.
     limits: caps per trace (resources, callbacks, annotations, stacks).
@@ -100,6 +104,7 @@ class AsyncTraceMiddleware:
         sample_rate: float = 0.0,
         header_limit: int = 8192,
         store_size: int = 100,
+        store_dir: str | os.PathLike[str] | None = None,
         path_prefix: str = "/__asynctrace",
         log_traces: bool = True,
         sinks: Sequence[TraceSink] = (),
@@ -129,7 +134,9 @@ class AsyncTraceMiddleware:
         self.app = app
         self.gate = Gate(secret=secret, sample_rate=sample_rate)
         self.header_limit = header_limit
-        self.store = TraceStore(store_size) if store_size else None
+        if store_dir is not None and not store_size:
+            raise ValueError("store_dir shares the store between workers: it needs store_size > 0")
+        self.store = TraceStore(store_size, store_dir) if store_size else None
         self.path_prefix = path_prefix
         self.limits = limits or TraceLimits()
         self.record_futures = record_futures

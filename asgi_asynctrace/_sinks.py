@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import sys
 import threading
 import zlib
@@ -30,6 +31,7 @@ from typing import IO, Any, Final, Protocol
 import orjson
 
 from ._model import Trace
+from ._shared_store import SharedDirectory
 
 __all__ = [
     "HEADER_PREFIX",
@@ -107,17 +109,23 @@ class TraceStore:
     Given a trace without its JSON, the store keeps the finished ``Trace`` itself and writes
     the JSON when the trace is first read: a trace nobody opens costs no serialization, and
     its summary is made only when the list of traces is asked for.
+
+    With a ``directory`` (the middleware's ``store_dir``) the store is shared by the app's
+    worker processes: each also writes every trace's JSON there (from a thread of its own), and
+    reads there the traces its memory does not hold. Then it needs every trace's JSON.
     """
 
-    needs_json: Final = False
-
-    def __init__(self, max_traces: int = 100) -> None:
+    def __init__(
+        self, max_traces: int = 100, directory: str | os.PathLike[str] | None = None
+    ) -> None:
         if max_traces < 1:
             raise ValueError(f"max_traces must be at least 1, got {max_traces}")
         self.max_traces = max_traces
         # trace id -> the finished Trace until it is first read, then (its summary, its JSON)
         self._items: OrderedDict[str, Trace | tuple[dict[str, Any], bytes]] = OrderedDict()
         self._lock = threading.Lock()
+        self.shared = None if directory is None else SharedDirectory(directory, max_traces)
+        self.needs_json = self.shared is not None
 
     def __call__(self, trace: Trace, data: bytes | None = None, /) -> None:
         kept = trace if data is None else (_summary(trace), data)
@@ -126,13 +134,16 @@ class TraceStore:
             items[trace.trace_id] = kept
             while len(items) > self.max_traces:
                 items.popitem(last=False)
+        if self.shared is not None:
+            self.shared.put(trace.trace_id, trace.to_json() if data is None else data)
 
     def get(self, trace_id: str) -> bytes | None:
-        """The trace's JSON, or None when the store does not hold it (any more)."""
+        """The trace's JSON, or None when the store does not hold it (any more). With a
+        shared directory this may read a file: call it off the event loop."""
         with self._lock:
             kept = self._items.get(trace_id)
         if kept is None:
-            return None
+            return None if self.shared is None else self.shared.get(trace_id)
         if isinstance(kept, tuple):
             return kept[1]
         data = kept.to_json()  # the trace is finished: nothing records into it any more
@@ -143,10 +154,17 @@ class TraceStore:
         return data
 
     def summaries(self) -> list[dict[str, Any]]:
-        """One small record per stored trace, newest first."""
+        """One small record per stored trace, newest first (with a shared directory, the
+        other workers' too, the newest ``max_traces`` of all; reads files: off the loop)."""
         with self._lock:
             kept = list(reversed(self._items.values()))
-        return [k[0] if isinstance(k, tuple) else _summary(k) for k in kept]
+            own = set(self._items) if self.shared is not None else set()
+        mine = [k[0] if isinstance(k, tuple) else _summary(k) for k in kept]
+        if self.shared is None:
+            return mine
+        every = mine + self.shared.summaries(own)
+        every.sort(key=lambda s: s.get("startedAtUnixNs") or 0, reverse=True)
+        return every[: self.max_traces]
 
     def __len__(self) -> int:
         return len(self._items)

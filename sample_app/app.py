@@ -10,6 +10,7 @@ viewer. The same routes are mounted under /fastapi from a FastAPI app (sample_ap
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -171,6 +172,7 @@ app = Starlette(
     ],
     lifespan=p.lifespan,
 )
-app.add_middleware(AsyncTraceMiddleware)
+# SAMPLE_STORE_DIR: a directory the store is shared through, for `uvicorn --workers N`
+app.add_middleware(AsyncTraceMiddleware, store_dir=os.environ.get("SAMPLE_STORE_DIR") or None)
 
 __all__ = ["ROUTES", "app"]
