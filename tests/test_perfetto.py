@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as PerfettoTrace
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
 
@@ -164,3 +165,40 @@ def test_a_step_that_blocked_the_loop_is_marked_where_the_watchdog_saw_it() -> N
     # inside the step that blocked: after its begin, before its end
     i = packets.index(marks[0])
     assert packets[i - 1].track_event.type == BEGIN and packets[i - 1].track_event.name == "step"
+
+
+def _worker_writes(path: str, first: int, start: Any) -> None:
+    """One worker process's sink: 40 /slow traces (216 KB of packets each), each its own id,
+    written once both workers are ready."""
+    from asgi_asynctrace._perfetto import PerfettoSink
+
+    doc = orjson.loads((Path(__file__).parent.parent / "sample_app/traces/slow.json").read_bytes())
+    traces = []
+    for n in range(first, first + 40):
+        doc["traceId"] = f"{n:032x}"
+        traces.append(load_trace(doc))
+    sink = PerfettoSink(path)
+    start.wait(30)
+    for trace in traces:
+        sink(trace, None)
+
+
+def test_worker_processes_streaming_into_one_file_leave_it_valid(tmp_path: Path) -> None:
+    # Under `uvicorn --workers 2` with one perfetto_path, both processes append to the file at
+    # once: each packet reaches the file in one write (the file is opened to append), so the
+    # two processes' traces interleave packet by packet, which a reader takes as it would one
+    # process's: every track's events still in order.
+    import multiprocessing
+
+    path = str(tmp_path / "workers.pftrace")
+    context = multiprocessing.get_context("spawn")  # (fork warns in a process with threads)
+    start = context.Barrier(2)
+    workers = [context.Process(target=_worker_writes, args=(path, first, start))
+               for first in (1, 101)]  # fmt: skip
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    got = check(Path(path).read_bytes())
+    assert len([t for t in got["tracks"].values() if not t.parent_uuid]) == 80
