@@ -2,6 +2,7 @@
 
     asgi-asynctrace extract server.log > traces.jsonl
     asgi-asynctrace extract -o traces/ server.log.gz other.log
+    asgi-asynctrace trace http://127.0.0.1:8000/slow   # one request traced, and its summary
     asgi-asynctrace summary trace.json             # breakdown, top waits, critical path, findings
     asgi-asynctrace diagnose traces.jsonl --fail-on medium     # for CI: exit 1 on a finding
     asgi-asynctrace view trace.json                # the viewer, as one HTML file
@@ -145,6 +146,74 @@ def _diagnose_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_command(args: argparse.Namespace) -> int:
+    """Send one request that asks to be traced, fetch its whole trace from the app's store,
+    and print where its time went."""
+    import time
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    from ._load import load_trace
+
+    ask = {"X-Async-Trace": args.secret or "1"}
+    headers = []
+    for line in args.header:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise TraceFormatError(f"-H wants 'Name: value', got {line!r}")
+        headers.append((name.strip(), value.strip()))
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise TraceFormatError(f"not an http(s) URL: {args.url!r}")
+    with httpx.Client(timeout=args.timeout, verify=not args.insecure) as client:
+        try:
+            sent = client.request(
+                args.method, args.url, content=args.data, headers=[*headers, *ask.items()]
+            )
+        except httpx.HTTPError as exc:
+            raise OSError(f"{args.method} {args.url}: {exc}") from None
+        print(f"{args.method} {args.url} -> {sent.status_code} "
+              f"in {sent.elapsed.total_seconds() * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
+        trace_id = sent.headers.get("x-async-trace-id")
+        if not trace_id:
+            raise TraceFormatError(
+                "the response has no X-Async-Trace-Id: is AsyncTraceMiddleware on this app, and "
+                "may this client trace (from loopback, or with the app's --secret)?"
+            )
+        store = f"{url.scheme}://{url.netloc}{args.prefix}/traces/{trace_id}"
+        data = None
+        deadline = time.monotonic() + 3  # stored once the response has gone out
+        while True:
+            got = client.get(store, headers=ask)
+            if got.status_code == 200:
+                data = got.content
+                break
+            if time.monotonic() > deadline or got.status_code != 404:
+                break
+            time.sleep(0.05)
+    if data is None:
+        inline = sent.headers.get("x-async-trace-data", "")
+        if not inline.startswith("z1:"):
+            raise TraceFormatError(
+                f"trace {trace_id} is not in the store at {store} ({got.status_code}) and the "
+                "response carried none inline"
+            )
+        print(f"not in the store at {store} ({got.status_code}): the trace from the response "
+              "header, which ends where the response started", file=sys.stderr)  # fmt: skip
+        data = orjson.dumps(decode_trace_header(inline))
+    trace = load_trace(orjson.loads(data))
+    if args.output is not None:
+        args.output.write_bytes(data)
+        print(f"wrote {args.output}", file=sys.stderr)
+    analysis = analyze(trace, _settings(args))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
+    else:
+        sys.stdout.write(format_summary(analysis))
+    return 0
+
+
 def _convert_command(args: argparse.Namespace) -> int:
     traces = [trace for name in args.traces for _, trace in read_traces(name)]
     if args.to == "bubbleprof":
@@ -221,6 +290,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     su.add_argument("--json", action="store_true", help="the analysis as JSON, one per trace")
     su.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    tr = _command(
+        commands,
+        "trace",
+        _trace_command,
+        "send one request traced, and say where its time went",
+        "Examples:\n  asgi-asynctrace trace http://127.0.0.1:8000/slow\n"
+        "  asgi-asynctrace trace -X POST -H 'Content-Type: application/json' -d '{\"n\": 3}' \\\n"
+        "      http://127.0.0.1:8000/orders -o trace.json\n\n"
+        "Sends the request with X-Async-Trace (your --secret, if the app has one), reads the\n"
+        "trace id from the response, fetches the whole trace from the app's store and prints\n"
+        "the summary (with --json, the analysis). Exit status 2 when no trace came back.",
+        traces=False,
+    )
+    tr.add_argument("url")
+    tr.add_argument("-X", "--method", default="GET")
+    tr.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
+    tr.add_argument("-d", "--data", help="the request body")
+    tr.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
+    tr.add_argument("--prefix", default="/__asynctrace", help="the app's path_prefix")
+    tr.add_argument("-o", "--output", type=Path, help="also save the trace's JSON here")
+    tr.add_argument("--json", action="store_true", help="the analysis as JSON")
+    tr.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    tr.add_argument("--timeout", type=float, default=60.0, help="seconds for each HTTP call")
+    tr.add_argument("-k", "--insecure", action="store_true", help="do not verify TLS")
     di = _command(
         commands,
         "diagnose",

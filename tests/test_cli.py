@@ -107,3 +107,54 @@ def test_extract_reports_progress_through_a_large_log(tmp_path: Path) -> None:
     assert len(items) == 10
     assert len(seen) >= 2 and seen[-1] == (log.stat().st_size, log.stat().st_size, 10)
     assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+
+
+def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .servers import sample_app_process
+
+    saved = tmp_path / "slow.json"
+    with sample_app_process({"SAMPLE_DB": str(tmp_path / "cli.db")}) as (base, _):
+        assert main(["trace", f"{base}/slow", "-o", str(saved)]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("GET /slow 200 ") and "critical path" in out
+        assert "[high] blocked-loop" in out and "n-plus-one" in out
+        assert f"GET {base}/slow -> 200 in " in err
+        trace = load_trace(saved.read_bytes())  # the whole trace, from the store
+        assert trace.request["path"] == "/slow" and trace.root.state == "ok"
+        assert trace.trace_id in out.splitlines()[0]
+        # the store's own pages are never traced: no trace id comes back, and it says why
+        assert main(["trace", f"{base}/__asynctrace/traces"]) == 2
+        assert "no X-Async-Trace-Id" in capsys.readouterr().err
+        assert main(["trace", "-H", "no colon", f"{base}/"]) == 2
+        assert "-H wants 'Name: value'" in capsys.readouterr().err
+        # a body and headers go with the request (a POST to the index page, which Starlette
+        # answers 405, traced all the same)
+        code = main(["trace", "-X", "POST", "-H", "X-Mine: 1", "-d", "{}", "--json", f"{base}/"])
+        out = capsys.readouterr().out
+        assert code == 0 and orjson.loads(out)["request"]["method"] == "POST"
+
+
+def test_trace_falls_back_to_the_inline_trace_when_the_app_keeps_no_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .servers import app_process
+
+    env = {"WORKERS_STORE_SIZE": "0"}
+    saved = tmp_path / "inline.json"
+    with app_process(["uvicorn", "tests.workers_app:app"], env) as (base, _):
+        assert main(["trace", f"{base}/pid", "-o", str(saved)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("GET /pid 200 ")
+    assert "the trace from the response header, which ends where the response started" in err
+    assert load_trace(saved.read_bytes()).root.state == "pending"  # the response had not ended
+
+
+def test_trace_says_what_is_wrong_with_the_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "ftp://example.com/x"]) == 2
+    assert "not an http(s) URL: 'ftp://example.com/x'" in capsys.readouterr().err
+    from .servers import free_port
+
+    assert main(["trace", f"http://127.0.0.1:{free_port()}/x", "--timeout", "5"]) == 2
+    assert "error: GET http://127.0.0.1:" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """An app served by several worker processes that share the trace store through a directory
 (``WORKERS_STORE_DIR``); its one route blocks for a moment, so that requests made together are
-spread over the workers, and says which process answered.
+spread over the workers, and says which process answered. ``WORKERS_STORE_SIZE=0``: no store.
 
     python -m uvicorn tests.workers_app:app --workers 2 --port 8000
 """
@@ -30,5 +30,6 @@ async def pid(request: Request) -> Response:
 app = AsyncTraceMiddleware(
     Starlette(routes=[Route("/", index), Route("/pid", pid)]),
     log_traces=False,
-    store_dir=os.environ["WORKERS_STORE_DIR"],
+    store_dir=os.environ.get("WORKERS_STORE_DIR") or None,
+    store_size=int(os.environ.get("WORKERS_STORE_SIZE", "100")),  # 0: no store
 )
