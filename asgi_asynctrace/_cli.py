@@ -202,6 +202,9 @@ def _trace_command(args: argparse.Namespace) -> int:
         print(f"not in the store at {store} ({got.status_code}): the trace from the response "
               "header, which ends where the response started", file=sys.stderr)  # fmt: skip
         data = orjson.dumps(decode_trace_header(inline))
+    else:
+        print(f"in the viewer: {url.scheme}://{url.netloc}{args.prefix}/?id={trace_id}",
+              file=sys.stderr)  # fmt: skip
     trace = load_trace(orjson.loads(data))
     if args.output is not None:
         args.output.write_bytes(data)

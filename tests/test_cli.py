@@ -124,6 +124,7 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         trace = load_trace(saved.read_bytes())  # the whole trace, from the store
         assert trace.request["path"] == "/slow" and trace.root.state == "ok"
         assert trace.trace_id in out.splitlines()[0]
+        assert f"in the viewer: {base}/__asynctrace/?id={trace.trace_id}" in err
         # the store's own pages are never traced: no trace id comes back, and it says why
         assert main(["trace", f"{base}/__asynctrace/traces"]) == 2
         assert "no X-Async-Trace-Id" in capsys.readouterr().err

@@ -225,7 +225,7 @@ def served() -> Iterator[str]:
     app = AsyncTraceMiddleware(
         Starlette(routes=[Route("/work", slow)]),
         log_traces=False,
-        analysis=AnalysisSettings(blocked_step_ms=5_000),
+        analysis=AnalysisSettings(blocked_step_ms=5_000, loop_busy_ms=5_000),
     )
     with serving(app) as base:
         yield base
@@ -246,11 +246,18 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     assert note.evaluate("li => getComputedStyle(li).listStyleType") == "none"
     shoot(page, "served")
 
+    # the page's address now names the trace: opened again (a shared link), it shows that one
+    (first,) = httpx.get(served + "/__asynctrace/traces").json()["traces"]
+    assert page.url == f"{served}/__asynctrace/?id={first['traceId']}"
+
     # the sample app's index links here with ?run=<path>: run it traced, show its trace
     page.goto(served + "/__asynctrace/?run=/work")
     page.wait_for_selector("body[data-loaded]")
     assert "GET /work 200" in page.inner_text("#summary")
-    assert len(httpx.get(served + "/__asynctrace/traces").json()["traces"]) == 2
+    listed = httpx.get(served + "/__asynctrace/traces").json()["traces"]
+    assert len(listed) == 2 and page.url.endswith(f"?id={listed[0]['traceId']}")
+    page.goto(f"{served}/__asynctrace/?id={first['traceId']}")
+    page.wait_for_selector(f"body[data-loaded='{first['traceId']}']")
 
 
 def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(

@@ -134,7 +134,12 @@
     // last byte: ask again briefly before giving up.
     for (let attempt = 0; attempt < 20; attempt++) {
       const got = await fetch(`${base}traces/${encodeURIComponent(id)}?analysis=1`);
-      if (got.ok) return use(await got.json());
+      if (got.ok) {
+        use(await got.json());
+        // the page's address now opens this trace: a link to share, a reload that keeps it
+        history.replaceState(null, "", `${location.pathname}?id=${encodeURIComponent(id)}`);
+        return;
+      }
       if (got.status !== 404) throw new AT.LoadError((await got.json()).error || got.statusText);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
@@ -181,8 +186,11 @@
     const data = embedded("asynctrace-data");
     const store = document.querySelector('meta[name="asynctrace-store"]');
     if (store) {
-      const run = new URLSearchParams(location.search).get("run");
-      if (run) runTraced(store.content, run).catch(fail).finally(() => loadStore(store.content));
+      const params = new URLSearchParams(location.search);
+      const run = params.get("run"), id = params.get("id");
+      // ?run=/path: send that request traced and show its trace; ?id=<trace id>: show that one
+      const first = run ? runTraced(store.content, run) : id ? loadTrace(store.content, id) : null;
+      if (first) first.catch(fail).finally(() => loadStore(store.content));
       else loadStore(store.content);
     }
     if (data && data.traces && data.traces.length) {
