@@ -199,8 +199,9 @@ def _trace_command(args: argparse.Namespace) -> int:
                 f"trace {trace_id} is not in the store at {store} ({got.status_code}) and the "
                 "response carried none inline"
             )
-        print(f"not in the store at {store} ({got.status_code}): the trace from the response "
-              "header, which ends where the response started", file=sys.stderr)  # fmt: skip
+        print(f"not in the store at {store} ({got.status_code}: {got.text[:300]}): the trace "
+              "from the response header, which ends where the response started",
+              file=sys.stderr)  # fmt: skip
         data = orjson.dumps(decode_trace_header(inline))
     else:
         print(f"in the viewer: {url.scheme}://{url.netloc}{args.prefix}/?id={trace_id}",

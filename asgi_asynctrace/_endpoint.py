@@ -13,6 +13,7 @@ Exports: serve_store.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -90,6 +91,9 @@ async def serve_store(
     data = await _off_loop(store, store.get, trace_id)
     if data is None:
         message = f"no trace {trace_id[:64]!r} in the store (it keeps the last {store.max_traces})"
+        if store.shared is None:  # the most common surprise: another worker process has it
+            message += (f" of this process ({os.getpid()}); under several worker processes "
+                        "each has its own unless they share one through store_dir")  # fmt: skip
         await _respond(send, 404, orjson.dumps({"error": message}))
         return True
     query = scope.get("query_string") or b""

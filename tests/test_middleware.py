@@ -290,6 +290,9 @@ def test_the_store_lists_newest_first_and_forgets_the_oldest() -> None:
     assert [t["traceId"] for t in listing.json()["traces"]] == [ids[2], ids[1]]
     assert listing.json()["traces"][0]["path"] == "/hello"
     assert gone.status_code == 404 and "keeps the last 2" in gone.json()["error"]
+    # and names the likeliest other reason: the trace is in another worker process's store
+    assert f"of this process ({os.getpid()}); under several worker" in gone.json()["error"]
+    assert "store_dir" in gone.json()["error"]
 
 
 def test_the_store_is_closed_to_remote_clients_without_a_secret() -> None:
