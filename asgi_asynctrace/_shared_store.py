@@ -145,13 +145,21 @@ class SharedDirectory:
             return (self.path / f"{trace_id}.json").read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # unreadable, the directory gone: as if not there, and said once
+            report("store-dir", exc)
+            return None
 
     def summaries(self, skip: set[str]) -> list[dict[str, Any]]:
         """A list record for each trace file but those in ``skip`` (this worker's own), newest
         last; a file that cannot be read as a trace is left out."""
         out = []
         seen = {}
-        for mtime, trace_id, path in self._files()[-self.keep :]:
+        try:
+            files = self._files()[-self.keep :]
+        except OSError as exc:  # the directory gone or unreadable: this worker's own traces only
+            report("store-dir", exc)
+            return []
+        for mtime, trace_id, path in files:
             if trace_id in skip:
                 continue
             cached = self._summaries.get(trace_id)

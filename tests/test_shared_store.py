@@ -90,6 +90,9 @@ def test_a_directory_gone_after_start_is_counted_not_raised(tmp_path: Path) -> N
     store.shared.flush()
     assert failure_counts().get("store-dir") == 1
     assert store.get(t.trace_id) == t.to_json()  # this worker still has it in memory
+    assert [s["traceId"] for s in store.summaries()] == [t.trace_id]  # and lists it
+    assert store.get("f" * 32) is None  # what it does not hold: none, and no exception
+    assert failure_counts()["store-dir"] >= 2  # the listing's failure, counted too
 
 
 def test_uvicorn_workers_serve_every_trace_whichever_worker_answers(tmp_path: Path) -> None:
