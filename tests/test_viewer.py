@@ -260,6 +260,19 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     page.wait_for_selector(f"body[data-loaded='{first['traceId']}']")
 
 
+def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:
+    # (its own page: the browser reports each of the store's 404s as a console error)
+    page = browser.new_page()
+    try:
+        page.goto(f"{served}/__asynctrace/?id={'0' * 32}")
+        said = page.locator("#load-error", has_text=f"trace {'0' * 32} never reached the store")
+        said.wait_for()
+        assert "keeps the last 100) of this process" in said.inner_text()
+        assert "store_dir" in said.inner_text()  # the likeliest reason: another worker has it
+    finally:
+        page.close()
+
+
 def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
     page: Any, tmp_path: Path
 ) -> None:

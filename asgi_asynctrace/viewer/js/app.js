@@ -132,6 +132,7 @@
   async function loadTrace(base, id) {
     // The app stores a trace once the request has fully ended, just after the client got the
     // last byte: ask again briefly before giving up.
+    let said = "";
     for (let attempt = 0; attempt < 20; attempt++) {
       const got = await fetch(`${base}traces/${encodeURIComponent(id)}?analysis=1`);
       if (got.ok) {
@@ -141,9 +142,13 @@
         return;
       }
       if (got.status !== 404) throw new AT.LoadError((await got.json()).error || got.statusText);
+      said = await got.text();
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
-    throw new AT.LoadError(`trace ${id} never reached the store`);
+    // the store's own answer names the likeliest reason (another worker process has it)
+    let reason = "";
+    try { reason = JSON.parse(said).error || ""; } catch (e) { reason = ""; }
+    throw new AT.LoadError(`trace ${id} never reached the store${reason ? `: ${reason}` : ""}`);
   }
 
   async function runTraced(base, path) {
