@@ -166,10 +166,18 @@ def _trace_command(args: argparse.Namespace) -> int:
     url = urlsplit(args.url)
     if url.scheme not in ("http", "https") or not url.netloc:
         raise TraceFormatError(f"not an http(s) URL: {args.url!r}")
+    body: bytes | None = None
+    if args.data is not None:  # as curl's -d: @file for a file's bytes, - for stdin's
+        if args.data == "@-":
+            body = sys.stdin.buffer.read()
+        elif args.data.startswith("@"):
+            body = Path(args.data[1:]).read_bytes()
+        else:
+            body = args.data.encode()
     with httpx.Client(timeout=args.timeout, verify=not args.insecure) as client:
         try:
             sent = client.request(
-                args.method, args.url, content=args.data, headers=[*headers, *ask.items()]
+                args.method, args.url, content=body, headers=[*headers, *ask.items()]
             )
         except httpx.HTTPError as exc:
             raise OSError(f"{args.method} {args.url}: {exc}") from None
@@ -310,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("url")
     tr.add_argument("-X", "--method", default="GET")
     tr.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
-    tr.add_argument("-d", "--data", help="the request body")
+    tr.add_argument("-d", "--data", help="the request body (@file: a file's, @-: stdin's)")
     tr.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
     tr.add_argument("--prefix", default="/__asynctrace", help="the app's path_prefix")
     tr.add_argument("-o", "--output", type=Path, help="also save the trace's JSON here")

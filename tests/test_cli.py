@@ -135,6 +135,13 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         code = main(["trace", "-X", "POST", "-H", "X-Mine: 1", "-d", "{}", "--json", f"{base}/"])
         out = capsys.readouterr().out
         assert code == 0 and orjson.loads(out)["request"]["method"] == "POST"
+        body = tmp_path / "body.bin"
+        body.write_bytes(b"x" * 70_000)
+        assert main(["trace", "-X", "POST", "-d", f"@{body}", "-o", str(saved), f"{base}/"]) == 0
+        assert "-> 405 in " in capsys.readouterr().err  # (the index reads no body: GET only)
+        assert load_trace(saved.read_bytes()).request["method"] == "POST"
+        assert main(["trace", "-d", f"@{tmp_path / 'none'}", f"{base}/"]) == 2
+        assert "No such file" in capsys.readouterr().err
 
 
 def test_trace_falls_back_to_the_inline_trace_when_the_app_keeps_no_store(
