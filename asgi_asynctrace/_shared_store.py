@@ -1,6 +1,6 @@
 """The trace store shared by an app's worker processes, through a directory.
 
-    shared = SharedDirectory("/run/asynctrace", keep=100)
+    shared = SharedDirectory("/run/asynctrace", keep=100, summarize=record_of_json)
     shared.put(trace_id, data)        # written by a thread of its own, never on the loop
     shared.get(trace_id)              # another worker's trace: its JSON, or None
 
@@ -21,10 +21,9 @@ import os
 import queue
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
-
-import orjson
 
 from ._failures import report
 
@@ -34,32 +33,15 @@ _TRACE_ID: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _BACKLOG: Final = 1000  # traces waiting for the writer thread; beyond that, counted and dropped
 
 
-def summary_of(doc: Any) -> dict[str, Any]:
-    """The store's list record (``_sinks._summary``'s fields) of a trace read back from JSON."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("resources"), list):
-        raise ValueError("not a trace")
-    request = doc.get("request")
-    if not isinstance(request, dict):
-        request = {}
-    resources = doc["resources"]
-    root = resources[0] if resources and isinstance(resources[0], dict) else {}
-    return {
-        "traceId": doc.get("traceId"),
-        "method": request.get("method"),
-        "path": request.get("path"),
-        "status": request.get("status"),
-        "state": root.get("state"),
-        "startedAtUnixNs": doc.get("startedAtUnixNs"),
-        "durationNs": doc.get("requestDurationNs"),
-        "resources": len(resources),
-    }
-
-
 class SharedDirectory:
     """Finished traces as files in a directory every worker process of the app writes to."""
 
-    def __init__(self, path: str | os.PathLike[str], keep: int) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], keep: int, summarize: Callable[[bytes], dict[str, Any]]
+    ) -> None:
+        """``summarize``: a trace's list record from its JSON (for the other workers' files)."""
         self.path = Path(path)
+        self._summarize = summarize
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -166,7 +148,7 @@ class SharedDirectory:
             if cached is None or cached[0] != mtime:
                 try:
                     with open(path, "rb") as f:
-                        cached = (mtime, summary_of(orjson.loads(f.read())))
+                        cached = (mtime, self._summarize(f.read()))
                 except (OSError, ValueError):  # gone meanwhile, or not a trace
                     continue
             seen[trace_id] = cached

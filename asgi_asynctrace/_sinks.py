@@ -30,6 +30,7 @@ from typing import IO, Any, Final, Protocol
 
 import orjson
 
+from ._load import load_trace
 from ._model import Trace
 from ._shared_store import SharedDirectory
 
@@ -124,7 +125,9 @@ class TraceStore:
         # trace id -> the finished Trace until it is first read, then (its summary, its JSON)
         self._items: OrderedDict[str, Trace | tuple[dict[str, Any], bytes]] = OrderedDict()
         self._lock = threading.Lock()
-        self.shared = None if directory is None else SharedDirectory(directory, max_traces)
+        self.shared = (
+            None if directory is None else SharedDirectory(directory, max_traces, _summary_of_json)
+        )
         self.needs_json = self.shared is not None
 
     def __call__(self, trace: Trace, data: bytes | None = None, /) -> None:
@@ -168,6 +171,11 @@ class TraceStore:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _summary_of_json(data: bytes) -> dict[str, Any]:
+    """``_summary`` of a trace written by another worker (a ValueError when it is none)."""
+    return _summary(load_trace(orjson.loads(data)))
 
 
 def _summary(trace: Trace) -> dict[str, Any]:
