@@ -103,26 +103,33 @@ def _wrk(base: str, route: str, seconds: int, server: int) -> tuple[float, ...]:
     collections per 10,000 requests."""
     _collections(base)
     cpu = _cpu_s(server)
-    out = subprocess.run(_pinned(0, ["wrk", "-t1", "-c50", f"-d{seconds}s", base + route]),
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = _run_wrk(0, ["-c50", f"-d{seconds}s"], base + route)
     cpu = _cpu_s(server) - cpu
     in_gc, full = _collections(base)
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     count = re.search(r"(\d+) requests in", out)
-    assert rate and count, out
+    assert count, out
     n = int(count.group(1))
-    return float(rate.group(1)), n / cpu, n / max(cpu - in_gc, 1e-9), in_gc / cpu, 1e4 * full / n
+    return _rate(out), n / cpu, n / max(cpu - in_gc, 1e-9), in_gc / cpu, 1e4 * full / n
+
+
+def _run_wrk(cpu: int, options: list[str], url: str) -> str:
+    """wrk's report of one run, with one thread, kept on ``cpu``."""
+    return subprocess.run(_pinned(cpu, ["wrk", "-t1", *options, url]),
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+
+def _rate(report: str) -> float:
+    """Requests per second, from wrk's report."""
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", report)
+    assert rate, report
+    return float(rate.group(1))
 
 
 def _latency(base: str, route: str, seconds: int, traced: bool) -> float:
     """Microseconds per request as the client sees them: one connection, each request sent
     when the last is answered (wrk's requests per second over one connection, inverted)."""
     ask = ["-H", "X-Async-Trace: 1"] if traced else []
-    out = subprocess.run(_pinned(1, ["wrk", "-t1", "-c1", f"-d{seconds}s", *ask, base + route]),
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert rate, out
-    return 1e6 / float(rate.group(1))
+    return 1e6 / _rate(_run_wrk(1, ["-c1", f"-d{seconds}s", *ask], base + route))
 
 
 def _check_traced(base: str, route: str, traced: bool) -> None:
