@@ -193,6 +193,8 @@ def _trace_command(args: argparse.Namespace) -> int:
         data = None
         deadline = time.monotonic() + 3  # stored once the response has gone out
         while True:
+            # the same client, so the request's keep-alive connection: under several worker
+            # processes the worker that served the request, and holds its trace, answers
             got = client.get(store, headers=ask)
             if got.status_code == 200:
                 data = got.content

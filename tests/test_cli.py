@@ -166,3 +166,17 @@ def test_trace_says_what_is_wrong_with_the_url(capsys: pytest.CaptureFixture[str
 
     assert main(["trace", f"http://127.0.0.1:{free_port()}/x", "--timeout", "5"]) == 2
     assert "error: GET http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_trace_finds_the_trace_in_the_worker_that_served_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Two workers, no shared store_dir: the trace is asked for over the request's own
+    # keep-alive connection, so the worker that has it answers.
+    from .servers import app_process
+
+    command = ["uvicorn", "tests.workers_app:app", "--workers", "2", "--log-level", "warning"]
+    with app_process(command, {}) as (base, _):
+        for _ in range(6):
+            assert main(["trace", f"{base}/pid"]) == 0
+            assert f"in the viewer: {base}/__asynctrace/?id=" in capsys.readouterr().err
