@@ -180,3 +180,15 @@ def test_trace_finds_the_trace_in_the_worker_that_served_it(
         for _ in range(6):
             assert main(["trace", f"{base}/pid"]) == 0
             assert f"in the viewer: {base}/__asynctrace/?id=" in capsys.readouterr().err
+
+
+def test_trace_with_the_apps_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    from .servers import app_process
+
+    env = {"WORKERS_SECRET": "s3cret"}
+    with app_process(["uvicorn", "tests.workers_app:app"], env) as (base, _):
+        assert main(["trace", f"{base}/pid"]) == 2  # "1" is not the secret: not traced
+        assert "no X-Async-Trace-Id" in capsys.readouterr().err
+        assert main(["trace", "--secret", "s3cret", f"{base}/pid"]) == 0  # the store too
+        out, err = capsys.readouterr()
+        assert out.startswith("GET /pid 200 ") and "in the viewer: " in err

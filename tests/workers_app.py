@@ -1,6 +1,7 @@
 """An app served by several worker processes that share the trace store through a directory
 (``WORKERS_STORE_DIR``); its one route blocks for a moment, so that requests made together are
-spread over the workers, and says which process answered. ``WORKERS_STORE_SIZE=0``: no store.
+spread over the workers, and says which process answered. ``WORKERS_STORE_SIZE=0``: no store;
+``WORKERS_SECRET``: the secret that turns tracing on.
 
     python -m uvicorn tests.workers_app:app --workers 2 --port 8000
 """
@@ -32,4 +33,5 @@ app = AsyncTraceMiddleware(
     log_traces=False,
     store_dir=os.environ.get("WORKERS_STORE_DIR") or None,
     store_size=int(os.environ.get("WORKERS_STORE_SIZE", "100")),  # 0: no store
+    secret=os.environ.get("WORKERS_SECRET") or None,
 )
