@@ -252,7 +252,7 @@ def _late_timers(
 
 def _critical_path(
     trace: Trace, times: dict[int, ResourceTimes], children: dict[int, list[Resource]],
-    settings: AnalysisSettings, late: dict[int, str] | None = None,
+    settings: AnalysisSettings, late: dict[int, str],
 ) -> list[PathStep]:  # fmt: skip
     """Walk back from the request's end: at each moment, what was the root waiting for?
 
@@ -263,7 +263,6 @@ def _critical_path(
     that was never reached held nothing up). A timer in ``late`` has its lateness added to its
     label.
     """
-    late = late or {}
     if not trace.resources:
         return []
     root = trace.resources[0]
