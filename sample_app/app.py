@@ -10,6 +10,7 @@ viewer. The same routes are mounted under /fastapi from a FastAPI app (sample_ap
 from __future__ import annotations
 
 import asyncio
+import html
 import os
 from collections.abc import AsyncIterator
 
@@ -120,7 +121,7 @@ room = ChatRoom()
 CHAT_PAGE = """<!doctype html><meta charset=utf-8><title>chat</title>
 <p>A connection is traced when its handshake carries <code>X-Async-Trace: 1</code>, which a
 browser cannot send: connect with a client such as <code>python -m websockets</code> or
-<code>websocat -H 'X-Async-Trace: 1' ws://127.0.0.1:8000/ws</code>, and its trace appears in
+<code>websocat -H 'X-Async-Trace: 1' ws://{host}/ws</code>, and its trace appears in
 <a href="/__asynctrace/">the viewer</a> when it leaves.</p>
 <ol id=log></ol><input id=say placeholder="say something" autofocus>
 <script>
@@ -133,10 +134,12 @@ document.getElementById("say").onkeydown = (e) => {
 
 
 async def chat(request: Request) -> Response:
-    return HTMLResponse(CHAT_PAGE)
+    # Where the app is really served (PORT, a proxy), not a default port that may be wrong.
+    return HTMLResponse(CHAT_PAGE.replace("{host}", html.escape(request.url.netloc)))
 
 
 async def index(request: Request) -> Response:
+    base = html.escape(f"{request.url.scheme}://{request.url.netloc}")
     rows = "".join(
         f'<li><a href="/__asynctrace/?run={path}">{path}</a> — {what} '
         f'(<a href="{path}">plain</a>)</li>'
@@ -146,8 +149,9 @@ async def index(request: Request) -> Response:
         "<!doctype html><meta charset=utf-8><title>asgi-asynctrace sample</title>"
         "<h1>asgi-asynctrace sample</h1><p>Each link runs the route with "
         "<code>X-Async-Trace: 1</code> and opens its trace in the viewer. "
-        "From a terminal: <code>curl -si -H 'X-Async-Trace: 1' http://127.0.0.1:8000/items</code>"
-        f"</p><ul>{rows}</ul>"
+        f"From a terminal: <code>curl -si -H 'X-Async-Trace: 1' {base}/items</code>, or "
+        f"<code>asgi-asynctrace trace {base}/slow</code> for the summary of where its time "
+        f"went.</p><ul>{rows}</ul>"
     )
 
 

@@ -64,14 +64,20 @@ def kinds(trace: Trace, blocking: bool = True) -> list[str]:
 def test_the_index_links_every_route_to_its_trace_in_the_viewer(sample: Any) -> None:
     from sample_app.app import ROUTES
 
-    async def main() -> str:
+    async def main() -> tuple[str, str]:
         transport = httpx.ASGITransport(app=sample, client=("127.0.0.1", 5000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://sample") as client:
-            return (await client.get("/")).text
+        base = "http://sample:8811"
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
+            return (await client.get("/")).text, (await client.get("/chat")).text
 
-    page = run(main())
+    page, chat = run(main())
     for path in ROUTES:
         assert f'href="/__asynctrace/?run={path}"' in page
+    # The commands it shows name where the app is served, not a default port.
+    assert "curl -si -H 'X-Async-Trace: 1' http://sample:8811/items" in page
+    assert "asgi-asynctrace trace http://sample:8811/slow" in page
+    assert "8000" not in page
+    assert "ws://sample:8811/ws" in chat and "8000" not in chat
 
 
 def test_items_is_cache_aside_then_parallel_fetches(sample: Any) -> None:

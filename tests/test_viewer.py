@@ -459,6 +459,57 @@ def test_a_bubble_is_named_after_the_work_not_the_timers_around_it(
     assert "task BaseCache.get + 2 more" in labels, labels
 
 
+def test_a_library_bubble_is_named_after_the_queries_in_it_with_their_count(
+    page: Any, tmp_path: Path
+) -> None:
+    # Twenty queries as a database driver makes them, each with a future it waits on, and a
+    # task that closes the connection after each, which lives longer and runs more than any
+    # one query: the bubble a user sees at the top must say it holds the queries, how many,
+    # and show it even when their text is long.
+    query = "ConnectionEvents.wrap @ site-packages/sqlalchemy/engine/events.py:185:21"
+    driver = "Connection._execute @ site-packages/aiosqlite/core.py:156:18"
+    close = "create_task @ <stdlib>/asyncio/tasks.py:384:16"
+    statement = "select name, price, stock from items where id = ?"
+    resources: list[dict[str, Any]] = [
+        {"asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": None, "createdAt": 0,
+         "callbacks": [[0, 500_000]], "destroyedAt": 30_000_000, "state": "ok"},
+    ]  # fmt: skip
+    annotations: list[dict[str, Any]] = []
+    for i in range(20):
+        at, base = 1_000_000 + i * 1_000_000, 10 + 3 * i
+        resources += [
+            {"asyncId": base, "triggerId": 1, "type": "db-query", "stackTraceId": 0,
+             "createdAt": at, "callbacks": [], "destroyedAt": at + 200_000, "state": "ok"},
+            {"asyncId": base + 1, "triggerId": base, "type": "future", "stackTraceId": 1,
+             "createdAt": at + 10_000, "callbacks": [], "destroyedAt": at + 190_000,
+             "state": "ok"},
+            {"asyncId": base + 2, "triggerId": 1, "type": "task", "stackTraceId": 2,
+             "createdAt": at + 200_000, "callbacks": [[at + 210_000, at + 400_000]],
+             "destroyedAt": at + 900_000, "state": "ok"},
+        ]  # fmt: skip
+        annotations += [
+            {"asyncId": base, "key": "statement", "value": statement},
+            {"asyncId": base + 2, "key": "coroutine", "value": "AsyncConnection.close"},
+        ]
+    doc = {
+        "version": 1, "traceId": "cd" * 16, "request": {"method": "GET", "path": "/report"},
+        "requestDurationNs": 30_000_000, "resources": resources, "annotations": annotations,
+        "stackTraces": [{"id": 0, "frames": [query, "report @ shop/views.py:12:5"]},
+                        {"id": 1, "frames": [driver, query, "report @ shop/views.py:12:5"]},
+                        {"id": 2, "frames": [close, "AsyncConnection.close @ "
+                                             "site-packages/sqlalchemy/ext/asyncio/engine.py:9:1",
+                                             "report @ shop/views.py:12:5"]}],
+    }  # fmt: skip
+    opened(page, tmp_path, load_trace(doc))
+    labels = page.locator(".bubble text.label").all_text_contents()
+    assert len(labels) == 2, labels  # the request, and the driver's one cluster
+    named, times = labels[1], "\N{MULTIPLICATION SIGN}"
+    assert named.startswith("db-query select name") and named.endswith(f" {times}20 + 40 more")
+    assert len(named) <= 40, named  # shortened in the statement, not in the counts
+    full = page.locator(".bubble title").nth(1).text_content() or ""
+    assert full.startswith(f"db-query {statement} {times}20 + 40 more"), full
+
+
 async def _blocks_the_loop() -> None:
     await asyncio.sleep(0)
     time.sleep(0.15)  # the line the viewer must show

@@ -75,24 +75,40 @@ AT.views.bubbles = (function () {
       node.sync = ms.reduce((t, m) => t + m.sync, 0);
       node.busy = unionLength(ms.map((m) => [m.created, m.end]));
       node.weight = node.busy + node.sync;
-      // Named after its most significant member: the root, else the longest-lived that is not
-      // a bare future (a future is what something else is waiting on, not the thing itself),
-      // a timer nothing waited on (load.js' noWait: a deadline not reached lives as long as
-      // what it guards) or any timer still pending when the request ended (set for later, such
-      // as a cache entry's expiry: it lives to the end of the trace whatever it is for).
-      const guard = (r) => r.type === "future" || r.noWait ||
-        (r.type === "timer" && r.state === "pending");
-      const lead = ms.find((m) => m.type === "root") || ms.reduce((best, m) => {
-        const score = (r) => (guard(r) ? -1e18 : 0) + r.end - r.created + r.sync;
-        return score(m) > score(best) ? m : best;
-      }, ms[0]);
+      // Named after its most significant kind of member (same type and creation stack): the
+      // root; else the operations a user calls (a query, a fetch, a cache call, a thread job,
+      // a resource of their own) before the scheduling around them, which in a library's
+      // cluster is its plumbing (the tasks, deadlines and futures of a driver); then the
+      // kind alive longest. Among scheduling, never a bare future (what something else waits
+      // on, not the thing itself), a timer nothing waited on (load.js' noWait: a deadline not
+      // reached lives as long as what it guards) or a timer still pending when the request
+      // ended (set for later, such as a cache entry's expiry), while anything else is there.
+      const kinds = new Map();
+      for (const m of ms) {
+        const key = identity(m, m.party);
+        const kind = kinds.get(key);
+        if (kind) kind.push(m); else kinds.set(key, [m]);
+      }
+      const rank = (r) => r.type === "root" ? 3
+        : AT.category(r.type) !== "scheduling" && r.type !== "gc" ? 2
+        : r.type === "future" || r.noWait || (r.type === "timer" && r.state === "pending") ? 0 : 1;
+      let best = null, bestRank = -1, bestWeight = -1;
+      for (const kind of kinds.values()) {
+        const r = kind.reduce((t, m) => Math.max(t, rank(m)), 0);
+        const w = unionLength(kind.map((m) => [m.created, m.end])) + kind.reduce((t, m) => t + m.sync, 0);
+        if (r > bestRank || (r === bestRank && w > bestWeight)) { best = kind; bestRank = r; bestWeight = w; }
+      }
+      const lead = best.reduce((a, m) => (m.end - m.created + m.sync > a.end - a.created + a.sync ? m : a));
       node.type = lead.type;
       node.party = lead.party;
       node.critical = ms.some((m) => model.critical.has(m.id));
-      const same = new Set(ms.map((m) => identity(m, m.party))).size === 1;
-      node.label = ms.length === 1 ? `${lead.type} ${lead.label}`
-        : same ? `${lead.type} ${lead.label} ×${ms.length}`
-        : `${lead.type} ${lead.label} + ${ms.length - 1} more`;
+      node.name = `${lead.type} ${lead.label}`;
+      node.suffix = (best.length > 1 ? ` ×${best.length}` : "") +
+        (best.length < ms.length ? ` + ${ms.length - best.length} more` : "");
+      node.label = node.name + node.suffix;
+      // Drawn shortened in its name, never in its counts: "db-query select name… ×20 + 140 more".
+      const room = Math.max(16, 40 - node.suffix.length);
+      node.short = (node.name.length > room ? node.name.slice(0, room - 1) + "…" : node.name) + node.suffix;
       node.site = firstAppFrame(lead.stack).split(" @ ").pop();
     }
     const roots = [...nodes.values()].filter((n) => !n.parent);
@@ -109,7 +125,7 @@ AT.views.bubbles = (function () {
     const maxDelay = Math.max(1, duration);
     for (const n of all) n.r = 10 + 34 * Math.sqrt(n.weight / maxWeight);
     let x = 20;
-    const slot = (n) => Math.max(2 * n.r, 6.5 * Math.min(n.label.length, 30)) + 28;
+    const slot = (n) => Math.max(2 * n.r, 6.5 * n.short.length) + 28;
     const place = (n) => {
       if (!n.children.length) { const w = slot(n); n.x = x + w / 2; x += w; return; }
       n.children.forEach(place);
@@ -144,8 +160,7 @@ AT.views.bubbles = (function () {
       const g = AT.svg("g", { class: `bubble ${n.party}${n.critical ? " critical" : ""}`,
         "data-members": n.members.length, tabindex: 0 });
       g.append(AT.svg("circle", { cx: n.x, cy: n.y, r: n.r, fill: AT.colour(n.type) }));
-      const short = n.label.length > 30 ? n.label.slice(0, 29) + "…" : n.label;
-      g.append(AT.svg("text", { x: n.x, y: n.y + n.r + 13, class: "label", "text-anchor": "middle" }, short));
+      g.append(AT.svg("text", { x: n.x, y: n.y + n.r + 13, class: "label", "text-anchor": "middle" }, n.short));
       g.append(AT.svg("text", { x: n.x, y: n.y + n.r + 25, class: "sub", "text-anchor": "middle" },
         `${n.party} · ${AT.fmt(n.busy)} alive · ${AT.fmt(n.sync)} sync`));
       g.append(AT.svg("title", {}, `${n.label}\n${n.members.length} resource(s)${n.site ? "\n" + n.site : ""}`));
