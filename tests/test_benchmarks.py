@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.__main__ import BENCHMARKS, ROOT, replace_block
@@ -58,3 +60,21 @@ def test_the_e2e_latency_table_gives_each_column_against_the_bare_app() -> None:
     row = _latency_table(results, ["/r"]).splitlines()[-1]
     assert row == ("| /r | 250 µs | 1.020x (1.020 to 1.020) | 1.300x (1.300 to 1.300) "
                    "| 2.000x (2.000 to 2.000) | traced <= 1.25x |")  # fmt: skip
+
+
+def _cache_dir(tmp: Path, level: str, size: str, ways: str) -> Path:
+    for name, text in (("level", level), ("size", size), ("ways_of_associativity", ways)):
+        (tmp / name).write_text(text + "\n")
+    return tmp
+
+
+def test_bench_misses_models_this_machines_second_level(tmp_path: Path) -> None:
+    from benchmarks.bench_misses import second_level
+
+    assert second_level(_cache_dir(tmp_path, "2", "2048K", "16")) == (2 * 1024 * 1024, 16)
+    assert second_level(_cache_dir(tmp_path, "2", "1024K", "8")) == (1024 * 1024, 8)
+    # not a second level, sets not a power of two (callgrind cannot model them), nothing there
+    assert second_level(_cache_dir(tmp_path, "3", "32768K", "16")) == (512 * 1024, 8)
+    assert second_level(_cache_dir(tmp_path, "2", "1280K", "20")) == (1280 * 1024, 20)
+    assert second_level(_cache_dir(tmp_path, "2", "1536K", "8")) == (512 * 1024, 8)
+    assert second_level(tmp_path / "absent") == (512 * 1024, 8)
