@@ -190,7 +190,14 @@ class TracedRequest:
             self.disconnected = True
             trace.annotate(self.root, "disconnectedAt", _now() - trace.origin)
         elif kind == "websocket.disconnect":  # the usual way a websocket ends: not an error
-            trace.annotate(self.root, "closeCode", message.get("code", 1000))
+            code = message.get("code", 1000)
+            trace.annotate(self.root, "closeCode", code)
+            # The wait for the client to close is the connection's last wait, often its longest
+            # (a chat kept open): without it the trace ends in a stretch nothing explains.
+            res = record_message(trace, _current(trace, self.root), "receive", started, ended,
+                                 "close", None)  # fmt: skip
+            if res is not None:
+                trace.annotate(res, "code", code)
 
     async def traced_send(self, message: Message) -> None:
         """The app's ``send``: the server's, recorded, the response headers given the trace

@@ -116,15 +116,16 @@ def message_size(message: Mapping[str, Any]) -> tuple[str, int]:
 def record_message(
     trace: Trace, parent: Resource, direction: str, started: int, ended: int,
     kind: str, size: int | None,
-) -> None:  # fmt: skip
+) -> Resource | None:  # fmt: skip
     """One websocket message (or close) as a ``websocket`` resource, alive while it waited."""
     if trace.closed:
-        return
+        return None
     res = trace.add("websocket", parent.async_id, None, started)
     if res is None:
-        return
+        return None
     trace.annotate(res, "direction", direction)
     trace.annotate(res, "message", kind)
     if size is not None:
         trace.annotate(res, "bytes", size)
     trace.settle(res, ended, "ok")
+    return res

@@ -179,9 +179,11 @@ def test_the_chat_room_over_a_real_server(tmp_path: Path) -> None:
         doc = httpx.get(f"http://127.0.0.1:{port}/__asynctrace/traces/{summary['traceId']}").json()
         notes = {(a["asyncId"], a["key"]): a["value"] for a in doc["annotations"]}
         messages = [r for r in doc["resources"] if r["type"] == "websocket"]
-        directions = [notes[(r["asyncId"], "direction")] for r in messages]
-        # what went through this connection; the send to b went through b's own connection
-        assert directions == ["receive", "send"]
+        seen = [(notes[(r["asyncId"], "direction")], notes[(r["asyncId"], "message")])
+                for r in messages]  # fmt: skip
+        # what went through this connection (the send to b went through b's own), up to the
+        # client closing it
+        assert seen == [("receive", "text"), ("send", "text"), ("receive", "close")]
         assert sum(r["type"] == "task" for r in doc["resources"]) == 2  # gather: one per member
 
 

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_asynctrace import AsyncTraceMiddleware, Resource, Trace, analyze
 from tests.helpers import run
@@ -176,3 +176,39 @@ def test_each_websocket_message_is_a_resource_and_a_clean_close_is_ok() -> None:
     first = next(r for r in trace.resources if r.type == "websocket")
     assert first.settled_at is not None and first.settled_at - first.created_at >= 9_000_000
     assert trace.root.state == "ok" and trace.request["method"] == "WS"
+
+
+async def _listen(ws: WebSocket) -> None:
+    """A chat room member: says back what it hears until the client leaves."""
+    await ws.accept()
+    try:
+        while True:
+            await ws.send_text(await ws.receive_text())
+    except WebSocketDisconnect:
+        pass
+
+
+def test_the_wait_for_the_client_to_close_is_the_connections_last_resource() -> None:
+    # The client says one thing, then stays 30 ms before it closes: that wait is the end of
+    # the connection's trace, and what held it up at the end.
+    app = Starlette(routes=[WebSocketRoute("/room", _listen)])
+    incoming: list[tuple[float, dict[str, Any]]] = [
+        (0.0, {"type": "websocket.connect"}),
+        (0.0, {"type": "websocket.receive", "text": "hi"}),
+        (0.03, {"type": "websocket.disconnect", "code": 1001}),
+    ]
+    trace, sent = serve(app, {"type": "websocket", "path": "/room", "subprotocols": []},
+                        incoming)  # fmt: skip
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send"]
+    messages = [r for r in trace.resources if r.type == "websocket"]
+    notes = [trace.annotations_of(r.async_id) for r in messages]
+    assert [(n["direction"], n["message"], n.get("code")) for n in notes] == [
+        ("receive", "text", None), ("send", "text", None), ("receive", "close", 1001),
+    ]  # fmt: skip
+    close = messages[-1]
+    assert close.state == "ok" and close.settled_at is not None
+    assert close.settled_at - close.created_at >= 25_000_000
+    assert trace.annotations_of(trace.root.async_id)["closeCode"] == 1001
+    analysis = analyze(trace)
+    assert analysis.times[close.async_id].label == "receive close"
+    assert analysis.critical_path[-1].async_id == close.async_id
