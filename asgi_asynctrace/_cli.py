@@ -5,6 +5,7 @@
     asgi-asynctrace trace http://127.0.0.1:8000/slow   # one request traced, and its summary
     asgi-asynctrace summary trace.json             # breakdown, top waits, critical path, findings
     asgi-asynctrace diagnose traces.jsonl --fail-on medium     # for CI: exit 1 on a finding
+    asgi-asynctrace routes server.log              # many traces: the slow routes, what held them
     asgi-asynctrace view trace.json                # the viewer, as one HTML file
     asgi-asynctrace decode-header 'z1:eJzt…'
 
@@ -115,6 +116,27 @@ def _summary_command(args: argparse.Namespace) -> int:
                 out.write("\n")
             first = False
             out.write(format_summary(analysis))
+    return 0
+
+
+def _routes_command(args: argparse.Namespace) -> int:
+    from ._report import format_routes
+    from ._routes import by_route
+
+    def analysed() -> Any:
+        for name in args.traces:
+            for _where, trace in read_traces(name):
+                yield analyze(trace, _settings(args)), trace.annotations_of(trace.root.async_id)
+
+    routes = by_route(analysed())
+    if args.json:
+        for r in routes:
+            sys.stdout.buffer.write(orjson.dumps(r.to_dict()) + b"\n")
+    elif routes:
+        sys.stdout.write(format_routes(routes))
+    else:
+        print("no traces found", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -339,6 +361,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     di.add_argument("--fail-on", choices=SEVERITIES, help="exit 1 on findings this severe")
     di.add_argument("--json", action="store_true", help="one JSON object per trace")
     di.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    ro = _command(
+        commands,
+        "routes",
+        _routes_command,
+        "many traces by route: the slowest first, what held each up, its findings",
+        "Examples:\n  asgi-asynctrace routes server.log          # a day's sampled traces\n"
+        "  kubectl logs deploy/api | asgi-asynctrace routes -\n"
+        "  asgi-asynctrace routes traces/*.json --json\n\n"
+        "A route is the method and the path as its route's template (/orders/{order_id}),\n"
+        "where the router matched parameters, else the path. For each: its traces' median,\n"
+        "95th percentile and longest duration, what held them up (their critical paths, by\n"
+        "what the request waited on: the operation, not the task that carried it; its own\n"
+        "code; the rest), the findings and in how many traces, and the slowest trace's id.",
+    )
+    ro.add_argument("--json", action="store_true", help="one JSON object per route")
+    ro.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
     co = _command(
         commands,
         "convert",

@@ -262,7 +262,7 @@ class AsyncTraceMiddleware:
             ACTIVE.reset(token)
             if self._blocked_ns:
                 unwatch(run.trace)
-            run.finish(state)
+            run.finish(state, scope)
             if release is not None:
                 release()
             self._emit(run.trace)

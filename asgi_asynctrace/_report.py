@@ -1,19 +1,21 @@
-"""The terminal report of ``asgi-asynctrace summary``: plain text, stable for golden files.
+"""The terminal reports of ``summary`` and ``routes``: plain text, stable for golden files.
 
     print(format_summary(analyze(trace)))
 
-Exports: format_summary, format_ns, path_runs, PathRun.
+Exports: format_summary, format_routes, format_ns, path_runs, PathRun.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._analysis import Analysis, PathStep
 from ._findings import format_duration
+from ._routes import RouteStats
 
-__all__ = ["PathRun", "format_ns", "format_summary", "path_runs"]
+__all__ = ["PathRun", "format_ns", "format_routes", "format_summary", "path_runs"]
 
 
 def format_ns(ns: int) -> str:
@@ -122,3 +124,37 @@ def _path_lines(path: Sequence[PathStep]) -> list[str]:
                 f"  #{first.async_id} … #{last.async_id}"
             )
     return lines
+
+
+def _shares(held: Counter[str]) -> str:
+    total = sum(held.values())
+    if not total:
+        return "-"
+    parts = []
+    for kind, ns in held.most_common():
+        share = 100 * ns / total
+        if share >= 0.5:
+            parts.append(f"{kind} {share:.0f} %")
+    return ", ".join(parts) or "-"
+
+
+def format_routes(routes: Sequence[RouteStats]) -> str:
+    """The terminal report of ``routes``: plain text, stable for golden files."""
+    traces = sum(r.count for r in routes)
+    lines = [f"{traces} trace(s), {len(routes)} route(s), the slowest (95th percentile) first"]
+    for r in routes:
+        lines += [
+            "",
+            f"{r.method} {r.route}  ({r.count} trace{'s' if r.count != 1 else ''})",
+            f"  duration     median {format_ns(r.percentile(50))}   95th percentile "
+            f"{format_ns(r.percentile(95))}   longest {format_ns(max(r.durations))}",
+            f"  held up by   {_shares(r.held)}",
+        ]
+        if r.findings:
+            found = ", ".join(f"{kind} in {n} ({r.worst[kind]})"
+                              for kind, n in r.findings.most_common())  # fmt: skip
+            lines.append(f"  findings     {found}")
+        else:
+            lines.append("  findings     none")
+        lines.append(f"  slowest      {r.slowest[1]}  {format_ns(r.slowest[0])}")
+    return "\n".join(lines) + "\n"

@@ -2,12 +2,12 @@
 
     run = TracedRequest(middleware, scope, True, receive, send)
     await app(scope, run.traced_receive, run.traced_send)
-    run.finish("ok")
+    run.finish("ok", scope)
 
-Records the root's annotations (method, path, client, status, when the response started,
-a disconnect), the upstream a calling service named, request and response bodies, websocket
-messages, and puts the trace in the response headers of a request that asked.
-Exports: TracedRequest, Scope, Message, Receive, Send.
+Records the root's annotations (method, path, the route's template, client, status, when the
+response started, a disconnect), the upstream a calling service named, request and response
+bodies, websocket messages, and puts the trace in the response headers of a request that asked.
+Exports: TracedRequest, route_of, Scope, Message, Receive, Send.
 """
 
 from __future__ import annotations
@@ -82,6 +82,31 @@ def _current(trace: Trace, root: Resource) -> Resource:
     return active[1] if active is not None and active[0] is trace else root
 
 
+def route_of(scope: Scope) -> str | None:
+    """The path as its route's template, where the router matched parameters in it:
+    ``/orders/{order_id}/lines`` for ``/orders/42/lines`` (Starlette and FastAPI leave
+    ``path_params`` in the scope, a mount's included, in the order they appear in the path).
+    None when there were none: the path is the route. Each value is put back from the last
+    parameter to the first, at the last place before the next one's where it makes whole
+    path segments: ``/items/items`` is ``/items/{name}``, ``/u/1/v/1`` is ``/u/{a}/v/{b}``."""
+    params = scope.get("path_params")
+    path = scope.get("path")
+    if not params or not isinstance(params, dict) or not isinstance(path, str):
+        return None
+    route, limit = path, len(path)
+    for name, value in reversed(params.items()):
+        text = str(value)
+        at = route.rfind(text, 0, limit) if text else -1
+        while at > 0:
+            end = at + len(text)
+            if route[at - 1] == "/" and (end == len(route) or route[end] == "/"):
+                route = f"{route[:at]}{{{name}}}{route[end:]}"
+                limit = at
+                break
+            at = route.rfind(text, 0, end - 1)
+    return route if route != path else None
+
+
 class TracedRequest:
     """The state of one traced request: its trace and what the ASGI messages told us."""
 
@@ -150,9 +175,12 @@ class TracedRequest:
     def client_gone(self, exc: BaseException) -> bool:
         return self.disconnected or type(exc).__name__ == "ClientDisconnected"
 
-    def finish(self, state: str) -> None:
+    def finish(self, state: str, scope: Scope) -> None:
         trace = self.trace
         try:
+            route = route_of(scope)
+            if route is not None:
+                trace.annotate(self.root, "route", route)
             if self.disconnected and not self.response_done:
                 state = "cancelled"
             if self.body_in is not None:

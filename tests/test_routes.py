@@ -1,0 +1,203 @@
+"""Many traces by route: the route's template recorded, what held each route up, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces
+from asgi_asynctrace._analysis import Analysis, PathStep
+from asgi_asynctrace._cli import main
+from asgi_asynctrace._findings import Finding
+from asgi_asynctrace._request import route_of
+from asgi_asynctrace._routes import OWN_CODE, REST, by_route, held_up_by
+from asgi_asynctrace._sinks import LOG_PREFIX
+from tests.helpers import run
+
+MS = 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "route"),
+    [
+        ("/orders/42/lines", {"order_id": 42}, "/orders/{order_id}/lines"),
+        ("/items/items", {"name": "items"}, "/items/{name}"),  # the value is also a literal
+        ("/u/1/v/1", {"a": 1, "b": 1}, "/u/{a}/v/{b}"),  # two parameters, one value
+        ("/a/4242/42", {"x": 42}, "/a/4242/{x}"),  # whole segments only
+        ("/files/docs/a.txt", {"p": "docs/a.txt"}, "/files/{p}"),  # a path parameter
+        ("/items", {}, None),  # nothing matched: the path is the route
+        ("/x/42", {"x": "4"}, None),  # not a whole segment anywhere
+    ],
+)
+def test_route_of_puts_the_parameters_back_in_the_path(
+    path: str, params: dict[str, Any], route: str | None
+) -> None:
+    assert route_of({"path": path, "path_params": params}) == route
+
+
+async def _order(request: Request) -> Response:
+    await asyncio.sleep(0)
+    return PlainTextResponse(f"order {request.path_params['order_id']}")
+
+
+def _shop_app() -> Any:
+    inner = [Route("/items/{name}", _order_item)]
+    return Starlette(routes=[
+        Route("/orders/{order_id:int}/lines", _order),
+        Route("/health", _order_free),
+        Mount("/shops/{shop}", routes=inner),
+    ])  # fmt: skip
+
+
+async def _order_item(request: Request) -> Response:
+    return PlainTextResponse(request.path_params["name"])
+
+
+async def _order_free(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def test_the_middleware_records_the_route_a_request_matched() -> None:
+    app = AsyncTraceMiddleware(_shop_app(), log_traces=False)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            for path in ("/orders/42/lines", "/orders/7/lines", "/shops/north/items/tea",
+                         "/health"):  # fmt: skip
+                response = await client.get(path, headers={"X-Async-Trace": "1"})
+                assert response.status_code == 200
+
+    with capture_traces() as traces:
+        run(main())
+    got = [(t.request["path"], t.annotations_of(t.root.async_id).get("route")) for t in traces]
+    assert got == [
+        ("/orders/42/lines", "/orders/{order_id}/lines"),
+        ("/orders/7/lines", "/orders/{order_id}/lines"),
+        ("/shops/north/items/tea", "/shops/{shop}/items/{name}"),  # a mount's parameter too
+        ("/health", None),
+    ]
+    # and they come out in the JSON, for the routes command to group by
+    assert b'"key":"route","value":"/orders/{order_id}/lines"' in traces[0].to_json()
+
+
+def _analysis(duration: int, path: list[PathStep], findings: list[Finding] = ()) -> Analysis:  # type: ignore[assignment]
+    return Analysis("t" * 32, {"method": "GET", "path": "/x"}, duration, {}, {}, path,
+                    list(findings))  # fmt: skip
+
+
+def step(rid: int, type: str, start_ms: float, end_ms: float, depth: int = 0) -> PathStep:
+    return PathStep(rid, type, type, int(start_ms * MS), int(end_ms * MS), depth)
+
+
+def test_held_up_by_gives_a_tasks_time_to_what_it_waited_on_inside() -> None:
+    a = _analysis(30 * MS, [
+        step(1, "root", 0, 2),                 # own code
+        step(2, "task", 2, 12),                # a task: 6 ms of it a fetch, inside it a
+        step(3, "fetch", 3, 9, depth=1),       # timer, deeper, which the fetch waited on
+        step(4, "timer", 4, 8, depth=2),
+        step(5, "db-query", 12, 20),           # an operation, straight
+        step(6, "task", 20, 26),               # two queries side by side in a task: they
+        step(7, "db-query", 20, 24, depth=1),  # overlap, and share the 5 ms they cover
+        step(8, "cache-get", 21, 25, depth=1),
+        step(9, "task", 26, 28),               # a task with nothing inside: its own
+    ])  # fmt: skip
+    held = held_up_by(a)
+    assert held == {
+        OWN_CODE: 2 * MS, "fetch": 6 * MS, "task": 4 * MS + 1 * MS + 2 * MS,
+        "db-query": 8 * MS + 2.5 * MS, "cache-get": 2.5 * MS,
+        REST: 2 * MS,  # 28 to 30 ms: not on the path
+    }  # fmt: skip
+    assert sum(held.values()) == a.duration
+
+
+def _finding(kind: str, severity: str) -> Finding:
+    return Finding(kind, kind, MS, (1,), "fix it", severity)
+
+
+def test_by_route_groups_by_template_and_ranks_the_slowest_first() -> None:
+    def one(duration_ms: int, route: str | None, path: str, *found: Finding) -> Any:
+        a = _analysis(duration_ms * MS, [step(1, "root", 0, duration_ms)], list(found))
+        a.request = {"method": "GET", "path": path}
+        a.trace_id = f"{duration_ms:032d}"
+        return a, ({"route": route} if route else {})
+
+    routes = by_route([
+        one(10, "/orders/{id}", "/orders/1"),
+        one(50, "/orders/{id}", "/orders/2", _finding("n-plus-one", "medium")),
+        one(30, "/orders/{id}", "/orders/3", _finding("n-plus-one", "high"),
+            _finding("n-plus-one", "low"), _finding("blocked-loop", "high")),
+        one(20, None, "/health"),
+    ])  # fmt: skip
+    assert [(r.method, r.route, r.count) for r in routes] == [
+        ("GET", "/orders/{id}", 3), ("GET", "/health", 1),
+    ]  # fmt: skip
+    orders = routes[0]
+    assert (orders.percentile(50), orders.percentile(95), max(orders.durations)) == (
+        30 * MS, 50 * MS, 50 * MS,
+    )  # fmt: skip
+    # each kind counted once per trace that had it, with the worst severity seen
+    assert orders.findings == {"n-plus-one": 2, "blocked-loop": 1}
+    assert orders.worst == {"n-plus-one": "high", "blocked-loop": "high"}
+    assert orders.slowest == (50 * MS, f"{50:032d}")
+    doc = orders.to_dict()
+    assert doc["heldUpBy"] == {OWN_CODE: 1.0} and doc["traces"] == 3
+
+
+def test_routes_over_the_sample_apps_traces_from_a_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_sample_app import traced_get
+
+    traces: list[Trace] = []
+    pytest.importorskip("sample_app")
+    import os
+
+    os.environ["SAMPLE_DB"] = str(tmp_path / "sample.db")
+    from sample_app import patterns
+    from sample_app.app import app
+
+    patterns.DATABASE_URL = f"sqlite+aiosqlite:///{os.environ['SAMPLE_DB']}"
+    patterns._engine = None
+    try:
+        for path in ("/items", "/slow", "/slow", "/parallel"):
+            traces.append(traced_get(app, path)[1])
+    finally:
+        patterns._engine = None
+    log = tmp_path / "server.log"
+    log.write_bytes(b"".join(b"INFO: " + LOG_PREFIX.encode() + t.to_json() + b"\n"
+                             for t in traces))  # fmt: skip
+    assert main(["routes", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 trace(s), 3 route(s), the slowest (95th percentile) first\n")
+    slow = out[out.index("GET /slow  (2 traces)") :].split("\n\n")[0]
+    # /slow's planted problems: the loop blocked by its own code, a query per line
+    assert "held up by   own code" in slow
+    assert "blocked-loop in 2 (high)" in slow and "n-plus-one in 2 (" in slow
+    assert "GET /parallel  (1 trace)" in out and "held up by   fetch" in out
+    assert main(["routes", "--json", str(log)]) == 0
+    docs = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {d["route"]: d["traces"] for d in docs} == {"/items": 1, "/slow": 2, "/parallel": 1}
+    for doc in docs:
+        assert abs(sum(doc["heldUpBy"].values()) - 1) < 0.01
+    for trace in traces:  # what it summed for a route is each trace's duration, accounted
+        held = held_up_by(analyze(trace))
+        assert sum(held.values()) == pytest.approx(trace.duration_ns, abs=10)
+
+
+def test_routes_says_when_there_is_no_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.log"
+    empty.write_text("INFO: nothing here\n")
+    assert main(["routes", str(empty)]) == 2
+    assert f"{empty}: no trace found" in capsys.readouterr().err
