@@ -121,12 +121,12 @@ def _summary_command(args: argparse.Namespace) -> int:
 
 def _routes_command(args: argparse.Namespace) -> int:
     from ._report import format_routes
-    from ._routes import by_route
+    from ._routes import by_route, route_input
 
     def analysed() -> Any:
         for name in args.traces:
             for _where, trace in read_traces(name):
-                yield analyze(trace, _settings(args)), trace.annotations_of(trace.root.async_id)
+                yield route_input(trace, analyze(trace, _settings(args)))
 
     routes = by_route(analysed())
     if args.json:

@@ -10,7 +10,7 @@ critical path, its time given to what the request waited on there: the operation
 on, not the task or future that carried it; its own code; the rest of the request, which the
 path does not cover), which findings came up in how many of its traces, and its slowest
 trace, to open (``_report.format_routes`` prints them). Exports: RouteStats, by_route,
-held_up_by, OWN_CODE, REST.
+route_input, held_up_by, own_steps, OWN_CODE, REST.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 
 from ._analysis import Analysis, PathStep
 from ._findings import SEVERITIES
+from ._model import Trace
 
-__all__ = ["OWN_CODE", "REST", "RouteStats", "by_route", "held_up_by"]
+__all__ = ["OWN_CODE", "REST", "RouteStats", "by_route", "held_up_by", "own_steps", "route_input"]
 
 # What carries an operation rather than being one: on the critical path, a task's time goes to
 # what it waited on inside it (a fetch, a query, a sleep) when there is one.
@@ -78,7 +79,7 @@ def _covered(spans: Iterable[tuple[int, int]]) -> int:
     return total
 
 
-def held_up_by(a: Analysis) -> Counter[str]:
+def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counter[str]:
     """A request's duration by what held it up, from its critical path: each top-level step's
     time goes to its type, or, for a task or future with something else inside (a fetch, a
     query, a cache call, a timer), to the outermost such steps for as long as they ran, and
@@ -115,9 +116,28 @@ def held_up_by(a: Analysis) -> Counter[str]:
                     held[kind] += round(ns * scale)
             held[top.type] += length - given
         i = j
-    covered = _covered((s.start, s.end) for s in path if s.depth == 0)
-    held[REST] += max(0, a.duration - covered)
+    tops = [(s.start, s.end) for s in path if s.depth == 0]
+    uncovered = max(0, a.duration - _covered(tops))
+    # the root's steps outside the path's top-level steps: its own code too
+    own = _covered(list(own_steps)) - _overlap(own_steps, tops)
+    own = min(uncovered, max(0, own))
+    held[OWN_CODE] += own
+    held[REST] += uncovered - own
     return +held  # without what came to nothing
+
+
+def _overlap(a: Iterable[tuple[int, int]], b: Iterable[tuple[int, int]]) -> int:
+    """How long the union of the spans ``a`` and the union of ``b`` overlap."""
+    return _covered(list(a)) + _covered(list(b)) - _covered([*a, *b])
+
+
+def own_steps(trace: Trace) -> list[tuple[int, int]]:
+    """The root's steps (its callbacks) from the request's start; one still running when the
+    trace was taken ends with the request."""
+    cb, origin = trace.root.callbacks, trace.origin
+    end = origin + trace.duration_ns
+    return [(cb[i] - origin, (cb[i + 1] if i + 1 < len(cb) else end) - origin)
+            for i in range(0, len(cb), 2)]  # fmt: skip
 
 
 def _route_of(a: Analysis, notes: dict[str, Any]) -> tuple[str, str]:
@@ -127,17 +147,26 @@ def _route_of(a: Analysis, notes: dict[str, Any]) -> tuple[str, str]:
     return str(req.get("method") or "?"), str(path or "?")
 
 
-def by_route(analyses: Iterable[tuple[Analysis, dict[str, Any]]]) -> list[RouteStats]:
-    """Each route's figures, from (analysis, the root's annotations) pairs; the slowest route
-    (by its 95th percentile) first."""
+RouteInput = tuple[Analysis, dict[str, Any], Sequence[tuple[int, int]]]
+
+
+def route_input(trace: Trace, a: Analysis) -> RouteInput:
+    """What ``by_route`` reads of one trace: its analysis, its root's annotations, its root's
+    steps."""
+    return a, trace.annotations_of(trace.root.async_id), own_steps(trace)
+
+
+def by_route(inputs: Iterable[RouteInput]) -> list[RouteStats]:
+    """Each route's figures, from ``route_input`` of each trace; the slowest route (by its
+    95th percentile) first."""
     routes: dict[tuple[str, str], RouteStats] = {}
-    for a, notes in analyses:
+    for a, notes, steps in inputs:
         key = _route_of(a, notes)
         stats = routes.get(key)
         if stats is None:
             stats = routes[key] = RouteStats(*key)
         stats.durations.append(a.duration)
-        stats.held.update(held_up_by(a))
+        stats.held.update(held_up_by(a, steps))
         kinds: dict[str, str] = {}
         for f in a.findings:
             seen = kinds.get(f.kind)

@@ -19,7 +19,7 @@ from asgi_asynctrace._analysis import Analysis, PathStep
 from asgi_asynctrace._cli import main
 from asgi_asynctrace._findings import Finding
 from asgi_asynctrace._request import route_of
-from asgi_asynctrace._routes import OWN_CODE, REST, by_route, held_up_by
+from asgi_asynctrace._routes import OWN_CODE, REST, by_route, held_up_by, own_steps
 from asgi_asynctrace._sinks import LOG_PREFIX
 from tests.helpers import run
 
@@ -118,6 +118,11 @@ def test_held_up_by_gives_a_tasks_time_to_what_it_waited_on_inside() -> None:
         REST: 2 * MS,  # 28 to 30 ms: not on the path
     }  # fmt: skip
     assert sum(held.values()) == a.duration
+    # where the root's own steps ran off the path (between queries, say), that is its own code
+    # too: 29 to 30 ms here; a step inside a listed stretch is not counted twice (1 to 3 ms)
+    held = held_up_by(a, [(1 * MS, 3 * MS), (29 * MS, 30 * MS)])
+    assert (held[OWN_CODE], held[REST]) == (2 * MS + 1 * MS, 1 * MS)
+    assert sum(held.values()) == a.duration
 
 
 def _finding(kind: str, severity: str) -> Finding:
@@ -129,7 +134,7 @@ def test_by_route_groups_by_template_and_ranks_the_slowest_first() -> None:
         a = _analysis(duration_ms * MS, [step(1, "root", 0, duration_ms)], list(found))
         a.request = {"method": "GET", "path": path}
         a.trace_id = f"{duration_ms:032d}"
-        return a, ({"route": route} if route else {})
+        return a, ({"route": route} if route else {}), ()
 
     routes = by_route([
         one(10, "/orders/{id}", "/orders/1"),
@@ -190,7 +195,7 @@ def test_routes_over_the_sample_apps_traces_from_a_log(
     for doc in docs:
         assert abs(sum(doc["heldUpBy"].values()) - 1) < 0.01
     for trace in traces:  # what it summed for a route is each trace's duration, accounted
-        held = held_up_by(analyze(trace))
+        held = held_up_by(analyze(trace), own_steps(trace))
         assert sum(held.values()) == pytest.approx(trace.duration_ns, abs=10)
 
 
