@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces
+from asgi_asynctrace import AsyncTraceMiddleware, analyze, capture_traces, start_resource
 from asgi_asynctrace._analysis import Analysis, PathStep
-from asgi_asynctrace._cli import main
+from asgi_asynctrace._cli import main as main_cli
 from asgi_asynctrace._findings import Finding
 from asgi_asynctrace._request import route_of
 from asgi_asynctrace._routes import OWN_CODE, REST, by_route, held_up_by, own_steps
@@ -158,43 +159,54 @@ def test_by_route_groups_by_template_and_ranks_the_slowest_first() -> None:
     assert doc["heldUpBy"] == {OWN_CODE: 1.0} and doc["traces"] == 3
 
 
-def test_routes_over_the_sample_apps_traces_from_a_log(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from tests.test_sample_app import traced_get
+async def _report(request: Request) -> Response:
+    for _ in range(4):  # a query per line, one after another: n-plus-one
+        async with start_resource("db-query", statement="select * from lines where id = ?"):
+            await asyncio.sleep(0.002)
+    if request.path_params["order_id"] == 2:
+        time.sleep(0.03)  # and, for one order, a blocking call: blocked-loop
+    return PlainTextResponse("report")
 
-    traces: list[Trace] = []
-    pytest.importorskip("sample_app")
-    import os
 
-    os.environ["SAMPLE_DB"] = str(tmp_path / "sample.db")
-    from sample_app import patterns
-    from sample_app.app import app
+def test_routes_over_traces_from_a_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = AsyncTraceMiddleware(Starlette(routes=[
+        Route("/orders/{order_id:int}/report", _report),
+        Route("/health", _order_free),
+    ]), log_traces=False)  # fmt: skip
 
-    patterns.DATABASE_URL = f"sqlite+aiosqlite:///{os.environ['SAMPLE_DB']}"
-    patterns._engine = None
-    try:
-        for path in ("/items", "/slow", "/slow", "/parallel"):
-            traces.append(traced_get(app, path)[1])
-    finally:
-        patterns._engine = None
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            for path in ("/orders/1/report", "/orders/2/report", "/orders/3/report", "/health"):
+                assert (await client.get(path, headers={"X-Async-Trace": "1"})).is_success
+
+    with capture_traces() as traces:
+        run(main())
     log = tmp_path / "server.log"
     log.write_bytes(b"".join(b"INFO: " + LOG_PREFIX.encode() + t.to_json() + b"\n"
                              for t in traces))  # fmt: skip
-    assert main(["routes", str(log)]) == 0
+    assert main_cli(["routes", str(log)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("4 trace(s), 3 route(s), the slowest (95th percentile) first\n")
-    slow = out[out.index("GET /slow  (2 traces)") :].split("\n\n")[0]
-    # /slow's planted problems: the loop blocked by its own code, a query per line
-    assert "held up by   own code" in slow
-    assert "blocked-loop in 2 (high)" in slow and "n-plus-one in 2 (" in slow
-    assert "GET /parallel  (1 trace)" in out and "held up by   fetch" in out
-    assert main(["routes", "--json", str(log)]) == 0
+    assert out.startswith("4 trace(s), 2 route(s), the slowest (95th percentile) first\n")
+    blocks = out.split("\n\n")[1:]
+    orders = blocks[0]
+    assert orders.startswith("GET /orders/{order_id}/report  (3 traces)\n")
+    held = orders.split("held up by   ")[1].split("\n")[0]
+    # the queries and the blocking call's 30 ms of own code (the sleeps inside the queries
+    # are the queries' time: a resource of the app's own is an operation, not a carrier)
+    assert held.startswith(("own code ", "db-query ")) and "db-query " in held, held
+    assert "n-plus-one in 3 (" in orders and "blocked-loop in 1 (high)" in orders
+    slowest = max(traces[:3], key=lambda t: t.duration_ns)
+    assert f"  slowest      {slowest.trace_id}  " in orders
+    assert blocks[1].startswith("GET /health  (1 trace)\n") and "findings     none" in blocks[1]
+    assert main_cli(["routes", "--json", str(log)]) == 0
     docs = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {d["route"]: d["traces"] for d in docs} == {"/items": 1, "/slow": 2, "/parallel": 1}
+    assert [(d["route"], d["traces"]) for d in docs] == [("/orders/{order_id}/report", 3),
+                                                          ("/health", 1)]  # fmt: skip
+    assert docs[0]["findings"]["blocked-loop"] == {"traces": 1, "worst": "high"}
     for doc in docs:
         assert abs(sum(doc["heldUpBy"].values()) - 1) < 0.01
-    for trace in traces:  # what it summed for a route is each trace's duration, accounted
+    for trace in traces:  # each trace's duration, all accounted for
         held = held_up_by(analyze(trace), own_steps(trace))
         assert sum(held.values()) == pytest.approx(trace.duration_ns, abs=10)
 
@@ -204,5 +216,5 @@ def test_routes_says_when_there_is_no_trace(
 ) -> None:
     empty = tmp_path / "empty.log"
     empty.write_text("INFO: nothing here\n")
-    assert main(["routes", str(empty)]) == 2
+    assert main_cli(["routes", str(empty)]) == 2
     assert f"{empty}: no trace found" in capsys.readouterr().err
