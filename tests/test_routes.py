@@ -191,10 +191,10 @@ def test_routes_over_traces_from_a_log(tmp_path: Path, capsys: pytest.CaptureFix
     blocks = out.split("\n\n")[1:]
     orders = blocks[0]
     assert orders.startswith("GET /orders/{order_id}/report  (3 traces)\n")
-    held = orders.split("held up by   ")[1].split("\n")[0]
+    shares = orders.split("held up by   ")[1].split("\n")[0]
     # the queries and the blocking call's 30 ms of own code (the sleeps inside the queries
     # are the queries' time: a resource of the app's own is an operation, not a carrier)
-    assert held.startswith(("own code ", "db-query ")) and "db-query " in held, held
+    assert shares.startswith(("own code ", "db-query ")) and "db-query " in shares, shares
     assert "n-plus-one in 3 (" in orders and "blocked-loop in 1 (high)" in orders
     slowest = max(traces[:3], key=lambda t: t.duration_ns)
     assert f"  slowest      {slowest.trace_id}  " in orders
