@@ -4,7 +4,9 @@
 
 ``GET {prefix}/`` is the viewer page; ``GET {prefix}/traces`` lists the stored traces, newest
 first; ``GET {prefix}/traces/{id}`` is one trace's JSON, and with ``?analysis=1`` the trace and
-the analyzer's result together (what the viewer loads).
+the analyzer's result together (what the viewer loads); ``GET {prefix}/routes`` the stored
+traces by route (as ``asgi-asynctrace routes`` gives them), worked out in the loop's thread
+pool.
 
 Returns False for paths it does not own, so the request goes on to the app.
 Exports: serve_store.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -21,6 +24,7 @@ import orjson
 
 from ._analysis import AnalysisSettings, analyze
 from ._load import load_trace
+from ._routes import RouteInput, by_route, route_input
 from ._sinks import TraceStore
 from ._viewer import viewer_html
 
@@ -75,7 +79,9 @@ async def serve_store(
     path: str = scope.get("path") or ""
     rest = path[len(prefix) :]
     viewer = rest in ("", "/")
-    if not viewer and rest not in ("/traces", "/traces/") and not rest.startswith("/traces/"):
+    routes = rest in ("/routes", "/routes/")
+    if (not viewer and not routes and rest not in ("/traces", "/traces/")
+            and not rest.startswith("/traces/")):  # fmt: skip
         return False
     if scope.get("method", "GET") != "GET":
         await _respond(send, 405, orjson.dumps({"error": "only GET is supported here"}))
@@ -83,6 +89,11 @@ async def serve_store(
     if viewer:
         page = viewer_html(store_url=prefix + "/")
         await _respond(send, 200, page, b"text/html; charset=utf-8")
+        return True
+    if routes:  # every stored trace analysed: too much work for the loop's own thread
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(None, _routes_of, store, settings)
+        await _respond(send, 200, body)
         return True
     trace_id = rest[len("/traces/") :].strip("/")
     if not trace_id:
@@ -102,3 +113,30 @@ async def serve_store(
         data = orjson.dumps({"trace": orjson.Fragment(data), "analysis": analysis})
     await _respond(send, 200, data)
     return True
+
+
+# trace id -> what the routes table reads of it, per store: a stored trace is finished, so its
+# analysis never changes; only the traces still listed are kept from one call to the next.
+_route_inputs: weakref.WeakKeyDictionary[TraceStore, dict[str, RouteInput]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _routes_of(store: TraceStore, settings: AnalysisSettings | None) -> bytes:
+    """``{"traces": n, "routes": [...]}``: the store's traces by route, the slowest first."""
+    known = _route_inputs.get(store, {})
+    kept: dict[str, RouteInput] = {}
+    for summary in store.summaries():
+        trace_id = summary.get("traceId")
+        if not isinstance(trace_id, str):
+            continue
+        found = known.get(trace_id)
+        if found is None:
+            trace = store.trace(trace_id)
+            if trace is None:  # fell out of the store meanwhile
+                continue
+            found = route_input(trace, analyze(trace, settings))
+        kept[trace_id] = found
+    _route_inputs[store] = kept
+    routes = by_route(kept.values())
+    return orjson.dumps({"traces": len(kept), "routes": [r.to_dict() for r in routes]})

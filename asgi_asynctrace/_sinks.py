@@ -156,6 +156,17 @@ class TraceStore:
                 self._items[trace_id] = read
         return data
 
+    def trace(self, trace_id: str) -> Trace | None:
+        """The trace as a ``Trace``: the one kept when nobody read it yet (nothing serialized,
+        nothing changed), else loaded from its JSON; None when the store does not hold it.
+        With a shared directory this may read a file: call it off the event loop."""
+        with self._lock:
+            kept = self._items.get(trace_id)
+        if isinstance(kept, Trace):
+            return kept
+        data = kept[1] if kept is not None else self.get(trace_id)
+        return None if data is None else load_trace(data)
+
     def summaries(self) -> list[dict[str, Any]]:
         """One small record per stored trace, newest first (with a shared directory, the
         other workers' too, the newest ``max_traces`` of all; reads files: off the loop)."""

@@ -218,3 +218,32 @@ def test_routes_says_when_there_is_no_trace(
     empty.write_text("INFO: nothing here\n")
     assert main_cli(["routes", str(empty)]) == 2
     assert f"{empty}: no trace found" in capsys.readouterr().err
+
+
+def test_the_store_serves_its_traces_by_route() -> None:
+    app = AsyncTraceMiddleware(_shop_app(), log_traces=False, store_size=3)
+
+    async def main() -> list[Any]:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            got = []
+            for path in ("/health", "/orders/1/lines", "/orders/2/lines", "/shops/n/items/a"):
+                assert (await client.get(path, headers={"X-Async-Trace": "1"})).is_success
+                got.append((await client.get("/__asynctrace/routes")).json())
+            listed = (await client.get("/__asynctrace/traces")).json()["traces"]
+            got.append(listed)
+            return got
+
+    with capture_traces() as traces:
+        *answers, listed = run(main())
+    assert [a["traces"] for a in answers] == [1, 2, 3, 3]  # the store keeps 3
+    last = answers[-1]
+    by = {r["route"]: r for r in last["routes"]}
+    # /health fell out of the store; the routes are those of the traces it holds
+    assert set(by) == {"/orders/{order_id}/lines", "/shops/{shop}/items/{name}"}
+    assert by["/orders/{order_id}/lines"]["traces"] == 2
+    orders = [t for t in traces if t.request["path"].startswith("/orders/")]
+    slowest = max(orders, key=lambda t: t.duration_ns)
+    assert by["/orders/{order_id}/lines"]["slowestTraceId"] == slowest.trace_id
+    assert by["/orders/{order_id}/lines"]["maxNs"] == slowest.duration_ns
+    assert {t["traceId"] for t in listed} == {t.trace_id for t in traces[1:]}

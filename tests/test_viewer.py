@@ -260,6 +260,24 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     page.wait_for_selector(f"body[data-loaded='{first['traceId']}']")
 
 
+def test_the_served_viewer_lists_routes_and_opens_a_routes_slowest_trace(
+    page: Any, served: str
+) -> None:
+    for _ in range(3):
+        httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
+    (route,) = httpx.get(served + "/__asynctrace/routes").json()["routes"]
+    page.goto(served + "/__asynctrace/")
+    row = page.locator("#routes tr.route")
+    row.wait_for()
+    cells = row.locator("td").all_inner_texts()
+    assert cells[:2] == ["GET /work", "3"], cells
+    assert "own code" in cells[4] or "timer" in cells[4], cells  # what held it up, by share
+    assert cells[5] == "none"
+    row.locator("a").click()
+    page.wait_for_selector(f"body[data-loaded='{route['slowestTraceId']}']")
+    assert "GET /work 200" in page.inner_text("#summary")
+
+
 def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:
     # (its own page: the browser reports each of the store's 404s as a console error)
     page = browser.new_page()

@@ -160,8 +160,41 @@
     await loadTrace(base, id);
   }
 
+  // The store's traces by route (GET routes: as `asgi-asynctrace routes` gives them), the
+  // slowest first; each route's slowest trace opens with a click.
+  async function loadRoutes(base) {
+    const box = $("routes-box"), table = $("routes");
+    try {
+      const res = await fetch(base + "routes", { headers: { accept: "application/json" } });
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
+      const body = await res.json();
+      box.hidden = !body.routes.length;
+      const share = (held) => Object.entries(held).slice(0, 3)
+        .map(([k, v]) => `${k} ${Math.round(100 * v)} %`).join(", ");
+      const findings = (found) => Object.entries(found)
+        .map(([k, f]) => `${k} in ${f.traces} (${f.worst})`).join(", ") || "none";
+      const head = AT.el("tr", {}, ...["route", "traces", "median", "95th pct", "held up by", "findings", ""]
+        .map((h) => AT.el("th", {}, h)));
+      table.replaceChildren(head, ...body.routes.map((r) => AT.el("tr", { class: "route" },
+        AT.el("td", {}, `${r.method} ${r.route}`),
+        AT.el("td", { class: "n" }, r.traces),
+        AT.el("td", { class: "n" }, AT.fmt(r.p50Ns)),
+        AT.el("td", { class: "n" }, AT.fmt(r.p95Ns)),
+        AT.el("td", {}, share(r.heldUpBy)),
+        AT.el("td", {}, findings(r.findings)),
+        AT.el("td", {}, AT.el("a", { href: "#", onclick: async (e) => {
+          e.preventDefault();
+          try { await loadTrace(base, r.slowestTraceId); } catch (err) { fail(err); }
+        } }, `open the slowest (${AT.fmt(r.maxNs)})`)))));
+    } catch (e) {
+      box.hidden = false;
+      table.replaceChildren(AT.el("tr", {}, AT.el("td", {}, `could not list routes (${e})`)));
+    }
+  }
+
   async function loadStore(base) {
     $("store").hidden = false;
+    loadRoutes(base);
     const list = $("store-list");
     try {
       const res = await fetch(base + "traces", { headers: { accept: "application/json" } });
