@@ -83,8 +83,10 @@ def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counte
     """A request's duration by what held it up, from its critical path: each top-level step's
     time goes to its type, or, for a task or future with something else inside (a fetch, a
     query, a cache call, a timer), to the outermost such steps for as long as they ran, and
-    the rest of it to the carrier; the request's own stretches to ``own code``; what the path does
-    not cover to ``the rest`` (short stretches of its own code, the loop's turns)."""
+    the rest of it to the carrier; the request's own stretches to ``own code``, and so what the
+    path does not cover while one of the root's steps ran (``own_steps``: its callbacks, from
+    the request's start; the short stretches between one query and the next, say); the rest
+    of what the path does not cover to ``the rest`` (the loop's turns, other work)."""
     held: Counter[str] = Counter()
     path: Sequence[PathStep] = a.critical_path
     i = 0
@@ -103,11 +105,10 @@ def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counte
             given = 0
             if ops:
                 depth = min(s.depth for s in ops)
-                spans = [(max(s.start, top.start), min(s.end, top.end)) for s in ops
-                         if s.depth == depth]  # fmt: skip
+                outer = [s for s in ops if s.depth == depth]
+                spans = [(max(s.start, top.start), min(s.end, top.end)) for s in outer]
                 by_type: Counter[str] = Counter()
-                for (start, stop), s in zip(spans, (s for s in ops if s.depth == depth),
-                                            strict=True):  # fmt: skip
+                for (start, stop), s in zip(spans, outer, strict=True):
                     by_type[s.type] += max(0, stop - start)
                 # parallel operations share the time they overlapped
                 given = min(length, _covered(spans))
@@ -119,16 +120,16 @@ def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counte
     tops = [(s.start, s.end) for s in path if s.depth == 0]
     uncovered = max(0, a.duration - _covered(tops))
     # the root's steps outside the path's top-level steps: its own code too
-    own = _covered(list(own_steps)) - _overlap(own_steps, tops)
+    own = _covered(own_steps) - _overlap(own_steps, tops)
     own = min(uncovered, max(0, own))
     held[OWN_CODE] += own
     held[REST] += uncovered - own
     return +held  # without what came to nothing
 
 
-def _overlap(a: Iterable[tuple[int, int]], b: Iterable[tuple[int, int]]) -> int:
+def _overlap(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> int:
     """How long the union of the spans ``a`` and the union of ``b`` overlap."""
-    return _covered(list(a)) + _covered(list(b)) - _covered([*a, *b])
+    return _covered(a) + _covered(b) - _covered([*a, *b])
 
 
 def own_steps(trace: Trace) -> list[tuple[int, int]]:
