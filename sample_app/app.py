@@ -40,6 +40,7 @@ ROUTES = {
     "/slow": "the planted problems: a query per order line and a blocking call",
     "/chat": "a websocket chat room (the trace of each connection)",
     "/fastapi/items": "the same, from the FastAPI app",
+    "/fastapi/items/2": "one item by its id: traced as the route /fastapi/items/{item_id}",
 }
 
 

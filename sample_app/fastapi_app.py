@@ -3,6 +3,8 @@
     app.mount("/fastapi", api)       # sample_app.app does this
 
 FastAPI runs sync dependencies and endpoints in the thread pool: /fastapi/sync shows that.
+/fastapi/items/{item_id} takes a parameter in its path: its traces carry the route's template
+(the root's ``route`` annotation), which ``asgi-asynctrace routes`` and the viewer group by.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def current_user() -> str:
 async def items(user: str = Depends(current_user)) -> dict[str, Any]:
     rows = await p.load_items()
     return {"user": user, "items": rows, "prices": await p.prices_in_parallel(rows)}
+
+
+@api.get("/items/{item_id}")
+async def item(item_id: int) -> dict[str, Any]:
+    return {"item": await p.load_item(item_id), "price": await p.price(item_id)}
 
 
 @api.get("/sequential")

@@ -101,6 +101,16 @@ async def query_items() -> list[dict[str, Any]]:
         return [{"id": i, "name": n} for i, n in rows]
 
 
+async def load_item(item_id: int) -> dict[str, Any] | None:
+    """One row, by its id."""
+    await _ensure_schema()
+    async with engine().connect() as conn:
+        found = await conn.execute(text("select id, name from items where id = :id"),
+                                   {"id": item_id})  # fmt: skip
+        row = found.first()
+        return None if row is None else {"id": row[0], "name": row[1]}
+
+
 async def load_items() -> list[dict[str, Any]]:
     """Cache-aside: a hit is one cache-get; a miss adds the query and a cache-put."""
     rows = await cache.get("items")
