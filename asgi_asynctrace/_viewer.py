@@ -8,7 +8,9 @@ The page's code lives in ``viewer/`` as separate modules (``js/load.js``, ``js/b
 and is inlined here in order. Trace data goes in a ``<script type="application/json">`` block
 with ``<``, ``>`` and ``&`` escaped, so nothing in a trace can close it or become markup; the
 page itself only ever puts trace strings into the DOM as text. Each embedded trace carries the
-analyzer's result (critical path, findings). Exports: viewer_html, write_viewer.
+analyzer's result (critical path, findings); several traces, their routes table too (as
+``asgi-asynctrace routes`` and the store's ``GET routes`` give it). Exports: viewer_html,
+write_viewer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import orjson
 from ._analysis import analyze
 from ._load import load_trace
 from ._model import Trace
+from ._routes import by_route, route_input
 
 __all__ = ["viewer_html", "write_viewer"]
 
@@ -62,7 +65,13 @@ def viewer_html(traces: Sequence[Trace] = (), *, store_url: str | None = None) -
     """The viewer page with ``traces`` inside (the first one shown), or listing the app's
     trace store at ``store_url`` when served by the middleware."""
     page = _shell()
-    block = _json_block("asynctrace-data", {"traces": [with_analysis(t) for t in traces]})
+    analysed = [(t, analyze(t)) for t in traces]
+    data: dict[str, Any] = {
+        "traces": [{"trace": t.to_dict(), "analysis": a.to_dict()} for t, a in analysed]
+    }
+    if len(analysed) > 1:  # several: the routes table too, as the served viewer has it
+        data["routes"] = [r.to_dict() for r in by_route(route_input(t, a) for t, a in analysed)]
+    block = _json_block("asynctrace-data", data)
     page = page.replace("<!--DATA-->", block)
     if store_url is not None:
         meta = f'<meta name="asynctrace-store" content="{html.escape(store_url, quote=True)}">'

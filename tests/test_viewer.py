@@ -278,6 +278,28 @@ def test_the_served_viewer_lists_routes_and_opens_a_routes_slowest_trace(
     assert "GET /work 200" in page.inner_text("#summary")
 
 
+def test_a_file_of_several_traces_lists_them_and_their_routes(page: Any, tmp_path: Path) -> None:
+    samples = Path(__file__).resolve().parent.parent / "sample_app" / "traces"
+    traces = [load_trace((samples / f"{name}.json").read_bytes())
+              for name in ("items", "slow", "fastapi-items-2")]  # fmt: skip
+    path = tmp_path / "several.html"
+    write_viewer(path, traces)
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-loaded]")
+    page.click("#tabs button[data-view=load]")
+    assert page.inner_text("#store > h2") == "3 traces in this file"
+    rows = page.locator("#routes tr.route")
+    routes = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]
+    by_p95 = sorted(traces, key=lambda t: -t.duration_ns)
+    expected = [f"GET {t.annotations_of(1).get('route') or t.request['path']}" for t in by_p95]
+    assert routes == expected
+    assert "blocked-loop in 1 (high)" in rows.nth(routes.index("GET /slow")).inner_text()
+    row = rows.nth(routes.index("GET /fastapi/items/{item_id}"))
+    row.locator("a").click()
+    page.wait_for_selector(f"body[data-loaded='{traces[2].trace_id}']")
+    assert "GET /fastapi/items/2 200" in page.inner_text("#summary")
+
+
 def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:
     # (its own page: the browser reports each of the store's 404s as a console error)
     page = browser.new_page()

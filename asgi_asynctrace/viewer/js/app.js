@@ -160,35 +160,38 @@
     await loadTrace(base, id);
   }
 
-  // The store's traces by route (GET routes: as `asgi-asynctrace routes` gives them), the
-  // slowest first; each route's slowest trace opens with a click.
-  async function loadRoutes(base) {
+  // Traces by route, the slowest first (as `asgi-asynctrace routes` gives them: from the
+  // store's GET routes, or embedded with the traces of a file); open(id) shows a trace.
+  function showRoutes(routes, open) {
     const box = $("routes-box"), table = $("routes");
+    box.hidden = !routes.length;
+    const share = (held) => Object.entries(held).slice(0, 3)
+      .map(([k, v]) => `${k} ${Math.round(100 * v)} %`).join(", ");
+    const findings = (found) => Object.entries(found)
+      .map(([k, f]) => `${k} in ${f.traces} (${f.worst})`).join(", ") || "none";
+    const head = AT.el("tr", {}, ...["route", "traces", "median", "95th pct", "held up by", "findings", ""]
+      .map((h) => AT.el("th", {}, h)));
+    table.replaceChildren(head, ...routes.map((r) => AT.el("tr", { class: "route" },
+      AT.el("td", {}, `${r.method} ${r.route}`),
+      AT.el("td", { class: "n" }, r.traces),
+      AT.el("td", { class: "n" }, AT.fmt(r.p50Ns)),
+      AT.el("td", { class: "n" }, AT.fmt(r.p95Ns)),
+      AT.el("td", {}, share(r.heldUpBy)),
+      AT.el("td", {}, findings(r.findings)),
+      AT.el("td", {}, AT.el("a", { href: "#", onclick: async (e) => {
+        e.preventDefault();
+        try { await open(r.slowestTraceId); } catch (err) { fail(err); }
+      } }, `open the slowest (${AT.fmt(r.maxNs)})`)))));
+  }
+
+  async function loadRoutes(base) {
     try {
       const res = await fetch(base + "routes", { headers: { accept: "application/json" } });
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      const body = await res.json();
-      box.hidden = !body.routes.length;
-      const share = (held) => Object.entries(held).slice(0, 3)
-        .map(([k, v]) => `${k} ${Math.round(100 * v)} %`).join(", ");
-      const findings = (found) => Object.entries(found)
-        .map(([k, f]) => `${k} in ${f.traces} (${f.worst})`).join(", ") || "none";
-      const head = AT.el("tr", {}, ...["route", "traces", "median", "95th pct", "held up by", "findings", ""]
-        .map((h) => AT.el("th", {}, h)));
-      table.replaceChildren(head, ...body.routes.map((r) => AT.el("tr", { class: "route" },
-        AT.el("td", {}, `${r.method} ${r.route}`),
-        AT.el("td", { class: "n" }, r.traces),
-        AT.el("td", { class: "n" }, AT.fmt(r.p50Ns)),
-        AT.el("td", { class: "n" }, AT.fmt(r.p95Ns)),
-        AT.el("td", {}, share(r.heldUpBy)),
-        AT.el("td", {}, findings(r.findings)),
-        AT.el("td", {}, AT.el("a", { href: "#", onclick: async (e) => {
-          e.preventDefault();
-          try { await loadTrace(base, r.slowestTraceId); } catch (err) { fail(err); }
-        } }, `open the slowest (${AT.fmt(r.maxNs)})`)))));
+      showRoutes((await res.json()).routes, (id) => loadTrace(base, id));
     } catch (e) {
-      box.hidden = false;
-      table.replaceChildren(AT.el("tr", {}, AT.el("td", {}, `could not list routes (${e})`)));
+      $("routes-box").hidden = false;
+      $("routes").replaceChildren(AT.el("tr", {}, AT.el("td", {}, `could not list routes (${e})`)));
     }
   }
 
@@ -235,7 +238,14 @@
       try { use(data.traces[0]); } catch (e) { fail(e); }
       if (data.traces.length > 1) {
         $("store").hidden = false;
-        $("store").querySelector("h2").textContent = `${data.traces.length} traces in this file`;
+        $("store").querySelector("#store > h2").textContent = `${data.traces.length} traces in this file`;
+        if (data.routes) {
+          showRoutes(data.routes, (id) => {
+            const found = data.traces.find((t) => (t.trace || t).traceId === id);
+            if (!found) throw new AT.LoadError(`no trace ${id} in this file`);
+            use(found);
+          });
+        }
         $("store-list").replaceChildren(...data.traces.map((t, i) => AT.el("li", {},
           AT.el("a", { href: "#", onclick: (e) => { e.preventDefault(); try { use(t); } catch (err) { fail(err); } } },
             `${(t.trace || t).request?.method || ""} ${(t.trace || t).request?.path || ""} #${i + 1}`))));
