@@ -298,6 +298,12 @@ def test_a_file_of_several_traces_lists_them_and_their_routes(page: Any, tmp_pat
     row.locator("a").click()
     page.wait_for_selector(f"body[data-loaded='{traces[2].trace_id}']")
     assert "GET /fastapi/items/2 200" in page.inner_text("#summary")
+    assert page.inner_text("#summary .route") == "route /fastapi/items/{item_id}"
+    page.click("#tabs button[data-view=load]")
+    rows.nth(routes.index("GET /slow")).locator("a").click()  # a path that is its own route
+    page.wait_for_selector(f"body[data-loaded='{traces[1].trace_id}']")
+    assert page.locator("#summary .route").count() == 0
+    assert "null" not in page.inner_text("#summary")
 
 
 def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:

@@ -46,8 +46,10 @@
     for (const r of m.resources) counts.set(r.type, (counts.get(r.type) || 0) + 1);
     sync = m.root.sync;
     const head = [req.method, req.path, req.status].filter((x) => x !== undefined && x !== null).join(" ");
+    const route = m.root.notes.route;  // the path as its route's template, where it has one
     bar.replaceChildren(
       AT.el("span", { class: "req" }, head || "request", "  ", AT.fmt(m.duration)),
+      ...(typeof route === "string" && route ? [AT.el("span", { class: "route" }, `route ${route}`)] : []),
       AT.el("span", {}, `${m.resources.length} resources: `,
         [...counts.entries()].sort((a, b) => b[1] - a[1]).map(([t, n]) => `${n} ${t}`).join(", ")),
       AT.el("span", {}, `own code ${AT.fmt(sync)} · waiting ${AT.fmt(Math.max(0, m.duration - sync))}`),
