@@ -123,10 +123,18 @@ def _routes_command(args: argparse.Namespace) -> int:
     from ._report import format_routes
     from ._routes import by_route, route_input
 
+    tty = sys.stderr.isatty()  # a day's log takes a while: say how far it is, on a terminal
+
     def analysed() -> Any:
+        count = 0
         for name in args.traces:
             for _where, trace in read_traces(name):
                 yield route_input(trace, analyze(trace, _settings(args)))
+                count += 1
+                if tty and count % 100 == 0:
+                    print(f"\r{count} trace(s) analysed", end="", file=sys.stderr, flush=True)
+        if tty and count >= 100:
+            print(f"\r{count} trace(s) analysed", file=sys.stderr)
 
     routes = by_route(analysed())
     if args.json:

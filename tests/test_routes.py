@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -247,3 +249,24 @@ def test_the_store_serves_its_traces_by_route() -> None:
     assert by["/orders/{order_id}/lines"]["slowestTraceId"] == slowest.trace_id
     assert by["/orders/{order_id}/lines"]["maxNs"] == slowest.duration_ns
     assert {t["traceId"] for t in listed} == {t.trace_id for t in traces[1:]}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_routes_says_how_far_it_is_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = Path(__file__).resolve().parent.parent / "sample_app" / "traces"
+    line = (samples / "items.json").read_bytes().replace(b"\n", b"")
+    log = tmp_path / "day.log"
+    log.write_bytes(b"".join(b"INFO: " + LOG_PREFIX.encode() + line + b"\n" for _ in range(250)))
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main_cli(["routes", str(log)]) == 0
+    said = terminal.getvalue()
+    assert said.startswith("\r100 trace(s) analysed\r200 trace(s) analysed")
+    assert said.endswith("\r250 trace(s) analysed\n")
+    assert "GET /items  (250 traces)" in capsys.readouterr().out
