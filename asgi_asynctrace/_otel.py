@@ -3,7 +3,8 @@
     app.add_middleware(AsyncTraceMiddleware, sinks=[OtelSink()])   # the global provider
     OtelSink(tracer_provider=provider)                             # or a given one
 
-Each finished trace becomes spans: the root a SERVER span named ``GET /items``, every other
+Each finished trace becomes spans: the root a SERVER span named ``GET /items`` (by the route's
+template, ``GET /orders/{order_id}``, with ``http.route``, where it has one), every other
 resource a span whose parent is its trigger's span, with the resource's life as the span's
 time, its annotations as ``asynctrace.*`` attributes (``asynctrace.type``,
 ``asynctrace.url``, ...), an event for each callback step, a ``blocked`` event with a
@@ -63,6 +64,9 @@ class OtelSink:
                               "asynctrace.state": r.state}  # fmt: skip
                 if root:
                     attributes["asynctrace.trace_id"] = trace.trace_id
+                    route = notes.get(r.async_id, {}).get("route")
+                    if isinstance(route, str):  # OpenTelemetry's name for the template
+                        attributes["http.route"] = route
                 for key, value in notes.get(r.async_id, {}).items():
                     if value is not None:
                         attributes[f"asynctrace.{key}"] = value
@@ -88,8 +92,11 @@ class OtelSink:
 
 
 def _name(trace: Trace, r: Resource, notes: dict[str, Any], root: bool) -> str:
-    if root:
-        method, path = trace.request.get("method") or "", trace.request.get("path") or ""
+    if root:  # by the route's template where there is one: a name with few values, as
+        # OpenTelemetry asks of a server span's name (GET /orders/{order_id}, not each id)
+        route = notes.get("route")
+        method = trace.request.get("method") or ""
+        path = route if isinstance(route, str) else trace.request.get("path") or ""
         return f"{method} {path}".strip() or "request"
     from ._analysis import creation_stack, label
 

@@ -106,3 +106,24 @@ def test_a_step_that_blocked_the_loop_gets_a_blocked_event_with_its_stack() -> N
         assert event.attributes["code.stacktrace"] == "\n".join(frames)
         assert "blocks @ tests/test_otel.py:" in frames[0]
         assert event.timestamp == wall + at
+
+
+def test_the_root_span_is_named_by_its_route_with_http_route() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    routes = [Route("/orders/{order_id:int}", endpoint), Route("/orders", endpoint)]
+    app = AsyncTraceMiddleware(Starlette(routes=routes), log_traces=False,
+                               sinks=[OtelSink(tracer_provider=provider)])  # fmt: skip
+
+    async def get(client: Any) -> Any:
+        await client.get("/orders/42", headers={"X-Async-Trace": "1"})
+        return await client.get("/orders", headers={"X-Async-Trace": "1"})
+
+    call(app, get)
+    roots = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [(s.name, (s.attributes or {}).get("http.route")) for s in roots] == [
+        ("GET /orders/{order_id}", "/orders/{order_id}"),
+        ("GET /orders", None),  # the path is the route: no template was recorded
+    ]
+    assert (roots[0].attributes or {})["asynctrace.path"] == "/orders/42"  # the path stays
