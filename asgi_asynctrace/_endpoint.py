@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ._analysis import AnalysisSettings, analyze
+from ._failures import report
 from ._load import load_trace
 from ._routes import RouteInput, by_route, route_input
 from ._sinks import TraceStore
@@ -132,10 +133,14 @@ def _routes_of(store: TraceStore, settings: AnalysisSettings | None) -> bytes:
             continue
         found = known.get(trace_id)
         if found is None:
-            trace = store.trace(trace_id)
-            if trace is None:  # fell out of the store meanwhile
+            try:
+                trace = store.trace(trace_id)
+                if trace is None:  # fell out of the store meanwhile
+                    continue
+                found = route_input(trace, analyze(trace, settings))
+            except Exception as exc:  # one bad trace (another worker's cut file) loses no other
+                report("routes", exc)
                 continue
-            found = route_input(trace, analyze(trace, settings))
         kept[trace_id] = found
     _route_inputs[store] = kept
     routes = by_route(kept.values())

@@ -270,3 +270,34 @@ def test_routes_says_how_far_it_is_on_a_terminal(
     assert said.startswith("\r100 trace(s) analysed\r200 trace(s) analysed")
     assert said.endswith("\r250 trace(s) analysed\n")
     assert "GET /items  (250 traces)" in capsys.readouterr().out
+
+
+def test_a_trace_that_cannot_be_read_loses_no_other_from_the_routes() -> None:
+    from asgi_asynctrace import failure_counts, reset_failures
+    from asgi_asynctrace._endpoint import _routes_of
+    from asgi_asynctrace._sinks import TraceStore
+
+    class CutFile(TraceStore):  # as another worker's file cut short between list and read
+        def trace(self, trace_id: str) -> Any:
+            if trace_id == bad.trace_id:
+                raise ValueError("cut short")
+            return super().trace(trace_id)
+
+    app = AsyncTraceMiddleware(_shop_app(), log_traces=False)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            for path in ("/health", "/orders/1/lines"):
+                await client.get(path, headers={"X-Async-Trace": "1"})
+
+    with capture_traces() as traces:
+        run(main())
+    _health, bad = traces
+    store = CutFile(10)
+    for t in traces:
+        store(t)
+    reset_failures()
+    doc = orjson.loads(_routes_of(store, None))
+    assert doc["traces"] == 1 and [r["route"] for r in doc["routes"]] == ["/health"]
+    assert failure_counts() == {"routes": 1}
