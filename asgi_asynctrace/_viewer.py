@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from ._analysis import analyze
+from ._analysis import Analysis, analyze
 from ._load import load_trace
 from ._model import Trace
 from ._routes import by_route, route_input
@@ -44,9 +44,10 @@ def _json_block(element_id: str, value: Any) -> str:
     return f'<script type="application/json" id="{element_id}">{data.decode()}</script>'
 
 
-def with_analysis(trace: Trace) -> dict[str, Any]:
-    """What the viewer loads: the trace in format v1 and the analyzer's view of it."""
-    return {"trace": trace.to_dict(), "analysis": analyze(trace).to_dict()}
+def with_analysis(trace: Trace, analysis: Analysis | None = None) -> dict[str, Any]:
+    """What the viewer loads: the trace in format v1 and the analyzer's view of it (``analysis``
+    when the caller has it already)."""
+    return {"trace": trace.to_dict(), "analysis": (analysis or analyze(trace)).to_dict()}
 
 
 @cache
@@ -66,9 +67,7 @@ def viewer_html(traces: Sequence[Trace] = (), *, store_url: str | None = None) -
     trace store at ``store_url`` when served by the middleware."""
     page = _shell()
     analysed = [(t, analyze(t)) for t in traces]
-    data: dict[str, Any] = {
-        "traces": [{"trace": t.to_dict(), "analysis": a.to_dict()} for t, a in analysed]
-    }
+    data: dict[str, Any] = {"traces": [with_analysis(t, a) for t, a in analysed]}
     if len(analysed) > 1:  # several: the routes table too, as the served viewer has it
         data["routes"] = [r.to_dict() for r in by_route(route_input(t, a) for t, a in analysed)]
     block = _json_block("asynctrace-data", data)
