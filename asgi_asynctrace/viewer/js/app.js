@@ -240,7 +240,7 @@
       try { use(data.traces[0]); } catch (e) { fail(e); }
       if (data.traces.length > 1) {
         $("store").hidden = false;
-        $("store").querySelector("#store > h2").textContent = `${data.traces.length} traces in this file`;
+        document.querySelector("#store > h2").textContent = `${data.traces.length} traces in this file`;
         if (data.routes) {
           showRoutes(data.routes, (id) => {
             const found = data.traces.find((t) => (t.trace || t).traceId === id);
