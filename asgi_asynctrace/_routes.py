@@ -118,18 +118,13 @@ def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counte
             held[top.type] += length - given
         i = j
     tops = [(s.start, s.end) for s in path if s.depth == 0]
-    uncovered = max(0, a.duration - _covered(tops))
+    on_path = _covered(tops)
+    uncovered = max(0, a.duration - on_path)
     # the root's steps outside the path's top-level steps: its own code too
-    own = _covered(own_steps) - _overlap(own_steps, tops)
-    own = min(uncovered, max(0, own))
+    own = min(uncovered, max(0, _covered([*own_steps, *tops]) - on_path))
     held[OWN_CODE] += own
     held[REST] += uncovered - own
     return +held  # without what came to nothing
-
-
-def _overlap(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> int:
-    """How long the union of the spans ``a`` and the union of ``b`` overlap."""
-    return _covered(a) + _covered(b) - _covered([*a, *b])
 
 
 def own_steps(trace: Trace) -> list[tuple[int, int]]:
@@ -141,7 +136,8 @@ def own_steps(trace: Trace) -> list[tuple[int, int]]:
             for i in range(0, len(cb), 2)]  # fmt: skip
 
 
-def _route_of(a: Analysis, notes: dict[str, Any]) -> tuple[str, str]:
+def _group_of(a: Analysis, notes: dict[str, Any]) -> tuple[str, str]:
+    """(method, route): the route's template where the trace has one, else its path."""
     req = a.request
     route = notes.get("route")
     path = route if isinstance(route, str) and route else req.get("path")
@@ -162,7 +158,7 @@ def by_route(inputs: Iterable[RouteInput]) -> list[RouteStats]:
     95th percentile) first."""
     routes: dict[tuple[str, str], RouteStats] = {}
     for a, notes, steps in inputs:
-        key = _route_of(a, notes)
+        key = _group_of(a, notes)
         stats = routes.get(key)
         if stats is None:
             stats = routes[key] = RouteStats(*key)
