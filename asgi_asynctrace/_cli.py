@@ -15,8 +15,9 @@ Exports: main.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ._analysis import SEVERITIES, AnalysisSettings, analyze
 from ._load import TraceFormatError
 from ._logs import extract, read_traces
 from ._report import format_ns, format_summary
+from ._select import Selection, add_selection
 from ._sinks import decode_trace_header
 
 __all__ = ["main"]
@@ -60,10 +62,16 @@ def _progress_bar(name: str, done: int, size: int, traces: int) -> None:
     print(f"\r{name}: {share} read, {traces} trace(s)", end=end, file=sys.stderr, flush=True)
 
 
+def _traces(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+    """(where, trace) for each trace in the command's files that its selection keeps."""
+    read = (pair for name in args.traces for pair in read_traces(name))
+    return Selection.from_args(args).apply(read)
+
+
 def _join_command(args: argparse.Namespace) -> int:
     from ._join import join_traces
 
-    traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    traces = [trace for _, trace in _traces(args)]
     joined = join_traces(traces)
     data = b"".join(trace.to_json() + b"\n" for trace in joined)
     if args.output is None:
@@ -80,7 +88,7 @@ def _view_command(args: argparse.Namespace) -> int:
 
     from ._viewer import viewer_html
 
-    traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    traces = [trace for _, trace in _traces(args)]
     out: Path = args.output or Path(tempfile.mkdtemp(prefix="asynctrace-")) / "trace.html"
     out.write_bytes(viewer_html(traces))
     print(f"wrote {out} ({len(traces)} trace(s))", file=sys.stderr)
@@ -106,16 +114,15 @@ def _settings(args: argparse.Namespace) -> AnalysisSettings:
 def _summary_command(args: argparse.Namespace) -> int:
     out = sys.stdout
     first = True
-    for name in args.traces:
-        for _where, trace in read_traces(name):
-            analysis = analyze(trace, _settings(args))
-            if args.json:
-                sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
-                continue
-            if not first:
-                out.write("\n")
-            first = False
-            out.write(format_summary(analysis))
+    for _where, trace in _traces(args):
+        analysis = analyze(trace, _settings(args))
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
+            continue
+        if not first:
+            out.write("\n")
+        first = False
+        out.write(format_summary(analysis))
     return 0
 
 
@@ -127,12 +134,11 @@ def _routes_command(args: argparse.Namespace) -> int:
 
     def analysed() -> Any:
         count = 0
-        for name in args.traces:
-            for _where, trace in read_traces(name):
-                yield route_input(trace, analyze(trace, _settings(args)))
-                count += 1
-                if tty and count % 100 == 0:
-                    print(f"\r{count} trace(s) analysed", end="", file=sys.stderr, flush=True)
+        for _where, trace in _traces(args):
+            yield route_input(trace, analyze(trace, _settings(args)))
+            count += 1
+            if tty and count % 100 == 0:
+                print(f"\r{count} trace(s) analysed", end="", file=sys.stderr, flush=True)
         if tty and count >= 100:
             print(f"\r{count} trace(s) analysed", file=sys.stderr)
 
@@ -140,33 +146,37 @@ def _routes_command(args: argparse.Namespace) -> int:
     if args.json:
         for r in routes:
             sys.stdout.buffer.write(orjson.dumps(r.to_dict()) + b"\n")
-    else:
-        sys.stdout.write(format_routes(routes))
+        return 0
+    sys.stdout.write(format_routes(routes))
+    slowest = routes[0].slowest[1]
+    if slowest and "-" not in args.traces:  # the next step, from the same files
+        files = " ".join(shlex.quote(name) for name in args.traces)
+        sys.stdout.write(f"\nthe slowest route's slowest trace: asgi-asynctrace summary {files} "
+                         f"--id {slowest[:12]}  (view: in the viewer)\n")  # fmt: skip
     return 0
 
 
 def _diagnose_command(args: argparse.Namespace) -> int:
     threshold = SEVERITIES.index(args.fail_on) if args.fail_on else None
     failing = 0
-    for name in args.traces:
-        for where, trace in read_traces(name):
-            analysis = analyze(trace, _settings(args))
-            req = analysis.request
-            head = f"{req.get('method', '')} {req.get('path', '')}".strip()
-            if args.json:
-                doc = {"source": where, **analysis.to_dict()}
-                sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
-            else:
-                print(f"{where}: {head} {format_ns(analysis.duration)}: "
-                      f"{len(analysis.findings) or 'no'} finding(s)")  # fmt: skip
-                for f in analysis.findings:
-                    cost = f" ({format_ns(f.cost_ns)})" if f.cost_ns else ""
-                    print(f"  [{f.severity}] {f.kind}{cost}: {f.title}")
-                    print(f"      fix: {f.fix}")
-                    if f.site:
-                        print(f"      at {f.site}")
-            if threshold is not None:
-                failing += sum(SEVERITIES.index(f.severity) >= threshold for f in analysis.findings)
+    for where, trace in _traces(args):
+        analysis = analyze(trace, _settings(args))
+        req = analysis.request
+        head = f"{req.get('method', '')} {req.get('path', '')}".strip()
+        if args.json:
+            doc = {"source": where, **analysis.to_dict()}
+            sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
+        else:
+            print(f"{where}: {head} {format_ns(analysis.duration)}: "
+                  f"{len(analysis.findings) or 'no'} finding(s)")  # fmt: skip
+            for f in analysis.findings:
+                cost = f" ({format_ns(f.cost_ns)})" if f.cost_ns else ""
+                print(f"  [{f.severity}] {f.kind}{cost}: {f.title}")
+                print(f"      fix: {f.fix}")
+                if f.site:
+                    print(f"      at {f.site}")
+        if threshold is not None:
+            failing += sum(SEVERITIES.index(f.severity) >= threshold for f in analysis.findings)
     if threshold is not None and failing:
         print(f"{failing} finding(s) at or above {args.fail_on}", file=sys.stderr)
         return 1
@@ -256,7 +266,7 @@ def _trace_command(args: argparse.Namespace) -> int:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
-    traces = [trace for name in args.traces for _, trace in read_traces(name)]
+    traces = [trace for _, trace in _traces(args)]
     if args.to == "bubbleprof":
         from ._bubbleprof import write_bubbleprof
 
@@ -294,6 +304,7 @@ def _command(
     )  # fmt: skip
     if traces:
         parser.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
+        add_selection(parser)
     parser.set_defaults(run=run)
     return parser
 

@@ -24,6 +24,7 @@ from typing import Any
 from ._analysis import Analysis, PathStep
 from ._findings import SEVERITIES
 from ._model import Trace
+from ._select import route_key
 
 __all__ = ["OWN_CODE", "REST", "RouteStats", "by_route", "held_up_by", "own_steps", "route_input"]
 
@@ -136,14 +137,6 @@ def own_steps(trace: Trace) -> list[tuple[int, int]]:
             for i in range(0, len(cb), 2)]  # fmt: skip
 
 
-def _group_of(a: Analysis, notes: dict[str, Any]) -> tuple[str, str]:
-    """(method, route): the route's template where the trace has one, else its path."""
-    req = a.request
-    route = notes.get("route")
-    path = route if isinstance(route, str) and route else req.get("path")
-    return str(req.get("method") or "?"), str(path or "?")
-
-
 RouteInput = tuple[Analysis, dict[str, Any], Sequence[tuple[int, int]]]
 
 
@@ -158,7 +151,7 @@ def by_route(inputs: Iterable[RouteInput]) -> list[RouteStats]:
     95th percentile) first."""
     routes: dict[tuple[str, str], RouteStats] = {}
     for a, notes, steps in inputs:
-        key = _group_of(a, notes)
+        key = route_key(a.request, notes)
         stats = routes.get(key)
         if stats is None:
             stats = routes[key] = RouteStats(*key)

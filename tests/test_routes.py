@@ -201,6 +201,11 @@ def test_routes_over_traces_from_a_log(tmp_path: Path, capsys: pytest.CaptureFix
     slowest = max(traces[:3], key=lambda t: t.duration_ns)
     assert f"  slowest      {slowest.trace_id}  " in orders
     assert blocks[1].startswith("GET /health  (1 trace)\n") and "findings     none" in blocks[1]
+    # and the next step, ready to paste: the slowest route's slowest trace from the same log
+    hint = f"asgi-asynctrace summary {log} --id {slowest.trace_id[:12]}"
+    assert out.splitlines()[-1].startswith(f"the slowest route's slowest trace: {hint}")
+    assert main_cli(hint.split()[1:]) == 0
+    assert capsys.readouterr().out.startswith(f"GET {slowest.request['path']} 200 ")
     assert main_cli(["routes", "--json", str(log)]) == 0
     docs = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(d["route"], d["traces"]) for d in docs] == [("/orders/{order_id}/report", 3),
@@ -211,6 +216,70 @@ def test_routes_over_traces_from_a_log(tmp_path: Path, capsys: pytest.CaptureFix
     for trace in traces:  # each trace's duration, all accounted for
         held = held_up_by(analyze(trace), own_steps(trace))
         assert sum(held.values()) == pytest.approx(trace.duration_ns, abs=10)
+
+
+def test_commands_read_only_the_traces_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = AsyncTraceMiddleware(_shop_app(), log_traces=False)
+    paths = ["/orders/1/lines", "/health", "/orders/22/lines", "/shops/north/items/tea",
+             "/orders/333/lines"]  # fmt: skip
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            for path in paths:
+                assert (await client.get(path, headers={"X-Async-Trace": "1"})).is_success
+            response = await client.post("/health", headers={"X-Async-Trace": "1"})
+            assert response.status_code == 405
+
+    with capture_traces() as traces:
+        run(main())
+    log = tmp_path / "server.log"
+    log.write_bytes(b"".join(b"INFO: " + LOG_PREFIX.encode() + t.to_json() + b"\n"
+                             for t in traces))  # fmt: skip
+
+    def summarised(*options: str) -> list[str]:
+        assert main_cli(["summary", str(log), "--json", *options]) == 0
+        docs = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return [f"{d['request']['method']} {d['request']['path']}" for d in docs]
+
+    assert len(summarised()) == 6  # nothing asked: every trace
+    # a route by its template, with or without the method, or by a path it served
+    lines = ["GET /orders/1/lines", "GET /orders/22/lines", "GET /orders/333/lines"]
+    assert summarised("--route", "GET /orders/{order_id}/lines") == lines
+    assert summarised("--route", "/orders/{order_id}/lines") == lines
+    assert summarised("--route", "/orders/22/lines") == ["GET /orders/22/lines"]
+    assert summarised("--route", "/health") == ["GET /health", "POST /health"]
+    assert summarised("--route", "POST  /health") == ["POST /health"]  # spaces as typed
+    assert summarised("--route", "/health", "--route", "/shops/{shop}/items/{name}") == [
+        "GET /health", "GET /shops/north/items/tea", "POST /health"]  # fmt: skip
+    # by id: the whole id, or its start, in either case
+    third = traces[2].trace_id
+    assert summarised("--id", third) == ["GET /orders/22/lines"]
+    assert summarised("--id", third[:8].upper()) == ["GET /orders/22/lines"]
+    # the slowest, the longest first; and only the slow ones
+    by_length = sorted(traces, key=lambda t: -t.duration_ns)
+    want = [f"{t.request['method']} {t.request['path']}" for t in by_length[:2]]
+    assert summarised("--slowest", "2") == want
+    floor = by_length[2].duration_ns / 1e6
+    assert summarised("--min-ms", f"{floor:.6f}") == [
+        f"{t.request['method']} {t.request['path']}" for t in traces
+        if t.duration_ns >= round(floor * 1e6)]  # fmt: skip
+    # every command that reads traces takes them
+    out = tmp_path / "one.jsonl"
+    assert main_cli(["convert", str(log), "--to", "json", "--id", third, "-o", str(out)]) == 0
+    assert [orjson.loads(line)["traceId"] for line in out.read_bytes().splitlines()] == [third]
+    assert main_cli(["routes", str(log), "--route", "/health"]) == 0
+    assert capsys.readouterr().out.startswith("2 trace(s), 2 route(s)")
+    assert main_cli(["diagnose", str(log), "--slowest", "1"]) == 0
+    assert capsys.readouterr().out.count(" finding(s)") == 1
+    # nothing matched, or a bad option: said, and exit status 2
+    assert main_cli(["summary", str(log), "--id", "zz", "--route", "GET /nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: no trace matched --id zz --route 'GET /nowhere' (6 read)\n"
+    assert main_cli(["view", str(log), "--slowest", "0", "--no-open"]) == 2
+    assert "--slowest wants 1 or more, got 0" in capsys.readouterr().err
 
 
 def test_routes_says_when_there_is_no_trace(
