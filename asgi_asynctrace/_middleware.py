@@ -262,7 +262,7 @@ class AsyncTraceMiddleware:
             ACTIVE.reset(token)
             if self._blocked_ns:
                 unwatch(run.trace)
-            run.finish(state, scope)
+            run.finish(state)
             if release is not None:
                 release()
             self._emit(run.trace)

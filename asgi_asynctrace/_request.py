@@ -2,7 +2,7 @@
 
     run = TracedRequest(middleware, scope, True, receive, send)
     await app(scope, run.traced_receive, run.traced_send)
-    run.finish("ok", scope)
+    run.finish("ok")
 
 Records the root's annotations (method, path, the route's template, client, status, when the
 response started, a disconnect), the upstream a calling service named, request and response
@@ -120,6 +120,8 @@ class TracedRequest:
         "requested",
         "response_done",
         "root",
+        "routed",
+        "scope",
         "trace",
         "websocket",
     )
@@ -130,6 +132,8 @@ class TracedRequest:
     ) -> None:  # fmt: skip
         self._receive = receive
         self._send = send
+        self.scope = scope
+        self.routed = False  # the route's template annotated (for the header, at the start)
         self.owner = owner
         self.requested = requested
         self.disconnected = False
@@ -175,12 +179,21 @@ class TracedRequest:
     def client_gone(self, exc: BaseException) -> bool:
         return self.disconnected or type(exc).__name__ == "ClientDisconnected"
 
-    def finish(self, state: str, scope: Scope) -> None:
+    def _route(self) -> None:
+        """The route's template, once the router has matched (it has by the response)."""
+        self.routed = True
+        try:
+            route = route_of(self.scope)
+            if route is not None:
+                self.trace.annotate(self.root, "route", route)
+        except Exception as exc:
+            report("route", exc)
+
+    def finish(self, state: str) -> None:
         trace = self.trace
         try:
-            route = route_of(scope)
-            if route is not None:
-                trace.annotate(self.root, "route", route)
+            if not self.routed:
+                self._route()
             if self.disconnected and not self.response_done:
                 state = "cancelled"
             if self.body_in is not None:
@@ -316,6 +329,7 @@ class TracedRequest:
             trace.annotate(self.root, "responseStartedAt", _now() - trace.origin)
             if not self.requested:
                 return message
+            self._route()  # the header's trace names it too
             headers = list(message.get("headers") or ())
             headers.append((b"x-async-trace-id", trace.trace_id.encode()))
             headers.append((b"x-async-trace-data", self._inline().encode("ascii")))

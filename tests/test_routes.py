@@ -23,7 +23,7 @@ from asgi_asynctrace._cli import main as main_cli
 from asgi_asynctrace._findings import Finding
 from asgi_asynctrace._request import route_of
 from asgi_asynctrace._routes import OWN_CODE, REST, by_route, held_up_by, own_steps
-from asgi_asynctrace._sinks import LOG_PREFIX
+from asgi_asynctrace._sinks import LOG_PREFIX, decode_trace_header
 from tests.helpers import run
 
 MS = 1_000_000
@@ -72,6 +72,8 @@ async def _order_free(request: Request) -> Response:
 def test_the_middleware_records_the_route_a_request_matched() -> None:
     app = AsyncTraceMiddleware(_shop_app(), log_traces=False)
 
+    inline = []
+
     async def main() -> None:
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
         async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
@@ -79,6 +81,7 @@ def test_the_middleware_records_the_route_a_request_matched() -> None:
                          "/health"):  # fmt: skip
                 response = await client.get(path, headers={"X-Async-Trace": "1"})
                 assert response.status_code == 200
+                inline.append(decode_trace_header(response.headers["x-async-trace-data"]))
 
     with capture_traces() as traces:
         run(main())
@@ -89,6 +92,11 @@ def test_the_middleware_records_the_route_a_request_matched() -> None:
         ("/shops/north/items/tea", "/shops/{shop}/items/{name}"),  # a mount's parameter too
         ("/health", None),
     ]
+    # the trace in the response header, taken as the response started, names it too (once)
+    notes = [[a["value"] for a in doc["annotations"] if a["key"] == "route"] for doc in inline]
+    assert notes == [["/orders/{order_id}/lines"], ["/orders/{order_id}/lines"],
+                     ["/shops/{shop}/items/{name}"], []]  # fmt: skip
+    assert [a for _, a, _ in traces[0].annotations].count("route") == 1
     # and they come out in the JSON, for the routes command to group by
     assert b'"key":"route","value":"/orders/{order_id}/lines"' in traces[0].to_json()
 
