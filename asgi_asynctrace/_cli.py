@@ -6,6 +6,7 @@
     asgi-asynctrace summary trace.json             # breakdown, top waits, critical path, findings
     asgi-asynctrace diagnose traces.jsonl --fail-on medium     # for CI: exit 1 on a finding
     asgi-asynctrace routes server.log              # many traces: the slow routes, what held them
+    asgi-asynctrace compare server.log --route 'GET /items'   # its slowest against a typical one
     asgi-asynctrace view trace.json                # the viewer, as one HTML file
     asgi-asynctrace decode-header 'z1:eJzt…'
 
@@ -153,6 +154,25 @@ def _routes_command(args: argparse.Namespace) -> int:
         files = " ".join(shlex.quote(name) for name in args.traces)
         sys.stdout.write(f"\nthe slowest route's slowest trace: asgi-asynctrace summary {files} "
                          f"--id {slowest[:12]}  (view: in the viewer)\n")  # fmt: skip
+        if routes[0].count > 2:
+            route = shlex.quote(f"{routes[0].method} {routes[0].route}")
+            sys.stdout.write(f"against a typical one: asgi-asynctrace compare {files} "
+                             f"--route {route}\n")  # fmt: skip
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from ._compare import choose_pair, compare
+    from ._report import format_comparison
+
+    faster, slower, baseline = choose_pair([trace for _, trace in _traces(args)])
+    settings = _settings(args)
+    result = compare((analyze(faster, settings), faster), (analyze(slower, settings), slower),
+                     baseline)  # fmt: skip
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result.to_dict()) + b"\n")
+    else:
+        sys.stdout.write(format_comparison(result))
     return 0
 
 
@@ -393,6 +413,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ro.add_argument("--json", action="store_true", help="one JSON object per route")
     ro.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    cm = _command(
+        commands,
+        "compare",
+        _compare_command,
+        "two traces side by side: what the slower spent its extra time on",
+        "Examples:\n"
+        "  asgi-asynctrace compare server.log --route 'GET /items'   # slowest vs a typical one\n"
+        "  asgi-asynctrace compare slow.json fast.json\n"
+        "  asgi-asynctrace compare server.log --id 9fd8e311 --id f096a6e9\n\n"
+        "Two traces are set side by side as they are; several of one route, its slowest\n"
+        "against its median. Says where the difference went: the critical paths by what held\n"
+        "them up, the operations by what they were (how many, how long), the largest\n"
+        "differences first, and the findings only one of them has.",
+    )
+    cm.add_argument("--json", action="store_true", help="the comparison as JSON")
+    cm.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
     co = _command(
         commands,
         "convert",

@@ -2,7 +2,7 @@
 
     print(format_summary(analyze(trace)))
 
-Exports: format_summary, format_routes, format_ns, path_runs, PathRun.
+Exports: format_summary, format_routes, format_comparison, format_ns, path_runs, PathRun.
 """
 
 from __future__ import annotations
@@ -12,10 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._analysis import Analysis, PathStep
+from ._compare import Comparison, Difference
 from ._findings import format_duration
 from ._routes import RouteStats
 
-__all__ = ["PathRun", "format_ns", "format_routes", "format_summary", "path_runs"]
+__all__ = [
+    "PathRun",
+    "format_comparison",
+    "format_ns",
+    "format_routes",
+    "format_summary",
+    "path_runs",
+]
 
 
 def format_ns(ns: int) -> str:
@@ -158,3 +166,63 @@ def format_routes(routes: Sequence[RouteStats]) -> str:
             lines.append("  findings     none")
         lines.append(f"  slowest      {r.slowest[1]}  {format_ns(r.slowest[0])}")
     return "\n".join(lines) + "\n"
+
+
+def _signed(ns: int) -> str:
+    return "0" if not ns else ("+" if ns > 0 else "-") + format_ns(abs(ns))
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _head(a: Analysis) -> str:
+    req = a.request
+    return " ".join(str(x) for x in (req.get("method"), req.get("path"), req.get("status")) if x)
+
+
+_MAX_OPERATIONS = 10
+
+
+def format_comparison(c: Comparison) -> str:
+    """The terminal report of ``compare``: plain text, stable for golden files."""
+    base = c.baseline
+    fa, sa = c.faster, c.slower
+    lines = [
+        f"{c.route or 'the slower'}: {format_ns(sa.duration)} (trace {sa.trace_id[:12]}) "
+        f"against {format_ns(fa.duration)} for the {base} one (trace {fa.trace_id[:12]}): "
+        f"{_signed(c.delta)}",
+    ]
+    if _head(sa) != _head(fa):  # a route's two paths, or two routes
+        lines.append(f"  the slower: {_head(sa)}; the {base}: {_head(fa)}")
+    lines += [
+        "",
+        f"  {'what held it up (critical path)':<44}{base:>10}{'slower':>10}{'difference':>12}",
+    ]
+    for d in c.held:
+        lines.append(f"  {_fit(d.what, 42):<44}{format_ns(d.ns[0]):>10}{format_ns(d.ns[1]):>10}"
+                     f"{_signed(d.delta):>12}")  # fmt: skip
+    lines += ["", f"  {'operations (how many, how long alive)':<44}{base:>14}{'slower':>14}"
+                  f"{'difference':>12}"]  # fmt: skip
+    if not c.operations:
+        lines.append("    the same operations, as long in both")
+    for d in c.operations[:_MAX_OPERATIONS]:
+        lines.append(f"  {_fit(d.what, 42):<44}{_cell(d, 0):>14}{_cell(d, 1):>14}"
+                     f"{_signed(d.delta):>12}{_more(d)}")  # fmt: skip
+    if len(c.operations) > _MAX_OPERATIONS:
+        lines.append(f"  … and {len(c.operations) - _MAX_OPERATIONS} more that differ (--json)")
+    lines += [
+        "",
+        f"  findings only in the slower: {', '.join(c.only_slower) or 'none'}",
+        f"  findings only in the {base} one: {', '.join(c.only_faster) or 'none'}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(d: Difference, side: int) -> str:
+    return f"{d.count[side]} x {format_ns(d.ns[side])}" if d.count[side] else "-"
+
+
+def _more(d: Difference) -> str:
+    more = d.count[1] - d.count[0]
+    return f"  ({more:+d})" if more else ""

@@ -1,0 +1,142 @@
+"""Two traces of a request side by side: what the slower one spent its extra time on.
+
+    asgi-asynctrace compare server.log --route 'GET /items'   # its slowest against a typical one
+    asgi-asynctrace compare slow.json fast.json
+
+A route's slow trace reads much like its fast ones until it is set against one: the same
+queries, the same fetches, only some of them longer, or more of them. ``compare`` takes two
+analyses and says where the difference went: their critical paths by what held them up (as
+``routes`` sums them), their operations by what they were (type and label: a query's
+statement, a fetch's URL), how many and for how long, the largest differences first, and the
+findings one has and the other has not. Exports: Comparison, Difference, compare, choose_pair.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._analysis import Analysis
+from ._load import TraceFormatError
+from ._model import Trace
+from ._routes import held_up_by, own_steps
+from ._select import route_key
+
+__all__ = ["Comparison", "Difference", "choose_pair", "compare"]
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One row: ``what`` in the faster trace (``count``, ``ns``) and in the slower one."""
+
+    what: str
+    count: tuple[int, int]
+    ns: tuple[int, int]
+
+    @property
+    def delta(self) -> int:
+        return self.ns[1] - self.ns[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "count": list(self.count), "ns": list(self.ns),
+                "deltaNs": self.delta}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Comparison:
+    faster: Analysis
+    slower: Analysis
+    baseline: str  # what the faster one is: "faster", or "typical" (the route's median)
+    route: str | None  # "GET /orders/{order_id}" when both are of that route
+    held: list[Difference] = field(default_factory=list)  # critical path, by what held it
+    operations: list[Difference] = field(default_factory=list)  # by type and label
+    only_slower: list[str] = field(default_factory=list)  # finding kinds
+    only_faster: list[str] = field(default_factory=list)
+
+    @property
+    def delta(self) -> int:
+        return self.slower.duration - self.faster.duration
+
+    def to_dict(self) -> dict[str, Any]:
+        def side(a: Analysis) -> dict[str, Any]:
+            return {"traceId": a.trace_id, "request": a.request, "durationNs": a.duration}
+
+        return {
+            "slower": side(self.slower),
+            self.baseline: side(self.faster),
+            "route": self.route,
+            "deltaNs": self.delta,
+            "heldUpBy": [d.to_dict() for d in self.held],
+            "operations": [d.to_dict() for d in self.operations],
+            "findings": {"onlySlower": self.only_slower, "onlyFaster": self.only_faster},
+        }
+
+
+def _rows(faster: Counter[str], slower: Counter[str], counts: tuple[Counter[str], ...] = (),
+          ) -> list[Difference]:  # fmt: skip
+    """Every key of either, the largest difference in time first (then the larger count)."""
+    out = []
+    for key in set(faster) | set(slower):
+        count = (counts[0][key], counts[1][key]) if counts else (0, 0)
+        out.append(Difference(key, count, (faster[key], slower[key])))
+    return sorted(out, key=lambda d: (-abs(d.delta), -abs(d.count[1] - d.count[0]), d.what))
+
+
+def _operations(a: Analysis) -> tuple[Counter[str], Counter[str]]:
+    """Each operation's time alive (running and waiting) and count, by type and label."""
+    ns: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for t in a.times.values():
+        if t.type == "root":
+            continue
+        what = f"{t.type} {t.label}" if t.label != t.type else t.type
+        ns[what] += t.sync + t.wait
+        count[what] += 1
+    return ns, count
+
+
+def compare(faster: tuple[Analysis, Trace], slower: tuple[Analysis, Trace],
+            baseline: str = "faster") -> Comparison:  # fmt: skip
+    """The two side by side (each an analysis and the trace it was made of)."""
+    (fa, ft), (sa, st) = faster, slower
+    f_ops, f_count = _operations(fa)
+    s_ops, s_count = _operations(sa)
+    # what one did more often (a query on a cache miss, a retry) first, then what both did as
+    # often and one took longer over
+    rows = _rows(f_ops, s_ops, (f_count, s_count))
+    ops = [d for d in rows if d.count[0] != d.count[1]]
+    ops += [d for d in rows if d.count[0] == d.count[1] and d.delta]
+    held = _rows(held_up_by(fa, own_steps(ft)), held_up_by(sa, own_steps(st)))
+    f_kinds = {f.kind for f in fa.findings}
+    s_kinds = {f.kind for f in sa.findings}
+    f_route = route_key(ft.request, ft.annotations_of(ft.root.async_id))
+    same = f_route == route_key(st.request, st.annotations_of(st.root.async_id))
+    return Comparison(
+        fa, sa, baseline, " ".join(f_route) if same else None, held, ops,
+        [f.kind for f in sa.findings if f.kind not in f_kinds],
+        [f.kind for f in fa.findings if f.kind not in s_kinds],
+    )  # fmt: skip
+
+
+def choose_pair(traces: Sequence[Trace]) -> tuple[Trace, Trace, str]:
+    """(faster, slower, what the faster is): two traces as they are; more, of one route, its
+    slowest against its median (the typical request of that route; of an even count, the
+    lower of the middle two). A TraceFormatError says what to narrow when that cannot be done."""
+    if len(traces) < 2:
+        raise TraceFormatError(
+            f"compare needs two traces, or several of one route; got {len(traces)}"
+        )
+    ordered = sorted(traces, key=lambda t: t.duration_ns)
+    if len(traces) == 2:
+        return ordered[0], ordered[1], "faster"
+    routes = Counter(route_key(t.request, t.annotations_of(t.root.async_id)) for t in traces)
+    if len(routes) > 1:
+        named = ", ".join(f"{m} {r} ({n})" for (m, r), n in routes.most_common(5))
+        more = ", …" if len(routes) > 5 else ""
+        raise TraceFormatError(
+            f"{len(traces)} traces of {len(routes)} routes ({named}{more}): "
+            "narrow them to one route with --route, or to two traces with --id"
+        )
+    return ordered[(len(ordered) - 1) // 2], ordered[-1], "typical"
