@@ -211,7 +211,9 @@ def test_routes_over_traces_from_a_log(tmp_path: Path, capsys: pytest.CaptureFix
     assert blocks[1].startswith("GET /health  (1 trace)\n") and "findings     none" in blocks[1]
     # and the next step, ready to paste: the slowest route's slowest trace from the same log
     hint = f"asgi-asynctrace summary {log} --id {slowest.trace_id[:12]}"
-    assert out.splitlines()[-1].startswith(f"the slowest route's slowest trace: {hint}")
+    assert out.splitlines()[-2].startswith(f"the slowest route's slowest trace: {hint}")
+    assert out.splitlines()[-1] == (f"against a typical one: asgi-asynctrace compare {log} "
+                                    "--route 'GET /orders/{order_id}/report'")  # fmt: skip
     assert main_cli(hint.split()[1:]) == 0
     assert capsys.readouterr().out.startswith(f"GET {slowest.request['path']} 200 ")
     assert main_cli(["routes", "--json", str(log)]) == 0
