@@ -8,7 +8,9 @@ queries, the same fetches, only some of them longer, or more of them. ``compare`
 analyses and says where the difference went: their critical paths by what held them up (as
 ``routes`` sums them), their operations by what they were (type and label: a query's
 statement, a fetch's URL), how many and for how long, the largest differences first, and the
-findings one has and the other has not. Exports: Comparison, Difference, compare, choose_pair.
+findings one has and the other has not. The store's routes and a viewer page of several
+traces carry each route's comparison too (``typical_and_slowest``). Exports: Comparison,
+Difference, compare, compare_inputs, choose_pair, typical_and_slowest.
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from typing import Any
 from ._analysis import Analysis
 from ._load import TraceFormatError
 from ._model import Trace
-from ._routes import held_up_by, own_steps
+from ._routes import RouteInput, held_up_by, route_input
 from ._select import route_key
 
-__all__ = ["Comparison", "Difference", "choose_pair", "compare"]
+__all__ = [
+    "Comparison",
+    "Difference",
+    "choose_pair",
+    "compare",
+    "compare_inputs",
+    "typical_and_slowest",
+]
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,9 @@ class Comparison:
             return {"traceId": a.trace_id, "request": a.request, "durationNs": a.duration}
 
         return {
-            "slower": side(self.slower),
-            self.baseline: side(self.faster),
             "route": self.route,
+            "slower": side(self.slower),
+            "baseline": {**side(self.faster), "is": self.baseline},
             "deltaNs": self.delta,
             "heldUpBy": [d.to_dict() for d in self.held],
             "operations": [d.to_dict() for d in self.operations],
@@ -100,7 +109,13 @@ def _operations(a: Analysis) -> tuple[Counter[str], Counter[str]]:
 def compare(faster: tuple[Analysis, Trace], slower: tuple[Analysis, Trace],
             baseline: str = "faster") -> Comparison:  # fmt: skip
     """The two side by side (each an analysis and the trace it was made of)."""
-    (fa, ft), (sa, st) = faster, slower
+    return compare_inputs(route_input(faster[1], faster[0]), route_input(slower[1], slower[0]),
+                          baseline)  # fmt: skip
+
+
+def compare_inputs(faster: RouteInput, slower: RouteInput, baseline: str = "faster") -> Comparison:
+    """``compare``, from what ``routes`` keeps of each trace (``route_input``)."""
+    (fa, f_notes, f_steps), (sa, s_notes, s_steps) = faster, slower
     f_ops, f_count = _operations(fa)
     s_ops, s_count = _operations(sa)
     # what one did more often (a query on a cache miss, a retry) first, then what both did as
@@ -108,16 +123,26 @@ def compare(faster: tuple[Analysis, Trace], slower: tuple[Analysis, Trace],
     rows = _rows(f_ops, s_ops, (f_count, s_count))
     ops = [d for d in rows if d.count[0] != d.count[1]]
     ops += [d for d in rows if d.count[0] == d.count[1] and d.delta]
-    held = _rows(held_up_by(fa, own_steps(ft)), held_up_by(sa, own_steps(st)))
+    held = _rows(held_up_by(fa, f_steps), held_up_by(sa, s_steps))
     f_kinds = {f.kind for f in fa.findings}
     s_kinds = {f.kind for f in sa.findings}
-    f_route = route_key(ft.request, ft.annotations_of(ft.root.async_id))
-    same = f_route == route_key(st.request, st.annotations_of(st.root.async_id))
+    f_route = route_key(fa.request, f_notes)
+    same = f_route == route_key(sa.request, s_notes)
     return Comparison(
         fa, sa, baseline, " ".join(f_route) if same else None, held, ops,
         [f.kind for f in sa.findings if f.kind not in f_kinds],
         [f.kind for f in fa.findings if f.kind not in s_kinds],
     )  # fmt: skip
+
+
+def typical_and_slowest(inputs: Sequence[RouteInput]) -> Comparison | None:
+    """A route's slowest trace against its typical one (as ``choose_pair`` takes them), from
+    what ``routes`` keeps of each; None for fewer than two."""
+    if len(inputs) < 2:
+        return None
+    ordered = sorted(inputs, key=lambda i: i[0].duration)
+    baseline = "faster" if len(ordered) == 2 else "typical"
+    return compare_inputs(ordered[(len(ordered) - 1) // 2], ordered[-1], baseline)
 
 
 def choose_pair(traces: Sequence[Trace]) -> tuple[Trace, Trace, str]:

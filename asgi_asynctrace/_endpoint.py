@@ -5,8 +5,8 @@
 ``GET {prefix}/`` is the viewer page; ``GET {prefix}/traces`` lists the stored traces, newest
 first; ``GET {prefix}/traces/{id}`` is one trace's JSON, and with ``?analysis=1`` the trace and
 the analyzer's result together (what the viewer loads); ``GET {prefix}/routes`` the stored
-traces by route (as ``asgi-asynctrace routes`` gives them), worked out in the loop's thread
-pool.
+traces by route (as ``asgi-asynctrace routes`` gives them, each with its slowest trace compared
+with its typical one, as ``compare`` does), worked out in the loop's thread pool.
 
 Returns False for paths it does not own, so the request goes on to the app.
 Exports: serve_store.
@@ -25,7 +25,7 @@ import orjson
 from ._analysis import AnalysisSettings, analyze
 from ._failures import report
 from ._load import load_trace
-from ._routes import RouteInput, by_route, route_input
+from ._routes import RouteInput, route_input, routes_with_comparisons
 from ._sinks import TraceStore
 from ._viewer import viewer_html
 
@@ -143,5 +143,5 @@ def _routes_of(store: TraceStore, settings: AnalysisSettings | None) -> bytes:
                 continue
         kept[trace_id] = found
     _route_inputs[store] = kept
-    routes = by_route(kept.values())
-    return orjson.dumps({"traces": len(kept), "routes": [r.to_dict() for r in routes]})
+    routes = routes_with_comparisons(list(kept.values()))
+    return orjson.dumps({"traces": len(kept), "routes": routes})

@@ -9,8 +9,8 @@ traces, their durations (median, 95th percentile, longest), what held them up (e
 critical path, its time given to what the request waited on there: the operation it waited
 on, not the task or future that carried it; its own code; the rest of the request, which the
 path does not cover), which findings came up in how many of its traces, and its slowest
-trace, to open (``_report.format_routes`` prints them). Exports: RouteStats, by_route,
-route_input, held_up_by, own_steps, OWN_CODE, REST.
+trace, to open (``_report.format_routes`` prints them). Exports: RouteStats, RouteInput,
+by_route, routes_with_comparisons, route_input, held_up_by, own_steps, OWN_CODE, REST.
 """
 
 from __future__ import annotations
@@ -26,7 +26,17 @@ from ._findings import SEVERITIES
 from ._model import Trace
 from ._select import route_key
 
-__all__ = ["OWN_CODE", "REST", "RouteStats", "by_route", "held_up_by", "own_steps", "route_input"]
+__all__ = [
+    "OWN_CODE",
+    "REST",
+    "RouteInput",
+    "RouteStats",
+    "by_route",
+    "held_up_by",
+    "own_steps",
+    "route_input",
+    "routes_with_comparisons",
+]
 
 # What carries an operation rather than being one: on the critical path, a task's time goes to
 # what it waited on inside it (a fetch, a query, a sleep) when there is one.
@@ -144,6 +154,22 @@ def route_input(trace: Trace, a: Analysis) -> RouteInput:
     """What ``by_route`` reads of one trace: its analysis, its root's annotations, its root's
     steps."""
     return a, trace.annotations_of(trace.root.async_id), own_steps(trace)
+
+
+def routes_with_comparisons(inputs: Sequence[RouteInput]) -> list[dict[str, Any]]:
+    """``by_route``'s routes as dicts, each with ``comparison``: its slowest trace against its
+    typical one (None for a route of one trace). For inputs held in memory (the store's, a
+    viewer page's); the command line streams a log through ``by_route`` instead."""
+    from ._compare import typical_and_slowest
+
+    groups: dict[tuple[str, str], list[RouteInput]] = {}
+    for item in inputs:
+        groups.setdefault(route_key(item[0].request, item[1]), []).append(item)
+    out = []
+    for stats in by_route(inputs):
+        found = typical_and_slowest(groups[(stats.method, stats.route)])
+        out.append({**stats.to_dict(), "comparison": found.to_dict() if found else None})
+    return out
 
 
 def by_route(inputs: Iterable[RouteInput]) -> list[RouteStats]:

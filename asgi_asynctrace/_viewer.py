@@ -27,7 +27,7 @@ import orjson
 from ._analysis import Analysis, analyze
 from ._load import load_trace
 from ._model import Trace
-from ._routes import by_route, route_input
+from ._routes import route_input, routes_with_comparisons
 
 __all__ = ["viewer_html", "write_viewer"]
 
@@ -69,7 +69,7 @@ def viewer_html(traces: Sequence[Trace] = (), *, store_url: str | None = None) -
     analysed = [(t, analyze(t)) for t in traces]
     data: dict[str, Any] = {"traces": [with_analysis(t, a) for t, a in analysed]}
     if len(analysed) > 1:  # several: the routes table too, as the served viewer has it
-        data["routes"] = [r.to_dict() for r in by_route(route_input(t, a) for t, a in analysed)]
+        data["routes"] = routes_with_comparisons([route_input(t, a) for t, a in analysed])
     block = _json_block("asynctrace-data", data)
     page = page.replace("<!--DATA-->", block)
     if store_url is not None:

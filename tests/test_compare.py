@@ -72,7 +72,8 @@ def test_compare_says_where_the_slower_ones_extra_time_went() -> None:
     # sequential awaits, which the eight, an N+1, do not also report)
     assert result.only_slower == ["n-plus-one"] and "n-plus-one" not in result.only_faster
     doc = result.to_dict()
-    assert doc["slower"]["traceId"] == eight.trace_id and doc["faster"]["traceId"] == two.trace_id
+    assert doc["slower"]["traceId"] == eight.trace_id and doc["baseline"]["traceId"] == two.trace_id
+    assert doc["baseline"]["is"] == "faster" and doc["route"] == "GET /orders/{lines}/report"
     assert doc["operations"][0]["count"] == [2, 8]
 
 
@@ -116,7 +117,7 @@ def test_compare_from_a_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main_cli(["compare", str(log), "--id", nine.trace_id, "--id", two.trace_id,
                      "--json"]) == 0  # fmt: skip
     doc = orjson.loads(capsys.readouterr().out)
-    assert doc["slower"]["traceId"] == nine.trace_id and doc["faster"]["traceId"] == two.trace_id
+    assert doc["slower"]["traceId"] == nine.trace_id and doc["baseline"]["traceId"] == two.trace_id
     # the whole log has two routes: say how to narrow it
     assert main_cli(["compare", str(log)]) == 2
     err = capsys.readouterr().err

@@ -273,7 +273,22 @@ def test_the_served_viewer_lists_routes_and_opens_a_routes_slowest_trace(
     assert cells[:2] == ["GET /work", "3"], cells
     assert "own code" in cells[4] or "timer" in cells[4], cells  # what held it up, by share
     assert cells[5] == "none"
-    row.locator("a").click()
+    # the route's slowest trace against its typical one, as `compare` gives it
+    comparison = route["comparison"]
+    assert comparison["slower"]["traceId"] == route["slowestTraceId"]
+    assert comparison["baseline"]["is"] == "typical"
+    assert page.locator("#comparison").is_hidden()
+    row.locator("a.compare").click()
+    panel = page.locator("#comparison")
+    panel.wait_for()
+    text = panel.inner_text()
+    assert text.startswith("GET /work: the slower "), text
+    assert "what held it up (critical path)" in text and "null" not in text
+    assert "findings only in the slower: none; only in the typical one: none" in text
+    panel.locator("a", has_text="open the typical one").click()
+    page.wait_for_selector(f"body[data-loaded='{comparison['baseline']['traceId']}']")
+    page.click("#tabs button[data-view=load]")
+    row.locator("a.open").click()
     page.wait_for_selector(f"body[data-loaded='{route['slowestTraceId']}']")
     assert "GET /work 200" in page.inner_text("#summary")
 
@@ -294,16 +309,48 @@ def test_a_file_of_several_traces_lists_them_and_their_routes(page: Any, tmp_pat
     expected = [f"GET {t.annotations_of(1).get('route') or t.request['path']}" for t in by_p95]
     assert routes == expected
     assert "blocked-loop in 1 (high)" in rows.nth(routes.index("GET /slow")).inner_text()
+    assert rows.locator("a.compare").count() == 0  # one trace a route: nothing to compare
     row = rows.nth(routes.index("GET /fastapi/items/{item_id}"))
-    row.locator("a").click()
+    row.locator("a.open").click()
     page.wait_for_selector(f"body[data-loaded='{traces[2].trace_id}']")
     assert "GET /fastapi/items/2 200" in page.inner_text("#summary")
     assert page.inner_text("#summary .route") == "route /fastapi/items/{item_id}"
     page.click("#tabs button[data-view=load]")
-    rows.nth(routes.index("GET /slow")).locator("a").click()  # a path that is its own route
+    rows.nth(routes.index("GET /slow")).locator("a.open").click()  # a path: its own route
     page.wait_for_selector(f"body[data-loaded='{traces[1].trace_id}']")
     assert page.locator("#summary .route").count() == 0
     assert "null" not in page.inner_text("#summary")
+
+
+def test_a_file_of_one_routes_traces_compares_the_slower_with_the_faster(
+    page: Any, tmp_path: Path
+) -> None:
+    from tests.test_compare import QUERY, _traces
+
+    # the same route: two queries, then six (made in a thread of their own: Playwright's
+    # loop runs in this one)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        two, six = pool.submit(_traces, 2, 6).result()
+    path = tmp_path / "two.html"
+    write_viewer(path, [two, six])
+    page.goto(path.as_uri())  # no server: the comparison is in the page
+    page.wait_for_selector("body[data-loaded]")
+    page.click("#tabs button[data-view=load]")
+    page.locator("#routes a.compare", has_text="compare with the faster").click()
+    panel = page.locator("#comparison")
+    text = panel.inner_text()
+    assert text.startswith("GET /orders/{lines}/report: the slower "), text
+    row = panel.locator("table.diff tr", has_text=f"db-query {QUERY}")
+    cells = row.locator("td").all_inner_texts()
+    assert (
+        cells[1].startswith("2 \u00d7 ")
+        and cells[2].startswith("6 \u00d7 ")
+        and cells[3].endswith("(+4)")
+    )
+    assert "findings only in the slower: n-plus-one" in text
+    shoot(page, "compare")
+    panel.locator("a", has_text="open the slower").click()
+    page.wait_for_selector(f"body[data-loaded='{six.trace_id}']")
 
 
 def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:

@@ -180,10 +180,47 @@
       AT.el("td", { class: "n" }, AT.fmt(r.p95Ns)),
       AT.el("td", {}, share(r.heldUpBy)),
       AT.el("td", {}, findings(r.findings)),
-      AT.el("td", {}, AT.el("a", { href: "#", onclick: async (e) => {
+      AT.el("td", {}, AT.el("a", { href: "#", class: "open", onclick: async (e) => {
         e.preventDefault();
         try { await open(r.slowestTraceId); } catch (err) { fail(err); }
-      } }, `open the slowest (${AT.fmt(r.maxNs)})`)))));
+      } }, `open the slowest (${AT.fmt(r.maxNs)})`)),
+      AT.el("td", {}, r.comparison ? AT.el("a", { href: "#", class: "compare", onclick: (e) => {
+        e.preventDefault();
+        showComparison(r.comparison, open);
+      } }, `compare with ${r.comparison.baseline.is === "typical" ? "a typical one" : "the faster"}`) : null))));
+    $("comparison").hidden = true;
+  }
+
+  // A route's slowest trace against its typical one (the store's routes carry it, as
+  // `asgi-asynctrace compare` gives it): where the slower one's extra time went.
+  function showComparison(c, open) {
+    const box = $("comparison"), base = c.baseline.is;
+    const signed = (ns) => (ns > 0 ? "+" : ns < 0 ? "−" : "") + (ns ? AT.fmt(Math.abs(ns)) : "0");
+    const link = (side, text) => AT.el("a", { href: "#", onclick: async (e) => {
+      e.preventDefault();
+      try { await open(side.traceId); } catch (err) { fail(err); }
+    } }, text);
+    const table = (title, rows, cells) => AT.el("table", { class: "diff" },
+      AT.el("tr", {}, ...[title, base, "slower", "difference"].map((h) => AT.el("th", {}, h))),
+      ...rows.map((d) => AT.el("tr", {}, AT.el("td", { class: "what" }, d.what),
+        ...cells(d).map((v) => AT.el("td", { class: "n" }, v)))));
+    const time = (ns) => (ns ? AT.fmt(ns) : "–");
+    const count = (d, i) => (d.count[i] ? `${d.count[i]} × ${time(d.ns[i])}` : "–");
+    const more = (d) => (d.count[1] !== d.count[0] ? ` (${d.count[1] > d.count[0] ? "+" : ""}${d.count[1] - d.count[0]})` : "");
+    const ops = c.operations.slice(0, 12);
+    box.replaceChildren(...[
+      AT.el("h2", {}, `${c.route || "Two traces"}: the slower ${AT.fmt(c.slower.durationNs)} against ${AT.fmt(c.baseline.durationNs)} for the ${base} one (${signed(c.deltaNs)})`),
+      AT.el("p", {}, link(c.slower, `open the slower (${c.slower.request.method || ""} ${c.slower.request.path || ""})`), " · ",
+        link(c.baseline, `open the ${base} one (${c.baseline.request.method || ""} ${c.baseline.request.path || ""})`)),
+      table("what held it up (critical path)", c.heldUpBy, (d) => [time(d.ns[0]), time(d.ns[1]), signed(d.deltaNs)]),
+      ops.length ? table("operations (how many, how long alive)", ops,
+        (d) => [count(d, 0), count(d, 1), signed(d.deltaNs) + more(d)])
+        : AT.el("p", {}, "the same operations, as long in both"),
+      c.operations.length > ops.length ? AT.el("p", { class: "muted" }, `… and ${c.operations.length - ops.length} more that differ`) : null,
+      AT.el("p", {}, `findings only in the slower: ${c.findings.onlySlower.join(", ") || "none"}; only in the ${base} one: ${c.findings.onlyFaster.join(", ") || "none"}`),
+    ].filter((node) => node !== null));
+    box.hidden = false;
+    box.scrollIntoView({ block: "nearest" });
   }
 
   async function loadRoutes(base) {
