@@ -24,7 +24,7 @@ from ._analysis import AnalysisSettings
 from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
-from ._gate import TRACE_REQUESTED, Gate
+from ._gate import TRACE_REQUESTED, TRACE_SAMPLED, Gate
 from ._hooks import LINGER_S, TimedCoroutine, mark_coroutine_function
 from ._model import Trace, TraceLimits
 from ._request import Receive, Scope, Send, TracedRequest
@@ -45,8 +45,32 @@ _now = time.perf_counter_ns
 _TRACEABLE = frozenset(("http", "websocket"))
 _HEADER = b"x-async-trace"
 _random = random.random
+_clock = time.monotonic
 # What __call__ passes on as the header value of a request it sampled: decided once, there.
 _SAMPLED: Any = object()
+
+
+class _Budget:
+    """At most ``rate`` sampled traces a second, up to a second's worth at once (a token
+    bucket, on the loop's thread): what bounds sampling's cost when traffic surges."""
+
+    __slots__ = ("at", "burst", "rate", "tokens")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self.tokens = self.burst
+        self.at = _clock()
+
+    def take(self) -> bool:
+        now = _clock()
+        tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        return False
 
 
 def _scan(headers: Any) -> bytes | None:
@@ -65,6 +89,8 @@ class AsyncTraceMiddleware:
         loopback clients only.
     sample_rate: fraction of requests without the header to trace anyway; their traces go
         to the log and the store, never into response headers.
+    max_sampled_per_s: at most this many sampled traces a second (a second's worth at once);
+        None: no cap. Requests that ask with the header are not counted.
     header_limit: the most bytes of encoded trace put inline in ``X-Async-Trace-Data``.
     store_size: how many recent traces ``{path_prefix}/traces`` keeps (0: no store, no
         endpoint).
@@ -102,6 +128,7 @@ class AsyncTraceMiddleware:
         *,
         secret: str | None = None,
         sample_rate: float = 0.0,
+        max_sampled_per_s: float | None = None,
         header_limit: int = 8192,
         store_size: int = 100,
         store_dir: str | os.PathLike[str] | None = None,
@@ -126,6 +153,11 @@ class AsyncTraceMiddleware:
         self._blocked_ns = 0 if blocked_sample_ms is None else max(1, int(blocked_sample_ms * 1e6))
         if header_limit < 0:
             raise ValueError(f"header_limit must be >= 0, got {header_limit}")
+        if max_sampled_per_s is not None and not 0 < max_sampled_per_s < math.inf:
+            raise ValueError(
+                f"max_sampled_per_s must be > 0 traces a second or None, got {max_sampled_per_s}"
+            )
+        self._budget = None if max_sampled_per_s is None else _Budget(float(max_sampled_per_s))
         if not hooks_linger >= 0:
             raise ValueError(f"hooks_linger must be >= 0 seconds, got {hooks_linger}")
         self.hooks_linger = float(hooks_linger)
@@ -175,7 +207,7 @@ class AsyncTraceMiddleware:
         try:
             value = NotImplemented if _check is None else _check(scope, _HEADER, self._store_path)
             if value is None:  # sampled here, so an unsampled request costs one random()
-                slow = self._sampling and _random() < self._sample_rate
+                slow = self._sampling and _random() < self._sample_rate and self._within_budget()
                 if slow:
                     value = _SAMPLED
             elif value is True:
@@ -207,9 +239,13 @@ class AsyncTraceMiddleware:
             self._store_path != "" and (scope.get("path") or "").startswith(self._store_path)
         ):
             return value, True
-        if self._sampling and _random() < self._sample_rate:
+        if self._sampling and _random() < self._sample_rate and self._within_budget():
             return _SAMPLED, True
         return None, False
+
+    def _within_budget(self) -> bool:
+        """A request sampled: may it be traced under ``max_sampled_per_s``?"""
+        return self._budget is None or self._budget.take()
 
     async def _slow_path(
         self, scope: Scope, receive: Receive, send: Send, value: bytes | None
@@ -230,6 +266,8 @@ class AsyncTraceMiddleware:
             if await serve_store(self.store, self.path_prefix, scope, send, self.analysis):
                 return None
             decision = self.gate.decide(scope, value)
+        if decision == TRACE_SAMPLED and not self._within_budget():
+            decision = None
         if decision is None or ACTIVE.get() is not None:
             # Not traced, or already inside a traced request (a second AsyncTraceMiddleware
             # further in, or an app called in-process by a traced one): the outer trace

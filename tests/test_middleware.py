@@ -246,6 +246,43 @@ def test_sample_rate_traces_that_fraction_of_requests(
     assert {t.annotations_of(1)["traced"] for t in traces} == {"sampled"}
 
 
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_max_sampled_per_s_caps_sampled_traces_not_requested_ones(
+    accelerated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_asynctrace import _middleware
+
+    if not accelerated:
+        monkeypatch.setattr(_middleware, "_check", None)  # the pure-Python scan
+    elif _middleware._check is None:
+        pytest.skip("built without the C accelerator")
+    now = [1000.0]
+    monkeypatch.setattr(_middleware, "_clock", lambda: now[0])  # the budget's clock only
+    traces: list[Trace] = []
+    app = traced_app(sample_rate=1.0, max_sampled_per_s=4, sinks=[lambda t, d: traces.append(t)])
+
+    async def burst(c: httpx.AsyncClient) -> None:
+        for _ in range(30):
+            assert (await c.get("/hello")).status_code == 200  # every request answered
+
+    def traced(kind: str) -> int:
+        return sum(t.annotations_of(1)["traced"] == kind for t in traces)
+
+    call(app, burst, host="203.0.113.9")
+    assert traced("sampled") == 4  # a second's worth at once, then none
+    now[0] += 0.5
+    call(app, burst, host="203.0.113.9")
+    assert traced("sampled") == 6  # half a second later: two more
+    # a request that asks is traced whatever the budget, and takes nothing from it
+    call(app, lambda c: _get(c, "/hello", ON))
+    assert traced("requested") == 1
+    now[0] += 0.25
+    call(app, burst, host="203.0.113.9")
+    assert traced("sampled") == 7
+    with pytest.raises(ValueError, match="max_sampled_per_s must be > 0"):
+        AsyncTraceMiddleware(app, max_sampled_per_s=0)
+
+
 def test_a_trace_too_big_for_the_header_says_where_to_fetch_it() -> None:
     app = traced_app(header_limit=200)
     r = call(app, lambda c: _get(c, "/big", ON))
