@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -204,16 +205,17 @@ def _diagnose_command(args: argparse.Namespace) -> int:
 
 
 def _trace_command(args: argparse.Namespace) -> int:
-    """Send one request that asks to be traced, fetch its whole trace from the app's store,
-    and print where its time went."""
-    import time
+    """Send a request that asks to be traced (``-n``: that many, one after another), fetch
+    each whole trace from the app's store, and print where the time went: one request's
+    summary, or, for several, their figures and the slowest set against a typical one."""
     from urllib.parse import urlsplit
 
     import httpx
 
     from ._load import load_trace
 
-    ask = {"X-Async-Trace": args.secret or "1"}
+    if args.repeat < 1:
+        raise TraceFormatError(f"-n wants 1 or more requests, got {args.repeat}")
     headers = []
     for line in args.header:
         name, colon, value = line.partition(":")
@@ -231,57 +233,107 @@ def _trace_command(args: argparse.Namespace) -> int:
             body = Path(args.data[1:]).read_bytes()
         else:
             body = args.data.encode()
+    viewer = f"{url.scheme}://{url.netloc}{args.prefix}/"
+    got: list[tuple[bytes, bool]] = []  # each trace's JSON, and whether the store had it
+    statuses: Counter[int] = Counter()
     with httpx.Client(timeout=args.timeout, verify=not args.insecure) as client:
-        try:
-            sent = client.request(
-                args.method, args.url, content=body, headers=[*headers, *ask.items()]
-            )
-        except httpx.HTTPError as exc:
-            raise OSError(f"{args.method} {args.url}: {exc}") from None
+        for _ in range(args.repeat):
+            got.append(_traced_request(client, args, viewer, headers, body, statuses))
+    if len(got) == 1:
+        data, stored = got[0]
+        trace = load_trace(orjson.loads(data))
+        if stored:
+            print(f"in the viewer: {viewer}?id={trace.trace_id}", file=sys.stderr)
+        if args.output is not None:
+            args.output.write_bytes(data)
+            print(f"wrote {args.output}", file=sys.stderr)
+        analysis = analyze(trace, _settings(args))
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
+        else:
+            sys.stdout.write(format_summary(analysis))
+        return 0
+    return _several(args, got, statuses, viewer)
+
+
+def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
+                    headers: list[tuple[str, str]], body: bytes | None,
+                    statuses: Counter[int]) -> tuple[bytes, bool]:  # fmt: skip
+    """One request sent traced: its trace's JSON (from the store, else from the response
+    header) and whether the store had it."""
+    import time
+
+    import httpx
+
+    ask = {"X-Async-Trace": args.secret or "1"}
+    try:
+        sent = client.request(args.method, args.url, content=body, headers=[*headers, *ask.items()])
+    except httpx.HTTPError as exc:
+        raise OSError(f"{args.method} {args.url}: {exc}") from None
+    statuses[sent.status_code] += 1
+    if args.repeat == 1:
         print(f"{args.method} {args.url} -> {sent.status_code} "
               f"in {sent.elapsed.total_seconds() * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
-        trace_id = sent.headers.get("x-async-trace-id")
-        if not trace_id:
-            raise TraceFormatError(
-                "the response has no X-Async-Trace-Id: is AsyncTraceMiddleware on this app, and "
-                "may this client trace (from loopback, or with the app's --secret)?"
-            )
-        store = f"{url.scheme}://{url.netloc}{args.prefix}/traces/{trace_id}"
-        data = None
-        deadline = time.monotonic() + 3  # stored once the response has gone out
-        while True:
-            # the same client, so the request's keep-alive connection: under several worker
-            # processes the worker that served the request, and holds its trace, answers
-            got = client.get(store, headers=ask)
-            if got.status_code == 200:
-                data = got.content
-                break
-            if time.monotonic() > deadline or got.status_code != 404:
-                break
-            time.sleep(0.05)
-    if data is None:
-        inline = sent.headers.get("x-async-trace-data", "")
-        if not inline.startswith("z1:"):
-            raise TraceFormatError(
-                f"trace {trace_id} is not in the store at {store} ({got.status_code}) and the "
-                "response carried none inline"
-            )
-        print(f"not in the store at {store} ({got.status_code}: {got.text[:300]}): the trace "
-              "from the response header, which ends where the response started",
+    trace_id = sent.headers.get("x-async-trace-id")
+    if not trace_id:
+        raise TraceFormatError(
+            "the response has no X-Async-Trace-Id: is AsyncTraceMiddleware on this app, and "
+            "may this client trace (from loopback, or with the app's --secret)?"
+        )
+    store = f"{viewer}traces/{trace_id}"
+    deadline = time.monotonic() + 3  # stored once the response has gone out
+    while True:
+        # the same client, so the request's keep-alive connection: under several worker
+        # processes the worker that served the request, and holds its trace, answers
+        got = client.get(store, headers=ask)
+        if got.status_code == 200:
+            return got.content, True
+        if time.monotonic() > deadline or got.status_code != 404:
+            break
+        time.sleep(0.05)
+    inline = sent.headers.get("x-async-trace-data", "")
+    if not inline.startswith("z1:"):
+        raise TraceFormatError(
+            f"trace {trace_id} is not in the store at {store} ({got.status_code}) and the "
+            "response carried none inline"
+        )
+    print(f"not in the store at {store} ({got.status_code}: {got.text[:300]}): the trace "
+          "from the response header, which ends where the response started",
+          file=sys.stderr)  # fmt: skip
+    return orjson.dumps(decode_trace_header(inline)), False
+
+
+def _several(args: argparse.Namespace, got: list[tuple[bytes, bool]], statuses: Counter[int],
+             viewer: str) -> int:  # fmt: skip
+    """``trace -n N``: the requests' figures, as ``routes`` gives them, and the slowest set
+    against a typical one, as ``compare`` does."""
+    from ._compare import typical_and_slowest
+    from ._load import load_trace
+    from ._report import format_comparison, format_routes
+    from ._routes import by_route, route_input
+
+    answers = ", ".join(f"{n} x {code}" for code, n in sorted(statuses.items()))
+    print(f"{args.method} {args.url}: {len(got)} requests, answered {answers}", file=sys.stderr)
+    traces = [load_trace(orjson.loads(data)) for data, _ in got]
+    if args.output is not None:  # JSON lines, as extract writes: every command reads them
+        args.output.write_bytes(b"".join(data + b"\n" for data, _ in got))
+        print(f"wrote {len(got)} traces to {args.output}", file=sys.stderr)
+    settings = _settings(args)
+    inputs = [route_input(t, analyze(t, settings)) for t in traces]
+    routes = by_route(inputs)
+    comparison = typical_and_slowest(inputs)
+    slowest = max(range(len(traces)), key=lambda i: traces[i].duration_ns)
+    if got[slowest][1]:
+        print(f"the slowest in the viewer: {viewer}?id={traces[slowest].trace_id}",
               file=sys.stderr)  # fmt: skip
-        data = orjson.dumps(decode_trace_header(inline))
-    else:
-        print(f"in the viewer: {url.scheme}://{url.netloc}{args.prefix}/?id={trace_id}",
-              file=sys.stderr)  # fmt: skip
-    trace = load_trace(orjson.loads(data))
-    if args.output is not None:
-        args.output.write_bytes(data)
-        print(f"wrote {args.output}", file=sys.stderr)
-    analysis = analyze(trace, _settings(args))
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
-    else:
-        sys.stdout.write(format_summary(analysis))
+        doc = {"routes": [r.to_dict() for r in routes],
+               "comparison": comparison.to_dict() if comparison else None}  # fmt: skip
+        sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
+        return 0
+    sys.stdout.write(format_routes(routes))
+    if comparison is not None:
+        sys.stdout.write("\n" + format_comparison(comparison))
     return 0
 
 
@@ -368,14 +420,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _trace_command,
         "send one request traced, and say where its time went",
         "Examples:\n  asgi-asynctrace trace http://127.0.0.1:8000/slow\n"
+        "  asgi-asynctrace trace -n 20 http://127.0.0.1:8000/items   # sometimes slow: why?\n"
         "  asgi-asynctrace trace -X POST -H 'Content-Type: application/json' -d '{\"n\": 3}' \\\n"
         "      http://127.0.0.1:8000/orders -o trace.json\n\n"
         "Sends the request with X-Async-Trace (your --secret, if the app has one), reads the\n"
         "trace id from the response, fetches the whole trace from the app's store and prints\n"
-        "the summary (with --json, the analysis). Exit status 2 when no trace came back.",
+        "the summary (with --json, the analysis). With -n N, sends it N times and prints\n"
+        "their durations (median, 95th percentile, longest), what held them up, and the\n"
+        "slowest set against a typical one, as compare does; -o then writes JSON lines.\n"
+        "Exit status 2 when no trace came back.",
         traces=False,
     )
     tr.add_argument("url")
+    tr.add_argument("-n", "--repeat", type=int, default=1, metavar="N",
+                    help="send it N times, one after another: their figures, and the slowest "
+                         "against a typical one")  # fmt: skip
     tr.add_argument("-X", "--method", default="GET")
     tr.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
     tr.add_argument("-d", "--data", help="the request body (@file: a file's, @-: stdin's)")

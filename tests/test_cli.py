@@ -140,6 +140,28 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         assert main(["trace", "-X", "POST", "-d", f"@{body}", "-o", str(saved), f"{base}/"]) == 0
         assert "-> 405 in " in capsys.readouterr().err  # (the index reads no body: GET only)
         assert load_trace(saved.read_bytes()).request["method"] == "POST"
+        # -n: the same request several times, their figures and the slowest against a
+        # typical one; -o writes them all, as JSON lines
+        several = tmp_path / "items.jsonl"
+        assert main(["trace", "-n", "5", f"{base}/items", "-o", str(several)]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("5 trace(s), 1 route(s), the slowest (95th percentile) first\n")
+        assert "\nGET /items  (5 traces)\n" in out and "what held it up (critical path)" in out
+        traces = [load_trace(line) for line in several.read_bytes().splitlines()]
+        assert len(traces) == 5 and {t.request["path"] for t in traces} == {"/items"}
+        slowest = max(traces, key=lambda t: t.duration_ns)
+        assert (
+            f"\nGET /items: {slowest.duration_ns / 1e6:.1f} ms (trace {slowest.trace_id[:12]})"
+            in out
+        )
+        assert f"GET {base}/items: 5 requests, answered 5 x 200" in err
+        assert f"the slowest in the viewer: {base}/__asynctrace/?id={slowest.trace_id}" in err
+        assert main(["trace", "-n", "3", "--json", f"{base}/items"]) == 0
+        doc = orjson.loads(capsys.readouterr().out)
+        assert doc["routes"][0]["traces"] == 3
+        assert doc["comparison"]["slower"]["traceId"] == doc["routes"][0]["slowestTraceId"]
+        assert main(["trace", "-n", "0", f"{base}/items"]) == 2
+        assert "-n wants 1 or more requests, got 0" in capsys.readouterr().err
         assert main(["trace", "-d", f"@{tmp_path / 'none'}", f"{base}/"]) == 2
         assert "No such file" in capsys.readouterr().err
 
