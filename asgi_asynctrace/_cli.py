@@ -66,7 +66,7 @@ def _progress_bar(name: str, done: int, size: int, traces: int) -> None:
 
 def _traces(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
     """(where, trace) for each trace in the command's files that its selection keeps."""
-    read = (pair for name in args.traces for pair in read_traces(name))
+    read = (pair for name in args.traces for pair in read_traces(name, args.secret))
     return Selection.from_args(args).apply(read)
 
 
@@ -375,7 +375,10 @@ def _command(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     if traces:
-        parser.add_argument("traces", nargs="+", metavar="TRACE", help="file (plain or gzip) or -")
+        where = "file (plain or gzip), -, or an app's address (its store)"
+        parser.add_argument("traces", nargs="+", metavar="TRACE", help=where)
+        parser.add_argument("--secret", help="the app's secret, to read its store (default: 1, "
+                                             "as from loopback)")  # fmt: skip
         add_selection(parser)
     parser.set_defaults(run=run)
     return parser

@@ -3,6 +3,7 @@ JSON lines; plain, gzip or stdin; streamed, so a multi-GB log runs in constant m
 
     for source, line, item in extract(["server.log.gz"]): ...   # item: JSON bytes or an error
     for where, trace in read_traces("traces.jsonl"): ...
+    for where, trace in read_traces("http://127.0.0.1:8000"): ...   # a running app's store
 
 Exports: extract, read_traces, LOG_MARKER.
 """
@@ -74,11 +75,16 @@ def extract(
                 stream.close()
 
 
-def read_traces(name: str) -> Iterator[tuple[str, Trace]]:
-    """Every trace in a file: one JSON trace, JSON lines (``extract``'s output), or a log.
+def read_traces(name: str, secret: str | None = None) -> Iterator[tuple[str, Trace]]:
+    """Every trace in a file: one JSON trace, JSON lines (``extract``'s output), or a log; or
+    in a running app's trace store, given its address (``http://127.0.0.1:8000``, the app,
+    or ``…/__asynctrace``, the store; ``secret``: the app's, where it has one).
 
     Yields (where, trace); raises TraceFormatError naming the file and line of a bad one.
     """
+    if name.startswith(("http://", "https://")):
+        yield from _from_store(name, secret)
+        return
     stream = _open(name)
     try:
         data = stream.read()
@@ -110,6 +116,50 @@ def read_traces(name: str) -> Iterator[tuple[str, Trace]]:
         yield f"{name}:{number}", trace
     if not found:
         raise TraceFormatError(f"{name}: no trace found (expected trace JSON, JSON lines or a log)")
+
+
+def _from_store(url: str, secret: str | None) -> Iterator[tuple[str, Trace]]:
+    """The traces a running app's store holds, newest first (each fetched as the store
+    serves it; one that left the store meanwhile is passed over)."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    parts = urlsplit(url)
+    base = url.rstrip("/")
+    if parts.path in ("", "/"):  # the app's own address: its store at the default prefix
+        base += "/__asynctrace"
+    headers = {"X-Async-Trace": secret or "1", "Accept": "application/json"}
+    with httpx.Client(timeout=60) as client:
+        try:
+            listed = client.get(f"{base}/traces", headers=headers)
+        except httpx.HTTPError as exc:
+            raise OSError(f"{base}/traces: {exc}") from None
+        if listed.status_code != 200 or not listed.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            raise TraceFormatError(
+                f"{base}/traces answered {listed.status_code}, not a list of traces: is "
+                "AsyncTraceMiddleware's store on (store_size > 0) at that path_prefix, and may "
+                "this client read it (from loopback, or with the app's --secret)?"
+            )
+        ids = [t.get("traceId") for t in orjson.loads(listed.content).get("traces", [])]
+        if not ids:
+            raise TraceFormatError(f"{base}: the store holds no trace yet")
+        for trace_id in ids:
+            where = f"{base}/traces/{trace_id}"
+            try:
+                got = client.get(where, headers=headers)
+            except httpx.HTTPError as exc:
+                raise OSError(f"{where}: {exc}") from None
+            if got.status_code == 404:
+                continue  # it left the store after the list was made
+            if got.status_code != 200:
+                raise TraceFormatError(f"{where} answered {got.status_code}: {got.text[:200]}")
+            try:
+                yield where, load_trace(orjson.loads(got.content))
+            except (orjson.JSONDecodeError, TraceFormatError) as exc:
+                raise TraceFormatError(f"{where}: {exc}") from None
 
 
 def _size(name: str) -> int:
