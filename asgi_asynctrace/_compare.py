@@ -16,9 +16,9 @@ Difference, compare, compare_inputs, choose_pair, typical_and_slowest.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ._analysis import Analysis
 from ._load import TraceFormatError
@@ -135,33 +135,41 @@ def compare_inputs(faster: RouteInput, slower: RouteInput, baseline: str = "fast
     )  # fmt: skip
 
 
+T = TypeVar("T")
+
+
+def _pair(items: Sequence[T], duration: Callable[[T], int]) -> tuple[T, T, str]:
+    """(faster, slower, what the faster is) of two or more: two as they are; more, the
+    slowest against the median (the typical one; of an even count, the lower of the middle
+    two)."""
+    ordered = sorted(items, key=duration)
+    if len(ordered) == 2:
+        return ordered[0], ordered[1], "faster"
+    return ordered[(len(ordered) - 1) // 2], ordered[-1], "typical"
+
+
 def typical_and_slowest(inputs: Sequence[RouteInput]) -> Comparison | None:
     """A route's slowest trace against its typical one (as ``choose_pair`` takes them), from
     what ``routes`` keeps of each; None for fewer than two."""
     if len(inputs) < 2:
         return None
-    ordered = sorted(inputs, key=lambda i: i[0].duration)
-    baseline = "faster" if len(ordered) == 2 else "typical"
-    return compare_inputs(ordered[(len(ordered) - 1) // 2], ordered[-1], baseline)
+    return compare_inputs(*_pair(inputs, lambda i: i[0].duration))
 
 
 def choose_pair(traces: Sequence[Trace]) -> tuple[Trace, Trace, str]:
     """(faster, slower, what the faster is): two traces as they are; more, of one route, its
-    slowest against its median (the typical request of that route; of an even count, the
-    lower of the middle two). A TraceFormatError says what to narrow when that cannot be done."""
+    slowest against its median. A TraceFormatError says what to narrow when that cannot be
+    done."""
     if len(traces) < 2:
         raise TraceFormatError(
             f"compare needs two traces, or several of one route; got {len(traces)}"
         )
-    ordered = sorted(traces, key=lambda t: t.duration_ns)
-    if len(traces) == 2:
-        return ordered[0], ordered[1], "faster"
     routes = Counter(route_key(t.request, t.annotations_of(t.root.async_id)) for t in traces)
-    if len(routes) > 1:
+    if len(traces) > 2 and len(routes) > 1:
         named = ", ".join(f"{m} {r} ({n})" for (m, r), n in routes.most_common(5))
         more = ", …" if len(routes) > 5 else ""
         raise TraceFormatError(
             f"{len(traces)} traces of {len(routes)} routes ({named}{more}): "
             "narrow them to one route with --route, or to two traces with --id"
         )
-    return ordered[(len(ordered) - 1) // 2], ordered[-1], "typical"
+    return _pair(traces, lambda t: t.duration_ns)
