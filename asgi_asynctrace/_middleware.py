@@ -245,7 +245,13 @@ class AsyncTraceMiddleware:
 
     def _within_budget(self) -> bool:
         """A request sampled: may it be traced under ``max_sampled_per_s``?"""
-        return self._budget is None or self._budget.take()
+        if self._budget is None:
+            return True
+        try:
+            return self._budget.take()
+        except Exception as exc:  # never the app's problem: that request goes untraced
+            report("sample-budget", exc)
+            return False
 
     async def _slow_path(
         self, scope: Scope, receive: Receive, send: Send, value: bytes | None
