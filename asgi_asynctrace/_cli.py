@@ -384,6 +384,14 @@ def _command(
     return parser
 
 
+def _analysed_output(parser: argparse.ArgumentParser, json_help: str) -> None:
+    """The options of a command that prints an analysis: --json, and the blocked-loop bar."""
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument(
+        "--blocked-ms", type=float, default=20.0, help="a loop step this long blocks"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="asgi-asynctrace",
@@ -415,8 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  asgi-asynctrace extract server.log | asgi-asynctrace summary -\n\n"
         "TRACE is a trace's JSON, JSON lines from `extract`, or a log holding trace lines.",
     )
-    su.add_argument("--json", action="store_true", help="the analysis as JSON, one per trace")
-    su.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    _analysed_output(su, "the analysis as JSON, one per trace")
     tr = _command(
         commands,
         "trace",
@@ -444,8 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
     tr.add_argument("--prefix", default="/__asynctrace", help="the app's path_prefix")
     tr.add_argument("-o", "--output", type=Path, help="also save the trace's JSON here")
-    tr.add_argument("--json", action="store_true", help="the analysis as JSON")
-    tr.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    _analysed_output(tr, "the analysis as JSON")
     tr.add_argument("--timeout", type=float, default=60.0, help="seconds for each HTTP call")
     tr.add_argument("-k", "--insecure", action="store_true", help="do not verify TLS")
     di = _command(
@@ -457,8 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Exit status 1 when a finding at or above --fail-on is found.",
     )
     di.add_argument("--fail-on", choices=SEVERITIES, help="exit 1 on findings this severe")
-    di.add_argument("--json", action="store_true", help="one JSON object per trace")
-    di.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    _analysed_output(di, "one JSON object per trace")
     ro = _command(
         commands,
         "routes",
@@ -473,8 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "what the request waited on: the operation, not the task that carried it; its own\n"
         "code; the rest), the findings and in how many traces, and the slowest trace's id.",
     )
-    ro.add_argument("--json", action="store_true", help="one JSON object per route")
-    ro.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    _analysed_output(ro, "one JSON object per route")
     cm = _command(
         commands,
         "compare",
@@ -489,8 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "them up, the operations by what they were (how many, how long), the largest\n"
         "differences first, and the findings only one of them has.",
     )
-    cm.add_argument("--json", action="store_true", help="the comparison as JSON")
-    cm.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    _analysed_output(cm, "the comparison as JSON")
     co = _command(
         commands,
         "convert",

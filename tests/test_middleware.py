@@ -223,16 +223,19 @@ def test_sampled_requests_are_traced_without_any_response_header() -> None:
     assert len(traces) == 1 and traces[0].annotations_of(1)["traced"] == "sampled"
 
 
-@pytest.mark.parametrize("accelerated", [True, False])
-def test_sample_rate_traces_that_fraction_of_requests(
-    accelerated: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(params=["C scan", "Python scan"])
+def either_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The untraced path's header scan in C, then in Python (as where there is no compiler)."""
     from asgi_asynctrace import _middleware
 
-    if not accelerated:
-        monkeypatch.setattr(_middleware, "_check", None)  # the pure-Python scan
+    if request.param == "Python scan":
+        monkeypatch.setattr(_middleware, "_check", None)
     elif _middleware._check is None:
         pytest.skip("built without the C accelerator")
+
+
+@pytest.mark.usefixtures("either_scan")
+def test_sample_rate_traces_that_fraction_of_requests() -> None:
     traces: list[Trace] = []
     app = traced_app(sample_rate=0.25, sinks=[lambda t, d: traces.append(t)])
 
@@ -246,16 +249,12 @@ def test_sample_rate_traces_that_fraction_of_requests(
     assert {t.annotations_of(1)["traced"] for t in traces} == {"sampled"}
 
 
-@pytest.mark.parametrize("accelerated", [True, False])
+@pytest.mark.usefixtures("either_scan")
 def test_max_sampled_per_s_caps_sampled_traces_not_requested_ones(
-    accelerated: bool, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from asgi_asynctrace import _middleware
 
-    if not accelerated:
-        monkeypatch.setattr(_middleware, "_check", None)  # the pure-Python scan
-    elif _middleware._check is None:
-        pytest.skip("built without the C accelerator")
     now = [1000.0]
     monkeypatch.setattr(_middleware, "_clock", lambda: now[0])  # the budget's clock only
     traces: list[Trace] = []
