@@ -7,6 +7,7 @@
     asgi-asynctrace diagnose traces.jsonl --fail-on medium     # for CI: exit 1 on a finding
     asgi-asynctrace routes server.log              # many traces: the slow routes, what held them
     asgi-asynctrace compare server.log --route 'GET /items'   # its slowest against a typical one
+    asgi-asynctrace watch http://127.0.0.1:8000    # each new trace of a running app, a line each
     asgi-asynctrace view trace.json                # the viewer, as one HTML file
     asgi-asynctrace decode-header 'z1:eJzt…'
 
@@ -28,7 +29,7 @@ import orjson
 from ._analysis import SEVERITIES, AnalysisSettings, analyze
 from ._load import TraceFormatError
 from ._logs import extract, read_traces
-from ._report import format_ns, format_summary
+from ._report import format_ns, format_summary, format_watch_line
 from ._select import Selection, add_selection
 from ._sinks import decode_trace_header
 
@@ -174,6 +175,47 @@ def _compare_command(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(result.to_dict()) + b"\n")
     else:
         sys.stdout.write(format_comparison(result))
+    return 0
+
+
+def _watch_command(args: argparse.Namespace) -> int:
+    """Each trace a running app stores from now on, as one line: when, the request, how long,
+    what held it up, its worst finding, its id. Until interrupted, or --count traces."""
+    import time
+
+    from ._logs import StoreReader
+    from ._routes import held_up_by, own_steps
+
+    if args.interval <= 0:
+        raise TraceFormatError(f"--interval wants seconds > 0, got {args.interval:g}")
+    selection = Selection.from_args(args)
+    settings = _settings(args)
+    shown = 0
+    with StoreReader(args.app, args.secret) as store:
+        seen = set(store.ids())  # what was there before: not news
+        print(f"watching {store.base} (every {args.interval:g} s; Ctrl-C to stop)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            while args.count is None or shown < args.count:
+                time.sleep(args.interval)
+                ids = store.ids()
+                for trace_id in reversed(ids):  # the oldest news first
+                    if trace_id in seen:
+                        continue
+                    seen.add(trace_id)
+                    found = store.trace(trace_id)
+                    if found is None or not selection.keeps(found[1]):
+                        continue
+                    trace = found[1]
+                    analysis = analyze(trace, settings)
+                    held = held_up_by(analysis, own_steps(trace))
+                    print(format_watch_line(trace, analysis, held), flush=True)
+                    shown += 1
+                    if args.count is not None and shown >= args.count:
+                        break
+                seen.intersection_update(ids)  # what left the store need not be remembered
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -479,6 +521,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "code; the rest), the findings and in how many traces, and the slowest trace's id.",
     )
     _analysed_output(ro, "one JSON object per route")
+    wa = _command(
+        commands,
+        "watch",
+        _watch_command,
+        "each trace a running app stores from now on, one line each",
+        "Examples:\n  asgi-asynctrace watch http://127.0.0.1:8000\n"
+        "  asgi-asynctrace watch http://127.0.0.1:8000 --min-ms 100   # only the slow ones\n\n"
+        "Asks the app's store for new traces every --interval seconds and prints each as one\n"
+        "line: when it started, the request, its duration, what held it up, its worst\n"
+        "finding and its id (to open with summary, compare or the viewer's ?id=).",
+        traces=False,
+    )
+    wa.add_argument("app", help="the app's address (or its store's, for another path_prefix)")
+    wa.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
+    wa.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    wa.add_argument("--count", type=int, help="stop after this many traces")
+    wa.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
+    add_selection(wa)
     cm = _command(
         commands,
         "compare",

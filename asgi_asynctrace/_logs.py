@@ -5,7 +5,7 @@ JSON lines; plain, gzip or stdin; streamed, so a multi-GB log runs in constant m
     for where, trace in read_traces("traces.jsonl"): ...
     for where, trace in read_traces("http://127.0.0.1:8000"): ...   # a running app's store
 
-Exports: extract, read_traces, LOG_MARKER.
+Exports: extract, read_traces, StoreReader, LOG_MARKER.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import gzip
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -22,7 +22,7 @@ from ._load import TraceFormatError, load_trace
 from ._model import Trace
 from ._sinks import LOG_PREFIX
 
-__all__ = ["LOG_MARKER", "extract", "read_traces"]
+__all__ = ["LOG_MARKER", "StoreReader", "extract", "read_traces"]
 
 LOG_MARKER = LOG_PREFIX.encode()
 _PREFIX = LOG_MARKER
@@ -118,48 +118,74 @@ def read_traces(name: str, secret: str | None = None) -> Iterator[tuple[str, Tra
         raise TraceFormatError(f"{name}: no trace found (expected trace JSON, JSON lines or a log)")
 
 
-def _from_store(url: str, secret: str | None) -> Iterator[tuple[str, Trace]]:
-    """The traces a running app's store holds, newest first (each fetched as the store
-    serves it; one that left the store meanwhile is passed over)."""
-    from urllib.parse import urlsplit
+class StoreReader:
+    """A running app's trace store over HTTP: ``url`` is the app's address (its store at the
+    default ``/__asynctrace``) or the store's own; ``secret`` the app's, where it has one."""
 
-    import httpx
+    def __init__(self, url: str, secret: str | None = None) -> None:
+        from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    base = url.rstrip("/")
-    if parts.path in ("", "/"):  # the app's own address: its store at the default prefix
-        base += "/__asynctrace"
-    headers = {"X-Async-Trace": secret or "1", "Accept": "application/json"}
-    with httpx.Client(timeout=60) as client:
+        import httpx
+
+        base = url.rstrip("/")
+        if urlsplit(url).path in ("", "/"):  # the app's own address: the default prefix
+            base += "/__asynctrace"
+        self.base = base
+        self._headers = {"X-Async-Trace": secret or "1", "Accept": "application/json"}
+        self._client = httpx.Client(timeout=60)
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def _get(self, url: str) -> Any:
+        import httpx
+
         try:
-            listed = client.get(f"{base}/traces", headers=headers)
+            return self._client.get(url, headers=self._headers)
         except httpx.HTTPError as exc:
-            raise OSError(f"{base}/traces: {exc}") from None
+            raise OSError(f"{url}: {exc}") from None
+
+    def ids(self) -> list[str]:
+        """The stored traces' ids, newest first."""
+        listed = self._get(f"{self.base}/traces")
         if listed.status_code != 200 or not listed.headers.get("content-type", "").startswith(
             "application/json"
         ):
             raise TraceFormatError(
-                f"{base}/traces answered {listed.status_code}, not a list of traces: is "
+                f"{self.base}/traces answered {listed.status_code}, not a list of traces: is "
                 "AsyncTraceMiddleware's store on (store_size > 0) at that path_prefix, and may "
                 "this client read it (from loopback, or with the app's --secret)?"
             )
-        ids = [t.get("traceId") for t in orjson.loads(listed.content).get("traces", [])]
+        return [str(t.get("traceId")) for t in orjson.loads(listed.content).get("traces", [])]
+
+    def trace(self, trace_id: str) -> tuple[str, Trace] | None:
+        """(where, the trace); None when it has left the store."""
+        where = f"{self.base}/traces/{trace_id}"
+        got = self._get(where)
+        if got.status_code == 404:
+            return None
+        if got.status_code != 200:
+            raise TraceFormatError(f"{where} answered {got.status_code}: {got.text[:200]}")
+        try:
+            return where, load_trace(orjson.loads(got.content))
+        except (orjson.JSONDecodeError, TraceFormatError) as exc:
+            raise TraceFormatError(f"{where}: {exc}") from None
+
+
+def _from_store(url: str, secret: str | None) -> Iterator[tuple[str, Trace]]:
+    """The traces a running app's store holds, newest first (one that left the store after
+    the list was made is passed over)."""
+    with StoreReader(url, secret) as store:
+        ids = store.ids()
         if not ids:
-            raise TraceFormatError(f"{base}: the store holds no trace yet")
+            raise TraceFormatError(f"{store.base}: the store holds no trace yet")
         for trace_id in ids:
-            where = f"{base}/traces/{trace_id}"
-            try:
-                got = client.get(where, headers=headers)
-            except httpx.HTTPError as exc:
-                raise OSError(f"{where}: {exc}") from None
-            if got.status_code == 404:
-                continue  # it left the store after the list was made
-            if got.status_code != 200:
-                raise TraceFormatError(f"{where} answered {got.status_code}: {got.text[:200]}")
-            try:
-                yield where, load_trace(orjson.loads(got.content))
-            except (orjson.JSONDecodeError, TraceFormatError) as exc:
-                raise TraceFormatError(f"{where}: {exc}") from None
+            found = store.trace(trace_id)
+            if found is not None:
+                yield found
 
 
 def _size(name: str) -> int:

@@ -2,7 +2,8 @@
 
     print(format_summary(analyze(trace)))
 
-Exports: format_summary, format_routes, format_comparison, format_ns, path_runs, PathRun.
+Exports: format_summary, format_routes, format_comparison, format_watch_line, format_ns,
+path_runs, PathRun.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 from ._analysis import Analysis, PathStep
 from ._compare import Comparison, Difference
-from ._findings import format_duration
+from ._findings import SEVERITIES, format_duration
+from ._model import Trace
 from ._routes import RouteStats
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "format_ns",
     "format_routes",
     "format_summary",
+    "format_watch_line",
     "path_runs",
 ]
 
@@ -226,3 +229,17 @@ def _cell(d: Difference, side: int) -> str:
 def _more(d: Difference) -> str:
     more = d.count[1] - d.count[0]
     return f"  ({more:+d})" if more else ""
+
+
+def format_watch_line(trace: Trace, a: Analysis, held: Counter[str]) -> str:
+    """One trace as ``watch`` prints it: when it started (local time), the request, its
+    duration, what held it up (the two largest shares), its worst finding, its id."""
+    import time
+
+    when = (time.strftime("%H:%M:%S", time.localtime(trace.started_at_unix_ns / 1e9))
+            if trace.started_at_unix_ns else "--:--:--")  # fmt: skip
+    worst = max(a.findings, key=lambda f: SEVERITIES.index(f.severity), default=None)
+    shares = ", ".join(_shares(held).split(", ")[:2])
+    found = f"  [{worst.severity}] {worst.kind}" if worst is not None else ""
+    return (f"{when}  {_fit(_head(a), 40):<40} {format_ns(a.duration):>9}  "
+            f"{_fit(shares, 34):<34}{found}  {a.trace_id[:12]}")  # fmt: skip

@@ -325,6 +325,53 @@ def test_commands_read_a_running_apps_store(capsys: pytest.CaptureFixture[str]) 
     assert f"error: {gone}/__asynctrace/traces: " in capsys.readouterr().err
 
 
+def test_watch_prints_each_new_trace_of_a_running_app(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from asgi_asynctrace import _logs
+    from tests.servers import serving
+
+    looked = threading.Event()  # the watcher has taken its first look: what is older is old
+    first_look = _logs.StoreReader.ids
+
+    def ids(self: _logs.StoreReader) -> list[str]:
+        got = first_look(self)
+        looked.set()
+        return got
+
+    monkeypatch.setattr(_logs.StoreReader, "ids", ids)
+    app = AsyncTraceMiddleware(Starlette(routes=[
+        Route("/orders/{order_id:int}/report", _report),
+        Route("/health", _order_free),
+    ]), log_traces=False)  # fmt: skip
+    with serving(app) as base:
+        on = {"X-Async-Trace": "1"}
+        old = httpx.get(base + "/orders/1/report", headers=on).headers["x-async-trace-id"]
+        codes: list[int] = []
+        watch = ["watch", base, "--interval", "0.05", "--count", "2",
+                 "--route", "/orders/{order_id}/report"]  # fmt: skip
+        watcher = threading.Thread(target=lambda: codes.append(main_cli(watch)))
+        watcher.start()
+        assert looked.wait(10)
+        new = [httpx.get(base + path, headers=on).headers["x-async-trace-id"]
+               for path in ("/health", "/orders/2/report", "/orders/3/report")]  # fmt: skip
+        watcher.join(20)
+        assert codes == [0]
+    out, err = capsys.readouterr()
+    assert err == f"watching {base}/__asynctrace (every 0.05 s; Ctrl-C to stop)\n"
+    lines = out.splitlines()
+    assert len(lines) == 2, out  # the two new orders, in the order they came; not the old one
+    assert lines[0].endswith(new[1][:12]) and lines[1].endswith(new[2][:12])
+    assert old[:12] not in out and new[0][:12] not in out
+    second, third = lines
+    assert "GET /orders/2/report 200" in second and "[high] blocked-loop" in second  # 30 ms block
+    assert "GET /orders/3/report 200" in third and "db-query" in third
+    assert main_cli(["watch", base, "--interval", "0"]) == 2
+    assert "--interval wants seconds > 0, got 0" in capsys.readouterr().err
+
+
 def test_routes_says_when_there_is_no_trace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
