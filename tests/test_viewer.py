@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,20 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     assert len(listed) == 2 and page.url.endswith(f"?id={listed[0]['traceId']}")
     page.goto(f"{served}/__asynctrace/?id={first['traceId']}")
     page.wait_for_selector(f"body[data-loaded='{first['traceId']}']")
+
+
+def test_the_served_viewer_shows_traces_as_they_come(page: Any, served: str) -> None:
+    first = httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
+    page.goto(served + "/__asynctrace/")
+    page.wait_for_selector("#store-list a")
+    assert page.locator("#store-list a").count() == 1
+    assert page.locator("#routes tr.route td.n").first.inner_text() == "1"
+    second = httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
+    assert second.headers["x-async-trace-id"] != first.headers["x-async-trace-id"]
+    # no reload: the page looks again every 2 s while the list is on screen
+    page.locator("#store-list li:nth-child(2) a").wait_for(timeout=6000)
+    page.locator("#routes tr.route td.n", has_text=re.compile(r"^2$")).first.wait_for(timeout=6000)
+    assert page.locator("#routes tr.route a.compare").count() == 1  # two of one route
 
 
 def test_the_served_viewer_lists_routes_and_opens_a_routes_slowest_trace(

@@ -223,24 +223,32 @@
     box.scrollIntoView({ block: "nearest" });
   }
 
-  async function loadRoutes(base) {
+  async function loadRoutes(base, keepComparison) {
     try {
       const res = await fetch(base + "routes", { headers: { accept: "application/json" } });
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
+      const reading = !$("comparison").hidden;
       showRoutes((await res.json()).routes, (id) => loadTrace(base, id));
+      if (keepComparison && reading) $("comparison").hidden = false;  // being read: left as it is
     } catch (e) {
       $("routes-box").hidden = false;
       $("routes").replaceChildren(AT.el("tr", {}, AT.el("td", {}, `could not list routes (${e})`)));
     }
   }
 
-  async function loadStore(base) {
+  // The store's recent traces and routes; then, while the list is on screen, looked at again
+  // every 2 s and redrawn when a trace came in (the page need not be reloaded).
+  let newest = null;
+  async function loadStore(base, again) {
     $("store").hidden = false;
-    loadRoutes(base);
     const list = $("store-list");
     try {
       const res = await fetch(base + "traces", { headers: { accept: "application/json" } });
       const body = await res.json();
+      const first = body.traces.length ? body.traces[0].traceId : "";
+      if (again && first === newest) return;
+      newest = first;
+      loadRoutes(base, again);
       list.replaceChildren(...body.traces.map((t) => AT.el("li", {},
         AT.el("a", { href: "#", onclick: async (e) => {
           e.preventDefault();
@@ -248,7 +256,12 @@
         } }, `${t.method || ""} ${t.path || ""} ${t.status || ""} · ${AT.fmt(t.durationNs)} · ${t.resources} resources`))));
       if (!body.traces.length) list.append(AT.el("li", {}, "no traces yet: send a request with X-Async-Trace: 1"));
     } catch (e) {
-      list.replaceChildren(AT.el("li", {}, `could not list traces (${e})`));
+      if (!again) list.replaceChildren(AT.el("li", {}, `could not list traces (${e})`));
+    }
+    if (!again) {
+      setInterval(() => {
+        if (view === "load" && document.visibilityState === "visible") loadStore(base, true);
+      }, 2000);
     }
   }
 
