@@ -152,7 +152,9 @@ async def index(request: Request) -> Response:
         "<code>X-Async-Trace: 1</code> and opens its trace in the viewer. "
         f"From a terminal: <code>curl -si -H 'X-Async-Trace: 1' {base}/items</code>, or "
         f"<code>asgi-asynctrace trace {base}/slow</code> for the summary of where its time "
-        f"went.</p><ul>{rows}</ul>"
+        f"went, <code>asgi-asynctrace trace -n 20 {base}/items</code> for the slowest of 20 "
+        f"against a typical one, <code>asgi-asynctrace watch {base}</code> for each trace as "
+        f"it comes, a line each.</p><ul>{rows}</ul>"
     )
 
 

@@ -76,6 +76,7 @@ def test_the_index_links_every_route_to_its_trace_in_the_viewer(sample: Any) -> 
     # The commands it shows name where the app is served, not a default port.
     assert "curl -si -H 'X-Async-Trace: 1' http://sample:8811/items" in page
     assert "asgi-asynctrace trace http://sample:8811/slow" in page
+    assert "asgi-asynctrace watch http://sample:8811</code>" in page
     assert "8000" not in page
     assert "ws://sample:8811/ws" in chat and "8000" not in chat
 
