@@ -6,10 +6,12 @@
         trace = await trace_request(app, "GET", "/items")
         assert_concurrent(trace, "fetch")
         assert_no_findings(trace, "n-plus-one", "sequential-awaits")
+        assert_at_most(trace, "db-query", 2)               # no N+1 creeping back
 
 Also a pytest plugin (registered on install): the ``asynctrace_traces`` fixture is the list of
 every trace finished during the test, whatever client made the request.
-Exports: trace_request, findings, assert_no_findings, assert_concurrent, asynctrace_traces.
+Exports: trace_request, findings, assert_no_findings, assert_concurrent, assert_at_most,
+asynctrace_traces.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ._model import Trace
 from ._sinks import capture_traces
 
 __all__ = [
+    "assert_at_most",
     "assert_concurrent",
     "assert_no_findings",
     "asynctrace_traces",
@@ -96,6 +99,27 @@ def assert_concurrent(trace: Trace, type: str, count: int | None = None) -> None
         raise AssertionError(
             f"{type} {early} ended before the last {type} started: they ran one after another"
         )
+
+
+def assert_at_most(trace: Trace, type: str, most: int) -> None:
+    """The request made at most ``most`` resources of ``type`` (``"db-query"``, ``"fetch"``,
+    ``"cache-get"``...): a guard against an N+1 creeping back. Fails with what it made, by
+    label, the most repeated first."""
+    from collections import Counter
+
+    from ._analysis import label
+
+    made = [r for r in trace.resources if r.type == type]
+    if len(made) <= most:
+        return
+    labels = Counter(label(r, trace.annotations_of(r.async_id)) for r in made)
+    listed = "\n".join(f"  {n} x {what}" for what, n in labels.most_common(10))
+    more = f"\n  … and {len(labels) - 10} more" if len(labels) > 10 else ""
+    request = f"{trace.request.get('method') or ''} {trace.request.get('path') or ''}".strip()
+    raise AssertionError(
+        f"{request or 'the request'} made {len(made)} {type}, at most {most} allowed:\n"
+        f"{listed}{more}"
+    )
 
 
 @pytest.fixture

@@ -14,7 +14,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_asynctrace import AnalysisSettings, AsyncTraceMiddleware, Trace
-from asgi_asynctrace.testing import assert_concurrent, assert_no_findings, findings, trace_request
+from asgi_asynctrace.testing import (
+    assert_at_most,
+    assert_concurrent,
+    assert_no_findings,
+    findings,
+    trace_request,
+)
 from tests.helpers import call, run
 
 TracingTransport: Any = importlib.import_module(
@@ -65,6 +71,30 @@ def test_a_concurrent_endpoint_passes_and_a_sequential_one_fails_with_the_summar
     assert "critical path" in str(raised.value)  # the report says where the time went
     assert [f.kind for f in findings(bad, "n-plus-one")] == ["n-plus-one"]
     assert findings(bad, "sequential-awaits") == []  # the N+1 is named once, as N+1
+
+
+def test_assert_at_most_counts_a_type_and_names_what_was_made() -> None:
+    from asgi_asynctrace import start_resource
+
+    async def orders(request: Request) -> Response:
+        for _ in range(int(request.query_params["lines"])):
+            async with start_resource("db-query", statement="select * from lines where id = ?"):
+                await asyncio.sleep(0)
+        async with start_resource("db-query", statement="select * from orders"):
+            pass
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/orders", orders)])
+    assert_at_most(run(trace_request(app, "GET", "/orders?lines=1")), "db-query", 2)
+    assert_at_most(run(trace_request(app, "GET", "/orders?lines=1")), "fetch", 0)
+    many = run(trace_request(app, "GET", "/orders?lines=5"))
+    with pytest.raises(AssertionError) as raised:
+        assert_at_most(many, "db-query", 2)
+    assert str(raised.value) == (
+        "GET /orders made 6 db-query, at most 2 allowed:\n"
+        "  5 x select * from lines where id = ?\n"
+        "  1 x select * from orders"
+    )
 
 
 def test_an_app_that_has_the_middleware_already_gives_one_trace_not_two() -> None:
