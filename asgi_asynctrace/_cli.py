@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -276,11 +277,38 @@ def _trace_command(args: argparse.Namespace) -> int:
         else:
             body = args.data.encode()
     viewer = f"{url.scheme}://{url.netloc}{args.prefix}/"
+    if args.concurrency < 1:
+        raise TraceFormatError(f"-c wants 1 or more at once, got {args.concurrency}")
     got: list[tuple[bytes, bool]] = []  # each trace's JSON, and whether the store had it
     statuses: Counter[int] = Counter()
-    with httpx.Client(timeout=args.timeout, verify=not args.insecure) as client:
-        for _ in range(args.repeat):
-            got.append(_traced_request(client, args, viewer, headers, body, statuses))
+    left = iter(range(args.repeat))
+    counting = threading.Lock()
+
+    def client_loop(client: Any) -> None:
+        # one connection per client, as a load generator's; its request's trace is asked for
+        # over it, so under several worker processes the one that served it answers
+        for _ in left:  # (next() on a range iterator is atomic under the GIL)
+            data, stored, status = _traced_request(client, args, viewer, headers, body)
+            with counting:
+                got.append((data, stored))
+                statuses[status] += 1
+
+    # every client made before the first request goes out (making one takes milliseconds),
+    # so that the first C requests are in flight together
+    clients = [httpx.Client(timeout=args.timeout, verify=not args.insecure)
+               for _ in range(min(args.concurrency, args.repeat))]  # fmt: skip
+    try:
+        if len(clients) == 1:
+            client_loop(clients[0])
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(clients)) as pool:
+                for done in [pool.submit(client_loop, c) for c in clients]:
+                    done.result()  # the first error, as one client would have raised it
+    finally:
+        for client in clients:
+            client.close()
     if len(got) == 1:
         data, stored = got[0]
         trace = load_trace(orjson.loads(data))
@@ -300,9 +328,9 @@ def _trace_command(args: argparse.Namespace) -> int:
 
 def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
                     headers: list[tuple[str, str]], body: bytes | None,
-                    statuses: Counter[int]) -> tuple[bytes, bool]:  # fmt: skip
+                    ) -> tuple[bytes, bool, int]:  # fmt: skip
     """One request sent traced: its trace's JSON (from the store, else from the response
-    header) and whether the store had it."""
+    header), whether the store had it, and the response's status."""
     import time
 
     import httpx
@@ -312,7 +340,6 @@ def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
         sent = client.request(args.method, args.url, content=body, headers=[*headers, *ask.items()])
     except httpx.HTTPError as exc:
         raise OSError(f"{args.method} {args.url}: {exc}") from None
-    statuses[sent.status_code] += 1
     if args.repeat == 1:
         print(f"{args.method} {args.url} -> {sent.status_code} "
               f"in {sent.elapsed.total_seconds() * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
@@ -329,7 +356,7 @@ def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
         # processes the worker that served the request, and holds its trace, answers
         got = client.get(store, headers=ask)
         if got.status_code == 200:
-            return got.content, True
+            return got.content, True, sent.status_code
         if time.monotonic() > deadline or got.status_code != 404:
             break
         time.sleep(0.05)
@@ -342,7 +369,7 @@ def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
     print(f"not in the store at {store} ({got.status_code}: {got.text[:300]}): the trace "
           "from the response header, which ends where the response started",
           file=sys.stderr)  # fmt: skip
-    return orjson.dumps(decode_trace_header(inline)), False
+    return orjson.dumps(decode_trace_header(inline)), False, sent.status_code
 
 
 def _several(args: argparse.Namespace, got: list[tuple[bytes, bool]], statuses: Counter[int],
@@ -473,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "send one request traced, and say where its time went",
         "Examples:\n  asgi-asynctrace trace http://127.0.0.1:8000/slow\n"
         "  asgi-asynctrace trace -n 20 http://127.0.0.1:8000/items   # sometimes slow: why?\n"
+        "  asgi-asynctrace trace -n 100 -c 10 http://127.0.0.1:8000/items   # and under load?\n"
         "  asgi-asynctrace trace -X POST -H 'Content-Type: application/json' -d '{\"n\": 3}' \\\n"
         "      http://127.0.0.1:8000/orders -o trace.json\n\n"
         "Sends the request with X-Async-Trace (your --secret, if the app has one), reads the\n"
@@ -487,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("-n", "--repeat", type=int, default=1, metavar="N",
                     help="send it N times, one after another: their figures, and the slowest "
                          "against a typical one")  # fmt: skip
+    tr.add_argument("-c", "--concurrency", type=int, default=1, metavar="C",
+                    help="with -n, C requests at a time (C clients, a connection each): what "
+                         "holds a request up under load")  # fmt: skip
     tr.add_argument("-X", "--method", default="GET")
     tr.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
     tr.add_argument("-d", "--data", help="the request body (@file: a file's, @-: stdin's)")

@@ -162,6 +162,18 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         assert doc["comparison"]["slower"]["traceId"] == doc["routes"][0]["slowestTraceId"]
         assert main(["trace", "-n", "0", f"{base}/items"]) == 2
         assert "-n wants 1 or more requests, got 0" in capsys.readouterr().err
+        # -c: that many at a time, each client on its own connection
+        assert main(["trace", "-n", "6", "-c", "3", "-o", str(several), f"{base}/parallel"]) == 0
+        out, err = capsys.readouterr()
+        assert f"GET {base}/parallel: 6 requests, answered 6 x 200" in err
+        assert out.startswith("6 trace(s), 1 route(s)") and "\nGET /parallel: " in out
+        ids = [load_trace(line).trace_id for line in several.read_bytes().splitlines()]
+        assert len(set(ids)) == 6
+        spans = sorted((t.started_at_unix_ns, t.started_at_unix_ns + t.duration_ns)
+                       for t in map(load_trace, several.read_bytes().splitlines()))  # fmt: skip
+        assert spans[1][0] < spans[0][1]  # the second began before the first had ended
+        assert main(["trace", "-n", "2", "-c", "0", f"{base}/items"]) == 2
+        assert "-c wants 1 or more at once, got 0" in capsys.readouterr().err
         assert main(["trace", "-d", f"@{tmp_path / 'none'}", f"{base}/"]) == 2
         assert "No such file" in capsys.readouterr().err
 
