@@ -1,4 +1,4 @@
-"""Which traces of a log a command reads: by id, by route, the slowest, the slow ones.
+"""Which traces of a log a command reads: by id, by route, by when, the slowest, the slow ones.
 
     asgi-asynctrace routes server.log                       # GET /orders/{order_id} is slow…
     asgi-asynctrace summary server.log --route 'GET /orders/{order_id}' --slowest 1
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import shlex
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ._load import TraceFormatError
@@ -36,12 +38,15 @@ def route_key(request: Mapping[str, Any], notes: Mapping[str, Any]) -> tuple[str
 class Selection:
     """What to keep: traces whose id starts with one of ``ids``, whose route is one of
     ``routes`` (``GET /orders/{order_id}``, or without the method for any; the concrete path
-    matches too), that took at least ``min_ns``; of those the ``slowest`` longest."""
+    matches too), that took at least ``min_ns``, that started from ``since`` up to ``until``
+    (Unix nanoseconds); of those the ``slowest`` longest."""
 
     ids: tuple[str, ...] = ()
     routes: tuple[str, ...] = ()
     min_ns: int = 0
     slowest: int | None = None
+    since: int | None = None
+    until: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Selection:
@@ -54,16 +59,24 @@ class Selection:
         if args.min_ms is not None and args.min_ms < 0:
             raise TraceFormatError(f"--min-ms wants 0 or more, got {args.min_ms:g}")
         min_ns = round(args.min_ms * 1e6) if args.min_ms is not None else 0
-        return cls(ids, routes, min_ns, args.slowest)
+        since = _when(args.since, "--since") if args.since else None
+        until = _when(args.until, "--until") if args.until else None
+        return cls(ids, routes, min_ns, args.slowest, since, until)
 
     @property
     def narrows(self) -> bool:
-        return bool(self.ids or self.routes or self.min_ns or self.slowest is not None)
+        return bool(self.ids or self.routes or self.min_ns or self.slowest is not None
+                    or self.since is not None or self.until is not None)  # fmt: skip
 
     def keeps(self, trace: Trace) -> bool:
         if self.ids and not str(trace.trace_id).lower().startswith(self.ids):
             return False
         if self.min_ns and trace.duration_ns < self.min_ns:
+            return False
+        started = trace.started_at_unix_ns
+        if self.since is not None and started < self.since:
+            return False
+        if self.until is not None and started > self.until:
             return False
         if self.routes:
             request = trace.request
@@ -104,7 +117,38 @@ class Selection:
         asked += [f"--route {shlex.quote(r)}" for r in self.routes]
         if self.min_ns:
             asked.append(f"--min-ms {self.min_ns / 1e6:g}")
+        for name, at in (("--since", self.since), ("--until", self.until)):
+            if at is not None:
+                stamp = datetime.fromtimestamp(at / 1e9).astimezone().isoformat(timespec="seconds")
+                asked.append(f"{name} {stamp}")
         return " ".join(asked)
+
+
+_AGO = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _when(text: str, option: str) -> int:
+    """Unix nanoseconds from ``30m``, ``2h``, ``1d`` (that long ago) or an ISO 8601 date and
+    time (``2026-12-01T10:00``; local time unless it names its zone)."""
+    text = text.strip()
+    unit = _AGO.get(text[-1:])
+    if unit is not None:
+        try:
+            ago = float(text[:-1])
+        except ValueError:
+            ago = -1.0
+        if ago >= 0:
+            return time.time_ns() - round(ago * unit * 1e9)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise TraceFormatError(
+            f"{option} wants a time (2026-12-01T10:00, local unless it names its zone) or how "
+            f"long ago (30m, 2h, 1d), got {text!r}"
+        ) from None
+    if at.tzinfo is None:
+        at = at.astimezone()  # local time, as a log's reader means it
+    return round(at.timestamp() * 1e9)
 
 
 def add_selection(parser: argparse.ArgumentParser) -> None:
@@ -117,5 +161,9 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
                             "(repeat for more)")  # fmt: skip
     group.add_argument("--min-ms", type=float, metavar="MS",
                        help="only traces that took at least this long")  # fmt: skip
+    group.add_argument("--since", metavar="WHEN",
+                       help="only traces that started then or later: 2026-12-01T10:00 (local "
+                            "time unless it names its zone), or 30m, 2h, 1d ago")  # fmt: skip
+    group.add_argument("--until", metavar="WHEN", help="only traces that started then or before")
     group.add_argument("--slowest", type=int, metavar="N",
                        help="only the N longest of those, the longest first")  # fmt: skip

@@ -276,6 +276,22 @@ def test_commands_read_only_the_traces_asked_for(
     assert summarised("--min-ms", f"{floor:.6f}") == [
         f"{t.request['method']} {t.request['path']}" for t in traces
         if t.duration_ns >= round(floor * 1e6)]  # fmt: skip
+    # by when they started: a time (with its zone, or local), or how long ago
+    from datetime import datetime, timezone
+
+    starts = [t.started_at_unix_ns for t in traces]
+    assert starts == sorted(starts) and starts[2] - starts[1] > 100_000  # 0.1 ms apart at least
+    between = datetime.fromtimestamp((starts[1] + starts[2]) / 2e9, tz=timezone.utc).isoformat()
+    everyone = [f"{t.request['method']} {t.request['path']}" for t in traces]
+    assert summarised("--since", between) == everyone[2:]
+    assert summarised("--until", between) == everyone[:2]
+    local = datetime.fromtimestamp((starts[1] + starts[2]) / 2e9).isoformat()  # no zone: local
+    assert summarised("--since", local) == everyone[2:]
+    assert summarised("--since", "1h") == everyone
+    assert main_cli(["summary", str(log), "--since", "0s"]) == 2  # from now on: none yet
+    assert "no trace matched --since " in capsys.readouterr().err
+    assert main_cli(["summary", str(log), "--until", "last week"]) == 2
+    assert "--until wants a time (2026-12-01T10:00" in capsys.readouterr().err
     # every command that reads traces takes them
     out = tmp_path / "one.jsonl"
     assert main_cli(["convert", str(log), "--to", "json", "--id", third, "-o", str(out)]) == 0
