@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -279,19 +278,14 @@ def _trace_command(args: argparse.Namespace) -> int:
     viewer = f"{url.scheme}://{url.netloc}{args.prefix}/"
     if args.concurrency < 1:
         raise TraceFormatError(f"-c wants 1 or more at once, got {args.concurrency}")
-    got: list[tuple[bytes, bool]] = []  # each trace's JSON, and whether the store had it
-    statuses: Counter[int] = Counter()
+    got: list[Answered] = []
     left = iter(range(args.repeat))
-    counting = threading.Lock()
 
     def client_loop(client: Any) -> None:
         # one connection per client, as a load generator's; its request's trace is asked for
         # over it, so under several worker processes the one that served it answers
-        for _ in left:  # (next() on a range iterator is atomic under the GIL)
-            data, stored, status = _traced_request(client, args, viewer, headers, body)
-            with counting:
-                got.append((data, stored))
-                statuses[status] += 1
+        for _ in left:  # (next() on a range iterator, and append(), are atomic under the GIL)
+            got.append(_traced_request(client, args, viewer, headers, body))
 
     # every client made before the first request goes out (making one takes milliseconds),
     # so that the first C requests are in flight together
@@ -310,7 +304,7 @@ def _trace_command(args: argparse.Namespace) -> int:
         for client in clients:
             client.close()
     if len(got) == 1:
-        data, stored = got[0]
+        data, stored, _status = got[0]
         trace = load_trace(orjson.loads(data))
         if stored:
             print(f"in the viewer: {viewer}?id={trace.trace_id}", file=sys.stderr)
@@ -323,12 +317,15 @@ def _trace_command(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(format_summary(analysis))
         return 0
-    return _several(args, got, statuses, viewer)
+    return _several(args, got, viewer)
+
+
+# one request sent traced: its trace's JSON, whether the store had it, the response's status
+Answered = tuple[bytes, bool, int]
 
 
 def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
-                    headers: list[tuple[str, str]], body: bytes | None,
-                    ) -> tuple[bytes, bool, int]:  # fmt: skip
+                    headers: list[tuple[str, str]], body: bytes | None) -> Answered:  # fmt: skip
     """One request sent traced: its trace's JSON (from the store, else from the response
     header), whether the store had it, and the response's status."""
     import time
@@ -372,8 +369,7 @@ def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
     return orjson.dumps(decode_trace_header(inline)), False, sent.status_code
 
 
-def _several(args: argparse.Namespace, got: list[tuple[bytes, bool]], statuses: Counter[int],
-             viewer: str) -> int:  # fmt: skip
+def _several(args: argparse.Namespace, got: list[Answered], viewer: str) -> int:
     """``trace -n N``: the requests' figures, as ``routes`` gives them, and the slowest set
     against a typical one, as ``compare`` does."""
     from ._compare import typical_and_slowest
@@ -381,11 +377,12 @@ def _several(args: argparse.Namespace, got: list[tuple[bytes, bool]], statuses: 
     from ._report import format_comparison, format_routes
     from ._routes import by_route, route_input
 
+    statuses = Counter(status for _, _, status in got)
     answers = ", ".join(f"{n} x {code}" for code, n in sorted(statuses.items()))
     print(f"{args.method} {args.url}: {len(got)} requests, answered {answers}", file=sys.stderr)
-    traces = [load_trace(orjson.loads(data)) for data, _ in got]
+    traces = [load_trace(orjson.loads(data)) for data, _, _ in got]
     if args.output is not None:  # JSON lines, as extract writes: every command reads them
-        args.output.write_bytes(b"".join(data + b"\n" for data, _ in got))
+        args.output.write_bytes(b"".join(data + b"\n" for data, _, _ in got))
         print(f"wrote {len(got)} traces to {args.output}", file=sys.stderr)
     settings = _settings(args)
     inputs = [route_input(t, analyze(t, settings)) for t in traces]

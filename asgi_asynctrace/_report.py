@@ -42,10 +42,8 @@ def _unless_ok(state: str) -> str:
 
 def format_summary(a: Analysis) -> str:
     """The terminal report of ``summary``: plain text, no colour, stable for golden files."""
-    req = a.request
-    head = " ".join(str(x) for x in (req.get("method"), req.get("path"), req.get("status")) if x)
     lines = [
-        f"{head or 'request'}  {format_ns(a.duration)}  trace {a.trace_id}",
+        f"{_head(a) or 'request'}  {format_ns(a.duration)}  trace {a.trace_id}",
         f"  the request's own code ran {format_ns(a.root_sync)} on the loop; "
         f"it waited {format_ns(max(0, a.duration - a.root_sync))}",
         "",
