@@ -195,15 +195,28 @@ def _watch_command(args: argparse.Namespace) -> int:
         seen = set(store.ids())  # what was there before: not news
         print(f"watching {store.base} (every {args.interval:g} s; Ctrl-C to stop)",
               file=sys.stderr, flush=True)  # fmt: skip
+        away: str | None = None  # why the app does not answer, while it does not
         try:
             while args.count is None or shown < args.count:
                 time.sleep(args.interval)
-                ids = store.ids()
+                try:  # an app restarting (uvicorn --reload) is waited for, not an error
+                    ids = store.ids()
+                except (OSError, TraceFormatError) as exc:
+                    if away is None:
+                        print(f"waiting for the app: {exc}", file=sys.stderr, flush=True)
+                    away = str(exc)
+                    continue
+                if away is not None:
+                    print(f"the app answers again: {store.base}", file=sys.stderr, flush=True)
+                    away = None
                 for trace_id in reversed(ids):  # the oldest news first
                     if trace_id in seen:
                         continue
                     seen.add(trace_id)
-                    found = store.trace(trace_id)
+                    try:
+                        found = store.trace(trace_id)
+                    except (OSError, TraceFormatError):
+                        continue  # gone with the app: the next look says so
                     if found is None or not selection.keeps(found[1]):
                         continue
                     trace = found[1]
@@ -558,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  asgi-asynctrace watch http://127.0.0.1:8000 --min-ms 100   # only the slow ones\n\n"
         "Asks the app's store for new traces every --interval seconds and prints each as one\n"
         "line: when it started, the request, its duration, what held it up, its worst\n"
-        "finding and its id (to open with summary, compare or the viewer's ?id=).",
+        "finding and its id (to open with summary, compare or the viewer's ?id=). An app\n"
+        "that stops answering (restarting under --reload) is waited for.",
         traces=False,
     )
     wa.add_argument("app", help="the app's address (or its store's, for another path_prefix)")

@@ -388,6 +388,53 @@ def test_watch_prints_each_new_trace_of_a_running_app(
     assert "--interval wants seconds > 0, got 0" in capsys.readouterr().err
 
 
+def test_watch_waits_for_an_app_that_restarts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from asgi_asynctrace import _logs
+    from tests.servers import free_port, serving
+
+    looked, missed = threading.Event(), threading.Event()
+    first_look = _logs.StoreReader.ids
+
+    def ids(self: _logs.StoreReader) -> list[str]:
+        try:
+            got = first_look(self)
+        except OSError:
+            missed.set()
+            raise
+        looked.set()
+        return got
+
+    monkeypatch.setattr(_logs.StoreReader, "ids", ids)
+    port = free_port()
+
+    def app() -> Any:
+        return AsyncTraceMiddleware(Starlette(routes=[Route("/health", _order_free)]),
+                                    log_traces=False)  # fmt: skip
+
+    codes: list[int] = []
+    with serving(app(), port=port) as base:
+        watcher = threading.Thread(target=lambda: codes.append(
+            main_cli(["watch", base, "--interval", "0.05", "--count", "1"])))  # fmt: skip
+        watcher.start()
+        assert looked.wait(10)
+    assert missed.wait(10)  # the app is gone (a reload): the watcher keeps looking
+    with serving(app(), port=port) as again:
+        assert again == base
+        trace_id = httpx.get(base + "/health", headers={"X-Async-Trace": "1"}).headers[
+            "x-async-trace-id"]  # fmt: skip
+        watcher.join(20)
+    assert codes == [0]
+    out, err = capsys.readouterr()
+    assert out.rstrip().endswith(trace_id[:12]) and "GET /health 200" in out
+    assert f"waiting for the app: {base}/__asynctrace/traces: " in err
+    assert err.count("waiting for the app") == 1  # said once, however long it takes
+    assert f"the app answers again: {base}/__asynctrace\n" in err
+
+
 def test_routes_says_when_there_is_no_trace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
