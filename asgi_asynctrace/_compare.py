@@ -15,6 +15,7 @@ Difference, compare, compare_inputs, choose_pair, typical_and_slowest.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,28 @@ def _rows(faster: Counter[str], slower: Counter[str], counts: tuple[Counter[str]
     return sorted(out, key=lambda d: (-abs(d.delta), -abs(d.count[1] - d.count[0]), d.what))
 
 
+# In what names a thing by its key or address (a cache key, a URL, a queue's routing key), the
+# ids that differ from one request to the next, each a whole part of it: hex of 8 or more with
+# a digit in it (a UUID too), or a number (``v1`` in ``/api/v1/`` is not one).
+_IDS = re.compile(
+    r"(?<![A-Za-z0-9])(?:(?=[0-9a-f-]*[0-9])[0-9a-f][0-9a-f-]{7,}|\d+)(?![A-Za-z0-9])"
+)
+_KEYED = ("cache-", "kv-", "queue-")
+
+
+def _operation(type: str, label: str) -> str:
+    """An operation's row: its type and label, with the ids in a key or a URL's path as
+    ``{id}``, so that ``cache-get user:41`` and ``cache-get user:42`` are one operation."""
+    if type == "fetch":  # "GET http://host:port/path?query": only the path has ids
+        method, _, url = label.partition(" ")
+        at = url.find("/", url.find("//") + 2) if "//" in url else url.find("/")
+        if at >= 0:
+            label = f"{method} {url[:at]}{_IDS.sub('{id}', url[at:])}"
+    elif type.startswith(_KEYED):
+        label = _IDS.sub("{id}", label)
+    return f"{type} {label}" if label != type else type
+
+
 def _operations(a: Analysis) -> tuple[Counter[str], Counter[str]]:
     """Each operation's time alive (running and waiting) and count, by type and label."""
     ns: Counter[str] = Counter()
@@ -100,7 +123,7 @@ def _operations(a: Analysis) -> tuple[Counter[str], Counter[str]]:
     for t in a.times.values():
         if t.type == "root":
             continue
-        what = f"{t.type} {t.label}" if t.label != t.type else t.type
+        what = _operation(t.type, t.label)
         ns[what] += t.sync + t.wait
         count[what] += 1
     return ns, count

@@ -130,3 +130,37 @@ def test_compare_from_a_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     route = "'GET /orders/{lines}/report'"
     hint = f"against a typical one: asgi-asynctrace compare {log} --route {route}"
     assert hint in capsys.readouterr().out.splitlines()
+
+
+async def _item(request: Request) -> Response:
+    n = request.path_params["n"]
+    async with start_resource("cache-get", op="get", key=f"item:{n}:3f2a9c1e-77b0"):
+        await asyncio.sleep(0)
+    async with start_resource("fetch", method="GET", url=f"http://10.0.0.7:8080/v1/items/{n}"):
+        await asyncio.sleep(0.001 * (n % 10))
+    return PlainTextResponse("item")
+
+
+def test_an_operation_is_one_row_whatever_ids_its_key_or_path_holds() -> None:
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/items/{n:int}", _item)]),
+                               log_traces=False)  # fmt: skip
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            for n in (41, 48):
+                assert (await client.get(f"/items/{n}", headers={"X-Async-Trace": "1"})).is_success
+
+    with capture_traces() as traces:
+        run(main())
+    fast, slow = traces
+    result = compare((analyze(fast), fast), (analyze(slow), slow))
+    rows = {d.what: d.count for d in result.operations}
+    # the fetch took longer (1 ms against 8): one row, counted once on each side
+    assert rows["fetch GET http://10.0.0.7:8080/v1/items/{id}"] == (1, 1)
+    # the cache key's ids are ids too; its time may or may not differ, never its count
+    assert rows.get("cache-get get item:{id}:{id}", (1, 1)) == (1, 1)
+    keyed = [w for w in rows if w.startswith(("fetch", "cache-"))]
+    assert not [w for w in keyed if rows[w][0] != rows[w][1]], rows
+    # (a timer is named by its delay: a sleep of 1 ms and one of 8 ms are two rows, rightly)
+    assert rows["timer sleep 8.0ms"] == (0, 1) and rows["timer sleep 1.0ms"] == (1, 0)
