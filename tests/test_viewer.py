@@ -342,12 +342,12 @@ def test_a_file_of_one_routes_traces_compares_the_slower_with_the_faster(
 ) -> None:
     from tests.test_compare import QUERY, _traces
 
-    # the same route: two queries, then six (made in a thread of their own: Playwright's
+    # the same route: two queries, then twenty (made in a thread of their own: Playwright's
     # loop runs in this one)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        two, six = pool.submit(_traces, 2, 6).result()
+        two, twenty = pool.submit(_traces, 2, 20).result()
     path = tmp_path / "two.html"
-    write_viewer(path, [two, six])
+    write_viewer(path, [two, twenty])
     page.goto(path.as_uri())  # no server: the comparison is in the page
     page.wait_for_selector("body[data-loaded]")
     page.click("#tabs button[data-view=load]")
@@ -359,13 +359,13 @@ def test_a_file_of_one_routes_traces_compares_the_slower_with_the_faster(
     cells = row.locator("td").all_inner_texts()
     assert (
         cells[1].startswith("2 \u00d7 ")
-        and cells[2].startswith("6 \u00d7 ")
-        and cells[3].endswith("(+4)")
+        and cells[2].startswith("20 \u00d7 ")
+        and cells[3].endswith("(+18)")
     )
     assert "findings only in the slower: n-plus-one" in text
     shoot(page, "compare")
     panel.locator("a", has_text="open the slower").click()
-    page.wait_for_selector(f"body[data-loaded='{six.trace_id}']")
+    page.wait_for_selector(f"body[data-loaded='{twenty.trace_id}']")
 
 
 def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:
