@@ -64,10 +64,11 @@ def test_compare_says_where_the_slower_ones_extra_time_went() -> None:
     two, eight = _traces(2, 8)
     result = compare((analyze(two), two), (analyze(eight), eight))
     assert result.route == "GET /orders/{lines}/report" and result.baseline == "faster"
-    assert result.delta == eight.duration_ns - two.duration_ns  # six more queries, 2 ms each
-    # on the critical path, the queries: six more of them, about 12 ms more
+    assert result.delta == eight.duration_ns - two.duration_ns
+    # on the critical path, the queries: six more of them, 2 ms each at the least (a few ms
+    # left for a busy machine stretching the two)
     first = result.held[0]
-    assert first.what == "db-query" and first.delta > 10 * MS
+    assert first.what == "db-query" and first.delta > 6 * MS
     # the operations: the query six times more (with the sleep inside it, as long), near the
     # top; the fetch the same once in each
     query = next(d for d in result.operations if d.what == f"db-query {QUERY}")
