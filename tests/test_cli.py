@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -162,7 +163,10 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         assert doc["comparison"]["slower"]["traceId"] == doc["routes"][0]["slowestTraceId"]
         assert main(["trace", "-n", "0", f"{base}/items"]) == 2
         assert "-n wants 1 or more requests, got 0" in capsys.readouterr().err
-        # -c: that many at a time, each client on its own connection
+        # -c: that many at a time, each client on its own connection (the route run once
+        # before: its first request in the process makes the app's upstream client, which
+        # holds the loop long enough for the others to queue behind it)
+        assert httpx.get(f"{base}/parallel").status_code == 200
         assert main(["trace", "-n", "6", "-c", "3", "-o", str(several), f"{base}/parallel"]) == 0
         out, err = capsys.readouterr()
         assert f"GET {base}/parallel: 6 requests, answered 6 x 200" in err
