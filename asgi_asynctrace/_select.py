@@ -65,8 +65,7 @@ class Selection:
 
     @property
     def narrows(self) -> bool:
-        return bool(self.ids or self.routes or self.min_ns or self.slowest is not None
-                    or self.since is not None or self.until is not None)  # fmt: skip
+        return self != Selection()  # anything asked
 
     def keeps(self, trace: Trace) -> bool:
         if self.ids and not str(trace.trace_id).lower().startswith(self.ids):
