@@ -25,10 +25,11 @@ from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
 from ._gate import TRACE_REQUESTED, TRACE_SAMPLED, Gate
-from ._hooks import LINGER_S, TimedCoroutine, mark_coroutine_function
+from ._hooks import LINGER_S
 from ._model import Trace, TraceLimits
 from ._request import Receive, Scope, Send, TracedRequest
 from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
+from ._tasks import TimedCoroutine, mark_coroutine_function
 from ._watchdog import unwatch, watch
 
 _check: Callable[[object, bytes, str], object] | None

@@ -27,6 +27,7 @@ from typing import Any
 
 from ._context import ACTIVE, Active, settle_from_exception
 from ._failures import report
+from ._tasks import dispatch
 
 __all__ = ["acquire", "release", "wrap_job"]
 
@@ -123,8 +124,6 @@ def _patch_anyio() -> None:
     original = backend.__dict__.get("run_sync_in_worker_thread")
     if not isinstance(original, classmethod):
         return  # an anyio we do not know: leave it alone
-    from ._hooks import dispatch
-
     _anyio_original = backend.run_sync_in_worker_thread
     _anyio_backend = backend
     # Outside traced requests anyio's own method runs, called from C with no frame of ours.
@@ -157,8 +156,6 @@ def acquire() -> None:
         _refs += 1
         if _refs == 1:
             if _submit is None:
-                from ._hooks import dispatch
-
                 # Outside traced requests the executor's own submit runs, called from C.
                 _submit = dispatch(_original_submit, _traced_submit)
             ThreadPoolExecutor.submit = _submit  # type: ignore[method-assign]

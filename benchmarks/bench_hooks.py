@@ -239,7 +239,7 @@ async def _step_cost(steps: int) -> float:
     in turn, on a loop of its own. Taken directly: as a difference of whole traced and
     untraced runs it came out below their noise, even negative, and on the loop that had run
     those, the bare task ran slower than on a fresh one (not understood; measured apart)."""
-    from asgi_asynctrace._hooks import TimedCoroutine
+    from asgi_asynctrace._tasks import TimedCoroutine
 
     loop = asyncio.get_running_loop()
     trace = Trace.start()

@@ -48,7 +48,7 @@ def untraced_fast_path(original: Any, record: Any) -> Any:
     Python frame at all on the untraced side), carrying ``original``'s name, docstring and
     ``__wrapped__``, and still reported as a coroutine function by ``inspect`` and ``asyncio``.
     """
-    from asgi_asynctrace._hooks import dispatch, mark_coroutine_function
+    from asgi_asynctrace._tasks import dispatch, mark_coroutine_function
 
     wrapper = dispatch(original, record)
     functools.update_wrapper(wrapper, original)

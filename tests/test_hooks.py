@@ -17,7 +17,10 @@ import pytest
 from asgi_asynctrace import (
     Resource,
     Trace,
+    _futures,
     _hooks,
+    _loop_methods,
+    _tasks,
     annotate,
     current_resource,
     start_resource,
@@ -471,7 +474,7 @@ def test_hooks_are_on_only_while_a_traced_request_runs() -> None:
     assert concurrent.futures.ThreadPoolExecutor.submit is original_submit
 
 
-@pytest.mark.skipif(_hooks._CDispatch is None, reason="the C accelerator is not built")
+@pytest.mark.skipif(_tasks._CDispatch is None, reason="the C accelerator is not built")
 def test_by_default_hooks_stay_on_as_c_pass_throughs_until_uninstalled() -> None:
     """Taking the hooks off and on again makes CPython re-learn the loop's lookups; left on,
     each patched method outside a traced request is the C dispatcher calling the original."""
@@ -513,7 +516,6 @@ def test_by_default_hooks_stay_on_as_c_pass_throughs_until_uninstalled() -> None
 def test_hooks_linger_after_the_last_traced_request_then_come_off() -> None:
     """Taking the hooks off and on changes the loop's class, which costs every request far
     more than leaving them on: they stay ``hooks_linger`` seconds for the next traced one."""
-    from asgi_asynctrace import _hooks
 
     async def body() -> None:
         await asyncio.sleep(0)
@@ -767,11 +769,10 @@ def test_anyio_task_groups_record_their_children() -> None:
 
 
 def _dispatchers() -> list[Any]:
-    from asgi_asynctrace import _hooks
 
-    found = [_hooks.dispatch_python]
-    if _hooks._CDispatch is not None:
-        found.append(_hooks.dispatch)
+    found = [_tasks.dispatch_python]
+    if _tasks._CDispatch is not None:
+        found.append(_tasks.dispatch)
     return found
 
 
@@ -836,8 +837,6 @@ def test_the_untraced_task_factory_makes_the_task_asyncio_would(
 ) -> None:
     import contextvars
 
-    from asgi_asynctrace import _hooks
-
     seen = contextvars.ContextVar("seen", default="outside")
     with_context = sys.version_info >= (3, 11)  # Task(context=...) is new in 3.11
 
@@ -853,9 +852,9 @@ def test_the_untraced_task_factory_makes_the_task_asyncio_would(
         named = factory(loop, body(), name="named", **extra)
         return [type(plain), await plain, await named, named.get_name()]
 
-    accelerated = run(main(_hooks._plain_factory()))
-    monkeypatch.setattr(_hooks, "_CTaskCall", None)
-    python = run(main(_hooks._plain_factory()))
+    accelerated = run(main(_tasks._plain_factory()))
+    monkeypatch.setattr(_tasks, "_CTaskCall", None)
+    python = run(main(_tasks._plain_factory()))
     inside = "inside" if with_context else "outside"
     assert accelerated == python == [asyncio.Task, "outside", inside, "named"]
 
@@ -863,7 +862,6 @@ def test_the_untraced_task_factory_makes_the_task_asyncio_would(
 def test_without_the_accelerator_the_hooks_record_the_same_resources(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from asgi_asynctrace import _hooks
 
     async def body() -> None:
         await asyncio.gather(asyncio.sleep(0.001), asyncio.create_task(asyncio.sleep(0)))
@@ -873,8 +871,8 @@ def test_without_the_accelerator_the_hooks_record_the_same_resources(
         return [(r.type, r.trigger_id, r.state) for r in trace.resources]
 
     accelerated = traced(body, futures=True)
-    monkeypatch.setattr(_hooks, "_CDispatch", None)
-    monkeypatch.setattr(_hooks, "_CTaskCall", None)
+    monkeypatch.setattr(_tasks, "_CDispatch", None)
+    monkeypatch.setattr(_tasks, "_CTaskCall", None)
     assert shape(traced(body, futures=True)) == shape(accelerated)
     assert {"task", "future", "timer"} <= {r.type for r in accelerated.resources}
 
@@ -882,7 +880,6 @@ def test_without_the_accelerator_the_hooks_record_the_same_resources(
 def test_while_hooks_are_on_an_untraced_create_future_is_asyncios_own() -> None:
     """The untraced side of the create_future patch may be C doing what asyncio's does: the
     future must be the very same kind, on the same loop, and behave the same."""
-    from asgi_asynctrace import _hooks
 
     async def main() -> tuple[Any, ...]:
         loop = asyncio.get_running_loop()
@@ -982,7 +979,7 @@ def _shape(trace: Trace) -> Recorded:
     ]
 
 
-@pytest.mark.skipif(_hooks._CTaskFactory is None, reason="the C accelerator is not built")
+@pytest.mark.skipif(_tasks._CTaskFactory is None, reason="the C accelerator is not built")
 async def _futures_every_way() -> None:
     loop = asyncio.get_running_loop()
     done, failed, dropped, kept = (loop.create_future() for _ in range(4))
@@ -1012,16 +1009,16 @@ def test_the_c_task_factory_and_timed_coroutine_record_what_the_python_ones_do(
     made = []
     for form in ("c", "python"):
         if form == "python":
-            monkeypatch.setattr(_hooks, "TimedCoroutine", _hooks.PyTimedCoroutine)
-            monkeypatch.setattr(_middleware, "TimedCoroutine", _hooks.PyTimedCoroutine)
-            monkeypatch.setattr(_hooks, "_last_factory", None)  # made again, in Python
-            monkeypatch.setattr(_hooks, "_python_futures", True)
-            monkeypatch.setattr(_hooks, "_made", {})  # the loop's create_future too
-            for name, method in _hooks.PY_FUTURE_METHODS.items():
-                monkeypatch.setattr(_hooks.TracedFuture, name, method)
+            monkeypatch.setattr(_tasks, "TimedCoroutine", _tasks.PyTimedCoroutine)
+            monkeypatch.setattr(_middleware, "TimedCoroutine", _tasks.PyTimedCoroutine)
+            monkeypatch.setattr(_tasks, "_last_factory", None)  # made again, in Python
+            monkeypatch.setattr(_futures, "_python_futures", True)
+            monkeypatch.setattr(_loop_methods, "_made", {})  # the loop's create_future too
+            for name, method in _futures.PY_FUTURE_METHODS.items():
+                monkeypatch.setattr(_futures.TracedFuture, name, method)
         made.append(traced(body, futures=True))
     monkeypatch.undo()
-    _hooks._last_factory = None
+    _tasks._last_factory = None
     c_trace, python_trace = made
     assert any(r.type == "task" for r in c_trace.resources)
     assert_recorded_alike(_shape(c_trace), _shape(python_trace))
@@ -1030,9 +1027,9 @@ def test_the_c_task_factory_and_timed_coroutine_record_what_the_python_ones_do(
 
 
 def _timed_forms() -> list[Any]:
-    forms = [_hooks.PyTimedCoroutine]
-    if _hooks.TimedCoroutine is not _hooks.PyTimedCoroutine:
-        forms.append(_hooks.TimedCoroutine)
+    forms = [_tasks.PyTimedCoroutine]
+    if _tasks.TimedCoroutine is not _tasks.PyTimedCoroutine:
+        forms.append(_tasks.TimedCoroutine)
     return forms
 
 
@@ -1096,12 +1093,12 @@ def test_timed_coroutine_driven_by_hand_records_steps_caps_and_how_it_ended(form
     trace.closed = False
 
 
-@pytest.mark.skipif(_hooks.TimedCoroutine is _hooks.PyTimedCoroutine, reason="no C build")
+@pytest.mark.skipif(_tasks.TimedCoroutine is _tasks.PyTimedCoroutine, reason="no C build")
 def test_the_c_timed_coroutine_takes_only_a_recording_core_trace() -> None:
     trace = Trace.start()
     coro = _gathered()
     with pytest.raises(TypeError):
-        _hooks.TimedCoroutine(coro, cast(Any, object()), trace.root)
+        _tasks.TimedCoroutine(coro, cast(Any, object()), trace.root)
     with pytest.raises(TypeError):
-        _hooks.TimedCoroutine(coro, trace, cast(Any, object()))
+        _tasks.TimedCoroutine(coro, trace, cast(Any, object()))
     coro.close()

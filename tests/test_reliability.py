@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-import asgi_asynctrace._hooks as hooks
 from asgi_asynctrace import (
     AsyncTraceMiddleware,
     Trace,
+    _tasks,
     annotate,
     capture_traces,
     failure_counts,
@@ -182,7 +182,7 @@ def test_10000_traced_requests_keep_memory_flat_and_leave_nothing_alive() -> Non
 
     def alive() -> list[object]:
         gc.collect()
-        return [o for o in gc.get_objects() if isinstance(o, (Trace, hooks.TimedCoroutine))]
+        return [o for o in gc.get_objects() if isinstance(o, (Trace, _tasks.TimedCoroutine))]
 
     # the store keeps the last 100 traces as they are (nothing has read them), nothing else
     # (and on uvloop one trace of the cache tests: a pooled Redis connection opened inside

@@ -399,7 +399,7 @@ def _timer_shape(trace: Trace) -> Recorded:
 def test_the_c_timer_forms_record_what_the_python_ones_do(
     body: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asgi_asynctrace import _hooks, failure_counts
+    from asgi_asynctrace import _loop_methods, failure_counts
 
     module: Any = importlib.import_module("asgi_asynctrace.instrumentation.timers")
     if module._CTimerPatch is None:
@@ -407,7 +407,7 @@ def test_the_c_timer_forms_record_what_the_python_ones_do(
     made = []
     for python in (False, True):
         monkeypatch.setattr(module, "_python_forms", python)
-        monkeypatch.setattr(_hooks, "_made", {})  # the loop patches made again, in that form
+        monkeypatch.setattr(_loop_methods, "_made", {})  # the loop patches made again, in that form
         made.append(traced(body))  # one line, so the stacks reach the same frames
     c_trace, python_trace = made
     assert any(r.type == "timer" for r in c_trace.resources)
