@@ -11,38 +11,22 @@ Exports: Resource, Trace, TraceLimits, Dropped, RESOURCE_TYPES, STATES, frame_or
 
 from __future__ import annotations
 
-import operator
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
-
-import orjson
+from typing import Any, Final, Literal
 
 from ._failures import report
-from ._stacks import capture
+from ._recording import AnnotationValue, Dropped, Resource, _PyTraceCore, _TraceCore
+from ._serialize import stack_table_json, trace_dict, trace_json
 
-_c_resources_json: Callable[..., bytes] | None
-_c_annotations_json: Callable[..., bytes] | None
-_c_stacks_json: Callable[..., bytes] | None
-_c_in_order: Callable[[list[Any]], bool | None] | None
-_c_trace_json: Callable[..., bytes] | None
-try:  # the optional C accelerator (see _speedups.c); resource_dicts is the same in Python
-    from ._speedups import Resource as _CResource
-    from ._speedups import TraceCore as _CTraceCore
-    from ._speedups import annotations_json as _c_annotations_json
-    from ._speedups import in_order as _c_in_order
-    from ._speedups import resources_json as _c_resources_json
-    from ._speedups import stacks_json as _c_stacks_json
+_c_start_trace: Callable[..., Any] | None
+try:  # the optional C accelerator (see _speedups.c): a trace made in one call
     from ._speedups import start_trace as _c_start_trace
-    from ._speedups import trace_json as _c_trace_json
 except ImportError:  # pragma: no cover - built everywhere the tests run
-    _c_resources_json = _c_annotations_json = _CResource = _CTraceCore = None  # type: ignore[assignment,misc]
-    _c_start_trace = None  # type: ignore[assignment]
-    _c_in_order = _c_stacks_json = _c_trace_json = None
+    _c_start_trace = None
 
 __all__ = [
     "RESOURCE_TYPES",
@@ -56,9 +40,6 @@ __all__ = [
     "frame_origin",
 ]
 
-FORMAT_VERSION: Final = 1
-_now = time.perf_counter_ns
-_ids_lock = threading.Lock()
 
 RESOURCE_TYPES: Final = frozenset(
     {
@@ -71,7 +52,6 @@ RESOURCE_TYPES: Final = frozenset(
 )  # fmt: skip
 STATES: Final = ("ok", "error", "cancelled", "pending")
 
-AnnotationValue = str | int | float | bool | None
 FrameOrigin = Literal["app", "dependency", "runtime"]
 
 
@@ -95,76 +75,6 @@ class TraceLimits:
 
 
 _DEFAULT_LIMITS: Final = TraceLimits()
-
-
-class Dropped:
-    """Counts of what a trace left out because a cap was hit. The counts start as the class's
-    zeros (no ``__init__`` to run for every trace) and become the instance's own when counted."""
-
-    resources = 0
-    annotations = 0
-    callbacks = 0
-    stacks = 0
-    truncated = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "resources": self.resources,
-            "annotations": self.annotations,
-            "callbacks": self.callbacks,
-            "stacks": self.stacks,
-            "truncatedValues": self.truncated,
-        }
-
-
-class Resource:
-    """One async resource. ``callbacks`` is flat: start, end, start, end, ... (raw clock).
-
-    Holds ints, strings, None and lists of ints only. With the C accelerator built, resources
-    are ``_speedups.Resource``, the same record as a type the garbage collector does not track
-    (a traced request makes one per resource, and none can be part of a cycle), whose
-    ``callbacks`` list is made on first use.
-    """
-
-    __slots__ = (
-        "annotation_count",
-        "async_id",
-        "awaited_by",
-        "callbacks",
-        "created_at",
-        "settled_at",
-        "stack_id",
-        "state",
-        "trigger_id",
-        "type",
-    )
-
-    def __init__(
-        self, async_id: int, trigger_id: int, type: str, stack_id: int | None, created_at: int
-    ) -> None:
-        self.async_id = async_id
-        self.trigger_id = trigger_id
-        self.type = type
-        self.stack_id = stack_id
-        self.created_at = created_at
-        self.callbacks: list[int] = []
-        self.settled_at: int | None = None
-        self.state = "pending"
-        self.annotation_count = 0
-        self.awaited_by: list[int] | None = None
-
-    def intervals(self) -> list[tuple[int, int | None]]:
-        """Callback intervals as (start, end) pairs; end is None for a step still running."""
-        cb = self.callbacks
-        return [(cb[i], cb[i + 1] if i + 1 < len(cb) else None) for i in range(0, len(cb), 2)]
-
-    def __repr__(self) -> str:
-        return f"<Resource {self.async_id} {self.type} <-{self.trigger_id} {self.state}>"
-
-
-_PyResource = Resource  # the pure-Python record, kept for tests that compare the two
-if _CResource is not None and not TYPE_CHECKING:
-    Resource = _CResource
 
 
 # Trace ids drawn from the OS 256 at a time: one system call for many requests. list.pop()
@@ -199,171 +109,6 @@ def _machine_limits(limits: TraceLimits) -> tuple[int, int, int, int, int, int]:
 
 
 _limit_ints: dict[int, tuple[TraceLimits, tuple[int, int, int, int, int, int]]] = {}
-
-
-def _check_watched_list(watched: list[tuple[Resource, Any]], now: int) -> None:
-    for i in range(len(watched) - 1, -1, -1):
-        if i >= len(watched):
-            continue
-        res, handle = watched[i]
-        if res.settled_at is None:
-            try:
-                if not handle.cancelled():
-                    continue
-            except Exception as exc:
-                report("timers", exc)
-            else:
-                res.settled_at, res.state = now, "cancelled"
-        del watched[i]
-
-
-def check_watched(trace: Any, res: Resource, now: int) -> None:
-    """A step of ``res`` ended at ``now``: of the timers whose loop reports no cancel (uvloop's
-    handles take no class of ours), watched in ``trace._watched``, those ``res`` made are asked
-    whether they were cancelled (a sleep's, a deadline's: cancelled by the task that made
-    them), all of them at a step of the root (what one task made and another cancelled is seen
-    as the request resumes). Each cancelled one is settled ``cancelled`` now; each settled one
-    is let go. The C core does the same in ``end()`` and a task's step."""
-    watched: dict[int, list[tuple[Resource, Any]]] | None = trace._watched
-    if not watched:
-        return
-    resources = trace.resources
-    if resources and resources[0] is res:
-        for each in list(watched.values()):
-            _check_watched_list(each, now)
-        return
-    mine = watched.get(res.async_id)
-    if mine is not None:
-        _check_watched_list(mine, now)
-        if not mine:
-            watched.pop(res.async_id, None)
-
-
-class _PyTraceCore:
-    """The recording half of a trace: what every hook calls for every resource. With the C
-    accelerator built, ``Trace`` stands on ``_speedups.TraceCore`` instead, the same methods
-    in C; the tests hold the two to the same results. Limits are plain integers, copied from
-    ``TraceLimits`` by ``Trace.__init__``."""
-
-    __slots__ = (
-        "_max_annotation_length",
-        "_max_annotations",
-        "_max_callbacks",
-        "_max_resources",
-        "_max_stacks",
-        "_next_id",
-        "_running",
-        "_stack_ids",
-        "_watched",
-        "annotations",
-        "closed",
-        "dropped",
-        "resources",
-        "samples",
-        "stack_depth",
-        "stacks",
-    )
-
-    _max_annotation_length: int
-    _max_annotations: int
-    _max_callbacks: int
-    _max_resources: int
-    _max_stacks: int
-    _next_id: int
-    # (resource, thread ident) of the step running now, or None: see _watchdog
-    _running: tuple[Resource, int] | None
-    _stack_ids: dict[object, int]
-    # timers whose loop reports no cancel (uvloop): their maker's async_id -> [(resource,
-    # handle)]; see check_watched
-    _watched: dict[int, list[tuple[Resource, Any]]] | None
-    annotations: list[tuple[int, str, AnnotationValue]]
-    closed: bool
-    dropped: Dropped
-    resources: list[Resource]
-    # Where a long step on the loop was when the watchdog looked: (async_id, when, frames,
-    # innermost first), or None when it never looked
-    samples: list[tuple[int, int, tuple[str, ...]]] | None
-    stack_depth: int
-    stacks: list[tuple[str, ...]]
-
-    def add(self, type: str, trigger_id: int, stack_id: int | None, now: int) -> Resource | None:
-        """A new resource, or None when the resource cap is reached (counted as dropped)."""
-        resources = self.resources
-        if len(resources) >= self._max_resources:
-            self.dropped.resources += 1
-            return None
-        with _ids_lock:  # a worker thread may add to the same trace (the C core holds the GIL)
-            async_id = self._next_id
-            self._next_id = async_id + 1
-        res = Resource(async_id, trigger_id, type, stack_id, now)
-        resources.append(res)
-        return res
-
-    def begin(self, res: Resource, now: int) -> None:
-        """A callback of ``res`` starts running."""
-        cb = res.callbacks
-        if len(cb) < self._max_callbacks:
-            cb.append(now)
-        else:
-            self.dropped.callbacks += 1
-
-    def end(self, res: Resource, now: int) -> None:
-        """The running callback of ``res`` returns (ignored if its start was dropped)."""
-        cb = res.callbacks
-        if len(cb) & 1:
-            cb.append(now)
-        if self._watched:
-            check_watched(self, res, now)
-
-    def settle(self, res: Resource, now: int, state: str) -> None:
-        """``res`` reached its final state; only the first settlement counts."""
-        if res.settled_at is None:
-            res.settled_at = now
-            res.state = state
-
-    def annotate(self, res: Resource, key: str, value: AnnotationValue) -> None:
-        if res.annotation_count >= self._max_annotations:
-            self.dropped.annotations += 1
-            return
-        limit = self._max_annotation_length
-        if isinstance(value, str):
-            if len(value) > limit:
-                value = value[:limit] + "…"
-                self.dropped.truncated += 1
-        elif value is not None and not isinstance(value, (int, float)):  # bool is an int
-            value = repr(value)[:limit]
-        res.annotation_count += 1
-        self.annotations.append((res.async_id, key, value))
-
-    def stack_id(self, key: object, frames: tuple[str, ...]) -> int | None:
-        """The id of a stack in this trace's table, interned by ``key`` (any hashable)."""
-        sid = self._stack_ids.get(key)
-        if sid is None:
-            if len(self.stacks) >= self._max_stacks:
-                self.dropped.stacks += 1
-                return None
-            sid = len(self.stacks)
-            self.stacks.append(frames)
-            self._stack_ids[key] = sid
-        return sid
-
-    def new_resource(self, type: str, parent: Resource, skip: int) -> Resource | None:
-        """A resource of ``type`` made now by ``parent``, with the creation stack that starts
-        ``skip`` frames out from the calling frame (0: the caller itself)."""
-        now = _now()
-        sid = None
-        if self.stack_depth:
-            stack = capture(self.stack_depth, skip + 2)  # past capture() and this frame
-            sid = self._stack_ids.get(stack)
-            if sid is None:
-                sid = self.stack_id(stack, stack.frames)
-        return self.add(type, parent.async_id, sid, now)
-
-
-if TYPE_CHECKING:
-    _TraceCore = _PyTraceCore
-else:
-    _TraceCore = _PyTraceCore if _CTraceCore is None else _CTraceCore
 
 
 class Trace(_TraceCore):
@@ -510,7 +255,7 @@ class Trace(_TraceCore):
 
     def to_dict(self) -> dict[str, Any]:
         """The trace in format v1 (a plain dict, ready for any JSON encoder)."""
-        return self._as_dict(resource_dicts(self._ordered(), self.origin))
+        return trace_dict(self)
 
     def to_json(self) -> bytes:
         """The trace in format v1 as JSON: ``orjson.dumps(self.to_dict())``, byte for byte.
@@ -520,145 +265,16 @@ class Trace(_TraceCore):
         the garbage collector on a request's way out. A failure there is counted and the
         Python path used.
         """
-        return self._json(True)
+        return trace_json(self, True)
 
     def json_without_stacks(self) -> bytes:
         """``to_json()`` but for its ``stackTraces`` entry: for the response header, which
         takes the stack table from a cache of its compressed form (see ``stack_table_json``)."""
-        return self._json(False)
+        return trace_json(self, False)
 
     def stack_table_json(self) -> bytes:
         """The ``stackTraces`` array as JSON, as ``to_json()`` writes it."""
-        accelerated: Exception | None = None
-        if _c_stacks_json is not None:
-            try:
-                if len(_frames_json) > _MAX_FRAMES_JSON:
-                    _frames_json.clear()
-                return _c_stacks_json(self.stacks, _frames_json, orjson.dumps)
-            except Exception as exc:
-                accelerated = exc
-        table: list[dict[str, Any]] = [
-            {"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)
-        ]
-        try:
-            data = orjson.dumps(table)
-        except orjson.JSONEncodeError as exc:  # a frame JSON cannot hold: as to_json() does
-            report("serialize", exc)
-            for entry in table:
-                entry["frames"] = [_json_safe(f) for f in entry["frames"]]
-            return orjson.dumps(table)
-        if accelerated is not None:
-            report("serialize-accelerated", accelerated)
-        return data
-
-    def _json(self, with_stacks: bool) -> bytes:
-        ordered = self._ordered()
-        accelerated: Exception | None = None
-        if _c_trace_json is not None:
-            try:
-                dumps = orjson.dumps
-                strings = _json_strings
-                if len(strings) > _MAX_JSON_STRINGS:
-                    strings.clear()
-                if len(_frames_json) > _MAX_FRAMES_JSON:
-                    _frames_json.clear()
-                # One buffer: the fields before "resources" and the dropped counts from
-                # orjson, everything else written by C straight from the model.
-                head = dumps(self._head(self.request))
-                data = _c_trace_json(
-                    head, ordered, self.origin, _SLOTS, self.stacks if with_stacks else None,
-                    _frames_json, self.annotations, dumps(self.dropped.to_dict()), dumps,
-                    strings,
-                )  # fmt: skip
-                if self.samples:  # rare (a step that blocked the loop): after "dropped"
-                    data = b"".join((data[:-1], b',"samples":', self._samples_json(), b"}"))
-                return data
-            except Exception as exc:
-                accelerated = exc
-        no_stacks = None if with_stacks else ()
-        out = self._as_dict(resource_dicts(ordered, self.origin), stacks=no_stacks)
-        if not with_stacks:
-            del out["stackTraces"]
-        try:
-            data = orjson.dumps(out)
-        except orjson.JSONEncodeError as exc:
-            # A value JSON cannot hold (a string with lone surrogates, an int beyond 64 bits):
-            # written in a form it can, rather than losing the trace.
-            report("serialize", exc)
-            out = self._as_dict(resource_dicts(ordered, self.origin), stacks=no_stacks, safe=True)
-            if not with_stacks:
-                del out["stackTraces"]
-            return orjson.dumps(out)
-        if accelerated is not None:  # the C writer failed where Python did not: its bug
-            report("serialize-accelerated", accelerated)
-        return data
-
-    def _ordered(self) -> list[Resource]:
-        ordered = self.resources
-        return sorted(ordered, key=_ID) if self._out_of_order() else ordered
-
-    def _as_dict(
-        self, resources: Any, annotations: Any = None, stacks: Any = None, safe: bool = False
-    ) -> dict[str, Any]:
-        if annotations is None:
-            annotations = [{"asyncId": a, "key": k, "value": v} for a, k, v in self.annotations]
-        if stacks is None:
-            stacks = [{"id": i, "frames": list(f)} for i, f in enumerate(self.stacks)]
-        out = {
-            **self._head(dict(self.request)),
-            "resources": resources,
-            "stackTraces": stacks,
-            "annotations": annotations,
-            "dropped": self.dropped.to_dict(),
-        }
-        if self.samples:
-            out["samples"] = self._sample_dicts()
-        if safe:
-            for a in annotations:
-                a["key"], a["value"] = _json_safe(a["key"]), _json_safe(a["value"])
-            out["request"] = {k: _json_safe(v) for k, v in out["request"].items()}
-            for stack in out["stackTraces"]:
-                stack["frames"] = [_json_safe(f) for f in stack["frames"]]
-            for r in resources:
-                r["type"] = _json_safe(r["type"])
-            for sample in out.get("samples", ()):
-                sample["frames"] = [_json_safe(f) for f in sample["frames"]]
-        return out
-
-    def _sample_dicts(self) -> list[dict[str, Any]]:
-        """``samples`` in format v1: each with its time from the request's start."""
-        o = self.origin
-        return [
-            {"asyncId": rid, "at": at - o, "frames": list(frames)}
-            for rid, at, frames in self.samples or ()
-        ]
-
-    def _samples_json(self) -> bytes:
-        dicts = self._sample_dicts()
-        try:
-            return orjson.dumps(dicts)
-        except orjson.JSONEncodeError:  # a frame JSON cannot hold: as _as_dict(safe=True)
-            for sample in dicts:
-                sample["frames"] = [_json_safe(f) for f in sample["frames"]]
-            return orjson.dumps(dicts)
-
-    def _head(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The fields of format v1 before "resources", in their order."""
-        return {
-            "version": FORMAT_VERSION,
-            "traceId": self.trace_id,
-            "request": request,
-            "startedAtUnixNs": self.started_at_unix_ns,
-            "requestDurationNs": self.duration_ns,
-        }
-
-    def _out_of_order(self) -> bool:
-        if _c_in_order is not None:
-            known = _c_in_order(self.resources)
-            if known is not None:
-                return not known
-        ids = list(map(_ID, self.resources))
-        return ids != sorted(ids)
+        return stack_table_json(self.stacks)
 
     def __repr__(self) -> str:
         return f"<Trace {self.trace_id} {len(self.resources)} resources>"
@@ -692,72 +308,6 @@ _TRACE_FIELDS: Final = tuple(
     for name in (*_PyTraceCore.__slots__, *Trace.__slots__)
     if name not in ("_running", "_stack_ids", "_watched", "finishers")
 )
-
-
-def resource_dicts(ordered: list[Resource], o: int) -> list[dict[str, Any]]:
-    """Resources as format-v1 objects. (A C version measured no faster: building the dicts
-    and ints is the cost, in either language.)"""
-    resources: list[dict[str, Any]] = []
-    add = resources.append
-    # One pass, locals only: this runs once per traced request over every resource.
-    for r in ordered:
-        cb = r.callbacks
-        if cb:
-            n = len(cb)
-            pairs: list[list[int | None]] = [[cb[i] - o, cb[i + 1] - o] for i in range(0, n - 1, 2)]
-            if n & 1:
-                pairs.append([cb[-1] - o, None])
-            first: int | None = cb[0] - o
-            last: int | None = cb[n - 1] - o if not n & 1 else (cb[n - 2] - o if n > 1 else None)
-        else:
-            pairs, first, last = [], None, None
-        settled = r.settled_at
-        item = {
-            "asyncId": r.async_id,
-            "triggerId": r.trigger_id,
-            "type": r.type,
-            "stackTraceId": r.stack_id,
-            "createdAt": r.created_at - o,
-            "callbackStartedAt": first,
-            "callbackEndedAt": last,
-            "destroyedAt": settled - o if settled is not None else None,
-            "callbacks": pairs,
-            "state": r.state,
-        }
-        if r.awaited_by:
-            item["awaitedBy"] = list(r.awaited_by)
-        add(item)
-    return resources
-
-
-# What the C writer reads of each resource, in the order it expects (the C record's
-# callbacks list at its raw field, which is empty until first used).
-_SLOTS: Final = tuple(
-    vars(Resource)[name]
-    for name in ("async_id", "trigger_id", "type", "stack_id", "created_at",
-                 "callbacks" if Resource is _PyResource else "_callbacks",
-                 "settled_at", "state", "awaited_by")
-)  # fmt: skip
-
-
-_ID: Final = operator.attrgetter("async_id")
-# Types, states and annotation keys as JSON, for the C writer: a few dozen in a real app.
-_json_strings: dict[str, bytes] = {}
-_MAX_JSON_STRINGS: Final = 4096
-# Each distinct stack's frames as JSON, written once by the C writer: call sites repeat across
-# requests. Keyed by the frames tuple's identity (the stack cache hands out one per call
-# site); the entry holds the tuple, so its id cannot be reused while the entry lives.
-_frames_json: dict[int, tuple[tuple[str, ...], bytes]] = {}
-_MAX_FRAMES_JSON: Final = 20_000
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` in a form JSON holds: lone surrogates escaped, ints beyond 64 bits as text."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        return str(value)
-    return value
 
 
 def frame_origin(frame: str) -> FrameOrigin:

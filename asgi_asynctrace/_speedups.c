@@ -467,14 +467,14 @@ untraced_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 
-/* resources_json(resources, origin, slots, encode[, cache]): the "resources" array of format v1 as
- * JSON bytes, the same bytes orjson writes for _model.resource_dicts(resources, origin), with
- * no dict, list or int made on the way (building those is what the Python path spends its
+/* Format v1's "resources" array (write_resources, below, for trace_json): the same bytes
+ * orjson writes for _serialize.resource_dicts(resources, origin), with no dict, list or int
+ * made on the way (building those is what the Python path spends its
  * time on, and what wakes the garbage collector). ``slots`` are the member descriptors of
  * Resource's async_id, trigger_id, type, stack_id, created_at, callbacks, settled_at, state
  * and awaited_by, read straight at their offsets; ``encode`` (orjson.dumps) writes each
- * distinct string once (into ``cache``, str -> bytes, kept across calls when given), so
- * escaping stays exactly orjson's. */
+ * distinct string once (into ``cache``, str -> bytes, kept across calls), so escaping stays
+ * exactly orjson's. */
 enum { R_ID, R_TRIGGER, R_TYPE, R_STACK, R_CREATED, R_CALLBACKS, R_SETTLED, R_STATE, R_AWAITED,
        R_SLOTS };
 
@@ -794,33 +794,6 @@ take_bytes(buffer *b)
     return out;
 }
 
-static PyObject *
-resources_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 4 || nargs > 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "resources_json(resources: list, origin: int, slots: tuple of 9, encode"
-                        "[, cache: dict])");
-        return NULL;
-    }
-    long long o;
-    if (get_ll(args[1], &o) < 0) {
-        return NULL;
-    }
-    PyObject *cache = nargs == 5 && PyDict_CheckExact(args[4]) ? Py_NewRef(args[4]) : PyDict_New();
-    if (cache == NULL) {
-        return NULL;
-    }
-    buffer b = {NULL, 0, 0};
-    int rc = write_resources(&b, args[0], o, args[2], args[3], cache);
-    Py_DECREF(cache);
-    if (rc < 0) {
-        PyMem_Free(b.data);
-        return NULL;
-    }
-    return take_bytes(&b);
-}
-
 /* A JSON string as orjson writes it: ASCII escaped here (quote, backslash, the control
  * characters), anything else handed to ``encode``. */
 static int
@@ -880,7 +853,7 @@ put_text(buffer *b, PyObject *s, PyObject *encode)
     return 0;
 }
 
-/* annotations_json(annotations, encode[, cache]): format v1's "annotations" array as JSON, the
+/* Appends format v1's "annotations" array (for trace_json) to bp: the
  * same bytes orjson writes for [{"asyncId": a, "key": k, "value": v}, ...] made from the
  * trace's (async_id, key, value) tuples. Values other than str, int, bool and None (floats,
  * int subclasses) go through ``encode``, so every one is written as orjson would. */
@@ -971,28 +944,6 @@ write_annotations(buffer *bp, PyObject *items, PyObject *encode, PyObject *keys)
 fail:
     return -1;
 #undef b
-}
-
-static PyObject *
-annotations_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "annotations_json(annotations: list, encode[, cache: dict])");
-        return NULL;
-    }
-    PyObject *keys = nargs == 3 && PyDict_CheckExact(args[2]) ? Py_NewRef(args[2]) : PyDict_New();
-    if (keys == NULL) {
-        return NULL;
-    }
-    buffer b = {NULL, 0, 0};
-    int rc = write_annotations(&b, args[0], args[1], keys);
-    Py_DECREF(keys);
-    if (rc < 0) {
-        PyMem_Free(b.data);
-        return NULL;
-    }
-    return take_bytes(&b);
 }
 
 /* Dispatch(var, untraced, traced): a callable that calls ``untraced`` with its arguments
@@ -1401,7 +1352,7 @@ fail:
     return NULL;
 }
 
-/* Resource: one record of the trace model (see _model.Resource, the same in Python). Not
+/* Resource: one record of the trace model (see _recording.Resource, the same in Python). Not
  * garbage-collected: it holds only ints, strings, None and lists of ints, so it can never be
  * part of a reference cycle, and a traced request makes one per resource; as a collected
  * object each one was counted towards the next collection and walked by every collection
@@ -1624,7 +1575,7 @@ in_order(PyObject *module, PyObject *resources)
 
 /* TraceCore: the recording half of _model.Trace (its base class when this module is built):
  * add, begin, end, settle, annotate, stack_id and new_resource, the calls every hook makes
- * for every resource of a traced request. _model._PyTraceCore is the same in Python; the
+ * for every resource of a traced request. _recording._PyTraceCore is the same in Python; the
  * tests run both. Limits are kept as plain integers (set by Trace.__init__); what goes over
  * them is counted on the trace's Dropped object (a rare path: attribute arithmetic). */
 typedef struct {
@@ -2522,7 +2473,7 @@ call_new_resource(PyObject *const *call)
     return PyObject_VectorcallMethod(s_new_resource, (PyObject **)call, 4, NULL);
 }
 
-/* TimedCoroutine(coro, trace, res): the C form of _hooks._PyTimedCoroutine, what every step of
+/* TimedCoroutine(coro, trace, res): the C form of _tasks.PyTimedCoroutine, what every step of
  * every traced task runs through. Each send/throw is one callback interval of res (begin and
  * end on res's callbacks list, capped like TraceCore.begin), and the moment the coroutine
  * returns or raises settles res. It implements am_send, so a task (and an ``await`` of it)
@@ -2535,7 +2486,7 @@ typedef struct {
     ResourceObject *res;
 } Timed;
 
-static PyObject *traced_future_type;     /* _hooks.TracedFuture */
+static PyObject *traced_future_type;     /* _futures.TracedFuture */
 static PyObject *settle_from_exception;  /* _context.settle_from_exception */
 static PyObject *report_failure;         /* _failures.report */
 static PyObject *s_ok, *s_callbacks, *s_throw, *s_close, *s_asynctrace_res, *s_task;
@@ -3120,7 +3071,7 @@ static PyTypeObject TaskFactoryType = {
     .tp_vectorcall_offset = offsetof(TaskFactory, vectorcall),
 };
 
-/* Set by _hooks: the future type whose waiters are recorded, how a raised exception settles
+/* Set by _futures: the future type whose waiters are recorded, how a raised exception settles
  * a resource, and where failures are counted. */
 static PyObject *
 set_timed_hooks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -4518,7 +4469,7 @@ static PyTypeObject KeyedCallType = {
     .tp_dealloc = (destructor)keyed_dealloc,
 };
 
-/* Futures (_hooks.TracedFuture and create_future's traced side, in C). SettleAfter(method,
+/* Futures (_futures.TracedFuture and create_future's traced side, in C). SettleAfter(method,
  * state, only_if_true) goes in TracedFuture's class in place of set_result / set_exception /
  * cancel: it calls asyncio's own method, then settles the future's resource (for cancel, only
  * when the cancel took). FutureMaker(var, original, traced_future_type) is the traced side of
@@ -4846,8 +4797,6 @@ static PyMethodDef methods[] = {
      "and code a walk stops at."},
     {"stack_lookup", (PyCFunction)(void (*)(void))stack_lookup, METH_FASTCALL,
      "stack_lookup(skip, max_depth, stop_code, cache) -> the cached Stack, or (hash, key)."},
-    {"resources_json", (PyCFunction)(void (*)(void))resources_json, METH_FASTCALL,
-     "resources_json(resources, origin, slots, encode[, cache]) -> bytes: v1's resources."},
     {"stacks_json", (PyCFunction)(void (*)(void))stacks_json, METH_FASTCALL,
      "stacks_json(stacks, cache, encode) -> bytes: v1's stackTraces."},
     {"trace_json", (PyCFunction)(void (*)(void))trace_json, METH_FASTCALL,
@@ -4857,8 +4806,6 @@ static PyMethodDef methods[] = {
      "duration_ms(seconds) -> milliseconds to the microsecond, as timers write delayMs."},
     {"in_order", (PyCFunction)in_order, METH_O,
      "in_order(resources) -> True, False, or None when it cannot tell."},
-    {"annotations_json", (PyCFunction)(void (*)(void))annotations_json, METH_FASTCALL,
-     "annotations_json(annotations, encode[, cache]) -> bytes: v1's annotations."},
     {"set_timed_hooks", (PyCFunction)(void (*)(void))set_timed_hooks, METH_FASTCALL,
      "set_timed_hooks(traced_future_type, settle_from_exception, report)."},
     {"found", (PyCFunction)found, METH_O,
@@ -4964,7 +4911,7 @@ PyInit__speedups(void)
         return NULL;
     }
     s_frames = PyUnicode_InternFromString("frames");
-    s_ellipsis = PyUnicode_FromString("\xe2\x80\xa6"); /* U+2026, as _model appends */
+    s_ellipsis = PyUnicode_FromString("\xe2\x80\xa6"); /* U+2026, as _recording appends */
     PyObject *time_module = PyImport_ImportModule("time");
     perf_counter_ns = time_module ? PyObject_GetAttrString(time_module, "perf_counter_ns") : NULL;
     Py_XDECREF(time_module);

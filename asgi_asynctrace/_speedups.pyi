@@ -6,17 +6,6 @@ def stack_lookup(
 ) -> object: ...
 def untraced_check(scope: object, header: bytes, prefix: str, /) -> object: ...
 def find_header(headers: object, name: bytes, /) -> Any: ...
-def resources_json(
-    resources: list[Any],
-    origin: int,
-    slots: tuple[object, ...],
-    encode: object,
-    cache: dict[str, bytes] = ...,
-    /,
-) -> bytes: ...
-def annotations_json(
-    annotations: list[Any], encode: object, cache: dict[str, bytes] = ..., /
-) -> bytes: ...
 
 class Dispatch:
     untraced: Any

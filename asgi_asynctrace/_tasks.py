@@ -26,7 +26,8 @@ from . import _stacks
 from ._context import ACTIVE, settle_from_exception
 from ._failures import report
 from ._futures import TracedFuture
-from ._model import Resource, Trace, check_watched
+from ._model import Resource, Trace
+from ._recording import check_watched
 
 _CDispatch: Callable[..., Any] | None
 _CTaskCall: Callable[..., Any] | None

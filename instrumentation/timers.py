@@ -36,7 +36,8 @@ from typing import Any
 from asgi_asynctrace._context import ACTIVE
 from asgi_asynctrace._failures import report
 from asgi_asynctrace._hooks import add_loop_patch, remove_loop_patch
-from asgi_asynctrace._model import Resource, Trace, check_watched
+from asgi_asynctrace._model import Resource, Trace
+from asgi_asynctrace._recording import check_watched
 from asgi_asynctrace._tasks import dispatch_python
 
 from ._base import Instrumentation

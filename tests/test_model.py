@@ -290,7 +290,7 @@ def test_values_json_cannot_hold_are_written_escaped_and_the_trace_kept() -> Non
 def test_the_c_resource_is_the_python_record_without_the_collectors_cost() -> None:
     import gc
 
-    from asgi_asynctrace._model import Resource, _PyResource
+    from asgi_asynctrace._recording import Resource, _PyResource
 
     assert Resource is not _PyResource
     c, py = Resource(7, 1, "fetch", None, 100), _PyResource(7, 1, "fetch", None, 100)
@@ -332,7 +332,7 @@ def _python_core_trace() -> type[Trace]:
     """Trace standing on the pure-Python recording core (what runs without the accelerator)."""
     import types
 
-    from asgi_asynctrace._model import _PyTraceCore
+    from asgi_asynctrace._recording import _PyTraceCore
 
     skip = {"__slots__", "__dict__", "__weakref__", "__module__", "__qualname__"}
     body = {
@@ -366,7 +366,7 @@ _OPS = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(ops=_OPS, caps=st.tuples(*(st.integers(1, n) for n in (6, 3, 8, 3, 3)), st.integers(0, 4)))
 def test_the_c_recording_core_records_what_the_python_one_records(ops: Any, caps: Any) -> None:
-    from asgi_asynctrace._model import _PyTraceCore
+    from asgi_asynctrace._recording import _PyTraceCore
 
     limits = TraceLimits(max_resources=caps[0], max_callbacks_per_resource=caps[1],
                          max_annotations_per_resource=caps[2], max_annotation_length=caps[3],
