@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from asgi_asynctrace import AsyncTraceMiddleware, Trace
+from asgi_asynctrace import AsyncTraceMiddleware, Resource, Trace
 from asgi_asynctrace._hooks import LINGER_S
 
 T = TypeVar("T")
@@ -133,3 +133,60 @@ def assert_recorded_alike(c_form: Recorded, python_form: Recorded) -> None:
     assert c_records == python_records, f"C: {c_records}\nPython: {python_records}"
     for (_, ours), (_, theirs) in zip(c_form, python_form, strict=True):
         assert ours == theirs, f"C: {ours}\nPython: {theirs}"
+
+
+Tree = list[tuple[str, list[Any]]]
+
+
+OWN_SUITES = frozenset({"timer", "stream-read", "stream-write"})
+
+
+def label(trace: Trace, res: Resource) -> str:
+    notes = trace.annotations_of(res.async_id)
+    name = notes.get("coroutine") or notes.get("function") or notes.get("name")
+    short = str(name).rsplit(".", 1)[-1] if name else ""
+    return f"{res.type}:{short}" if short else res.type
+
+
+def tree(trace: Trace, parent: int = 1, types: frozenset[str] | None = None) -> Tree:
+    """The causality tree under ``parent`` as nested (label, children), in creation order.
+
+    Timers (from the timers instrumentation, on by default) and the response body the
+    middleware records are left out unless asked for: their own suites are
+    tests/instrumentation/test_timers.py and tests/test_streams.py.
+    """
+    return [
+        (label(trace, r), tree(trace, r.async_id, types))
+        for r in trace.resources
+        if r.trigger_id == parent and (r.type in types if types else r.type not in OWN_SUITES)
+    ]
+
+
+def untimed(trace: Trace) -> list[Resource]:
+    """The trace's resources without its timers and body streams (see ``tree``)."""
+    return [r for r in trace.resources if r.type not in OWN_SUITES]
+
+
+def by_label(trace: Trace, wanted: str) -> list[Resource]:
+    return [r for r in trace.resources if label(trace, r) == wanted]
+
+
+def assert_plausible(trace: Trace) -> None:
+    """Every resource's times are ordered: created <= steps (ordered, disjoint) <= settled."""
+    end = trace.ended_at
+    assert end is not None
+    for r in trace.resources:
+        times = r.callbacks
+        assert times == sorted(times), r
+        if times:
+            assert r.created_at <= times[0], r
+        if r.settled_at is not None:
+            assert r.created_at <= r.settled_at, r
+            if times and r.type in ("task", "thread"):
+                assert times[-1] <= r.settled_at, r
+        assert r.trigger_id < r.async_id
+
+
+async def leaf(delay: float = 0.005) -> str:
+    await asyncio.sleep(delay)
+    return "leaf"
