@@ -3,11 +3,11 @@
     findings = diagnose(trace, times, children, path, notes, AnalysisSettings(), duration)
 
 Called by ``analyze()``, which has worked out each resource's times and the critical path.
-Kinds: sequential-awaits (independent reads one after another), n-plus-one (one call site,
-back to back), blocked-loop (a long step on the loop), slow-upstream (one call taking most of
-the request), thread-starvation (a job waiting for a worker), unawaited-task (still running
-at the end). Ranked by the time they cost. Exports: diagnose, Finding, AnalysisSettings,
-SEVERITIES, IO_TYPES.
+Kinds: repeated-read, sequential-awaits and n-plus-one (in ``_reads``), blocked-loop (a long
+step on the loop), loop-busy (ready, but the loop ran other work), slow-upstream (one call
+taking most of the request), thread-starvation (a job waiting for a worker), unawaited-task
+(still running at the end). Ranked by the time they cost. Exports: diagnose, Finding,
+AnalysisSettings, SEVERITIES, IO_TYPES.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ._model import Resource, Trace, frame_origin
+from ._reads import n_plus_one, repeated_reads, runs
 
 if TYPE_CHECKING:
     from ._analysis import PathStep, ResourceTimes
@@ -72,8 +73,8 @@ def site_of(stack: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # sequential-awaits, n-plus-one, blocked-loop, loop-busy, slow-upstream,
-    # thread-starvation, unawaited-task
+    kind: str  # repeated-read, sequential-awaits, n-plus-one, blocked-loop, loop-busy,
+    # slow-upstream, thread-starvation, unawaited-task
     title: str
     cost_ns: int  # the time it cost the request (what fixing it would save, at most)
     resources: tuple[int, ...]
@@ -134,33 +135,37 @@ def diagnose(
 
     def add(
         kind: str, title: str, cost: int, rids: tuple[int, ...], fix: str,
-        stack: tuple[str, ...] | None = None,
+        stack: tuple[str, ...] | None = None, at: int | None = None,
     ) -> None:  # fmt: skip
+        """A finding, unless it costs too little; where it happened is ``stack``, else the
+        creation stack of ``at``, else of its first resource."""
         if cost < s.min_cost_ms * MS and kind != "unawaited-task":
             return
-        where = stack_of(rids[0]) if stack is None else stack
+        where = stack_of(rids[0] if at is None else at) if stack is None else stack
         found.append(Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), where))
 
-    # N+1: one call site issuing the same operation again and again, each after the last ended,
-    # whatever the loop does in between. Sequential awaits: the other runs of operations under
-    # one parent, each starting after the previous one ended, the parent doing next to nothing
-    # in between.
+    # Repeated reads: the same read again, nothing written to it in between. N+1: one call
+    # site issuing the same operation again and again, each after the last ended, whatever the
+    # loop does in between. Sequential awaits: the other runs of operations under one parent,
+    # each starting after the previous one ended, the parent doing next to nothing in between.
+    repeats = repeated_reads(trace, times, path, notes, add)
     gap = s.sequential_gap_ms * MS
     for kids in children.values():
-        ops = sorted((times[k.async_id] for k in kids if k.type in IO_TYPES),
+        ops = sorted((times[k.async_id] for k in kids
+                      if k.type in IO_TYPES and k.async_id not in repeats),
                      key=lambda t: t.created)  # fmt: skip
-        in_n1 = _n_plus_one(ops, by_id, add, s)
+        in_n1 = n_plus_one(ops, by_id, add, s)
         run: list[ResourceTimes] = []
         for op in ops:
             if op.async_id in in_n1:
-                _runs(run, notes, add)
+                runs(run, notes, add)
                 run = []
             elif run and run[-1].ended <= op.created <= run[-1].ended + gap:
                 run.append(op)
             else:
-                _runs(run, notes, add)
+                runs(run, notes, add)
                 run = [op]
-        _runs(run, notes, add)
+        runs(run, notes, add)
 
     # The loop blocked: one step on the loop longer than the threshold. Where it was blocked
     # is the first stack the watchdog took in that step, when it took one; else the stack
@@ -318,76 +323,3 @@ class _Spans:
         covered -= max(0, a - self.starts[i])  # the first one cut at a
         covered -= max(0, self.ends[j - 1] - b)  # the last one cut at b
         return covered
-
-
-_READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-_READ_STATEMENTS: Final = ("select", "with", "show", "explain", "values")
-
-
-def _is_read(t: ResourceTimes, notes: dict[str, Any]) -> bool:
-    """Reads can be reordered; writes, and reads after a write, are taken as dependent."""
-    if t.type in ("cache-get", "kv-get", "kv-list"):
-        return True
-    if t.type == "fetch":
-        return str(notes.get("method", "")).upper() in _READ_METHODS
-    if t.type == "db-query":
-        return str(notes.get("statement", "")).lstrip().lower().startswith(_READ_STATEMENTS)
-    return False
-
-
-def _n_plus_one(
-    ops: list[ResourceTimes], by_id: dict[int, Resource], add: Any, s: AnalysisSettings
-) -> set[int]:
-    """Name each chain of operations from one call site run one after another; return them."""
-    sites: dict[tuple[str, int], list[ResourceTimes]] = {}
-    for t in ops:
-        r = by_id[t.async_id]
-        if r.stack_id is not None:
-            sites.setdefault((r.type, r.stack_id), []).append(t)
-    named: set[int] = set()
-    for same in sites.values():
-        chain: list[ResourceTimes] = []
-        for op in [*same, None]:
-            if op is not None and (not chain or chain[-1].ended <= op.created):
-                chain.append(op)
-                continue
-            if len(chain) >= s.n_plus_one_min:
-                spans = [c.ended - c.created for c in chain]
-                add("n-plus-one",
-                    f"{len(chain)} x {chain[0].type} from one call site, one after another "
-                    f"({chain[0].label}, ...)", sum(spans) - max(spans),
-                    tuple(c.async_id for c in chain),
-                    "fetch them in one batch (one query with IN, a multi-get, one request for "
-                    "all), or run them together with asyncio.gather")  # fmt: skip
-                named.update(c.async_id for c in chain)
-            chain = [op] if op is not None else []
-    return named
-
-
-def _runs(run: list[ResourceTimes], notes: dict[int, dict[str, Any]], add: Any) -> None:
-    """Diagnose one run of back-to-back operations: which of them are independent reads."""
-    chain: list[ResourceTimes] = []
-    for t in run:
-        note = notes[t.async_id]
-        if not _is_read(t, note):
-            _sequential(chain, add)
-            chain = []
-            continue
-        chain.append(t)
-        if note.get("hit") is False:  # a miss: what follows fills it, so depends on it
-            _sequential(chain, add)
-            chain = []
-    _sequential(chain, add)
-
-
-def _sequential(chain: list[ResourceTimes], add: Any) -> None:
-    if len(chain) < 2:
-        return
-    spans = [t.ended - t.created for t in chain]
-    names = ", then ".join(f"{t.type} {t.label}" for t in chain[:4])
-    more = f" (+{len(chain) - 4} more)" if len(chain) > 4 else ""
-    add("sequential-awaits",
-        f"{len(chain)} independent reads ran one after another: {names}{more}",
-        sum(spans) - max(spans), tuple(t.async_id for t in chain),
-        "if they do not need each other's results, start them together "
-        "(asyncio.gather or a TaskGroup); the request would wait only for the slowest")  # fmt: skip

@@ -6,14 +6,20 @@ Set ASYNCTRACE_TEST_LOOP=uvloop to run the whole suite on uvloop instead of asyn
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from asgi_asynctrace import AsyncTraceMiddleware, Resource, Trace
+from asgi_asynctrace._analysis import AnalysisSettings, analyze
 from asgi_asynctrace._hooks import LINGER_S
 
 T = TypeVar("T")
@@ -190,3 +196,31 @@ def assert_plausible(trace: Trace) -> None:
 async def leaf(delay: float = 0.005) -> str:
     await asyncio.sleep(delay)
     return "leaf"
+
+
+TracingTransport: Any = importlib.import_module(
+    "asgi_asynctrace.instrumentation.httpx"
+).TracingTransport
+
+
+async def _slow(request: Request) -> Response:
+    await asyncio.sleep(int(request.query_params.get("ms", "20")) / 1000)
+    return PlainTextResponse("ok")
+
+
+def upstream() -> httpx.AsyncClient:
+    """A client whose fetches are recorded, to an upstream served in-process."""
+    app = Starlette(routes=[Route("/slow", _slow)])
+    transport = TracingTransport(httpx.ASGITransport(app=app))
+    return httpx.AsyncClient(transport=transport, base_url="http://upstream")
+
+
+# For tests about other things: a step stretched by a busy machine is no blocked loop there,
+# nor a stretch of the request's own code on the critical path.
+NO_BLOCKING = AnalysisSettings(
+    blocked_step_ms=10_000, loop_busy_ms=10_000, own_code_ms=10_000, own_code_share=1.0
+)
+
+
+def kinds(trace: Trace, settings: AnalysisSettings | None = None) -> list[str]:
+    return [f.kind for f in analyze(trace, settings).findings]
