@@ -64,6 +64,37 @@ typedef struct {
     long long lasti;
 } entry;
 
+#ifdef INTERNAL_FRAMES
+#if PY_VERSION_HEX >= 0x030D0000
+#define FRAME_CODE(f) ((PyObject *)(f)->f_executable)
+#else
+#define FRAME_CODE(f) ((PyObject *)(f)->f_code)
+#endif
+
+/* The first frame from f outwards that has begun to run: the thread's list of frames also
+ * holds ones being set up, which are nobody's caller yet. */
+static inline _PyInterpreterFrame *
+begun(_PyInterpreterFrame *f)
+{
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    return f;
+}
+
+/* The frame the running thread is executing (the interpreter's own record of it). */
+static inline _PyInterpreterFrame *
+running_frame(void)
+{
+    PyThreadState *tstate = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030D0000
+    return begun(tstate->current_frame);
+#else
+    return begun(tstate->cframe->current_frame);
+#endif
+}
+#endif
+
 /* Fills buf with the (code, last instruction) of at most depth frames, from the caller's frame
  * (skip = 0) outwards, stopping before a frame running stop; returns how many. */
 static Py_ssize_t
@@ -71,22 +102,9 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
 {
     Py_ssize_t n = 0;
 #ifdef INTERNAL_FRAMES
-    PyThreadState *tstate = PyThreadState_Get();
-#if PY_VERSION_HEX >= 0x030D0000
-    _PyInterpreterFrame *f = tstate->current_frame;
-#define FRAME_CODE(f) ((PyObject *)(f)->f_executable)
-#else
-    _PyInterpreterFrame *f = tstate->cframe->current_frame;
-#define FRAME_CODE(f) ((PyObject *)(f)->f_code)
-#endif
-    while (f != NULL && _PyFrame_IsIncomplete(f)) {
-        f = f->previous;
-    }
+    _PyInterpreterFrame *f = running_frame();
     for (Py_ssize_t i = 0; i < skip && f != NULL; i++) {
-        f = f->previous;
-        while (f != NULL && _PyFrame_IsIncomplete(f)) {
-            f = f->previous;
-        }
+        f = begun(f->previous);
     }
     int coro = 0;
     while (f != NULL && n < depth) {
@@ -97,12 +115,8 @@ walk(Py_ssize_t skip, Py_ssize_t depth, PyObject *stop, entry *buf)
         buf[n].code = (void *)code;
         buf[n].lasti = _PyInterpreterFrame_LASTI(f);
         n++;
-        f = f->previous;
-        while (f != NULL && _PyFrame_IsIncomplete(f)) {
-            f = f->previous;
-        }
+        f = begun(f->previous);
     }
-#undef FRAME_CODE
 #else
     PyFrameObject *f = PyEval_GetFrame(); /* borrowed */
     Py_XINCREF(f);

@@ -6,22 +6,11 @@ static PyObject *
 call_later_delay(PyObject *code, Py_ssize_t index)
 {
 #ifdef INTERNAL_FRAMES
-    PyThreadState *tstate = PyThreadState_Get();
-#if PY_VERSION_HEX >= 0x030D0000
-    _PyInterpreterFrame *f = tstate->current_frame;
-#define FRAME_CODE(f) ((PyObject *)(f)->f_executable)
-#else
-    _PyInterpreterFrame *f = tstate->cframe->current_frame;
-#define FRAME_CODE(f) ((PyObject *)(f)->f_code)
-#endif
-    while (f != NULL && _PyFrame_IsIncomplete(f)) {
-        f = f->previous;
-    }
+    _PyInterpreterFrame *f = running_frame();
     if (f == NULL || FRAME_CODE(f) != code || index < 0 ||
         index >= ((PyCodeObject *)code)->co_nlocalsplus) {
         return NULL;
     }
-#undef FRAME_CODE
     PyObject *delay = f->localsplus[index];
 #else
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
