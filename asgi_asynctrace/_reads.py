@@ -106,8 +106,11 @@ def _read_key(t: ResourceTimes, note: dict[str, Any]) -> tuple[str, ...] | None:
     """What a read reads, when two reads of it can be told to be the same; else None."""
     if t.type == "fetch":
         method, url = str(note.get("method", "")).upper(), str(note.get("url", ""))
-        if method not in ("GET", "HEAD") or not url or _MASKED.search(url):
-            return None  # (query values are masked by default: two such URLs may differ)
+        if method not in ("GET", "HEAD") or not url:
+            return None
+        if _MASKED.search(url):  # query values masked: the same query if its digest is
+            digest = note.get("queryDigest")
+            return ("fetch", url, method, str(digest)) if digest else None
         return ("fetch", url, method)
     if t.type in ("cache-get", "kv-get"):
         key = note.get("key")

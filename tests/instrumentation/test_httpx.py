@@ -141,8 +141,8 @@ def test_mock_transports_work_and_untraced_calls_record_nothing() -> None:
     assert asyncio.run(call()) == 204
     trace = traced(call)
     assert fetches(trace) == [
-        {"state": "ok", "method": "GET", "url": "http://api.example/x?q=*", "status": 204,
-         "responseBytes": 0}
+        {"state": "ok", "method": "GET", "url": "http://api.example/x?q=*",
+         "queryDigest": _module.query_digest(b"q=1"), "status": 204, "responseBytes": 0}
     ]  # fmt: skip
 
 
@@ -155,3 +155,27 @@ def test_safe_url_strips_userinfo_and_masks_every_query_value() -> None:
     url = httpx.URL("https://me:secret@h.example/p?a=1&b=2&a=3")
     assert safe_url(url) == "https://h.example/p?a=*&b=*&a=*"
     assert safe_url(url, mask_query=False) == "https://h.example/p?a=1&b=2&a=3"
+
+
+def test_a_masked_query_is_told_apart_by_its_digest_which_shows_no_value(upstream: str) -> None:
+    async def body() -> None:
+        async with httpx.AsyncClient(transport=TracingTransport()) as client:
+            for token in ("s3cret-1", "s3cret-1", "s3cret-2"):
+                await client.get(f"{upstream}/ok", params={"token": token})
+            await client.get(f"{upstream}/ok")  # no query: nothing to tell apart
+
+    got = fetches(traced(body))
+    assert [f["url"] for f in got] == [f"{upstream}/ok?token=*"] * 3 + [f"{upstream}/ok"]
+    digests = [f.get("queryDigest") for f in got]
+    assert digests[0] == digests[1] != digests[2] and digests[3] is None
+    assert all(isinstance(d, str) and len(d) == 16 and "s3cret" not in d for d in digests[:3])
+
+
+def test_an_unmasked_query_needs_no_digest(upstream: str) -> None:
+    async def body() -> None:
+        transport = TracingTransport(mask_query=False)
+        async with httpx.AsyncClient(transport=transport) as client:
+            await client.get(f"{upstream}/ok", params={"page": 2})
+
+    (got,) = fetches(traced(body))
+    assert got["url"] == f"{upstream}/ok?page=2" and "queryDigest" not in got
