@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from ._model import frame_origin
+
 if TYPE_CHECKING:
     from ._analysis import PathStep, ResourceTimes
     from ._findings import AnalysisSettings
@@ -154,6 +156,12 @@ def repeated_reads(
                 reading.setdefault(read, []).append(t)
     groups.extend(reading.values())
     repeats: set[int] = set()
+    stack_ids = {r.async_id: r.stack_id for r in trace.resources}
+
+    def stack(rid: int) -> tuple[str, ...]:
+        sid = stack_ids.get(rid)
+        return trace.stacks[sid] if sid is not None and sid < len(trace.stacks) else ()
+
     on_path: dict[int, int] = {}
     for step in path:
         on_path[step.async_id] = on_path.get(step.async_id, 0) + step.end - step.start
@@ -169,5 +177,17 @@ def repeated_reads(
             waited, tuple(t.async_id for t in reads),
             "keep the first result for the rest of the request (pass it along, or keep it per "
             "request in request.state or a ContextVar) instead of reading it again",
-            at=again[0].async_id)  # fmt: skip
+            stack=_where_again(stack(reads[0].async_id), stack(again[0].async_id)))  # fmt: skip
     return repeats
+
+
+def _where_again(first: tuple[str, ...], again: tuple[str, ...]) -> tuple[str, ...]:
+    """The repeat's stack from where it parted from the first read's: from its innermost frame
+    of the app's own code that the first read's stack does not hold. Both reads often go
+    through one helper of the app's (``get_user``), which says nothing of which call was the
+    second; its caller does."""
+    shared = set(first)
+    for i, frame in enumerate(again):
+        if frame not in shared and frame_origin(frame) == "app":
+            return again[i:]
+    return again

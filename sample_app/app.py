@@ -37,7 +37,7 @@ ROUTES = {
     "/sql": "SQL through SQLAlchemy's async engine",
     "/sync": "a sync endpoint, run in the thread pool",
     "/stream": "a streamed response",
-    "/slow": "the planted problems: a query per order line and a blocking call",
+    "/slow": "the planted problems: a price fetched twice, a query per order line, a blocking call",
     "/chat": "a websocket chat room (the trace of each connection)",
     "/fastapi/items": "the same, from the FastAPI app",
     "/fastapi/items/2": "one item by its id: traced as the route /fastapi/items/{item_id}",

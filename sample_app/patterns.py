@@ -186,9 +186,15 @@ def report_rows() -> int:
 ORDER_LINES = [1 + line % 3 for line in range(20)]
 
 
+async def discount_applies() -> bool:
+    return await price("discount") > 0  # reads the discount to decide
+
+
 async def slow_report() -> dict[str, Any]:
-    """The planted problems for the analyzer: a query per order line (an N+1 big enough to
-    cost milliseconds on any machine), and a blocking call."""
+    """The planted problems for the analyzer: the discount fetched twice (once to decide, once
+    to apply it), a query per order line (an N+1 big enough to cost milliseconds on any
+    machine), and a blocking call."""
+    discount = await price("discount") if await discount_applies() else 0.0  # a second read
     names = []
     for item_id in ORDER_LINES:
         async with engine().connect() as conn:
@@ -196,7 +202,7 @@ async def slow_report() -> dict[str, Any]:
                                         {"id": item_id})  # fmt: skip
             names.append(result.scalar_one_or_none())
     time.sleep(0.03)  # a blocking call on the event loop: every other request waits
-    return {"names": names}
+    return {"names": names, "discount": discount}
 
 
 @contextlib.asynccontextmanager

@@ -4,6 +4,7 @@ n-plus-one; and what they must not name."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 import time
 from typing import Any
@@ -161,3 +162,19 @@ def test_fetches_told_apart_only_by_their_masked_query_values_are_read_by_digest
     fetches = [r.async_id for r in trace.resources if r.type == "fetch"]
     assert [f.resources for f in found] == [(fetches[0], fetches[2])]
     assert "GET http://upstream/slow?ms=* was read 2 times" in found[0].title
+
+
+def test_a_repeat_through_one_helper_is_placed_at_the_call_that_read_again() -> None:
+    async def get_rates(client: Any) -> None:
+        await client.get("/slow")
+
+    async def body() -> None:
+        async with upstream() as client:
+            await get_rates(client)
+            await get_rates(client)  # the second call: where the repeat is to be found
+
+    (found,) = [f for f in analyze(traced(body), NO_BLOCKING).findings if f.kind == "repeated-read"]
+    lines, first = inspect.getsourcelines(body)
+    second = first + next(i for i, text in enumerate(lines) if "the second call" in text)
+    assert found.site.startswith("test_a_repeat_through_one_helper_is_placed_at_the_call_that_")
+    assert f"tests/test_reads.py:{second}:" in found.site

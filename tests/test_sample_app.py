@@ -92,7 +92,10 @@ def test_sequential_and_slow_carry_their_planted_problems(sample: Any) -> None:
     _, trace = traced_get(sample, "/sequential")
     assert kinds(trace, blocking=False)[0] in ("n-plus-one", "sequential-awaits")
     _, trace = traced_get(sample, "/slow")
-    assert {"n-plus-one", "blocked-loop"} <= set(kinds(trace))
+    assert {"n-plus-one", "blocked-loop", "repeated-read"} <= set(kinds(trace))
+    (repeated,) = [f for f in analyze(trace).findings if f.kind == "repeated-read"]
+    assert "GET http://pricing/price/discount?ms=* was read 2 times" in repeated.title
+    assert repeated.site.startswith("slow_report @ sample_app/patterns.py:")  # the second read
     # and the blocked-loop finding names the blocking call's line, from the watchdog's sample
     from sample_app import patterns
 
@@ -116,7 +119,8 @@ def test_the_committed_samples_show_their_routes_patterns_and_only_the_planted_p
     # one sample for each route but the chat page
     expected = {path.strip("/").replace("/", "-") for path in ROUTES if path != "/chat"}
     assert set(found) == expected, sorted(found)
-    planted = {"sequential": ["n-plus-one"], "slow": ["blocked-loop", "n-plus-one"]}
+    planted = {"sequential": ["n-plus-one"],
+               "slow": ["blocked-loop", "n-plus-one", "repeated-read"]}  # fmt: skip
     assert {name: sorted(k) for name, k in found.items() if k} == planted, found
     items = load_trace((folder / "items.json").read_bytes())
     story = ("cache-get", "db-query", "cache-put")  # a miss, the query, the put; no schema
