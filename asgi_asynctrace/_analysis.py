@@ -18,6 +18,7 @@ Finding, AnalysisSettings, SEVERITIES).
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ class Analysis:
     by_type: dict[str, dict[str, int]]  # type -> count, sync, wait
     critical_path: list[PathStep]
     findings: list[Finding] = field(default_factory=list)
+    # when the response had gone out (its last body write ended): the critical path ends there;
+    # what the request's handling did after it (cleanup, background tasks) kept no client
+    # waiting. The duration where there was no response body.
+    answered: int = -1
 
     @property
     def root_sync(self) -> int:
@@ -109,6 +114,7 @@ class Analysis:
                 for s in self.critical_path
             ],
             "findings": [f.to_dict() for f in self.findings],
+            "answeredNs": self.answered if self.answered >= 0 else self.duration,
         }
 
 
@@ -184,7 +190,9 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     children: dict[int, list[Resource]] = defaultdict(list)
     for r in trace.resources:
         children[r.trigger_id].append(r)
-    path = _critical_path(trace, times, children, s, _late_timers(times, notes, s))
+    answered, writer = _answered(trace, times)
+    late = _late_timers(times, notes, s)
+    path = _critical_path(trace, times, children, s, late, answered, writer)
     findings = diagnose(trace, times, children, path, notes, s, duration)
     return Analysis(
         trace_id=trace.trace_id,
@@ -194,7 +202,19 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
         by_type=dict(sorted(by_type.items(), key=lambda kv: -kv[1]["wait"] - kv[1]["sync"])),
         critical_path=path,
         findings=findings,
+        answered=answered,
     )
+
+
+def _answered(trace: Trace, times: dict[int, ResourceTimes]) -> tuple[int, int | None]:
+    """When the response had gone out, and the write that finished it: the end of its last
+    body write (the root's end, and None, for a request that wrote none: a websocket's)."""
+    end = times[trace.resources[0].async_id].ended if trace.resources else 0
+    writes = [times[r.async_id] for r in trace.resources if r.type == "stream-write"]
+    if not writes:
+        return end, None
+    last = max(writes, key=lambda t: t.ended)
+    return min(last.ended, end), last.async_id
 
 
 def _no_wait(r: Resource, notes: dict[str, Any]) -> bool:
@@ -252,35 +272,47 @@ def _late_timers(
 
 def _critical_path(
     trace: Trace, times: dict[int, ResourceTimes], children: dict[int, list[Resource]],
-    settings: AnalysisSettings, late: dict[int, str],
+    settings: AnalysisSettings, late: dict[int, str], answered: int, writer: int | None,
 ) -> list[PathStep]:  # fmt: skip
-    """Walk back from the request's end: at each moment, what was the root waiting for?
+    """Walk back from when the response had gone out (``answered``): at each moment, what was
+    the root waiting for?
 
     Among a resource's children, the one that ended last before the moment in question is what
     it waited on; before that child was created, the one that ended last before then; and so
     on back to the resource's creation. Each chosen child is expanded the same way. Futures are
     skipped (what resolved them is on the path instead), and so are cancelled timers (a deadline
-    that was never reached held nothing up). A timer in ``late`` has its lateness added to its
-    label.
+    that was never reached held nothing up) and children cancelled because a sibling finished
+    (see ``_cancelled_by_a_sibling``). A timer in ``late`` has its lateness added to its label.
     """
     if not trace.resources:
         return []
     root = trace.resources[0]
+    by_id = {r.async_id: r for r in trace.resources}
     out: list[PathStep] = []
     slack = 50_000  # 50 us: a parent resumes just after its child ends
 
-    def walk(rid: int, until: int, depth: int, budget: list[int]) -> None:
+    def walk(rid: int, until: int, depth: int, budget: list[int], lead: int | None = None) -> None:
         start = times[rid].created
         picked: list[ResourceTimes] = []
         moment = until
+        first = times.get(lead) if lead is not None else None
+        if first is not None and first.created < moment and first.ended > start:
+            picked.append(first)  # the child the response came from, whenever it ended
+            budget[0] -= 1
+            moment = first.created
         # Latest-ending first (a remote request ends with its fetch, in joined traces: what the
         # fetch waited for comes first), so each pick is the first still in reach. The moment
         # only moves back: a child that ended after it (slack aside) or was created at or after
         # it is out of reach for good, and is passed once, not looked at again at every pick (a
         # request with thousands of queries under one parent took minutes to analyse).
+        mine = [
+            times[k.async_id]
+            for k in children.get(rid, ())
+            if k.type != "future" and not (k.type == "timer" and k.state == "cancelled")
+        ]
+        skipped = _cancelled_by_a_sibling(mine, by_id[rid].callbacks[::2], trace.origin)
         kids = sorted(
-            (times[k.async_id] for k in children.get(rid, ())
-             if k.type != "future" and not (k.type == "timer" and k.state == "cancelled")),
+            (k for k in mine if k.async_id not in skipped and k.async_id != lead),
             key=lambda k: (k.ended, k.type == "remote-root", -k.created), reverse=True,
         )  # fmt: skip
         i = 0
@@ -299,17 +331,50 @@ def _critical_path(
         for child in reversed(picked):
             rid = child.async_id
             name = child.label + late.get(rid, "")
-            out.append(PathStep(rid, child.type, name, child.created, child.ended, depth))
-            walk(child.async_id, child.ended, depth + 1, budget)
+            end = min(child.ended, until) if rid == lead else child.ended
+            out.append(PathStep(rid, child.type, name, child.created, end, depth))
+            walk(child.async_id, end, depth + 1, budget)
 
-    walk(root.async_id, times[root.async_id].ended, 0, [500])
+    # The response came from the last body write: the root's child it was written under is
+    # what the root waited for last, even when that child ended a little after it (Django's
+    # view task, beside its disconnect listener, which ends as soon as the response is out).
+    lead = writer
+    while lead is not None and lead in by_id and by_id[lead].trigger_id != root.async_id:
+        lead = by_id[lead].trigger_id
+    walk(root.async_id, answered, 0, [500], lead if lead in by_id else None)
     seen = [(at - trace.origin, f) for at, f in trace.samples_by_resource().get(root.async_id, ())]
-    return _with_own_work(root, trace.origin, times[root.async_id], out, settings, seen)
+    return _with_own_work(root, trace.origin, times[root.async_id], out, settings, seen, answered)
+
+
+def _cancelled_by_a_sibling(
+    kids: list[ResourceTimes], parent_starts: list[int], origin: int
+) -> set[int]:
+    """The children cancelled because a sibling finished: each cancelled one that ended after
+    a sibling that was not cancelled (nor a timer) had ended and the parent had then run a step
+    (``asyncio.wait(..., FIRST_COMPLETED)`` then cancel the rest, a race, a task group after
+    one child failed, Django's disconnect listener once the view answered). Its end was its
+    sibling's doing: what held the parent up is that sibling. A child cancelled by a deadline
+    stays (what it was doing is why the deadline hit)."""
+    cancelled = [k for k in kids if k.state == "cancelled" and k.type != "timer"]
+    if not cancelled:
+        return set()
+    ends = sorted(k.ended for k in kids if k.state != "cancelled" and k.type != "timer")
+    steps = sorted(at - origin for at in parent_starts)
+    out = set()
+    for k in cancelled:
+        i = bisect.bisect_right(ends, k.ended)
+        if i == 0:
+            continue  # no sibling had finished before it ended
+        j = bisect.bisect_left(steps, ends[i - 1])  # the parent's first step after that
+        if j < len(steps) and steps[j] <= k.ended:
+            out.add(k.async_id)
+    return out
 
 
 def _with_own_work(
     root: Resource, origin: int, root_times: ResourceTimes, path: list[PathStep],
     settings: AnalysisSettings, samples: Sequence[tuple[int, tuple[str, ...]]] = (),
+    answered: int | None = None,
 ) -> list[PathStep]:  # fmt: skip
     """``path`` with the stretches between its top-level steps where the request ran its own
     code (a blocking call, a loop over rows), as steps of the root: without them a request that
@@ -320,7 +385,7 @@ def _with_own_work(
     spans the root's first to last running moment there, and says where the watchdog saw it
     blocked, when it took a sample there (its first frame of the app's own code).
     """
-    end = root_times.ended
+    end = root_times.ended if answered is None else answered
     floor = max(100_000, min(settings.own_code_ms * 1e6, settings.own_code_share * end))
     cb = root.callbacks
     runs = [

@@ -40,12 +40,23 @@ def _unless_ok(state: str) -> str:
     return "" if state == "ok" else f" ({state})"
 
 
+def _after_the_response(a: Analysis) -> list[str]:
+    """A line when the request's handling went on a while after its response had gone out
+    (where the critical path ends): at least 1 ms, and 5 % of the request."""
+    after = a.duration - a.answered
+    if a.answered < 0 or after < max(1_000_000, a.duration // 20):
+        return []
+    return [f"  its response had gone out at {format_ns(a.answered)}; the {format_ns(after)} "
+            "after it (cleanup, background tasks) kept no client waiting"]  # fmt: skip
+
+
 def format_summary(a: Analysis) -> str:
     """The terminal report of ``summary``: plain text, no colour, stable for golden files."""
     lines = [
         f"{_head(a) or 'request'}  {format_ns(a.duration)}  trace {a.trace_id}",
         f"  the request's own code ran {format_ns(a.root_sync)} on the loop; "
         f"it waited {format_ns(max(0, a.duration - a.root_sync))}",
+        *_after_the_response(a),
         "",
         f"  {'type':<14}{'count':>6}{'sync':>12}{'wait':>12}",
     ]

@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from asgi_asynctrace import Trace, load_trace
+from asgi_asynctrace import AsyncTraceMiddleware, Trace, capture_traces, load_trace
 from asgi_asynctrace._analysis import AnalysisSettings, analyze
 from asgi_asynctrace._cli import main
 from asgi_asynctrace._report import format_ns, format_summary
-from tests.helpers import NO_BLOCKING, _request, kinds, run, traced, upstream
+from tests.helpers import NO_BLOCKING, _request, call, kinds, run, traced, upstream
 
 TracingTransport: Any = importlib.import_module(
     "asgi_asynctrace.instrumentation.httpx"
@@ -92,6 +97,60 @@ def test_the_critical_path_follows_the_slowest_branch_down_to_the_timer() -> Non
     # then the response body goes out: writing it is the last thing the request waited for
     assert [(s.type, s.depth) for s in path] == [("task", 0), ("timer", 1), ("stream-write", 0)]
     assert path[1].label == "sleep 25.0ms"
+
+
+def test_a_child_cancelled_because_its_sibling_finished_is_not_the_critical_path() -> None:
+    async def work() -> None:
+        await asyncio.sleep(0.010)
+
+    async def watch() -> None:
+        await asyncio.sleep(1)  # a disconnect listener, say: cancelled once the work is done
+
+    async def body() -> None:
+        tasks = {asyncio.create_task(work()), asyncio.create_task(watch())}
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    trace = traced(body)
+    path = analyze(trace, NO_BLOCKING).critical_path
+    tasks = {s.label: s for s in path if s.type == "task"}
+    assert set(tasks) == {"work"}  # the cancelled watch() ended last, but held nothing up
+    assert path[path.index(tasks["work"]) + 1].label == "sleep 10.0ms"
+
+
+def test_a_child_cancelled_by_a_deadline_stays_on_the_critical_path() -> None:
+    async def slow() -> None:
+        await asyncio.sleep(1)
+
+    async def body() -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.create_task(slow()), timeout=0.01)
+
+    path = analyze(traced(body), NO_BLOCKING).critical_path
+    # what the deadline cut short is why it was reached
+    assert "slow" in [s.label for s in path if s.type == "task"]
+
+
+def test_the_critical_path_ends_when_the_response_went_out() -> None:
+    async def send_receipt() -> None:
+        await asyncio.sleep(0.030)  # after the response: no client waits for it
+
+    async def handler(request: Request) -> Response:
+        await asyncio.sleep(0.005)
+        return PlainTextResponse("paid", background=BackgroundTask(send_receipt))
+
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/pay", handler)]), log_traces=False)
+    with capture_traces() as traces:
+        call(app, lambda c: c.get("/pay", headers={"X-Async-Trace": "1"}))
+    (trace,) = traces
+    a = analyze(trace, NO_BLOCKING)
+    write = next(r for r in trace.resources if r.type == "stream-write")
+    assert a.answered == a.times[write.async_id].ended < a.duration - 25 * 10**6
+    assert [s.label for s in a.critical_path] == ["sleep 5.0ms", "response body, 4 bytes"]
+    assert f"its response had gone out at {format_ns(a.answered)}" in format_summary(a)
+    assert a.to_dict()["answeredNs"] == a.answered
 
 
 def test_the_critical_path_shows_where_the_request_ran_its_own_code() -> None:

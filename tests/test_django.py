@@ -1,0 +1,115 @@
+"""A Django project's ASGI application, wrapped by the middleware and served by uvicorn: its
+async views' awaits and fetches, and its sync views' run in asgiref's worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces
+from tests.servers import serving
+
+django: Any = pytest.importorskip("django")
+TracingTransport: Any = importlib.import_module(
+    "asgi_asynctrace.instrumentation.httpx"
+).TracingTransport
+
+
+async def _price(request: Request) -> Response:
+    await asyncio.sleep(0.005)
+    return PlainTextResponse("1.5")
+
+
+async def report(request: Any) -> Any:
+    """An async view: a sleep, then the same price fetched twice (once would do)."""
+    http: Any = importlib.import_module("django.http")
+    await asyncio.sleep(0.003)
+    upstream = Starlette(routes=[Route("/price", _price)])
+    transport = TracingTransport(httpx.ASGITransport(app=upstream))
+    async with httpx.AsyncClient(transport=transport, base_url="http://pricing") as client:
+        first = (await client.get("/price")).text
+        again = (await client.get("/price")).text
+    return http.JsonResponse({"prices": [first, again]})
+
+
+def ledger(request: Any) -> Any:
+    """A sync view: Django runs it in asgiref's worker thread."""
+    http: Any = importlib.import_module("django.http")
+    time.sleep(0.004)
+    return http.HttpResponse("ledger")
+
+
+urlpatterns: list[Any] = []
+
+
+@pytest.fixture(scope="module")
+def django_app() -> Iterator[str]:
+    settings: Any = importlib.import_module("django.conf").settings
+    if not settings.configured:
+        settings.configure(
+            DEBUG=False,
+            SECRET_KEY="tests-only",
+            ALLOWED_HOSTS=["*"],
+            ROOT_URLCONF=__name__,
+            INSTALLED_APPS=[],
+            MIDDLEWARE=[],
+        )
+    django.setup()
+    urls: Any = importlib.import_module("django.urls")
+    urlpatterns[:] = [urls.path("report/", report), urls.path("ledger/", ledger)]
+    asgi: Any = importlib.import_module("django.core.asgi")
+    app = AsyncTraceMiddleware(asgi.get_asgi_application(), log_traces=False)
+    with serving(app, lifespan="off") as base:
+        yield base
+
+
+def _traced(base: str, path: str) -> tuple[httpx.Response, Trace]:
+    with capture_traces() as traces:
+        response = httpx.get(f"{base}{path}", headers={"X-Async-Trace": "1"}, timeout=10)
+        deadline = time.monotonic() + 5
+        while not traces and time.monotonic() < deadline:
+            time.sleep(0.01)  # the trace is finished once the response has gone out
+    (trace,) = traces
+    return response, trace
+
+
+def test_an_async_django_view_records_its_awaits_and_fetches(django_app: str) -> None:
+    response, trace = _traced(django_app, "/report/")
+    assert response.status_code == 200 and response.json() == {"prices": ["1.5", "1.5"]}
+    assert response.headers["x-async-trace-id"] == trace.trace_id
+    assert trace.request["path"] == "/report/" and trace.request["status"] == 200
+    fetches = [r for r in trace.resources if r.type == "fetch"]
+    assert len(fetches) == 2 and all(r.state == "ok" for r in fetches)
+    kinds = [trace.annotations_of(r.async_id).get("kind") for r in trace.resources]
+    assert kinds.count("sleep") >= 3  # the view's own and the upstream's two
+    a = analyze(trace)
+    # what held it up is the view (Django runs it as a task beside one that listens for the
+    # client going away, which ends only after the response has gone out): its sleep and
+    # its two fetches, then its response
+    path = [(s.type, s.label) for s in a.critical_path if s.type != "timer"]
+    assert ("task", "ASGIHandler.listen_for_disconnect") not in path
+    assert path[-3:] == [("fetch", "GET http://pricing/price")] * 2 + [
+        ("stream-write", "response body, 26 bytes")]  # fmt: skip
+    # the view's frames are the app's own code: the analyzer places the repeat there
+    (repeat,) = [f for f in a.findings if f.kind == "repeated-read"]
+    assert repeat.site.startswith("report @ tests/test_django.py:")
+
+
+def test_a_sync_django_view_runs_in_a_recorded_thread(django_app: str) -> None:
+    response, trace = _traced(django_app, "/ledger/")
+    assert response.status_code == 200 and response.text == "ledger"
+    threads = [r for r in trace.resources if r.type == "thread"]
+    assert threads and all(r.state == "ok" for r in threads)
+    # the view's 4 ms ran inside one of them
+    ran = max(r.callbacks[1] - r.callbacks[0] for r in threads if len(r.callbacks) >= 2)
+    assert ran >= 4_000_000
