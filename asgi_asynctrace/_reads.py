@@ -183,11 +183,16 @@ def repeated_reads(
 
 def _where_again(first: tuple[str, ...], again: tuple[str, ...]) -> tuple[str, ...]:
     """The repeat's stack from where it parted from the first read's: from its innermost frame
-    of the app's own code that the first read's stack does not hold. Both reads often go
-    through one helper of the app's (``get_user``), which says nothing of which call was the
-    second; its caller does."""
-    shared = set(first)
+    of the app's own code that the first read's stack does not hold, or that holds it with
+    another call inside (Python 3.10's frames have no column, so two calls on one line read
+    the same frame). Both reads often go through one helper of the app's (``get_user``),
+    which says nothing of which call was the second; the frame that called it does."""
     for i, frame in enumerate(again):
-        if frame not in shared and frame_origin(frame) == "app":
+        if frame_origin(frame) != "app":
+            continue
+        if frame not in first:
             return again[i:]
-    return again
+        j = first.index(frame)
+        if (again[i - 1] if i else None) != (first[j - 1] if j else None):
+            return again[i:]
+    return again  # the same stack: one call site, run twice

@@ -176,5 +176,5 @@ def test_a_repeat_through_one_helper_is_placed_at_the_call_that_read_again() -> 
     (found,) = [f for f in analyze(traced(body), NO_BLOCKING).findings if f.kind == "repeated-read"]
     lines, first = inspect.getsourcelines(body)
     second = first + next(i for i, text in enumerate(lines) if "the second call" in text)
-    assert found.site.startswith("test_a_repeat_through_one_helper_is_placed_at_the_call_that_")
+    assert "body @ tests/test_reads.py:" in found.site  # (3.10's frames have no qualified name)
     assert f"tests/test_reads.py:{second}:" in found.site
