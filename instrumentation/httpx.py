@@ -11,13 +11,11 @@ middleware traces it too, and ``asgi-asynctrace join`` puts the two traces toget
 Or ``asgi_asynctrace.instrument("httpx")`` once at startup: every ``AsyncClient`` created
 afterwards gets its transports wrapped. Clients created before that call, sync ``httpx.Client``
 and transports swapped in later by hand are not covered; wrap those yourself.
-Exports: TracingTransport, HttpxInstrumentation, safe_url, query_digest.
+Exports: TracingTransport, HttpxInstrumentation, safe_url.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from collections.abc import AsyncIterator
 from types import ModuleType
@@ -30,30 +28,21 @@ from asgi_asynctrace._failures import report
 from asgi_asynctrace._model import Resource, Trace
 
 from ._base import Instrumentation
+from ._fetch import mask_query as _masked
+from ._fetch import propagation, query_digest
 
-__all__ = ["HttpxInstrumentation", "TracingTransport", "query_digest", "safe_url"]
+__all__ = ["HttpxInstrumentation", "TracingTransport", "safe_url"]
 
 _now = time.perf_counter_ns
-# Drawn once per process: a query's digest tells two calls with the same query apart from
-# two with different ones, and nothing about what the query held.
-_DIGEST_KEY = os.urandom(16)
 
 
 def safe_url(url: httpx.URL, mask_query: bool = True) -> str:
     """The URL without userinfo, and with every query value replaced by ``*``."""
     clean = url.copy_with(username=None, password=None)
     if mask_query and url.query:
-        parts = url.query.decode("ascii", "replace").split("&")
-        masked = "&".join(p.split("=", 1)[0] + ("=*" if "=" in p else "") for p in parts if p)
+        masked = _masked(url.query.decode("ascii", "replace"))
         clean = clean.copy_with(query=masked.encode("ascii", "replace"))
     return str(clean)
-
-
-def query_digest(query: bytes) -> str:
-    """A short keyed hash of a URL's query, for the ``queryDigest`` annotation of a fetch
-    whose query values are masked: equal within a process for equal queries, so the analyzer
-    can tell a repeated read, and no use for guessing a value outside it."""
-    return hashlib.blake2b(query, digest_size=8, key=_DIGEST_KEY).hexdigest()
 
 
 class _TracedBody(httpx.AsyncByteStream):
@@ -97,12 +86,7 @@ def _propagate(request: httpx.Request, trace: Trace, res: Resource) -> None:
     """Toward an allowed host, ask the service there to trace this call and name its parent."""
     url = request.url
     port = url.port or (443 if url.scheme == "https" else 80)
-    value = trace.propagate_to.get(f"{url.host}:{port}") or trace.propagate_to.get(url.host)
-    if value is None:
-        return
-    request.headers["x-async-trace"] = value
-    request.headers["x-async-trace-parent"] = f"{trace.trace_id}:{res.async_id}"
-    trace.annotate(res, "propagated", True)
+    request.headers.update(propagation(trace, res, url.host, port))
 
 
 class TracingTransport(httpx.AsyncBaseTransport):
