@@ -670,3 +670,34 @@ def test_a_garbage_collection_is_named_by_its_generation_as_in_the_analysis(
     shown = page.inner_text(f'#tree .node[data-id="{collection.async_id}"] .label')
     assert shown == analyze(trace).times[collection.async_id].label == "generation 2"
     assert "28.0 ms of it in garbage collection (generation 2)" in page.inner_text("#findings")
+
+
+def test_work_after_the_response_is_told_apart_in_the_summary_and_the_timeline(
+    page: Any, tmp_path: Path
+) -> None:
+    from starlette.background import BackgroundTask
+
+    from asgi_asynctrace import AsyncTraceMiddleware, capture_traces
+    from tests.helpers import call
+
+    async def receipt() -> None:
+        await asyncio.sleep(0.030)  # after the response: no client waits for it
+
+    async def pay(request: Request) -> Response:
+        return PlainTextResponse("paid", background=BackgroundTask(receipt))
+
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/pay", pay)]), log_traces=False)
+
+    def made() -> Trace:
+        with capture_traces() as traces:
+            call(app, lambda c: c.get("/pay", headers={"X-Async-Trace": "1"}))
+        return traces[0]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        trace = pool.submit(made).result()
+    answered = analyze(trace).answered
+    opened(page, tmp_path, trace, "timeline")
+    text = page.inner_text("#answered")
+    assert text.startswith("response sent at ") and text.endswith(" more after it"), text
+    assert page.get_attribute("#timeline", "data-answered") == str(answered)
+    shoot(page, "after-the-response")

@@ -53,6 +53,7 @@
       AT.el("span", {}, `${m.resources.length} resources: `,
         [...counts.entries()].sort((a, b) => b[1] - a[1]).map(([t, n]) => `${n} ${t}`).join(", ")),
       AT.el("span", {}, `own code ${AT.fmt(sync)} · waiting ${AT.fmt(Math.max(0, m.duration - sync))}`),
+      ...afterTheResponse(m),
       AT.el("span", { class: "t" }, `trace ${m.traceId}`));
     const dropped = Object.entries(m.dropped || {}).filter(([, n]) => n);
     if (dropped.length) bar.append(AT.el("span", {}, "dropped by caps: " + dropped.map(([k, n]) => `${n} ${k}`).join(", ")));
@@ -72,6 +73,15 @@
       list.append(AT.el("li", { class: "none" }, "findings come with traces from the app or `asgi-asynctrace convert --to html`"));
     }
     bar.append(list);
+  }
+
+  // When the handling went on a while after the response had gone out (cleanup, background
+  // tasks: no client waited for it), as the CLI's summary says it: at least 1 ms and 5 %.
+  function afterTheResponse(m) {
+    const answered = AT.answered(m);
+    const after = m.duration - answered;
+    if (answered === null || after < Math.max(1e6, m.duration / 20)) return [];
+    return [AT.el("span", { id: "answered" }, `response sent at ${AT.fmt(answered)}; ${AT.fmt(after)} more after it`)];
   }
 
   // What held the request up, in order: the critical path's top-level steps (what the root

@@ -1,7 +1,8 @@
 // timeline.js: one lane per resource (futures on request), its life as a thin bar, each
 // callback step as a solid block, an arrow from the trigger's lane at the moment of creation,
 // the critical path's lanes marked, a dark notch where the watchdog saw a step block the
-// loop (its stacks are in the resource's details). Drawn on a canvas, only the lanes in view, so 10,000
+// loop (its stacks are in the resource's details), a dashed line where the response had gone
+// out when the handling went on after it. Drawn on a canvas, only the lanes in view, so 10,000
 // lanes scroll smoothly. Ctrl/⌘ + wheel zooms around the pointer, dragging pans, 0 resets.
 "use strict";
 
@@ -58,6 +59,7 @@ AT.views.timeline = (function () {
       spacer.style.height = Math.max(0, lanes.length * LANE + AXIS - scroll.clientHeight) + "px";
       canvas.dataset.lanes = String(lanes.length);
       canvas.dataset.blocked = String(lanes.reduce((n, r) => n + r.samples.length, 0));
+      canvas.dataset.answered = String(AT.answered(model) ?? "");
       count.textContent = `${lanes.length} lanes`;
       paint();
     };
@@ -84,6 +86,15 @@ AT.views.timeline = (function () {
         const x = xOf(t, width);
         g.beginPath(); g.moveTo(x, AXIS - 4); g.lineTo(x, height); g.stroke();
         g.fillText(AT.fmt(t), x + 2, 12);
+      }
+      const answered = AT.answered(model);  // the response out: a dashed line, where it matters
+      if (answered !== null && model.duration - answered >= Math.max(1e6, model.duration / 20)) {
+        const x = xOf(answered, width);
+        if (x >= LABEL && x <= width) {
+          g.save(); g.setLineDash([4, 3]); g.strokeStyle = "#2e7d32";
+          g.beginPath(); g.moveTo(x, AXIS - 4); g.lineTo(x, height); g.stroke(); g.restore();
+          g.fillStyle = "#2e7d32"; g.fillText("response sent", x + 3, height - 6);
+        }
       }
       for (let i = first; i < Math.min(lanes.length, first + visible); i++) {
         const res = lanes[i];

@@ -58,3 +58,6 @@ AT.origin = function (frame) {
   if (where.startsWith("<")) return "runtime";
   return "app";
 };
+
+// When the response had gone out (the analyzer's answeredNs), or null without an analysis.
+AT.answered = (m) => (m.analysis && typeof m.analysis.answeredNs === "number" ? m.analysis.answeredNs : null);
