@@ -4,10 +4,11 @@
     available()        # names of the instrumentation modules shipped in this version
 
 The source lives in the project's top-level ``instrumentation/`` folder: timers, httpx,
-aiohttp, aiocache, cashews, redis, asyncpg, aiosqlite, sqlalchemy and aio_pika, all of one shape
-(``_base.Instrumentation``); each records through ``asgi_asynctrace.start_resource`` or, for
-an awaited call, ``_context.record_call`` (the same machinery, with no coroutine frame of its
-own), so a user can instrument their own client the same way.
+aiohttp, aiocache, cashews, redis, asyncpg, psycopg, aiosqlite, sqlalchemy and aio_pika, all
+of one shape (``_base.Instrumentation``); each records through
+``asgi_asynctrace.start_resource`` or, for an awaited call, ``_context.record_call`` (the same
+machinery, with no coroutine frame of its own), so a user can instrument their own client the
+same way.
 """
 
 from __future__ import annotations

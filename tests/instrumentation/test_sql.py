@@ -1,4 +1,5 @@
-"""SQL as db-query: asyncpg and SQLAlchemy on the real PostgreSQL, aiosqlite on SQLite files."""
+"""SQL as db-query: asyncpg, psycopg and SQLAlchemy on the real PostgreSQL, aiosqlite on
+SQLite files."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 
 import aiosqlite
 import asyncpg
+import psycopg
 import pytest
+from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -22,8 +25,8 @@ SECRET = "s3cret-param-value"
 
 @pytest.fixture(autouse=True)
 def _sql_on() -> None:
-    assert instrument("asyncpg", "aiosqlite", "sqlalchemy") == {
-        "asyncpg": True, "aiosqlite": True, "sqlalchemy": True}  # fmt: skip
+    assert instrument("asyncpg", "aiosqlite", "sqlalchemy", "psycopg") == {
+        "asyncpg": True, "aiosqlite": True, "sqlalchemy": True, "psycopg": True}  # fmt: skip
 
 
 def queries(trace: Trace) -> list[dict[str, Any]]:
@@ -72,6 +75,40 @@ def test_asyncpg_queries_with_statement_rows_and_errors_but_never_parameters() -
     assert "body @ tests/instrumentation/test_sql.py" in app_line(trace, got[3]["id"])
 
 
+@POSTGRES
+def test_psycopg_queries_with_statement_rows_and_errors_but_never_parameters() -> None:
+    table = f"t_{uuid.uuid4().hex[:8]}"
+
+    async def body() -> None:
+        async with await psycopg.AsyncConnection.connect(PG, autocommit=True) as conn:
+            await conn.execute(f"create temp table {table} (id int, name text)")
+            async with conn.cursor() as cur:
+                await cur.executemany(f"insert into {table} values (%s, %s)",
+                                      [(1, SECRET), (2, "b"), (3, "c")])  # fmt: skip
+                await cur.execute(f"update {table}   set name = 'x'\n where id > %s", (1,))
+                query = sql.SQL("select * from {} where name <> %s").format(sql.Identifier(table))
+                await cur.execute(query, (SECRET,))
+                assert len(await cur.fetchall()) == 2
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                await conn.execute("select * from no_such_table")
+
+    trace = traced(body)
+    got = queries(trace)
+    assert [(q["method"], q.get("rows"), q["state"]) for q in got] == [
+        ("execute", None, "ok"),  # CREATE TABLE reports no rows
+        ("executemany", 3, "ok"),
+        ("execute", 2, "ok"),
+        ("execute", 2, "ok"),
+        ("execute", None, "error"),
+    ]
+    assert {q["driver"] for q in got} == {"psycopg"}
+    assert got[2]["statement"] == f"update {table} set name = ? where id > %s"
+    assert got[3]["statement"] == f'select * from "{table}" where name <> %s'  # as composed
+    assert got[-1]["error"] == "UndefinedTable"
+    assert SECRET not in trace.to_json().decode()
+    assert "body @ tests/instrumentation/test_sql.py" in app_line(trace, got[3]["id"])
+
+
 def test_aiosqlite_queries_on_a_file(tmp_path: Path) -> None:
     async def body() -> None:
         async with aiosqlite.connect(tmp_path / "app.db") as db:
@@ -98,6 +135,7 @@ def test_aiosqlite_queries_on_a_file(tmp_path: Path) -> None:
 
 SA_URLS = [
     pytest.param("postgresql+asyncpg://postgres@127.0.0.1:5432/test", marks=POSTGRES),
+    pytest.param("postgresql+psycopg://postgres@127.0.0.1:5432/test", marks=POSTGRES),
     "sqlite+aiosqlite:///{tmp}/sa.db",
 ]
 
@@ -120,7 +158,7 @@ def test_sqlalchemy_records_each_statement_once_whatever_the_driver(
     trace = traced(body)
     got = [q for q in queries(trace) if "sa_t" in q["statement"]]
     assert [q["statement"].split(" ")[0] for q in got] == ["create", "insert", "select"]
-    assert {q["driver"] for q in got} == {"asyncpg" if "asyncpg" in url else "aiosqlite"}
+    assert {q["driver"] for q in got} == {url.split("+")[1].split(":")[0]}
     # one resource per statement: the driver's own instrumentation stays out
     nested = [
         r
