@@ -62,31 +62,32 @@ async def _start(session: Any, ctx: SimpleNamespace, params: Any) -> None:
         report("aiohttp", exc)
 
 
-async def _end(session: Any, ctx: SimpleNamespace, params: Any) -> None:
+def _finished(ctx: SimpleNamespace, params: Any, exc: BaseException | None) -> None:
+    """The request answered (its headers in) or failed: its fetch settles."""
     recorded = getattr(ctx, "asynctrace", None)
     if recorded is None:
         return
     trace, res = recorded
     try:
         now = _now()
+        if exc is not None:
+            settle_from_exception(trace, res, now, exc)
+            return
         response = params.response
         trace.annotate(res, "status", response.status)
         if response.history:
             trace.annotate(res, "redirects", len(response.history))
         trace.settle(res, now, "ok")
-    except Exception as exc:
-        report("aiohttp", exc)
+    except Exception as failure:
+        report("aiohttp", failure)
+
+
+async def _end(session: Any, ctx: SimpleNamespace, params: Any) -> None:
+    _finished(ctx, params, None)
 
 
 async def _failed(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    recorded = getattr(ctx, "asynctrace", None)
-    if recorded is None:
-        return
-    trace, res = recorded
-    try:
-        settle_from_exception(trace, res, _now(), params.exception)
-    except Exception as exc:
-        report("aiohttp", exc)
+    _finished(ctx, params, params.exception)
 
 
 def trace_config() -> aiohttp.TraceConfig:

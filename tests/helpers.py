@@ -224,3 +224,12 @@ NO_BLOCKING = AnalysisSettings(
 
 def kinds(trace: Trace, settings: AnalysisSettings | None = None) -> list[str]:
     return [f.kind for f in analyze(trace, settings).findings]
+
+
+def fetches(trace: Trace) -> list[dict[str, object]]:
+    """Each fetch of the trace: its state and annotations."""
+    return [
+        {"state": r.state, **trace.annotations_of(r.async_id)}
+        for r in trace.resources
+        if r.type == "fetch"
+    ]

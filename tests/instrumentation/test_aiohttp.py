@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from asgi_asynctrace import Trace, analyze, instrument, uninstrument
-from tests.helpers import traced
+from asgi_asynctrace import analyze, instrument, uninstrument
+from tests.helpers import fetches, traced
 from tests.servers import free_port, serving
 
 aiohttp: Any = pytest.importorskip("aiohttp")
@@ -36,14 +36,6 @@ def upstream() -> Iterator[str]:
     app = Starlette(routes=[Route("/ok", ok), Route("/redirect", redirect)])
     with serving(app, lifespan="off") as base:
         yield base
-
-
-def fetches(trace: Trace) -> list[dict[str, object]]:
-    return [
-        {"state": r.state, **trace.annotations_of(r.async_id)}
-        for r in trace.resources
-        if r.type == "fetch"
-    ]
 
 
 def test_a_request_is_a_fetch_with_its_status_and_a_masked_url(upstream: str) -> None:

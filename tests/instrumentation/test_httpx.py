@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from asgi_asynctrace import Trace, instrument, uninstrument
-from tests.helpers import traced
+from asgi_asynctrace import instrument, uninstrument
+from tests.helpers import fetches, traced
 from tests.servers import free_port, serving
 
 # By name: the folder is installed under this name, which mypy cannot follow.
@@ -55,14 +55,6 @@ def upstream() -> Iterator[str]:
     )  # fmt: skip
     with serving(app, lifespan="off") as base:
         yield base
-
-
-def fetches(trace: Trace) -> list[dict[str, object]]:
-    return [
-        {"state": r.state, **trace.annotations_of(r.async_id)}
-        for r in trace.resources
-        if r.type == "fetch"
-    ]
 
 
 def test_each_redirect_hop_is_its_own_fetch_with_status_and_size(upstream: str) -> None:
