@@ -135,20 +135,20 @@ def diagnose(
 
     def add(
         kind: str, title: str, cost: int, rids: tuple[int, ...], fix: str,
-        stack: tuple[str, ...] | None = None, at: int | None = None,
+        stack: tuple[str, ...] | None = None,
     ) -> None:  # fmt: skip
         """A finding, unless it costs too little; where it happened is ``stack``, else the
-        creation stack of ``at``, else of its first resource."""
+        creation stack of its first resource."""
         if cost < s.min_cost_ms * MS and kind != "unawaited-task":
             return
-        where = stack_of(rids[0] if at is None else at) if stack is None else stack
+        where = stack_of(rids[0]) if stack is None else stack
         found.append(Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), where))
 
     # Repeated reads: the same read again, nothing written to it in between. N+1: one call
     # site issuing the same operation again and again, each after the last ended, whatever the
     # loop does in between. Sequential awaits: the other runs of operations under one parent,
     # each starting after the previous one ended, the parent doing next to nothing in between.
-    repeats = repeated_reads(trace, times, path, notes, add)
+    repeats = repeated_reads(trace, times, path, notes, add, stack_of)
     gap = s.sequential_gap_ms * MS
     for kids in children.values():
         ops = sorted((times[k.async_id] for k in kids

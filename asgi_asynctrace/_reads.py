@@ -2,7 +2,7 @@
 nothing written to it between (repeated-read), independent reads one after another
 (sequential-awaits), one call site's operation back to back (n-plus-one).
 
-    repeats = repeated_reads(trace, times, path, notes, add)   # the repeats' ids
+    repeats = repeated_reads(trace, times, path, notes, add, stack_of)   # the repeats' ids
 
 Called by ``_findings.diagnose``, whose ``add`` each one reports through.
 Exports: is_read, n_plus_one, repeated_reads, runs.
@@ -127,11 +127,13 @@ def _read_key(t: ResourceTimes, note: dict[str, Any]) -> tuple[str, ...] | None:
 def repeated_reads(
     trace: Trace, times: dict[int, ResourceTimes], path: list[PathStep],
     notes: dict[int, dict[str, Any]], add: Callable[..., None],
+    stack: Callable[[int], tuple[str, ...]],
 ) -> set[int]:  # fmt: skip
     """Name each read made again in the request with nothing written to what it read in
     between: a GET of the same URL, a get of the same cache or key-value key, the same SELECT
     without parameters. What it cost is the time the request waited on the repeats (their
-    share of the critical path). Returns the repeats' ids (the first read of each is not)."""
+    share of the critical path); where, the repeat's creation stack (``stack``) from where it
+    parted from the first read's. Returns the repeats' ids (the first read of each is not)."""
     reading: dict[tuple[str, ...], list[ResourceTimes]] = {}  # reads since the last write
     groups: list[list[ResourceTimes]] = []
 
@@ -156,12 +158,6 @@ def repeated_reads(
                 reading.setdefault(read, []).append(t)
     groups.extend(reading.values())
     repeats: set[int] = set()
-    stack_ids = {r.async_id: r.stack_id for r in trace.resources}
-
-    def stack(rid: int) -> tuple[str, ...]:
-        sid = stack_ids.get(rid)
-        return trace.stacks[sid] if sid is not None and sid < len(trace.stacks) else ()
-
     on_path: dict[int, int] = {}
     for step in path:
         on_path[step.async_id] = on_path.get(step.async_id, 0) + step.end - step.start
