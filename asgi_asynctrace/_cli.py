@@ -8,6 +8,7 @@
     asgi-asynctrace routes server.log              # many traces: the slow routes, what held them
     asgi-asynctrace compare server.log --route 'GET /items'   # its slowest against a typical one
     asgi-asynctrace watch http://127.0.0.1:8000    # each new trace of a running app, a line each
+    asgi-asynctrace status http://127.0.0.1:8000   # how its tracer is set, what it has done
     asgi-asynctrace view trace.json                # the viewer, as one HTML file
     asgi-asynctrace decode-header 'z1:eJzt…'
 
@@ -26,7 +27,7 @@ from typing import Any
 import orjson
 
 from ._analysis import SEVERITIES, AnalysisSettings, analyze
-from ._live import trace_command, watch_command
+from ._live import status_command, trace_command, watch_command
 from ._load import TraceFormatError
 from ._logs import extract, read_traces
 from ._report import format_ns, format_summary
@@ -366,6 +367,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     wa.add_argument("--count", type=int, help="stop after this many traces")
     wa.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
     add_selection(wa)
+    st = _command(
+        commands,
+        "status",
+        status_command,
+        "how a running app's tracer is set, and what it has done",
+        "Example:\n  asgi-asynctrace status http://127.0.0.1:8000\n\n"
+        "Who may trace, the store, the asyncio hooks, each library's instrumentation (on, on\n"
+        "once the app imports it, off, not installed) and the tracer's own failures, as the\n"
+        "process that answers has them: where to look when a request got no trace, or a\n"
+        "trace lacks a library's calls.",
+        traces=False,
+    )
+    st.add_argument("app", help="the app's address (or its store's, for another path_prefix)")
+    st.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
+    st.add_argument("--json", action="store_true", help="the status as the app gave it")
     cm = _command(
         commands,
         "compare",

@@ -6,7 +6,9 @@
 first; ``GET {prefix}/traces/{id}`` is one trace's JSON, and with ``?analysis=1`` the trace and
 the analyzer's result together (what the viewer loads); ``GET {prefix}/routes`` the stored
 traces by route (as ``asgi-asynctrace routes`` gives them, each with its slowest trace compared
-with its typical one, as ``compare`` does), worked out in the loop's thread pool.
+with its typical one, as ``compare`` does), worked out in the loop's thread pool;
+``GET {prefix}/status`` what the tracer in this process is set to and has done (its version,
+the loop, how it gates requests, the store, each instrumentation's state, its own failures).
 
 Returns False for paths it does not own, so the request goes on to the app.
 Exports: serve_store.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 import orjson
@@ -76,16 +78,21 @@ async def serve_store(
     scope: MutableMapping[str, Any],
     send: Send,
     settings: AnalysisSettings | None = None,
+    about: Mapping[str, Any] | None = None,
 ) -> bool:
     path: str = scope.get("path") or ""
     rest = path[len(prefix) :]
     viewer = rest in ("", "/")
     routes = rest in ("/routes", "/routes/")
-    if (not viewer and not routes and rest not in ("/traces", "/traces/")
+    status = rest in ("/status", "/status/")
+    if (not viewer and not routes and not status and rest not in ("/traces", "/traces/")
             and not rest.startswith("/traces/")):  # fmt: skip
         return False
     if scope.get("method", "GET") != "GET":
         await _respond(send, 405, orjson.dumps({"error": "only GET is supported here"}))
+        return True
+    if status:
+        await _respond(send, 200, orjson.dumps(_status(store, about or {})))
         return True
     if viewer:
         page = viewer_html(store_url=prefix + "/")
@@ -114,6 +121,39 @@ async def serve_store(
         data = orjson.dumps({"trace": orjson.Fragment(data), "analysis": analysis})
     await _respond(send, 200, data)
     return True
+
+
+def _status(store: TraceStore, about: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``GET {prefix}/status`` answers: this process's tracer, as it is now."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    from ._failures import failure_counts
+    from ._hooks import hooks_on_ns
+    from ._instrument import instrumentation_states
+
+    try:
+        version = importlib.metadata.version("asgi-asynctrace")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        version = "unknown"
+    loop = type(asyncio.get_running_loop())
+    return {
+        "version": version,
+        "python": platform.python_version(),
+        "pid": os.getpid(),
+        "accelerator": sys.modules.get(__package__ + "._speedups") is not None,
+        "loop": f"{loop.__module__}.{loop.__qualname__}",
+        "hooksOnSeconds": round(hooks_on_ns() / 1e9, 3),
+        "store": {
+            "traces": len(store),
+            "keeps": store.max_traces,
+            "sharedDirectory": store.shared is not None,
+        },
+        "middleware": dict(about),
+        "instrumentation": instrumentation_states(),
+        "failures": failure_counts(),
+    }
 
 
 # trace id -> what the routes table reads of it, per store: a stored trace is finished, so its

@@ -6,7 +6,7 @@
 
 The modules live in ``asgi_asynctrace.instrumentation``; they are imported here only when
 asked for, so importing the tracer never imports an instrumented library.
-Exports: instrument, uninstrument.
+Exports: instrument, uninstrument, instrumentation_states.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from ._failures import report
 
-__all__ = ["instrument", "uninstrument"]
+__all__ = ["instrument", "instrumentation_states", "uninstrument"]
 
 _PACKAGE = "asgi_asynctrace.instrumentation"
 logger = logging.getLogger("asgi_asynctrace")
@@ -66,6 +66,27 @@ def instrument(*names: str) -> dict[str, bool]:
         module = _instrumentation(name)
         result[name] = module is not None and bool(module.install())
     return result
+
+
+def instrumentation_states() -> dict[str, str]:
+    """Each instrumentation's state, for the store's status: ``on``, ``off``, ``waiting for
+    import`` (its library not yet imported by the app) or ``not installed``. Imports nothing."""
+    with _after_import.lock:
+        waiting = {n for names in _after_import.waiting.values() for n in names}
+    states = {}
+    for name in _available():
+        module = sys.modules.get(f"{_PACKAGE}.{name}")
+        if getattr(getattr(module, "instrumentation", None), "installed", False):
+            states[name] = "on"
+        elif name in waiting:
+            states[name] = "waiting for import"
+        elif _LIBRARY.get(name, name) not in sys.modules and not importlib.util.find_spec(
+            _LIBRARY.get(name, name)
+        ):
+            states[name] = "not installed"
+        else:
+            states[name] = "off"
+    return states
 
 
 def uninstrument(*names: str) -> None:

@@ -1,11 +1,13 @@
 """The commands that talk to a running app: ``trace`` sends requests that ask to be traced and
-reads their traces back from the app's store; ``watch`` prints each trace the store takes.
+reads their traces back from the app's store; ``watch`` prints each trace the store takes;
+``status`` says how the tracer there is set and what it has done.
 
     asgi-asynctrace trace -n 20 -c 4 http://127.0.0.1:8000/items
     asgi-asynctrace watch http://127.0.0.1:8000 --route 'GET /items'
+    asgi-asynctrace status http://127.0.0.1:8000
 
 Each takes the parsed command line (``_cli`` makes the parser, and ``args.settings``).
-Exports: trace_command, watch_command.
+Exports: trace_command, watch_command, status_command, format_status.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ._report import format_summary, format_watch_line
 from ._select import Selection
 from ._sinks import decode_trace_header
 
-__all__ = ["trace_command", "watch_command"]
+__all__ = ["format_status", "status_command", "trace_command", "watch_command"]
 
 
 def trace_command(args: argparse.Namespace) -> int:
@@ -236,3 +238,57 @@ def watch_command(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """How the tracer of a running app is set, and what it has done: the first thing to look
+    at when a request that asked for a trace got none, or a trace lacks a library's calls."""
+    from ._logs import StoreReader
+
+    with StoreReader(args.app, args.secret) as store:
+        status = store.status()
+        where = store.base
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(status) + b"\n")
+    else:
+        sys.stdout.write(format_status(where, status))
+    return 0
+
+
+def format_status(where: str, s: dict[str, Any]) -> str:
+    """``status`` as text: a head line, then one line a subject."""
+    m, store = s.get("middleware", {}), s.get("store", {})
+    built = "the C accelerator" if s.get("accelerator") else "pure Python (no C accelerator)"
+    lines = [f"asgi-asynctrace {s.get('version')} at {where}: process {s.get('pid')}, "
+             f"Python {s.get('python')}, {s.get('loop')}, {built}"]  # fmt: skip
+    who = "requests with X-Async-Trace " + (
+        "set to the app's secret" if m.get("access") == "secret"
+        else "from loopback clients (set a secret behind a proxy)"
+    )  # fmt: skip
+    rate = m.get("sampleRate") or 0
+    if rate:
+        cap = m.get("maxSampledPerS")
+        who += f"; {rate * 100:g} % of the others sampled"
+        who += f" (at most {cap:g} a second)" if cap else ""
+    lines.append(f"  {'who is traced':<18}{who}")
+    shared = ("all workers' (store_dir)" if store.get("sharedDirectory")
+              else "this process's own (workers share none without store_dir)")  # fmt: skip
+    lines.append(f"  {'the store':<18}{store.get('traces')} trace(s) of the last "
+                 f"{store.get('keeps')}, {shared}")  # fmt: skip
+    hooks = s.get("hooksOnSeconds")
+    on = f"on for {hooks} s" if hooks else "not on yet (no request traced so far)"
+    lines.append(f"  {'asyncio hooks':<18}{on}")
+    by_state: dict[str, list[str]] = {}
+    for name, state in sorted(s.get("instrumentation", {}).items()):
+        by_state.setdefault(state, []).append(name)
+    label = "instrumentation"
+    for state, wording in (("on", "on"), ("waiting for import", "on once the app imports it"),
+                           ("off", "off"), ("not installed", "library not installed")):  # fmt: skip
+        if state in by_state:
+            lines.append(f"  {label:<18}{wording}: {', '.join(by_state[state])}")
+            label = ""
+    failures = sorted((s.get("failures") or {}).items(), key=lambda f: -f[1])
+    told = ", ".join(f"{n} x {place}" for place, n in failures)
+    said = f"{told} (each logged once, in the app's log)" if failures else "none"
+    lines.append(f"  {'tracer failures':<18}{said}")
+    return "\n".join(lines) + "\n"

@@ -161,6 +161,19 @@ class StoreReader:
             )
         return [str(t.get("traceId")) for t in orjson.loads(listed.content).get("traces", [])]
 
+    def status(self) -> dict[str, Any]:
+        """What the tracer in the process that answers is set to and has done."""
+        got = self._get(f"{self.base}/status")
+        if got.status_code != 200 or not got.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            raise TraceFormatError(
+                f"{self.base}/status answered {got.status_code}: is AsyncTraceMiddleware on this "
+                "app, with a store (store_size > 0) at that path_prefix, and may this client "
+                "read it (from loopback, or with the app's --secret)?"
+            )
+        return dict(orjson.loads(got.content))
+
     def trace(self, trace_id: str) -> tuple[str, Trace] | None:
         """(where, the trace); None when it has left the store."""
         where = f"{self.base}/traces/{trace_id}"

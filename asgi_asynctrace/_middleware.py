@@ -192,6 +192,14 @@ class AsyncTraceMiddleware:
             propagate_to if isinstance(propagate_to, Mapping) else dict.fromkeys(propagate_to, "1")
         )
         self.propagate_to = {str(k): str(v) for k, v in hosts.items()}
+        # What the store's status says of these settings (the secret's presence, never it).
+        self._about = {
+            "pathPrefix": path_prefix, "access": "secret" if secret else "loopback",
+            "sampleRate": sample_rate, "maxSampledPerS": max_sampled_per_s,
+            "logTraces": log_traces, "headerLimit": header_limit,
+            "recordFutures": record_futures, "blockedSampleMs": blocked_sample_ms,
+            "propagateTo": sorted(self.propagate_to),
+        }  # fmt: skip
         # What the first traced request would otherwise wait for: done here, at start-up.
         _threads.prepare()
         if instrument is True:
@@ -270,7 +278,8 @@ class AsyncTraceMiddleware:
             report("gate", exc)
             decision = None
         if serve and self.store is not None:
-            if await serve_store(self.store, self.path_prefix, scope, send, self.analysis):
+            if await serve_store(self.store, self.path_prefix, scope, send, self.analysis,
+                                 self._about):  # fmt: skip
                 return None
             decision = self.gate.decide(scope, value)
         if decision == TRACE_SAMPLED and not self._within_budget():

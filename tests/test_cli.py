@@ -230,3 +230,59 @@ def test_trace_with_the_apps_secret(capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["trace", "--secret", "s3cret", f"{base}/pid"]) == 0  # the store too
         out, err = capsys.readouterr()
         assert out.startswith("GET /pid 200 ") and "in the viewer: " in err
+
+
+def test_status_says_how_a_running_apps_tracer_is_set_and_what_it_has_done(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from .servers import app_process
+
+    env = {"WORKERS_SECRET": "s3cret"}
+    with app_process(["uvicorn", "tests.workers_app:app"], env) as (base, _):
+        assert main(["status", base]) == 2  # "1" is not the secret: the status is not ours
+        assert "may this client read it (from loopback, or with the app's --secret)?" in (
+            capsys.readouterr().err
+        )
+        assert main(["status", "--secret", "s3cret", base]) == 0
+        before = capsys.readouterr().out
+        assert main(["trace", "--secret", "s3cret", f"{base}/pid"]) == 0
+        capsys.readouterr()
+        assert main(["status", "--secret", "s3cret", base]) == 0
+        after = capsys.readouterr().out
+        assert main(["status", "--secret", "s3cret", "--json", base]) == 0
+        doc = orjson.loads(capsys.readouterr().out)
+    assert before.startswith(f"asgi-asynctrace {doc['version']} at {base}/__asynctrace: ")
+    assert "asyncio hooks     not on yet (no request traced so far)" in before
+    assert "who is traced     requests with X-Async-Trace set to the app's secret" in after
+    assert "the store         1 trace(s) of the last 100, this process's own" in after
+    assert "asyncio hooks     on for " in after
+    assert "tracer failures   none" in after
+    assert doc["middleware"]["access"] == "secret" and b"s3cret" not in orjson.dumps(doc)
+    assert doc["store"] == {"traces": 1, "keeps": 100, "sharedDirectory": False}
+    assert doc["instrumentation"]["timers"] == "on" and doc["failures"] == {}
+
+
+def test_status_names_sampling_the_shared_store_and_the_tracers_failures() -> None:
+    from asgi_asynctrace._live import format_status
+
+    text = format_status("http://app/__asynctrace", {
+        "version": "1", "pid": 7, "python": "3.12.1",
+        "loop": "asyncio.unix_events._UnixSelectorEventLoop", "accelerator": False,
+        "hooksOnSeconds": 2.5,
+        "store": {"traces": 40, "keeps": 100, "sharedDirectory": True},
+        "middleware": {"access": "loopback", "sampleRate": 0.01, "maxSampledPerS": 5.0},
+        "instrumentation": {"httpx": "on", "redis": "not installed", "aiohttp": "off"},
+        "failures": {"serialize": 1, "task-factory": 3},
+    })  # fmt: skip
+    assert text.splitlines() == [
+        "asgi-asynctrace 1 at http://app/__asynctrace: process 7, Python 3.12.1, "
+        "asyncio.unix_events._UnixSelectorEventLoop, pure Python (no C accelerator)",
+        "  who is traced     requests with X-Async-Trace from loopback clients (set a secret "
+        "behind a proxy); 1 % of the others sampled (at most 5 a second)",
+        "  the store         40 trace(s) of the last 100, all workers' (store_dir)",
+        "  asyncio hooks     on for 2.5 s",
+        "  instrumentation   on: httpx",
+        "                    off: aiohttp",
+        "                    library not installed: redis",
+        "  tracer failures   3 x task-factory, 1 x serialize (each logged once, in the app's log)",
+    ]
