@@ -148,31 +148,28 @@ class StoreReader:
         except httpx.HTTPError as exc:
             raise OSError(f"{url}: {exc}") from None
 
-    def ids(self) -> list[str]:
-        """The stored traces' ids, newest first."""
-        listed = self._get(f"{self.base}/traces")
-        if listed.status_code != 200 or not listed.headers.get("content-type", "").startswith(
-            "application/json"
-        ):
-            raise TraceFormatError(
-                f"{self.base}/traces answered {listed.status_code}, not a list of traces: is "
-                "AsyncTraceMiddleware's store on (store_size > 0) at that path_prefix, and may "
-                "this client read it (from loopback, or with the app's --secret)?"
-            )
-        return [str(t.get("traceId")) for t in orjson.loads(listed.content).get("traces", [])]
-
-    def status(self) -> dict[str, Any]:
-        """What the tracer in the process that answers is set to and has done."""
-        got = self._get(f"{self.base}/status")
+    def _json(self, path: str, what: str) -> Any:
+        """The store's JSON answer at ``path``; a TraceFormatError saying what may be wrong
+        when it gives none (``what``: what was asked for)."""
+        got = self._get(f"{self.base}{path}")
         if got.status_code != 200 or not got.headers.get("content-type", "").startswith(
             "application/json"
         ):
             raise TraceFormatError(
-                f"{self.base}/status answered {got.status_code}: is AsyncTraceMiddleware on this "
-                "app, with a store (store_size > 0) at that path_prefix, and may this client "
-                "read it (from loopback, or with the app's --secret)?"
+                f"{self.base}{path} answered {got.status_code}, not {what}: is "
+                "AsyncTraceMiddleware's store on (store_size > 0) at that path_prefix, and may "
+                "this client read it (from loopback, or with the app's --secret)?"
             )
-        return dict(orjson.loads(got.content))
+        return orjson.loads(got.content)
+
+    def ids(self) -> list[str]:
+        """The stored traces' ids, newest first."""
+        listed = self._json("/traces", "a list of traces")
+        return [str(t.get("traceId")) for t in listed.get("traces", [])]
+
+    def status(self) -> dict[str, Any]:
+        """What the tracer in the process that answers is set to and has done."""
+        return dict(self._json("/status", "the tracer's status"))
 
     def trace(self, trace_id: str) -> tuple[str, Trace] | None:
         """(where, the trace); None when it has left the store."""
