@@ -127,7 +127,8 @@ def _traced_request(client: Any, args: argparse.Namespace, viewer: str,
     if not trace_id:
         raise TraceFormatError(
             "the response has no X-Async-Trace-Id: is AsyncTraceMiddleware on this app, and "
-            "may this client trace (from loopback, or with the app's --secret)?"
+            "may this client trace (from loopback, or with the app's --secret)? "
+            f"`asgi-asynctrace status {viewer.rstrip('/')}` says how its tracer is set"
         )
     store = f"{viewer}traces/{trace_id}"
     deadline = time.monotonic() + 3  # stored once the response has gone out
