@@ -261,6 +261,28 @@ def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: 
     page.wait_for_selector(f"body[data-loaded='{first['traceId']}']")
 
 
+def test_the_served_front_page_says_how_the_tracer_is_set_as_the_status_does(
+    page: Any, served: str
+) -> None:
+    from asgi_asynctrace import reset_failures
+    from asgi_asynctrace._failures import report
+
+    status = httpx.get(served + "/__asynctrace/status").json()
+    page.goto(served + "/__asynctrace/")
+    page.wait_for_selector("#tracer-status:not([hidden])")
+    line = page.inner_text("#tracer-status")
+    assert line.startswith(f"tracer: process {status['pid']}, Python {status['python']}, ")
+    assert "instrumentation on: " in line and line.endswith("tracer failures: none")
+    try:
+        report("viewer-test", ValueError("a failure of the tracer's own, made by the test"))
+        page.reload()
+        page.wait_for_selector("#tracer-status .failures")
+        told = page.inner_text("#tracer-status .failures")
+    finally:
+        reset_failures()
+    assert told == "tracer failures: 1 \u00d7 viewer-test (each in the app's log)"
+
+
 def test_the_served_viewer_shows_traces_as_they_come(page: Any, served: str) -> None:
     first = httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
     page.goto(served + "/__asynctrace/")

@@ -246,6 +246,28 @@
     }
   }
 
+  // The tracer in the process that answered (the store's GET status, as `asgi-asynctrace
+  // status` prints it), in one line: where to look first when a trace is missing something.
+  async function loadStatus(base) {
+    const line = $("tracer-status");
+    try {
+      const res = await fetch(base + "status", { headers: { accept: "application/json" } });
+      if (!res.ok) return;  // an app from before the status: nothing to say
+      const s = await res.json();
+      const on = Object.entries(s.instrumentation || {}).filter(([, state]) => state === "on").map(([n]) => n);
+      const failures = Object.entries(s.failures || {}).sort((a, b) => b[1] - a[1]);
+      line.replaceChildren(
+        `tracer: process ${s.pid}, Python ${s.python}, ${s.loop}, ${s.accelerator ? "C accelerator" : "pure Python"}; `
+        + `instrumentation on: ${on.join(", ") || "none"}; `,
+        AT.el("span", { class: failures.length ? "failures" : "" }, failures.length
+          ? `tracer failures: ${failures.map(([where, n]) => `${n} × ${where}`).join(", ")} (each in the app's log)`
+          : "tracer failures: none"));
+      line.hidden = false;
+    } catch (e) {
+      line.hidden = true;
+    }
+  }
+
   // The store's recent traces and routes; then, while the list is on screen, looked at again
   // every 2 s and redrawn when a trace came in (the page need not be reloaded).
   let newest = null;
@@ -268,6 +290,7 @@
     } catch (e) {
       if (!again) list.replaceChildren(AT.el("li", {}, `could not list traces (${e})`));
     }
+    loadStatus(base);
     if (!again) {
       setInterval(() => {
         if (view === "load" && document.visibilityState === "visible") loadStore(base, true);
