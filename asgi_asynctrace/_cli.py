@@ -232,9 +232,11 @@ def _convert_command(args: argparse.Namespace) -> int:
 
 
 def _command(
-    commands: Any, name: str, run: Any, help: str, description: str, traces: bool = True
-) -> argparse.ArgumentParser:
-    """One subcommand: its help, its examples kept as written, and (usually) TRACE files."""
+    commands: Any, name: str, run: Any, help: str, description: str, traces: bool = True,
+    running_app: bool = False,
+) -> argparse.ArgumentParser:  # fmt: skip
+    """One subcommand: its help, its examples kept as written, and (usually) TRACE files, or
+    (``running_app``) the address of a running app and its secret."""
     parser: argparse.ArgumentParser = commands.add_parser(
         name, help=help, description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -245,6 +247,10 @@ def _command(
         parser.add_argument("--secret", help="the app's secret, to read its store (default: 1, "
                                              "as from loopback)")  # fmt: skip
         add_selection(parser)
+    if running_app:
+        parser.add_argument("app", help="the app's address (or its store's, for another "
+                                        "path_prefix)")  # fmt: skip
+        parser.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
     parser.set_defaults(run=run)
     return parser
 
@@ -360,9 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finding and its id (to open with summary, compare or the viewer's ?id=). An app\n"
         "that stops answering (restarting under --reload) is waited for.",
         traces=False,
+        running_app=True,
     )
-    wa.add_argument("app", help="the app's address (or its store's, for another path_prefix)")
-    wa.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
     wa.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
     wa.add_argument("--count", type=int, help="stop after this many traces")
     wa.add_argument("--blocked-ms", type=float, default=20.0, help="a loop step this long blocks")
@@ -378,9 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "process that answers has them: where to look when a request got no trace, or a\n"
         "trace lacks a library's calls.",
         traces=False,
+        running_app=True,
     )
-    st.add_argument("app", help="the app's address (or its store's, for another path_prefix)")
-    st.add_argument("--secret", help="the app's secret (default: 1, as from loopback)")
     st.add_argument("--json", action="store_true", help="the status as the app gave it")
     cm = _command(
         commands,
