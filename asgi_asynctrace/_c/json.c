@@ -36,6 +36,17 @@ reserve(buffer *b, Py_ssize_t more)
     return 0;
 }
 
+/* The "]" that closes an array; 0, or -1 with an exception. */
+static int
+close_array(buffer *b)
+{
+    if (reserve(b, 1) < 0) {
+        return -1;
+    }
+    b->data[b->len++] = ']';
+    return 0;
+}
+
 /* Writers reserve first: ROOM before each resource and after each string, enough for any
  * run of keys and ints up to the next reserve (an int is at most 20 characters). */
 #define ROOM 512
@@ -310,11 +321,7 @@ write_resources(buffer *b, PyObject *resources, long long o, PyObject *slots, Py
             return -1;
         }
     }
-    if (reserve(b, 1) < 0) {
-        return -1;
-    }
-    b->data[b->len++] = ']';
-    return 0;
+    return close_array(b);
 }
 
 /* The bytes of a buffer, which is freed either way. */
@@ -469,11 +476,7 @@ write_annotations(buffer *bp, PyObject *items, PyObject *encode, PyObject *keys)
         }
         b.data[b.len++] = '}';
     }
-    if (reserve(&b, 1) < 0) {
-        goto fail;
-    }
-    b.data[b.len++] = ']';
-    return 0;
+    return close_array(&b);
 fail:
     return -1;
 #undef b

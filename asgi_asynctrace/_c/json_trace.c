@@ -70,11 +70,7 @@ write_stacks(buffer *bp, PyObject *stacks, PyObject *cache, PyObject *encode)
         b.len += n;
         Py_DECREF(piece);
     }
-    if (reserve(&b, 1) < 0) {
-        goto fail;
-    }
-    b.data[b.len++] = ']';
-    return 0;
+    return close_array(&b);
 fail:
     return -1;
 #undef b
