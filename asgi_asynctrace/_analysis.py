@@ -349,12 +349,13 @@ def _critical_path(
 def _cancelled_by_a_sibling(
     kids: list[ResourceTimes], parent_starts: list[int], origin: int
 ) -> set[int]:
-    """The children cancelled because a sibling finished: each cancelled one that ended after
-    a sibling that was not cancelled (nor a timer) had ended and the parent had then run a step
-    (``asyncio.wait(..., FIRST_COMPLETED)`` then cancel the rest, a race, a task group after
-    one child failed, Django's disconnect listener once the view answered). Its end was its
-    sibling's doing: what held the parent up is that sibling. A child cancelled by a deadline
-    stays (what it was doing is why the deadline hit)."""
+    """The children cancelled because a sibling finished: each cancelled one alive when a
+    sibling that was not cancelled (nor a timer) ended, after which the parent ran a step
+    before the cancelled one ended (``asyncio.wait(..., FIRST_COMPLETED)`` then cancel the
+    rest, a race, a task group after one child failed, Django's disconnect listener once the
+    view answered). Its end was its sibling's doing: what held the parent up is that sibling.
+    A child cancelled by a deadline stays (what it was doing is why the deadline hit), and so
+    does one whose siblings had all ended before it began."""
     cancelled = [k for k in kids if k.state == "cancelled" and k.type != "timer"]
     if not cancelled:
         return set()
@@ -363,8 +364,8 @@ def _cancelled_by_a_sibling(
     out = set()
     for k in cancelled:
         i = bisect.bisect_right(ends, k.ended)
-        if i == 0:
-            continue  # no sibling had finished before it ended
+        if i == 0 or ends[i - 1] <= k.created:
+            continue  # no sibling finished while it was alive
         j = bisect.bisect_left(steps, ends[i - 1])  # the parent's first step after that
         if j < len(steps) and steps[j] <= k.ended:
             out.add(k.async_id)

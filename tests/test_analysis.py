@@ -124,7 +124,11 @@ def test_a_child_cancelled_by_a_deadline_stays_on_the_critical_path() -> None:
     async def slow() -> None:
         await asyncio.sleep(1)
 
+    async def first() -> None:
+        await asyncio.sleep(0.002)  # a sibling that finished before the slow one began
+
     async def body() -> None:
+        await asyncio.create_task(first())
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.create_task(slow()), timeout=0.01)
 
