@@ -10,7 +10,7 @@ critical path, its time given to what the request waited on there: the operation
 on, not the task or future that carried it; its own code; the rest of the request, which the
 path does not cover), which findings came up in how many of its traces, and its slowest
 trace, to open (``_report.format_routes`` prints them). Exports: RouteStats, RouteInput,
-by_route, routes_with_comparisons, route_input, held_up_by, own_steps, OWN_CODE, REST.
+by_route, routes_with_comparisons, route_input, held_up_by, own_steps, OWN_CODE, REST, AFTER.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ._model import Trace
 from ._select import route_key
 
 __all__ = [
+    "AFTER",
     "OWN_CODE",
     "REST",
     "RouteInput",
@@ -43,6 +44,7 @@ __all__ = [
 _CARRIERS = frozenset(("task", "future"))
 OWN_CODE = "own code"
 REST = "the rest"
+AFTER = "after the response"  # a BackgroundTask, cleanup: no client waited for it
 
 
 @dataclass
@@ -97,7 +99,8 @@ def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counte
     the rest of it to the carrier; the request's own stretches to ``own code``, and so what the
     path does not cover while one of the root's steps ran (``own_steps``: its callbacks, from
     the request's start; the short stretches between one query and the next, say); the rest
-    of what the path does not cover to ``the rest`` (the loop's turns, other work)."""
+    of what the path does not cover to ``the rest`` (the loop's turns, other work); what ran
+    after the response had gone out, where the path ends, to ``after the response``."""
     held: Counter[str] = Counter()
     path: Sequence[PathStep] = a.critical_path
     i = 0
@@ -130,11 +133,15 @@ def held_up_by(a: Analysis, own_steps: Sequence[tuple[int, int]] = ()) -> Counte
         i = j
     tops = [(s.start, s.end) for s in path if s.depth == 0]
     on_path = _covered(tops)
-    uncovered = max(0, a.duration - on_path)
+    # up to when the response had gone out, as the path; what came after held no client up
+    end = a.answered if 0 <= a.answered < a.duration else a.duration
+    uncovered = max(0, end - on_path)
     # the root's steps outside the path's top-level steps: its own code too
-    own = min(uncovered, max(0, _covered([*own_steps, *tops]) - on_path))
+    steps = [(start, min(stop, end)) for start, stop in own_steps if start < end]
+    own = min(uncovered, max(0, _covered([*steps, *tops]) - on_path))
     held[OWN_CODE] += own
     held[REST] += uncovered - own
+    held[AFTER] += a.duration - end
     return +held  # without what came to nothing
 
 

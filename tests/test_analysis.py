@@ -160,6 +160,12 @@ def test_the_critical_path_ends_when_the_response_went_out() -> None:
     assert [s.label for s in a.critical_path] == ["sleep 5.0ms", "response body, 4 bytes"]
     assert f"its response had gone out at {format_ns(a.answered)}" in format_summary(a)
     assert a.to_dict()["answeredNs"] == a.answered
+    # what routes and compare say held it up: the receipt's time, after the response, apart
+    from asgi_asynctrace._routes import held_up_by, own_steps
+
+    held = held_up_by(a, own_steps(trace))
+    assert held["after the response"] == a.duration - a.answered
+    assert sum(held.values()) == a.duration
 
 
 def test_the_critical_path_shows_where_the_request_ran_its_own_code() -> None:
