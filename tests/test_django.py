@@ -17,12 +17,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces
+from tests.helpers import TracingTransport
 from tests.servers import serving
 
 django: Any = pytest.importorskip("django")
-TracingTransport: Any = importlib.import_module(
-    "asgi_asynctrace.instrumentation.httpx"
-).TracingTransport
 
 
 async def _price(request: Request) -> Response:
