@@ -16,8 +16,8 @@ loop's own method (costing nothing measurable; asyncio's ``create_future`` even 
 while taking them off and on again costs the process real time (see ``LINGER_S``). Loop
 methods are replaced on the loop's class, never on the loop object (see ``_loop_methods``).
 Instrumentation adds its own loop methods to them (``add_loop_patch``: the timers).
-Exports: acquire_hooks, install_hooks, uninstall_hooks, add_loop_patch, remove_loop_patch,
-hooks_on_ns, LINGER_S.
+Exports: acquire_hooks, hold_hooks, install_hooks, uninstall_hooks, add_loop_patch,
+remove_loop_patch, hooks_on_ns, LINGER_S.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "LINGER_S",
     "acquire_hooks",
     "add_loop_patch",
+    "hold_hooks",
     "hooks_on_ns",
     "install_hooks",
     "remove_loop_patch",
@@ -136,6 +137,12 @@ class _LoopHooks:
             del namespace[name]
         else:
             namespace[name] = previous
+
+    def let_go(self, loop: asyncio.AbstractEventLoop, linger: float) -> None:
+        """A holder (``hold_hooks``) gives them back; the last one leaves them ``idle``."""
+        self.refs -= 1
+        if self.refs == 0:
+            self.idle(loop, linger)
 
     def idle(self, loop: asyncio.AbstractEventLoop, linger: float) -> None:
         """The last traced request on this loop ended: take the hooks off after ``linger``
@@ -240,6 +247,13 @@ def acquire_hooks(
     When the last holder gives them back they stay on for ``linger`` seconds (default
     ``LINGER_S``: for good) in case another traced request comes, then come off.
     """
+    return _Release(hold_hooks(loop), loop, LINGER_S if linger is None else linger)
+
+
+def hold_hooks(loop: asyncio.AbstractEventLoop) -> _LoopHooks:
+    """``acquire_hooks`` without the object that gives them back, for a caller that gives
+    them back itself, once, with ``hooks.let_go(loop, linger)`` (the middleware: one object
+    fewer per traced request)."""
     global _last
     last_loop, last_hooks = _last
     hooks: _LoopHooks | None = last_hooks if last_loop() is loop else None
@@ -251,7 +265,7 @@ def acquire_hooks(
     if not hooks.held.installed:
         hooks.install(loop)
     hooks.refs += 1
-    return _Release(hooks, loop, LINGER_S if linger is None else linger)
+    return hooks
 
 
 def _no_loop() -> None:
@@ -279,9 +293,7 @@ class _Release:
         if hooks is None:
             return
         self.hooks = None
-        hooks.refs -= 1
-        if hooks.refs == 0:
-            hooks.idle(self.loop, self.linger)
+        hooks.let_go(self.loop, self.linger)
 
 
 def add_loop_patch(name: str, make: LoopPatch, *, always: bool = False) -> None:

@@ -25,9 +25,9 @@ from ._context import ACTIVE
 from ._endpoint import serve_store
 from ._failures import report
 from ._gate import TRACE_REQUESTED, TRACE_SAMPLED, Gate
-from ._hooks import LINGER_S
+from ._hooks import LINGER_S, hold_hooks
 from ._model import Trace, TraceLimits
-from ._request import Receive, Scope, Send, TracedRequest
+from ._request import Receive, Scope, Send, TracedRequest, trace_settings
 from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
 from ._tasks import TimedCoroutine, mark_coroutine_function
 from ._watchdog import unwatch, watch
@@ -47,6 +47,7 @@ _TRACEABLE = frozenset(("http", "websocket"))
 _HEADER = b"x-async-trace"
 _random = random.random
 _clock = time.monotonic
+_running_loop = asyncio._get_running_loop
 # What __call__ passes on as the header value of a request it sampled: decided once, there.
 _SAMPLED: Any = object()
 
@@ -192,6 +193,8 @@ class AsyncTraceMiddleware:
             propagate_to if isinstance(propagate_to, Mapping) else dict.fromkeys(propagate_to, "1")
         )
         self.propagate_to = {str(k): str(v) for k, v in hosts.items()}
+        # What each trace is made with, in one C call (None without the accelerator).
+        self._trace_settings = trace_settings(self)
         # What the store's status says of these settings (the secret's presence, never it).
         self._about = {
             "pathPrefix": path_prefix, "access": "secret" if secret else "loopback",
@@ -297,7 +300,13 @@ class AsyncTraceMiddleware:
         except Exception as exc:
             report("start-trace", exc)
             return await self.app(scope, receive, send)
-        release = run.acquire_hooks()
+        loop = _running_loop()  # None under trio or another loop: no hooks, what we see here
+        hooks = None
+        if loop is not None:
+            try:
+                hooks = hold_hooks(loop)
+            except Exception as exc:
+                report("hooks", exc)
         if self._blocked_ns:
             watch(run.trace, self._blocked_ns)
         token = ACTIVE.set((run.trace, run.root))
@@ -317,8 +326,8 @@ class AsyncTraceMiddleware:
             if self._blocked_ns:
                 unwatch(run.trace)
             run.finish(state)
-            if release is not None:
-                release()
+            if hooks is not None:
+                hooks.let_go(loop, self.hooks_linger)  # type: ignore[arg-type]
             self._emit(run.trace)
 
     def _emit(self, trace: Trace) -> None:

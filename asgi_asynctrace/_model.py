@@ -79,20 +79,20 @@ _DEFAULT_LIMITS: Final = TraceLimits()
 
 # Trace ids drawn from the OS 256 at a time: one system call for many requests. list.pop()
 # is atomic, so threads starting traces at once never share an id.
-_trace_ids: list[str] = []
+trace_ids: list[str] = []
 
 
-def _new_trace_id() -> str:
+def new_trace_id() -> str:
     # 16 random bytes, the size of a W3C trace-id, so traces can be joined with other systems.
     try:
-        return _trace_ids.pop()
+        return trace_ids.pop()
     except IndexError:
         drawn = os.urandom(16 * 256).hex()
-        _trace_ids.extend(drawn[i : i + 32] for i in range(32, len(drawn), 32))
+        trace_ids.extend(drawn[i : i + 32] for i in range(32, len(drawn), 32))
         return drawn[:32]
 
 
-def _machine_limits(limits: TraceLimits) -> tuple[int, int, int, int, int, int]:
+def machine_limits(limits: TraceLimits) -> tuple[int, int, int, int, int, int]:
     """The limits the recording methods read, as machine integers (TraceLimits is frozen; a
     limit past sys.maxsize is no limit at all), worked out once per TraceLimits."""
     kept = _limit_ints.get(id(limits))
@@ -141,17 +141,17 @@ class Trace(_TraceCore):
         limits: TraceLimits | None = None,
     ) -> None:
         if not trace_id:
-            try:  # _new_trace_id(), without its frame
-                trace_id = _trace_ids.pop()
+            try:  # new_trace_id(), without its frame
+                trace_id = trace_ids.pop()
             except IndexError:
-                trace_id = _new_trace_id()
+                trace_id = new_trace_id()
         self.trace_id = trace_id
         self.request: dict[str, Any] = request if request is not None else {}
         self.origin = origin
         self.started_at_unix_ns = started_at_unix_ns
         self.ended_at: int | None = None
         self.limits = limits = limits or _DEFAULT_LIMITS
-        kept = _limit_ints.get(id(limits))  # _machine_limits(limits), without its frame
+        kept = _limit_ints.get(id(limits))  # machine_limits(limits), without its frame
         (
             self._max_resources,
             self._max_annotations,
@@ -159,7 +159,7 @@ class Trace(_TraceCore):
             self._max_callbacks,
             self._max_stacks,
             self.stack_depth,
-        ) = kept[1] if kept is not None and kept[0] is limits else _machine_limits(limits)
+        ) = kept[1] if kept is not None and kept[0] is limits else machine_limits(limits)
         self._next_id = 1
         self.resources: list[Resource] = []
         self.stacks: list[tuple[str, ...]] = []
@@ -188,16 +188,16 @@ class Trace(_TraceCore):
     ) -> Trace:
         """A trace whose clock starts now, holding its root resource (id 1)."""
         origin = time.perf_counter_ns()
-        if _c_start_trace is not None and cls.__init__ is _TRACE_INIT and cls.add is _CORE_ADD:
+        if _c_start_trace is not None and c_trace_class(cls):
             # What the lines below make, in one C call (see start_trace in _speedups.c)
             if not trace_id:
                 try:
-                    trace_id = _trace_ids.pop()
+                    trace_id = trace_ids.pop()
                 except IndexError:
-                    trace_id = _new_trace_id()
+                    trace_id = new_trace_id()
             limits = limits or _DEFAULT_LIMITS
             kept = _limit_ints.get(id(limits))
-            ints = kept[1] if kept is not None and kept[0] is limits else _machine_limits(limits)
+            ints = kept[1] if kept is not None and kept[0] is limits else machine_limits(limits)
             made = _c_start_trace(cls, trace_id, request if request is not None else {}, limits,
                                   ints, origin, time.time_ns(), Dropped)  # fmt: skip
             if made is not NotImplemented:  # (a class on the Python core: made below)
@@ -290,6 +290,12 @@ class Trace(_TraceCore):
 # Trace.start makes a trace in one C call when the class's __init__ and add are these.
 _TRACE_INIT: Final = Trace.__init__
 _CORE_ADD: Final = Trace.add
+
+
+def c_trace_class(cls: type[Trace]) -> bool:
+    """Whether the accelerator makes traces of ``cls`` in one call (``cls.__init__`` and
+    ``cls.add`` are Trace's own, and it is built)."""
+    return _c_start_trace is not None and cls.__init__ is _TRACE_INIT and cls.add is _CORE_ADD
 
 
 def _rebuild_trace(cls: type[Trace], state: dict[str, Any]) -> Trace:

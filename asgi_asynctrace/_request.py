@@ -12,7 +12,6 @@ Exports: TracedRequest, route_of, Scope, Message, Receive, Send.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -22,16 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import ACTIVE
 from ._failures import report
-from ._hooks import acquire_hooks
-from ._model import Resource, Trace
+from ._model import Dropped, Resource, Trace, c_trace_class, machine_limits, new_trace_id, trace_ids
 from ._sinks import trace_header
 from ._streams import BodyStream, body_chunk, message_size, record_message, whole_body
 
 _find_header: Callable[[Any, bytes], Any] | None
+_open_request: Callable[..., Any] | None
 try:
     from ._speedups import find_header as _find_header
-except ImportError:  # built without a compiler: _header_in_python
-    _find_header = None
+    from ._speedups import open_request as _open_request
+except ImportError:  # built without a compiler: _header_in_python, _open_in_python
+    _find_header = _open_request = None
 
 if TYPE_CHECKING:
     from ._middleware import AsyncTraceMiddleware
@@ -107,6 +107,36 @@ def route_of(scope: Scope) -> str | None:
     return route if route != path else None
 
 
+def trace_settings(owner: AsyncTraceMiddleware) -> tuple[Any, ...] | None:
+    """What ``open_request`` makes each of ``owner``'s traces with (None: the Python does)."""
+    if _open_request is None or not c_trace_class(Trace):
+        return None
+    return (Trace, owner.limits, machine_limits(owner.limits), Dropped, owner.record_futures,
+            owner.propagate_to, trace_ids, new_trace_id)  # fmt: skip
+
+
+def _open_in_python(
+    owner: AsyncTraceMiddleware, scope: Scope, websocket: bool, traced: str
+) -> Trace:
+    """What ``open_request`` does, in Python: the trace, its root annotated."""
+    method = scope.get("method") or ("WS" if websocket else None)
+    path = scope.get("path")
+    trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
+    trace.record_futures = owner.record_futures
+    trace.propagate_to = owner.propagate_to
+    root = trace.resources[0]
+    trace.annotate(root, "method", method)
+    trace.annotate(root, "path", path)
+    client = scope.get("client")
+    if client:
+        trace.annotate(root, "client", str(client[0]))
+    trace.annotate(root, "traced", traced)
+    traceparent = _header(scope, b"traceparent")
+    if traceparent is not None and _TRACEPARENT.fullmatch(traceparent):
+        trace.request["traceparent"] = traceparent.decode()  # for OpenTelemetry export
+    return trace
+
+
 class TracedRequest:
     """The state of one traced request: its trace and what the ASGI messages told us."""
 
@@ -138,22 +168,15 @@ class TracedRequest:
         self.requested = requested
         self.disconnected = False
         self.response_done = False
-        self.websocket = scope.get("type") == "websocket"
-        method = scope.get("method") or ("WS" if self.websocket else None)
-        path = scope.get("path")
-        trace = Trace.start(request={"method": method, "path": path}, limits=owner.limits)
-        trace.record_futures = owner.record_futures
-        trace.propagate_to = owner.propagate_to
+        self.websocket = websocket = scope.get("type") == "websocket"
+        traced = "requested" if requested else "sampled"
+        settings = owner._trace_settings
+        trace: Any = NotImplemented
+        if settings is not None and _open_request is not None:  # one C call (_c/request.c)
+            trace = _open_request(scope, websocket, traced, settings)
+        if trace is NotImplemented:
+            trace = _open_in_python(owner, scope, websocket, traced)
         root = trace.resources[0]  # trace.root, without the property's frame
-        trace.annotate(root, "method", method)
-        trace.annotate(root, "path", path)
-        client = scope.get("client")
-        if client:
-            trace.annotate(root, "client", str(client[0]))
-        trace.annotate(root, "traced", "requested" if requested else "sampled")
-        traceparent = _header(scope, b"traceparent")
-        if traceparent is not None and _TRACEPARENT.fullmatch(traceparent):
-            trace.request["traceparent"] = traceparent.decode()  # for OpenTelemetry export
         parent = _upstream(scope) if requested else None
         if parent is not None:
             trace.request["parent"] = {"traceId": parent[0], "asyncId": parent[1]}
@@ -164,17 +187,6 @@ class TracedRequest:
         # made at a body's first chunk: most requests have no body to read
         self.body_in: BodyStream | None = None
         self.body_out: BodyStream | None = None
-
-    def acquire_hooks(self) -> Callable[[], None] | None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None  # trio or another loop: record what the middleware sees, no hooks
-        try:
-            return acquire_hooks(loop, self.owner.hooks_linger)
-        except Exception as exc:
-            report("hooks", exc)
-            return None
 
     def client_gone(self, exc: BaseException) -> bool:
         return self.disconnected or type(exc).__name__ == "ClientDisconnected"

@@ -60,73 +60,7 @@
 #include "_c/keyed.c"
 #include "_c/futures.c"
 
-/* start_trace(cls, trace_id, request, limits, ints, origin, started_at_unix_ns, dropped_type):
- * what Trace.start makes, without Trace.__init__'s frame and keyword arguments (a third of a
- * traced request's set-up). cls is a TraceCore subclass whose __init__ and add are Trace's
- * own (the caller checks; NotImplemented for a class on the Python core); the trace gets its
- * lists, its limits as the machine integers of ints (the six of _model._machine_limits, in
- * their order), a new dropped_type, the Python slots set as __init__ sets them, and its root
- * resource (id 1) made at origin. The tests hold the two ways to the same state. */
-static PyObject *s_root, *s_trace_id, *s_request, *s_origin, *s_started_at_unix_ns;
-static PyObject *s_ended_at, *s_limits, *s_finishers, *s_propagate_to;
-
-static PyObject *
-start_trace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 8 || !PyType_Check(args[0]) || !PyTuple_CheckExact(args[4]) ||
-        PyTuple_GET_SIZE(args[4]) != 6 || !PyCallable_Check(args[7])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "start_trace(cls, trace_id, request, limits, ints: 6-tuple, origin, "
-                        "started_at_unix_ns, dropped_type)");
-        return NULL;
-    }
-    if (!PyType_IsSubtype((PyTypeObject *)args[0], &TraceCoreType)) {
-        Py_RETURN_NOTIMPLEMENTED; /* a trace on the Python core: Trace.__init__ makes it */
-    }
-    Py_ssize_t ints[6];
-    for (Py_ssize_t i = 0; i < 6; i++) {
-        ints[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[4], i));
-        if (ints[i] == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    TraceCore *t = (TraceCore *)core_new((PyTypeObject *)args[0], NULL, NULL);
-    if (t == NULL) {
-        return NULL;
-    }
-    PyObject *trace = (PyObject *)t, *finishers = PyList_New(0), *propagate = PyDict_New();
-    t->resources = PyList_New(0);
-    t->annotations = PyList_New(0);
-    t->stacks = PyList_New(0);
-    t->stack_ids = PyDict_New();
-    t->dropped = PyObject_CallNoArgs(args[7]);
-    t->max_resources = ints[0];
-    t->max_annotations = ints[1];
-    t->max_annotation_length = ints[2];
-    t->max_callbacks = ints[3];
-    t->max_stacks = ints[4];
-    t->stack_depth = ints[5];
-    PyObject *root = NULL;
-    if (finishers == NULL || propagate == NULL || t->resources == NULL ||
-        t->annotations == NULL || t->stacks == NULL || t->stack_ids == NULL ||
-        t->dropped == NULL || slot_set(trace, s_trace_id, args[1]) < 0 ||
-        slot_set(trace, s_request, args[2]) < 0 || slot_set(trace, s_origin, args[5]) < 0 ||
-        slot_set(trace, s_started_at_unix_ns, args[6]) < 0 ||
-        slot_set(trace, s_ended_at, Py_None) < 0 || slot_set(trace, s_limits, args[3]) < 0 ||
-        slot_set(trace, s_record_futures, Py_True) < 0 ||
-        slot_set(trace, s_propagate_to, propagate) < 0 ||
-        slot_set(trace, s_finishers, finishers) < 0 ||
-        (root = core_add_impl(t, s_root, zero, Py_None, args[5])) == NULL) {
-        Py_XDECREF(finishers);
-        Py_XDECREF(propagate);
-        Py_DECREF(trace);
-        return NULL;
-    }
-    Py_DECREF(root);
-    Py_DECREF(finishers);
-    Py_DECREF(propagate);
-    return trace;
-}
+#include "_c/request.c"
 
 static PyMethodDef methods[] = {
     {"untraced_check", (PyCFunction)(void (*)(void))untraced_check, METH_FASTCALL,
@@ -136,6 +70,9 @@ static PyMethodDef methods[] = {
     {"start_trace", (PyCFunction)(void (*)(void))start_trace, METH_FASTCALL,
      "start_trace(cls, trace_id, request, limits, ints, origin, started_at_unix_ns, "
      "dropped_type) -> a started trace, as Trace.start makes it."},
+    {"open_request", (PyCFunction)(void (*)(void))open_request, METH_FASTCALL,
+     "open_request(scope, websocket, traced, settings) -> a traced request's trace, or "
+     "NotImplemented."},
     {"set_stack_formatter", (PyCFunction)(void (*)(void))set_stack_formatter, METH_FASTCALL,
      "set_stack_formatter(format, cache, stop_code): what TraceCore.new_resource walks with."},
 #ifdef HAVE_QUIET_WAIT
@@ -243,17 +180,7 @@ PyInit__speedups(void)
         !s_coroutine || !s_qualname || !s_context || !s_new_resource || !s_annotate) {
         return NULL;
     }
-    s_root = PyUnicode_InternFromString("root");
-    s_trace_id = PyUnicode_InternFromString("trace_id");
-    s_request = PyUnicode_InternFromString("request");
-    s_origin = PyUnicode_InternFromString("origin");
-    s_started_at_unix_ns = PyUnicode_InternFromString("started_at_unix_ns");
-    s_ended_at = PyUnicode_InternFromString("ended_at");
-    s_limits = PyUnicode_InternFromString("limits");
-    s_finishers = PyUnicode_InternFromString("finishers");
-    s_propagate_to = PyUnicode_InternFromString("propagate_to");
-    if (!s_root || !s_trace_id || !s_request || !s_origin || !s_started_at_unix_ns ||
-        !s_ended_at || !s_limits || !s_finishers || !s_propagate_to) {
+    if (request_strings() < 0) {
         return NULL;
     }
     s_hit = PyUnicode_InternFromString("hit");

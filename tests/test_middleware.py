@@ -21,6 +21,7 @@ from asgi_asynctrace import (
     AnalysisSettings,
     AsyncTraceMiddleware,
     Trace,
+    _request,
     annotate,
     capture_traces,
     decode_trace_header,
@@ -651,13 +652,60 @@ def test_a_websocket_connection_is_traced_when_its_handshake_asks() -> None:
 def test_a_tracer_that_cannot_start_a_trace_serves_the_request_untraced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(**kwargs: Any) -> Trace:
+    def broken(*args: Any, **kwargs: Any) -> Trace:
         raise MemoryError("no room")
 
-    monkeypatch.setattr(Trace, "start", broken)
+    monkeypatch.setattr(Trace, "start", broken)  # the Python's way to a trace, and the C's
+    if _request._open_request is not None:
+        monkeypatch.setattr(_request, "_open_request", broken)
     r = call(traced_app(), lambda c: _get(c, "/hello", ON))
     assert r.status_code == 200 and r.text == "hello" and "x-async-trace-id" not in r.headers
     assert failure_counts() == {"start-trace": 1}
+
+
+_PARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.skipif(_request._open_request is None, reason="the C accelerator is not built")
+@pytest.mark.parametrize(
+    ("scope", "traced"),
+    [
+        ({"type": "http", "method": "GET", "path": "/a", "client": ("10.0.0.7", 5),
+          "headers": [(b"traceparent", _PARENT)]}, "sampled"),
+        ({"type": "http", "method": "POST", "path": "/b", "client": None,
+          "headers": ((b"traceparent", _PARENT.upper()),)}, "requested"),
+        ({"type": "websocket", "path": "/ws", "client": ["::1", 9], "headers": []}, "requested"),
+        ({"type": "http", "method": "", "headers": [[b"traceparent", _PARENT + b"0"]]}, "sampled"),
+        ({"type": "http", "method": "GET", "path": "/c"}, "sampled"),
+    ],
+)  # fmt: skip
+def test_a_trace_opened_in_c_is_the_one_the_python_opens(scope: Any, traced: str) -> None:
+    owner = AsyncTraceMiddleware(PlainTextResponse("x"), record_futures=False,
+                                 propagate_to={"svc": "s"}, instrument=False)  # fmt: skip
+    websocket = scope["type"] == "websocket"
+    open_request = _request._open_request
+    assert open_request is not None
+    made = open_request(scope, websocket, traced, owner._trace_settings)
+    python = _request._open_in_python(owner, scope, websocket, traced)
+    assert isinstance(made, Trace) and made.trace_id != python.trace_id
+    assert made.request == python.request
+    assert made.annotations == python.annotations and len(made.resources) == 1
+    assert made.root.type == "root" and made.root.created_at == made.origin
+    assert made.record_futures is False and made.propagate_to is owner.propagate_to
+    assert made.limits is owner.limits and not made.closed and made.ended_at is None
+    assert abs(made.started_at_unix_ns - python.started_at_unix_ns) < 10**9
+    assert ("traceparent" in made.request) == (scope.get("headers") == [(b"traceparent", _PARENT)])
+
+
+def test_a_trace_opened_in_c_hands_unusual_headers_to_the_python() -> None:
+    open_request = _request._open_request
+    if open_request is None:
+        pytest.skip("the C accelerator is not built")
+    owner = AsyncTraceMiddleware(PlainTextResponse("x"), instrument=False)
+    for headers in (iter([(b"traceparent", _PARENT)]), [(b"traceparent", "text")]):
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+        made = open_request(scope, False, "sampled", owner._trace_settings)
+        assert made is NotImplemented
 
 
 @pytest.mark.parametrize(
