@@ -256,6 +256,13 @@ class TracedRequest:
         """The app's ``send``: the server's, recorded, the response headers given the trace
         when it was asked for."""
         kind = message.get("type")
+        if kind in _STARTS:  # a response's status and headers, a websocket's accept
+            message = self._on_start(message)
+            if kind == "websocket.accept":
+                await self._server_send(message)
+            else:
+                await self._send(message)
+            return
         # the usual message; or the body of a websocket's refusal, answered with HTTP
         if kind == "http.response.body" or kind == "websocket.http.response.body":
             last = not message.get("more_body", False)
@@ -283,10 +290,8 @@ class TracedRequest:
             except Exception as exc:
                 report("send", exc)
             return
-        if kind in _STARTS:
-            message = self._on_start(message)
         started = _now()
-        if kind == "websocket.accept" or kind == "websocket.close":
+        if kind == "websocket.close":
             await self._server_send(message)
         else:
             await self._send(message)

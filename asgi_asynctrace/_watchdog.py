@@ -82,7 +82,8 @@ class _Watch:
 _watched: dict[Trace, _Watch] = {}
 _wake = threading.Event()
 _thread: threading.Thread | None = None
-_lock = threading.Lock()  # starting the thread
+_lock = threading.Lock()  # starting the thread, and its falling asleep
+_awake = False  # the thread looks (or is about to): set and cleared under _lock
 
 
 def watch(trace: Trace, after_ns: int) -> None:
@@ -91,9 +92,7 @@ def watch(trace: Trace, after_ns: int) -> None:
     _watched[trace] = _Watch(after_ns)
     if _waiting_after is not None and after_ns < _waiting_after:  # (set only with quiet_wait)
         _quiet_poke(True)  # the thread waits for longer steps than this trace's: it looks again
-    if not _gc_on:
-        _gc_watch(True)
-    if not _wake.is_set():
+    if not _awake:  # the thread sleeps, or never started: wake it, the gc callback on
         try:
             _start()
         except Exception as exc:  # no thread to be had: the trace goes on without samples
@@ -105,8 +104,6 @@ def unwatch(trace: Trace) -> None:
     resources (here, on the request's own thread: never from inside the collector, which
     may run in the middle of any recording)."""
     w = _watched.pop(trace, None)
-    if not _watched and _gc_on:
-        _gc_watch(False)
     if w is not None and w.gcs:
         try:
             for res, start, end, generation, collected in w.gcs:
@@ -128,17 +125,16 @@ def unwatch(trace: Trace) -> None:
 # large app's heap) blocks the loop, and the sampling thread cannot see it (it waits for the
 # GIL). gc.callbacks says when each collection starts and stops; one of at least GC_MIN_NS,
 # run by a traced request's step on this thread, is noted for that request. The callback is
-# on gc.callbacks only while a traced request runs.
+# on gc.callbacks while the thread is awake: from a traced request's start until it sleeps, a
+# second after the last one ended (not put on and taken off for each request: with no trace
+# watched it returns at once).
 
 #: Collections shorter than this are not recorded (a young generation's take microseconds).
 GC_MIN_NS: Final = 1_000_000
-_gc_on = False
 _gc_started = 0
 
 
 def _gc_watch(on: bool) -> None:
-    global _gc_on
-    _gc_on = on
     try:
         if on and _on_gc not in gc.callbacks:
             gc.callbacks.append(_on_gc)
@@ -150,6 +146,8 @@ def _gc_watch(on: bool) -> None:
 
 def _on_gc(phase: str, info: dict[str, int]) -> None:
     global _gc_started
+    if not _watched:
+        return
     try:
         if phase == "start":
             _gc_started = _now()
@@ -171,12 +169,27 @@ def _on_gc(phase: str, info: dict[str, int]) -> None:
 
 
 def _start() -> None:
-    global _thread
+    global _thread, _awake
     with _lock:
+        _gc_watch(True)
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="asgi-asynctrace-watchdog", daemon=True)
             _thread.start()
+        _awake = True
         _wake.set()
+
+
+def _fall_asleep() -> None:
+    """Nothing watched for a while: the thread sleeps on its event, the gc callback off. A
+    trace watched meanwhile either saw ``_awake`` still true, and is seen here (the thread
+    wakes again), or saw it false, and woke the thread itself."""
+    global _awake
+    with _lock:
+        _awake = False
+        _gc_watch(False)
+        _wake.clear()
+    if _watched:
+        _start()
 
 
 def _run() -> None:
@@ -194,9 +207,7 @@ def _run() -> None:
                 if idle_since is None:
                     idle_since = now
                 elif now - idle_since >= _LINGER_NS:
-                    _wake.clear()
-                    if _watched:  # one came in as it cleared: look again at once
-                        _wake.set()
+                    _fall_asleep()
                     idle_since = None
                     continue
                 pause = 20_000_000
@@ -268,8 +279,9 @@ def _look(now: int) -> tuple[int, int]:
 
 def _forget_after_fork() -> None:
     """A forked child has no watchdog thread: the next traced request starts one."""
-    global _thread, _wake, _lock
+    global _thread, _wake, _lock, _awake
     _thread = None
+    _awake = False
     _wake = threading.Event()
     _lock = threading.Lock()
     _watched.clear()

@@ -222,8 +222,10 @@ def test_the_watchdog_thread_sleeps_when_no_traced_request_runs(
     while _watchdog._wake.is_set() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _watchdog._wake.is_set(), "the watchdog still looks with nothing to watch"
+    assert _watchdog._on_gc not in gc.callbacks  # on only while it looks
     # and wakes for the next traced request
     assert _request(_sleeps_on_the_loop).samples
+    assert _watchdog._on_gc in gc.callbacks
     assert sum(t.name == "asgi-asynctrace-watchdog" for t in threading.enumerate()) == 1
 
 
@@ -301,7 +303,6 @@ def test_a_garbage_collection_in_a_traced_step_is_recorded_and_named() -> None:
     assert "of it in garbage collection (generation 2)" in blocked.title
     assert collection.async_id in blocked.resources
     assert "gc.freeze()" in blocked.fix
-    assert _watchdog._on_gc not in gc.callbacks  # taken off as the last traced request ended
     doc = orjson.loads(trace.to_json())
     assert load_trace(trace.to_json()).to_dict()["resources"] == doc["resources"]
 
