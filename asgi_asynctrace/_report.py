@@ -50,6 +50,19 @@ def _after_the_response(a: Analysis) -> list[str]:
             "after it (cleanup, background tasks) kept no client waiting"]  # fmt: skip
 
 
+def _fix_first(a: Analysis) -> list[str]:
+    """The costliest finding in one line under the headline: where to look first (the
+    findings, ranked by cost, close the report with their fixes)."""
+    if not a.findings:
+        return []
+    f = a.findings[0]
+    where = f" at {f.site}" if f.site else ""
+    costs = f", costs {format_ns(f.cost_ns)}" if f.cost_ns else ""
+    more = len(a.findings) - 1
+    rest = f" ({more} more below)" if more else " (below)"
+    return [f"  fix first: {f.kind}{where}{costs}{rest}"]
+
+
 def format_summary(a: Analysis) -> str:
     """The terminal report of ``summary``: plain text, no colour, stable for golden files."""
     lines = [
@@ -57,6 +70,7 @@ def format_summary(a: Analysis) -> str:
         f"  the request's own code ran {format_ns(a.root_sync)} on the loop; "
         f"it waited {format_ns(max(0, a.duration - a.root_sync))}",
         *_after_the_response(a),
+        *_fix_first(a),
         "",
         f"  {'type':<14}{'count':>6}{'sync':>12}{'wait':>12}",
     ]

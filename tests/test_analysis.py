@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import importlib
 import sys
 import time
@@ -270,6 +271,21 @@ def test_cli_summary_and_diagnose(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert main(["summary", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.json" in err
+
+
+def test_the_summary_names_the_costliest_finding_under_its_headline() -> None:
+    a = analyze(load_trace((GOLDEN / "checkout.json").read_bytes()))
+    (costliest,) = a.findings
+    assert format_summary(a).splitlines()[2] == (
+        "  fix first: sequential-awaits at checkout @ shop/views.py:20:18, costs 30.0 ms (below)"
+    )
+    cheaper = dataclasses.replace(costliest, kind="n-plus-one", cost_ns=1_000_000, stack=())
+    a.findings = [costliest, cheaper]
+    assert format_summary(a).splitlines()[2].endswith(", costs 30.0 ms (1 more below)")
+    a.findings = [cheaper]
+    assert format_summary(a).splitlines()[2] == "  fix first: n-plus-one, costs 1.0 ms (below)"
+    a.findings = []
+    assert "fix first" not in format_summary(a)
 
 
 def test_a_deadline_that_was_not_reached_is_no_wait() -> None:
