@@ -192,7 +192,12 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
         children[r.trigger_id].append(r)
     answered, writer = _answered(trace, times)
     late = _late_timers(times, notes, s)
-    path = _critical_path(trace, times, children, s, late, answered, writer)
+    # the timers that fired, but for sleeps: deadlines (and callbacks set for later)
+    deadlines = {
+        rid for rid, t in times.items()
+        if t.type == "timer" and t.state == "ok" and notes[rid].get("kind") != "sleep"
+    }  # fmt: skip
+    path = _critical_path(trace, times, children, s, late, answered, writer, deadlines)
     findings = diagnose(trace, times, children, path, notes, s, duration)
     return Analysis(
         trace_id=trace.trace_id,
@@ -273,6 +278,7 @@ def _late_timers(
 def _critical_path(
     trace: Trace, times: dict[int, ResourceTimes], children: dict[int, list[Resource]],
     settings: AnalysisSettings, late: dict[int, str], answered: int, writer: int | None,
+    deadlines: set[int],
 ) -> list[PathStep]:  # fmt: skip
     """Walk back from when the response had gone out (``answered``): at each moment, what was
     the root waiting for?
@@ -310,7 +316,8 @@ def _critical_path(
             for k in children.get(rid, ())
             if k.type != "future" and not (k.type == "timer" and k.state == "cancelled")
         ]
-        skipped = _cancelled_by_a_sibling(mine, by_id[rid].callbacks[::2], trace.origin)
+        skipped = _cancelled_by_a_sibling(mine, by_id[rid].callbacks[::2], trace.origin,
+                                          deadlines)  # fmt: skip
         kids = sorted(
             (k for k in mine if k.async_id not in skipped and k.async_id != lead),
             key=lambda k: (k.ended, k.type == "remote-root", -k.created), reverse=True,
@@ -347,25 +354,30 @@ def _critical_path(
 
 
 def _cancelled_by_a_sibling(
-    kids: list[ResourceTimes], parent_starts: list[int], origin: int
+    kids: list[ResourceTimes], parent_starts: list[int], origin: int, deadlines: set[int]
 ) -> set[int]:
     """The children cancelled because a sibling finished: each cancelled one alive when a
     sibling that was not cancelled (nor a timer) ended, after which the parent ran a step
     before the cancelled one ended (``asyncio.wait(..., FIRST_COMPLETED)`` then cancel the
     rest, a race, a task group after one child failed, Django's disconnect listener once the
     view answered). Its end was its sibling's doing: what held the parent up is that sibling.
-    A child cancelled by a deadline stays (what it was doing is why the deadline hit), and so
-    does one whose siblings had all ended before it began."""
+    A child cancelled by a deadline stays (what it was doing is why the deadline hit): one
+    whose siblings had all ended before it began, and one a deadline of the parent's (a timer
+    in ``deadlines``: one that fired, other than a sleep) cut short after its sibling ended."""
     cancelled = [k for k in kids if k.state == "cancelled" and k.type != "timer"]
     if not cancelled:
         return set()
     ends = sorted(k.ended for k in kids if k.state != "cancelled" and k.type != "timer")
+    fired = sorted(k.ended for k in kids if k.async_id in deadlines)
     steps = sorted(at - origin for at in parent_starts)
     out = set()
     for k in cancelled:
         i = bisect.bisect_right(ends, k.ended)
         if i == 0 or ends[i - 1] <= k.created:
             continue  # no sibling finished while it was alive
+        f = bisect.bisect_right(fired, ends[i - 1])
+        if f < len(fired) and fired[f] <= k.ended:
+            continue  # a deadline fired after that, before it ended: the deadline's doing
         j = bisect.bisect_left(steps, ends[i - 1])  # the parent's first step after that
         if j < len(steps) and steps[j] <= k.ended:
             out.add(k.async_id)

@@ -143,6 +143,27 @@ def test_a_child_cancelled_by_a_deadline_stays_on_the_critical_path() -> None:
     assert "slow" in [s.label for s in path if s.type == "task"]
 
 
+def test_a_child_cut_short_by_a_deadline_stays_though_a_sibling_ended_while_it_ran() -> None:
+    async def slow() -> None:
+        await asyncio.sleep(1)
+
+    async def quick() -> None:
+        await asyncio.sleep(0.002)
+
+    async def body() -> None:
+        slow_task = asyncio.create_task(slow())
+        await asyncio.create_task(quick())  # ends while slow() runs; the parent goes on
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(slow_task, timeout=0.02)  # its deadline cancels slow()
+
+    trace = traced(body)
+    path = analyze(trace, NO_BLOCKING).critical_path
+    # slow() was cut short by the deadline, not by its sibling's finishing: it held the
+    # request up until then
+    (cut,) = [s for s in path if s.type == "task" and s.label == "slow"]
+    assert cut.depth == 0 and cut.end - cut.start >= 15_000_000
+
+
 def test_the_critical_path_ends_when_the_response_went_out() -> None:
     async def send_receipt() -> None:
         await asyncio.sleep(0.030)  # after the response: no client waits for it
