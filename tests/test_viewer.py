@@ -640,6 +640,52 @@ def test_a_library_bubble_is_named_after_the_queries_in_it_with_their_count(
     assert full.startswith(f"db-query {statement} {times}20 + 40 more"), full
 
 
+def test_each_library_the_app_called_is_a_bubble_of_its_own(page: Any, tmp_path: Path) -> None:
+    # A fetch through httpx (with a future anyio made under it) and two queries through
+    # SQLAlchemy, all made by the request itself: two libraries, two bubbles, each saying
+    # which library it is; the future goes with the fetch that httpx made it for.
+    app = "report @ shop/views.py:12:5"
+    fetch = "AsyncClient.send @ site-packages/httpx/_client.py:1629:16"
+    anyio = "Event.wait @ site-packages/anyio/_backends/_asyncio.py:1700:13"
+    query = "ConnectionEvents.wrap @ site-packages/sqlalchemy/engine/events.py:185:21"
+    doc = {
+        "version": 1, "traceId": "ef" * 16, "request": {"method": "GET", "path": "/report"},
+        "requestDurationNs": 20_000_000,
+        "resources": [
+            {"asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": None, "createdAt": 0,
+             "callbacks": [[0, 500_000]], "destroyedAt": 20_000_000, "state": "ok"},
+            {"asyncId": 2, "triggerId": 1, "type": "fetch", "stackTraceId": 0,
+             "createdAt": 600_000, "callbacks": [], "destroyedAt": 9_000_000, "state": "ok"},
+            {"asyncId": 3, "triggerId": 2, "type": "future", "stackTraceId": 1,
+             "createdAt": 700_000, "callbacks": [], "destroyedAt": 8_900_000, "state": "ok"},
+            {"asyncId": 4, "triggerId": 1, "type": "db-query", "stackTraceId": 2,
+             "createdAt": 9_100_000, "callbacks": [], "destroyedAt": 12_000_000, "state": "ok"},
+            {"asyncId": 5, "triggerId": 1, "type": "db-query", "stackTraceId": 2,
+             "createdAt": 12_100_000, "callbacks": [], "destroyedAt": 15_000_000, "state": "ok"},
+        ],
+        "stackTraces": [{"id": 0, "frames": [fetch, app]},
+                        {"id": 1, "frames": [anyio, fetch, app]},
+                        {"id": 2, "frames": [query, app]}],
+        "annotations": [
+            {"asyncId": 2, "key": "method", "value": "GET"},
+            {"asyncId": 2, "key": "url", "value": "http://users/api/user"},
+            {"asyncId": 4, "key": "statement", "value": "select 1"},
+            {"asyncId": 5, "key": "statement", "value": "select 1"},
+        ],
+    }  # fmt: skip
+    opened(page, tmp_path, load_trace(doc))
+    labels = page.locator(".bubble text.label").all_text_contents()
+    subs = page.locator(".bubble text.sub").all_text_contents()
+    assert len(labels) == 3, labels  # the request, httpx's bubble, SQLAlchemy's bubble
+    by_label = dict(zip(labels, subs, strict=True))
+    fetch_bubble = next(label for label in labels if label.startswith("fetch GET"))
+    assert fetch_bubble.endswith(" + 1 more")  # the fetch and anyio's future under it
+    assert by_label[fetch_bubble].startswith("httpx · ")
+    queries = next(label for label in labels if label.startswith("db-query select 1"))
+    assert by_label[queries].startswith("sqlalchemy · ") and "\N{MULTIPLICATION SIGN}2" in queries
+    assert by_label[labels[0]].startswith("app · ")
+
+
 async def _blocks_the_loop() -> None:
     await asyncio.sleep(0)
     time.sleep(0.15)  # the line the viewer must show

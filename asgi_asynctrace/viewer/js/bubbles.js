@@ -1,7 +1,8 @@
 // bubbles.js: the bubbleprof-style view. Resources are grouped at three levels, each drawn
 // the same way: clusters (cut where the causality path crosses between the app's code, a
-// dependency and the runtime; sibling clusters of one identity merged), then inside a cluster
-// the aggregates (same type and creation stack), then single resources.
+// dependency and the runtime, or from one dependency to another; sibling clusters of one
+// identity merged), then inside a cluster the aggregates (same type and creation stack), then
+// single resources.
 "use strict";
 
 AT.views.bubbles = (function () {
@@ -15,25 +16,45 @@ AT.views.bubbles = (function () {
   }
   const identity = (res, p) => `${res.type}|${p}|${res.stack.join("\n")}`;
 
+  // Which side of a crossing a resource is on: "app", "runtime", or the dependency the app
+  // called for it: the package of the last dependency frame before the app's own code (httpx
+  // for a fetch, not the anyio under it), as bubbleprof tells node_modules apart.
+  function side(res, p, inherited) {
+    if (p !== "dependency") return p;
+    let pkg = "";
+    for (const frame of res.stack) {
+      const origin = AT.origin(frame);
+      if (origin === "app") break;
+      if (origin === "dependency") pkg = AT.packageOf(frame);
+    }
+    return pkg ? "dependency:" + pkg : inherited.startsWith("dependency") ? inherited : "dependency:";
+  }
+
   function assignClusters(model) {
     // Iterative, so a trace that is one 10,000-deep chain draws too.
-    const todo = [[model.root, "app", "c:" + identity(model.root, "app")]];
+    const todo = [[model.root, "app", "app", "c:" + identity(model.root, "app")]];
     const seen = new Set();
     while (todo.length) {
-      const [res, p, key] = todo.pop();
+      const [res, p, s, key] = todo.pop();
       if (seen.has(res.id)) continue;
       seen.add(res.id);
       res.party = p;
+      res.side = s;
       res.cluster = key;
       for (const child of res.children) {
         // A crossing starts a cluster: what that party did on behalf of this call site, so
         // the same crossing repeated (a fetch per loop turn) merges into one bubble.
         const cp = party(child, p);
-        todo.push([child, cp, cp === p ? key : `${key}>${cp}@${identity(res, p)}`]);
+        const cs = side(child, cp, s);
+        todo.push([child, cp, cs, cs === s ? key : `${key}>${cs}@${identity(res, p)}`]);
       }
     }
     for (const res of model.resources) {  // unreachable from the root (a broken trigger chain)
-      if (!seen.has(res.id)) { res.party = party(res, "app"); res.cluster = "orphan:" + identity(res, res.party); }
+      if (!seen.has(res.id)) {
+        res.party = party(res, "app");
+        res.side = side(res, res.party, "");
+        res.cluster = "orphan:" + res.side + identity(res, res.party);
+      }
     }
   }
 
@@ -101,6 +122,9 @@ AT.views.bubbles = (function () {
       const lead = best.reduce((a, m) => (m.end - m.created + m.sync > a.end - a.created + a.sync ? m : a));
       node.type = lead.type;
       node.party = lead.party;
+      // what it is part of, under its name: the app, the runtime, or the package it went into
+      node.side = lead.side && lead.side.startsWith("dependency:") && lead.side.length > 11
+        ? lead.side.slice(11) : lead.party;
       node.critical = ms.some((m) => model.critical.has(m.id));
       node.name = `${lead.type} ${lead.label}`;
       node.suffix = (best.length > 1 ? ` ×${best.length}` : "") +
@@ -162,7 +186,7 @@ AT.views.bubbles = (function () {
       g.append(AT.svg("circle", { cx: n.x, cy: n.y, r: n.r, fill: AT.colour(n.type) }));
       g.append(AT.svg("text", { x: n.x, y: n.y + n.r + 13, class: "label", "text-anchor": "middle" }, n.short));
       g.append(AT.svg("text", { x: n.x, y: n.y + n.r + 25, class: "sub", "text-anchor": "middle" },
-        `${n.party} · ${AT.fmt(n.busy)} alive · ${AT.fmt(n.sync)} sync`));
+        `${n.side} · ${AT.fmt(n.busy)} alive · ${AT.fmt(n.sync)} sync`));
       g.append(AT.svg("title", {}, `${n.label}\n${n.members.length} resource(s)${n.site ? "\n" + n.site : ""}`));
       g.addEventListener("click", () => onPick(n));
       g.addEventListener("keydown", (e) => { if (e.key === "Enter") onPick(n); });

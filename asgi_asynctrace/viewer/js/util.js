@@ -59,5 +59,12 @@ AT.origin = function (frame) {
   return "app";
 };
 
+// The package a dependency's frame is in: "httpx" for "… @ site-packages/httpx/_client.py:1:1".
+AT.packageOf = function (frame) {
+  const at = frame.lastIndexOf(" @ ");
+  const where = at >= 0 ? frame.slice(at + 3) : frame;
+  return where.startsWith("site-packages/") ? where.slice(14).split(/[/:]/)[0] : "";
+};
+
 // When the response had gone out (the analyzer's answeredNs), or null without an analysis.
 AT.answered = (m) => (m.analysis && typeof m.analysis.answeredNs === "number" ? m.analysis.answeredNs : null);
