@@ -184,7 +184,7 @@ def main() -> None:
     watchdog = c["full"][cache] - c["nowatchdog"][cache]
     print(
         "| of all the above, the blocked-loop watchdog on the request's path (watch and unwatch,"
-        " the gc callback put on and taken off, each step's mark; `blocked_sample_ms=None` "
+        " each step's mark; `blocked_sample_ms=None` "
         f"turns it off) | {watchdog:,} | - | {100 * watchdog / extra:.0f} % |"
     )
     print(f"| **all: a traced request over an untraced one** | **{extra:,}** | - | 100 % |")

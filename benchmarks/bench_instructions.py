@@ -207,12 +207,13 @@ def without_watchdog_thread() -> None:
     """In a worker under callgrind: the blocked-loop watchdog's thread is never started. It
     works by wall-clock time, which valgrind slows some 50-fold: there it would wake and sample
     steps that take a fraction of a millisecond natively, and add its own work to the
-    requests' counts. What the watchdog costs on a request's own path (watch and unwatch, the
-    gc callback put on and taken off, each step's mark) is still counted; what its thread costs
-    in time, the timed benchmarks measure."""
+    requests' counts. What the watchdog costs on a request's own path (watch and unwatch, each
+    step's mark, the gc callback's calls) is still counted; what its thread costs in time, the
+    timed benchmarks measure."""
     from asgi_asynctrace import _watchdog
 
-    _watchdog._wake.set()  # as if the thread were awake: watch() starts none
+    _watchdog._gc_watch(True)  # the gc callback on, as while the thread is awake
+    _watchdog._awake = True  # as if the thread were awake: watch() starts none
 
 
 def _callgrind(
