@@ -208,6 +208,23 @@ async def _slow(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+async def _price(request: Request) -> Response:
+    await asyncio.sleep(0.005)
+    return PlainTextResponse("1.5")
+
+
+async def price_twice() -> list[str]:
+    """A sleep, then the same price fetched twice (once would do) from an upstream served
+    in-process: the handler of the tests that serve a framework's app under uvicorn."""
+    await asyncio.sleep(0.003)
+    prices = Starlette(routes=[Route("/price", _price)])
+    transport = TracingTransport(httpx.ASGITransport(app=prices))
+    async with httpx.AsyncClient(transport=transport, base_url="http://pricing") as client:
+        first = (await client.get("/price")).text
+        again = (await client.get("/price")).text
+    return [first, again]
+
+
 def upstream() -> httpx.AsyncClient:
     """A client whose fetches are recorded, to an upstream served in-process."""
     app = Starlette(routes=[Route("/slow", _slow)])

@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+
+from asgi_asynctrace import Trace, capture_traces
 
 
 def free_port() -> int:
@@ -39,6 +42,18 @@ def serving(app: Any, port: int | None = None, **config: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def traced_get(base: str, path: str) -> tuple[httpx.Response, Trace]:
+    """GET ``path`` of a served app with ``X-Async-Trace: 1``: the response, and its trace
+    (finished once the response has gone out, so waited for a little)."""
+    with capture_traces() as traces:
+        response = httpx.get(f"{base}{path}", headers={"X-Async-Trace": "1"}, timeout=10)
+        deadline = time.monotonic() + 5
+        while not traces and time.monotonic() < deadline:
+            time.sleep(0.01)
+    (trace,) = traces
+    return response, trace
 
 
 ROOT = Path(__file__).resolve().parent.parent

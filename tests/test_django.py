@@ -3,41 +3,24 @@ async views' awaits and fetches, and its sync views' run in asgiref's worker thr
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
-from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces
-from tests.helpers import TracingTransport
-from tests.servers import serving
+from asgi_asynctrace import AsyncTraceMiddleware, analyze
+from tests.helpers import price_twice
+from tests.servers import serving, traced_get
 
 django: Any = pytest.importorskip("django")
-
-
-async def _price(request: Request) -> Response:
-    await asyncio.sleep(0.005)
-    return PlainTextResponse("1.5")
 
 
 async def report(request: Any) -> Any:
     """An async view: a sleep, then the same price fetched twice (once would do)."""
     http: Any = importlib.import_module("django.http")
-    await asyncio.sleep(0.003)
-    upstream = Starlette(routes=[Route("/price", _price)])
-    transport = TracingTransport(httpx.ASGITransport(app=upstream))
-    async with httpx.AsyncClient(transport=transport, base_url="http://pricing") as client:
-        first = (await client.get("/price")).text
-        again = (await client.get("/price")).text
-    return http.JsonResponse({"prices": [first, again]})
+    return http.JsonResponse({"prices": await price_twice()})
 
 
 def ledger(request: Any) -> Any:
@@ -71,18 +54,8 @@ def django_app() -> Iterator[str]:
         yield base
 
 
-def _traced(base: str, path: str) -> tuple[httpx.Response, Trace]:
-    with capture_traces() as traces:
-        response = httpx.get(f"{base}{path}", headers={"X-Async-Trace": "1"}, timeout=10)
-        deadline = time.monotonic() + 5
-        while not traces and time.monotonic() < deadline:
-            time.sleep(0.01)  # the trace is finished once the response has gone out
-    (trace,) = traces
-    return response, trace
-
-
 def test_an_async_django_view_records_its_awaits_and_fetches(django_app: str) -> None:
-    response, trace = _traced(django_app, "/report/")
+    response, trace = traced_get(django_app, "/report/")
     assert response.status_code == 200 and response.json() == {"prices": ["1.5", "1.5"]}
     assert response.headers["x-async-trace-id"] == trace.trace_id
     assert trace.request["path"] == "/report/" and trace.request["status"] == 200
@@ -99,13 +72,14 @@ def test_an_async_django_view_records_its_awaits_and_fetches(django_app: str) ->
     assert ("task", "ASGIHandler.listen_for_disconnect") not in path
     assert path[-3:] == [("fetch", "GET http://pricing/price")] * 2 + [
         ("stream-write", "response body, 26 bytes")]  # fmt: skip
-    # the view's frames are the app's own code: the analyzer places the repeat there
+    # the repeat is placed in the app's own code (the helper the view called)
     (repeat,) = [f for f in a.findings if f.kind == "repeated-read"]
-    assert repeat.site.startswith("report @ tests/test_django.py:")
+    assert repeat.site.startswith("price_twice @ tests/helpers.py:")
+    assert any(frame.startswith("report @ tests/test_django.py:") for frame in repeat.stack)
 
 
 def test_a_sync_django_view_runs_in_a_recorded_thread(django_app: str) -> None:
-    response, trace = _traced(django_app, "/ledger/")
+    response, trace = traced_get(django_app, "/ledger/")
     assert response.status_code == 200 and response.text == "ledger"
     threads = [r for r in trace.resources if r.type == "thread"]
     assert threads and all(r.state == "ok" for r in threads)

@@ -4,40 +4,23 @@ worker thread (``sync_to_thread=True``)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
-from asgi_asynctrace import AsyncTraceMiddleware, Trace, analyze, capture_traces
-from tests.helpers import TracingTransport
-from tests.servers import serving
+from asgi_asynctrace import AsyncTraceMiddleware, analyze
+from tests.helpers import price_twice
+from tests.servers import serving, traced_get
 
 litestar: Any = pytest.importorskip("litestar")
 params: Any = pytest.importorskip("litestar.params")
 
 
-async def _price(request: Request) -> Response:
-    await asyncio.sleep(0.005)
-    return PlainTextResponse("1.5")
-
-
 async def lines(order_id: int) -> dict[str, Any]:
     """An async handler: a sleep, then the same price fetched twice (once would do)."""
-    await asyncio.sleep(0.003)
-    upstream = Starlette(routes=[Route("/price", _price)])
-    transport = TracingTransport(httpx.ASGITransport(app=upstream))
-    async with httpx.AsyncClient(transport=transport, base_url="http://pricing") as client:
-        first = (await client.get("/price")).text
-        again = (await client.get("/price")).text
-    return {"order": order_id, "prices": [first, again]}
+    return {"order": order_id, "prices": await price_twice()}
 
 
 def ledger() -> str:
@@ -60,20 +43,10 @@ def litestar_app() -> Iterator[str]:
         yield base
 
 
-def _traced(base: str, path: str) -> tuple[httpx.Response, Trace]:
-    with capture_traces() as traces:
-        response = httpx.get(f"{base}{path}", headers={"X-Async-Trace": "1"}, timeout=10)
-        deadline = time.monotonic() + 5
-        while not traces and time.monotonic() < deadline:
-            time.sleep(0.01)  # the trace is finished once the response has gone out
-    (trace,) = traces
-    return response, trace
-
-
 def test_an_async_litestar_handler_records_its_awaits_fetches_and_route(
     litestar_app: str,
 ) -> None:
-    response, trace = _traced(litestar_app, "/orders/42/lines")
+    response, trace = traced_get(litestar_app, "/orders/42/lines")
     assert response.status_code == 200
     assert response.json() == {"order": 42, "prices": ["1.5", "1.5"]}
     assert response.headers["x-async-trace-id"] == trace.trace_id
@@ -88,11 +61,12 @@ def test_an_async_litestar_handler_records_its_awaits_fetches_and_route(
     assert path[-3:] == [("fetch", "GET http://pricing/price")] * 2 + [
         ("stream-write", f"response body, {len(response.content)} bytes")]  # fmt: skip
     (repeat,) = [f for f in a.findings if f.kind == "repeated-read"]
-    assert repeat.site.startswith("lines @ tests/test_litestar.py:")
+    assert repeat.site.startswith("price_twice @ tests/helpers.py:")
+    assert any(frame.startswith("lines @ tests/test_litestar.py:") for frame in repeat.stack)
 
 
 def test_a_sync_litestar_handler_runs_in_a_recorded_thread(litestar_app: str) -> None:
-    response, trace = _traced(litestar_app, "/ledger")
+    response, trace = traced_get(litestar_app, "/ledger")
     assert response.status_code == 200 and response.text == "ledger"
     threads = [r for r in trace.resources if r.type == "thread"]
     assert threads and all(r.state == "ok" for r in threads)
