@@ -265,9 +265,11 @@ class AsyncTraceMiddleware:
             report("sample-budget", exc)
             return False
 
-    async def _slow_path(
+    def _slow_path(
         self, scope: Scope, receive: Receive, send: Send, value: bytes | None
-    ) -> None:
+    ) -> Awaitable[None]:
+        """A request that asks for a trace, or for the store: decided here, before the server
+        awaits it, so that a traced request's await chain holds no coroutine of this one."""
         serve = False
         try:
             serve = (
@@ -280,19 +282,28 @@ class AsyncTraceMiddleware:
         except Exception as exc:
             report("gate", exc)
             decision = None
-        if serve and self.store is not None:
-            if await serve_store(self.store, self.path_prefix, scope, send, self.analysis,
-                                 self._about):  # fmt: skip
-                return None
-            decision = self.gate.decide(scope, value)
+        if serve:
+            return self._serve(scope, receive, send, value)
+        return self._run(scope, receive, send, decision)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, value: bytes | None) -> None:
+        """The store's endpoint; a path under it that is none of the endpoint's goes on to the
+        app, traced as asked."""
+        if self.store is not None and await serve_store(
+            self.store, self.path_prefix, scope, send, self.analysis, self._about
+        ):
+            return None
+        return await self._run(scope, receive, send, self.gate.decide(scope, value))
+
+    def _run(self, scope: Scope, receive: Receive, send: Send, decision: Any) -> Awaitable[None]:
         if decision == TRACE_SAMPLED and not self._within_budget():
             decision = None
         if decision is None or ACTIVE.get() is not None:
             # Not traced, or already inside a traced request (a second AsyncTraceMiddleware
             # further in, or an app called in-process by a traced one): the outer trace
             # records this too.
-            return await self.app(scope, receive, send)
-        return await self._traced(scope, receive, send, decision == TRACE_REQUESTED)
+            return self.app(scope, receive, send)
+        return self._traced(scope, receive, send, decision == TRACE_REQUESTED)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, requested: bool) -> None:
         try:
