@@ -364,12 +364,13 @@ def test_a_file_of_one_routes_traces_compares_the_slower_with_the_faster(
 ) -> None:
     from tests.test_compare import QUERY, _traces
 
-    # the same route: two queries, then twenty (made in a thread of their own: Playwright's
-    # loop runs in this one)
+    # the same route: one query, then thirty, 58 ms apart, so that no stall of a busy machine
+    # makes the first the slower (made in a thread of their own: Playwright's loop runs in
+    # this one)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        two, twenty = pool.submit(_traces, 2, 20).result()
+        one, thirty = pool.submit(_traces, 1, 30).result()
     path = tmp_path / "two.html"
-    write_viewer(path, [two, twenty])
+    write_viewer(path, [one, thirty])
     page.goto(path.as_uri())  # no server: the comparison is in the page
     page.wait_for_selector("body[data-loaded]")
     page.click("#tabs button[data-view=load]")
@@ -380,14 +381,14 @@ def test_a_file_of_one_routes_traces_compares_the_slower_with_the_faster(
     row = panel.locator("table.diff tr", has_text=f"db-query {QUERY}")
     cells = row.locator("td").all_inner_texts()
     assert (
-        cells[1].startswith("2 \u00d7 ")
-        and cells[2].startswith("20 \u00d7 ")
-        and cells[3].endswith("(+18)")
-    )
+        cells[1].startswith("1 \u00d7 ")
+        and cells[2].startswith("30 \u00d7 ")
+        and cells[3].endswith("(+29)")
+    ), cells
     assert "findings only in the slower: n-plus-one" in text
     shoot(page, "compare")
     panel.locator("a", has_text="open the slower").click()
-    page.wait_for_selector(f"body[data-loaded='{twenty.trace_id}']")
+    page.wait_for_selector(f"body[data-loaded='{thirty.trace_id}']")
 
 
 def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:
