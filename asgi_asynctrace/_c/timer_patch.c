@@ -205,6 +205,44 @@ swap_class(PyObject *handle, PyObject *to)
     Py_DECREF(from);
 }
 
+/* A timer whose loop reports no cancel (uvloop's handle takes no class of ours): (res, handle)
+ * added to the trace's watched timers under the resource that made it, as
+ * timers._unsettled_append does; that Python function is called for the trace's first one,
+ * which also makes the dict and puts the trace's finisher on. */
+static int
+watch_unsettled(TimerCallback *cb)
+{
+    PyObject *watched = cb->trace->watched;
+    if (watched == NULL || !PyDict_CheckExact(watched)) {
+        PyObject *out = PyObject_CallFunctionObjArgs(unsettled_append, (PyObject *)cb->trace,
+                                                     (PyObject *)cb, NULL);
+        Py_XDECREF(out);
+        return out == NULL ? -1 : 0;
+    }
+    PyObject *key = cb->res->trigger_id;
+    PyObject *mine = PyDict_GetItemWithError(watched, key); /* borrowed */
+    if (mine == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        PyObject *fresh = PyList_New(0);
+        if (fresh == NULL || PyDict_SetItem(watched, key, fresh) < 0) {
+            Py_XDECREF(fresh);
+            return -1;
+        }
+        mine = fresh;
+        Py_DECREF(fresh); /* the dict holds it */
+    }
+    if (!PyList_Check(mine)) {
+        PyErr_SetString(PyExc_TypeError, "a trace's watched timers must be lists");
+        return -1;
+    }
+    PyObject *pair = PyTuple_Pack(2, (PyObject *)cb->res, cb->handle);
+    int rc = pair == NULL ? -1 : PyList_Append(mine, pair);
+    Py_XDECREF(pair);
+    return rc;
+}
+
 static PyObject *
 patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -243,12 +281,9 @@ patch_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
         swap_class(handle, traced_handle_type);
     }
     else if (unsettled_append != NULL) { /* uvloop's handles: watched, see core_check_watched */
-        PyObject *out = PyObject_CallFunctionObjArgs(unsettled_append, (PyObject *)cb->trace,
-                                                     wrapper, NULL);
-        if (out == NULL) {
+        if (watch_unsettled(cb) < 0) {
             report_and_clear("timers");
         }
-        Py_XDECREF(out);
     }
     Py_DECREF(wrapper);
     return handle;
