@@ -338,7 +338,10 @@ class AsyncTraceMiddleware:
                 unwatch(run.trace)
             run.finish(state)
             if hooks is not None:
-                hooks.let_go(loop, self.hooks_linger)  # type: ignore[arg-type]
+                try:
+                    hooks.let_go(loop, self.hooks_linger)  # type: ignore[arg-type]
+                except Exception as exc:  # never the app's problem
+                    report("hooks", exc)
             self._emit(run.trace)
 
     def _emit(self, trace: Trace) -> None:
