@@ -106,7 +106,7 @@ static int
 is_traceparent(PyObject *value)
 {
     static const int parts[4] = {2, 32, 16, 2};
-    if (!PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) != 55) {
+    if (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) != 55) {
         return 0;
     }
     const char *c = PyBytes_AS_STRING(value);
