@@ -83,7 +83,6 @@ _watched: dict[Trace, _Watch] = {}
 _wake = threading.Event()
 _thread: threading.Thread | None = None
 _lock = threading.Lock()  # starting the thread, and its falling asleep
-_awake = False  # the thread looks (or is about to): set and cleared under _lock
 
 
 def watch(trace: Trace, after_ns: int) -> None:
@@ -92,7 +91,7 @@ def watch(trace: Trace, after_ns: int) -> None:
     _watched[trace] = _Watch(after_ns)
     if _waiting_after is not None and after_ns < _waiting_after:  # (set only with quiet_wait)
         _quiet_poke(True)  # the thread waits for longer steps than this trace's: it looks again
-    if not _awake:  # the thread sleeps, or never started: wake it, the gc callback on
+    if not _wake.is_set():  # the thread sleeps, or never started: wake it, the gc callback on
         try:
             _start()
         except Exception as exc:  # no thread to be had: the trace goes on without samples
@@ -169,23 +168,20 @@ def _on_gc(phase: str, info: dict[str, int]) -> None:
 
 
 def _start() -> None:
-    global _thread, _awake
+    global _thread
     with _lock:
         _gc_watch(True)
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="asgi-asynctrace-watchdog", daemon=True)
             _thread.start()
-        _awake = True
         _wake.set()
 
 
 def _fall_asleep() -> None:
     """Nothing watched for a while: the thread sleeps on its event, the gc callback off. A
-    trace watched meanwhile either saw ``_awake`` still true, and is seen here (the thread
-    wakes again), or saw it false, and woke the thread itself."""
-    global _awake
+    trace watched meanwhile either saw the event still set, and is seen here (the thread
+    wakes again), or saw it clear, and woke the thread itself."""
     with _lock:
-        _awake = False
         _gc_watch(False)
         _wake.clear()
     if _watched:
@@ -279,9 +275,8 @@ def _look(now: int) -> tuple[int, int]:
 
 def _forget_after_fork() -> None:
     """A forked child has no watchdog thread: the next traced request starts one."""
-    global _thread, _wake, _lock, _awake
+    global _thread, _wake, _lock
     _thread = None
-    _awake = False
     _wake = threading.Event()
     _lock = threading.Lock()
     _watched.clear()

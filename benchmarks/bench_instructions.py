@@ -213,7 +213,7 @@ def without_watchdog_thread() -> None:
     from asgi_asynctrace import _watchdog
 
     _watchdog._gc_watch(True)  # the gc callback on, as while the thread is awake
-    _watchdog._awake = True  # as if the thread were awake: watch() starts none
+    _watchdog._wake.set()  # as if the thread were awake: watch() starts none
 
 
 def _callgrind(
