@@ -687,6 +687,41 @@ def test_each_library_the_app_called_is_a_bubble_of_its_own(page: Any, tmp_path:
     assert by_label[labels[0]].startswith("app · ")
 
 
+def test_the_timeline_shades_a_lane_while_it_held_the_request_up(page: Any, tmp_path: Path) -> None:
+    # A task the request waited on from 0.5 ms to 27.95 ms, then the request's own code from
+    # 28 to 29 ms: the root's lane is shaded there, not over its whole life.
+    ms = 1_000_000
+    doc = {
+        "version": 1, "traceId": "aa" * 16, "request": {"method": "GET", "path": "/x"},
+        "requestDurationNs": 30 * ms, "stackTraces": [], "annotations": [],
+        "resources": [
+            {"asyncId": 1, "triggerId": 0, "type": "root", "stackTraceId": None, "createdAt": 0,
+             "callbacks": [[0, ms], [28 * ms, 29 * ms]], "destroyedAt": 30 * ms, "state": "ok"},
+            {"asyncId": 2, "triggerId": 1, "type": "task", "stackTraceId": None,
+             "createdAt": ms // 2, "callbacks": [[600_000, 700_000], [27_500_000, 27_900_000]],
+             "destroyedAt": 27_950_000, "state": "ok"},
+        ],
+    }  # fmt: skip
+    trace = load_trace(doc)
+    spans = {(s.async_id, s.start, s.end) for s in analyze(trace).critical_path}
+    assert spans == {(2, ms // 2, 27_950_000), (1, 28 * ms, 29 * ms)}
+    opened(page, tmp_path, trace, "timeline")
+    # the pixel on the lane's top row, above its bars and their outline, at a moment
+    # (timeline.js: lanes of 16 px under a 22 px axis, times from x = 260 to 10 px short of the
+    # canvas's right edge)
+    pixel = """([lane, t, duration]) => {
+        const c = document.getElementById("timeline"), r = window.devicePixelRatio || 1;
+        const x = 260 + (t / duration) * (c.width / r - 270), y = 22 + lane * 16;
+        return Array.from(c.getContext("2d").getImageData(
+            Math.round(x * r), Math.round(y * r), 1, 1).data);
+    }"""
+    page.wait_for_selector("#timeline[data-lanes='2']")
+    shaded = page.evaluate(pixel, [0, 28.5 * ms, 30 * ms])
+    assert shaded[3] > 0 and shaded[0] > shaded[1], shaded  # reddish: it held the request up
+    assert page.evaluate(pixel, [0, 12.5 * ms, 30 * ms])[3] == 0  # not then: the task did
+    assert page.evaluate(pixel, [1, 12.5 * ms, 30 * ms])[3] > 0
+
+
 async def _blocks_the_loop() -> None:
     await asyncio.sleep(0)
     time.sleep(0.15)  # the line the viewer must show

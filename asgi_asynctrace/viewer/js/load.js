@@ -109,9 +109,15 @@ AT.normalize = function (input) {
   }
   const root = resources.find((r) => r.type === "root") || resources[0];
   const critical = new Set((analysis ? analysis.criticalPath : []).map((s) => s.asyncId));
+  // When each was what held the request up: its steps' [start, end] on the critical path.
+  const criticalSpans = new Map();
+  for (const s of analysis ? analysis.criticalPath : []) {
+    const spans = criticalSpans.get(s.asyncId);
+    if (spans) spans.push([s.start, s.end]); else criticalSpans.set(s.asyncId, [[s.start, s.end]]);
+  }
   return {
     traceId: String(doc.traceId || ""), request: doc.request || {}, duration, resources, byId,
-    root, analysis, critical, dropped: doc.dropped || {},
+    root, analysis, critical, criticalSpans, dropped: doc.dropped || {},
   };
 };
 

@@ -1,9 +1,10 @@
 // timeline.js: one lane per resource (futures on request), its life as a thin bar, each
 // callback step as a solid block, an arrow from the trigger's lane at the moment of creation,
-// the critical path's lanes marked, a dark notch where the watchdog saw a step block the
-// loop (its stacks are in the resource's details), a dashed line where the response had gone
-// out when the handling went on after it. Drawn on a canvas, only the lanes in view, so 10,000
-// lanes scroll smoothly. Ctrl/⌘ + wheel zooms around the pointer, dragging pans, 0 resets.
+// the critical path's lanes marked and shaded while each held the request up, a dark notch
+// where the watchdog saw a step block the loop (its stacks are in the resource's details), a
+// dashed line where the response had gone out when the handling went on after it. Drawn on a
+// canvas, only the lanes in view, so 10,000 lanes scroll smoothly. Ctrl/⌘ + wheel zooms around
+// the pointer, dragging pans, 0 resets.
 "use strict";
 
 AT.views.timeline = (function () {
@@ -100,7 +101,13 @@ AT.views.timeline = (function () {
         const res = lanes[i];
         const y = AXIS + (i - first) * LANE;
         const critical = model.critical.has(res.id);
-        if (critical) { g.fillStyle = "rgba(214,45,32,.08)"; g.fillRect(0, y, width, LANE); }
+        if (critical) {  // shaded while it was what held the request up, not its whole lane
+          g.fillStyle = "rgba(214,45,32,.12)";
+          for (const [s, e] of model.criticalSpans.get(res.id) || []) {
+            const a = Math.max(LABEL, xOf(s, width)), b = Math.min(width, xOf(e, width));
+            if (b >= LABEL && a <= width) g.fillRect(a, y, Math.max(2, b - a), LANE);
+          }
+        }
         g.fillStyle = critical ? "#d62d20" : "#1d2329";
         const text = `${res.type} ${res.label}`;
         g.fillText(text.length > 42 ? text.slice(0, 41) + "…" : text, 4, y + 12);
