@@ -3,15 +3,20 @@ settles and which tasks waited for it.
 
     loop.create_future = make_create_future(original)   # what the hooks put on a loop's class
 
-Outside traced requests ``create_future`` makes asyncio's own future, as without the hooks.
+Outside traced requests ``create_future`` makes asyncio's own future, as without the hooks;
+so does it for the futures asyncio makes for its own bookkeeping where another resource of
+the trace already says what was waited for (``ASYNCIO_OWN``): a sleep's (its timer), and
+``wait_for``'s and ``asyncio.wait``'s waiter (the tasks they wait for, and the deadline's timer).
 Exports: TracedFuture, PY_FUTURE_METHODS, make_create_future.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
 from ._context import ACTIVE, settle_from_exception
@@ -28,7 +33,24 @@ try:  # the optional C accelerator (see _speedups.c); each has its Python form h
 except ImportError:  # pragma: no cover - built everywhere the tests run
     _CFutureMaker = _CSettleAfter = _set_timed_hooks = None
 
-__all__ = ["PY_FUTURE_METHODS", "TracedFuture", "make_create_future"]
+__all__ = ["ASYNCIO_OWN", "PY_FUTURE_METHODS", "TracedFuture", "make_create_future"]
+
+
+def _asyncio_own() -> tuple[CodeType, ...]:
+    """The code of asyncio's functions whose futures are their own bookkeeping: each settles
+    when a resource the trace records anyway does (a sleep's when its timer fires, a waiter when
+    the task it waits for ends or the deadline's timer fires), so recording it would show one
+    wait twice and cost as much as the wait's other resources. (From Python 3.12 ``wait_for``
+    makes no future.)"""
+    codes = []
+    for name in ("sleep", "wait_for", "_wait"):
+        code = getattr(getattr(asyncio.tasks, name, None), "__code__", None)
+        if isinstance(code, CodeType):
+            codes.append(code)
+    return tuple(codes)
+
+
+ASYNCIO_OWN = _asyncio_own()
 
 _now = time.perf_counter_ns
 
@@ -78,12 +100,23 @@ _python_futures = False  # True: the Python create_future below even with the ac
 
 def make_create_future(original: Callable[..., Any]) -> Callable[..., asyncio.Future[Any]]:
     if _CFutureMaker is not None and not _python_futures:
-        made: Callable[..., asyncio.Future[Any]] = _CFutureMaker(ACTIVE, original, TracedFuture)
+        made: Callable[..., asyncio.Future[Any]] = _CFutureMaker(
+            ACTIVE, original, TracedFuture, ASYNCIO_OWN
+        )
         return made
+    from ._tasks import dispatch_python  # (it imports this module)
+
+    dispatcher = dispatch_python(len, len).__code__  # a frame that may come between
+    own = frozenset(ASYNCIO_OWN)
 
     def create_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         active = ACTIVE.get()
         if active is None or active[0].closed or not active[0].record_futures:
+            return original(loop)  # type: ignore[no-any-return]
+        caller = sys._getframe(1)
+        if caller.f_code is dispatcher and caller.f_back is not None:
+            caller = caller.f_back
+        if caller.f_code in own:
             return original(loop)  # type: ignore[no-any-return]
         fut = TracedFuture(loop=loop)
         fut._asynctrace_trace = active[0]

@@ -46,8 +46,38 @@ def test_asyncio_timeout_cancels_the_wait_inside_it() -> None:
                 await asyncio.sleep(5)
 
     trace = traced(body, futures=True)
-    (sleep,) = [r for r in trace.resources if r.type == "future"]
+    deadline, sleep = [r for r in trace.resources if r.type == "timer"]
+    assert trace.annotations_of(sleep.async_id)["kind"] == "sleep"
     assert sleep.state == "cancelled" and sleep.trigger_id == 1
+    assert trace.annotations_of(deadline.async_id)["kind"] == "timeout"
+    assert deadline.state == "ok"
+
+
+def test_the_futures_asyncio_makes_for_a_sleep_or_a_wait_are_its_own() -> None:
+    """A sleep's future settles as its timer fires; wait_for's and asyncio.wait's waiter as
+    the task it waits for ends or its deadline fires. The trace has those, so the futures are
+    left out (one wait, shown once), and the app's own futures are still recorded."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.001)
+        await asyncio.wait_for(asyncio.sleep(0.001), timeout=1)
+        await asyncio.wait([asyncio.create_task(asyncio.sleep(0.001))], timeout=1)
+        fut = loop.create_future()
+        loop.call_soon(fut.set_result, 1)
+        await fut
+
+    trace = traced(body, futures=True)
+    (future,) = [r for r in trace.resources if r.type == "future"]
+    assert future.trigger_id == 1 and future.awaited_by == [1] and future.state == "ok"
+    kinds = sorted(str(trace.annotations_of(r.async_id)["kind"]) for r in trace.resources
+                   if r.type == "timer")  # fmt: skip
+    deadline = "timeout" if sys.version_info >= (3, 12) else "wait_for"
+    assert kinds == sorted(["sleep", "sleep", "sleep", deadline, "wait_for"])
+    assert [r.state for r in trace.resources if r.type == "task"] == ["ok"] * (
+        1 if sys.version_info >= (3, 12) else 2  # wait_for made a task before Python 3.12
+    )
+    assert_plausible(trace)
 
 
 def test_while_hooks_are_on_an_untraced_create_future_is_asyncios_own() -> None:

@@ -186,6 +186,9 @@ def test_hooks_leave_the_loops_own_attributes_alone() -> None:
     async def body() -> None:
         await asyncio.sleep(0.001)
         await asyncio.gather(leaf(), leaf())
+        event = asyncio.Event()
+        asyncio.get_running_loop().call_soon(event.set)
+        await event.wait()
 
     async def main() -> tuple[bool, bool, list[str]]:
         loop = asyncio.get_running_loop()
@@ -265,6 +268,9 @@ def test_without_the_accelerator_the_hooks_record_the_same_resources(
     async def body() -> None:
         await asyncio.gather(asyncio.sleep(0.001), asyncio.create_task(asyncio.sleep(0)))
         await asyncio.wait_for(asyncio.sleep(0), timeout=1)
+        event = asyncio.Event()  # an app's future (a sleep's and wait_for's are asyncio's own)
+        asyncio.get_running_loop().call_soon(event.set)
+        await event.wait()
 
     def shape(trace: Trace) -> list[tuple[str, int, str]]:
         return [(r.type, r.trigger_id, r.state) for r in trace.resources]

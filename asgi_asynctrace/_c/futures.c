@@ -3,8 +3,9 @@
 /* Futures (_futures.TracedFuture and create_future's traced side, in C). SettleAfter(method,
  * state, only_if_true) goes in TracedFuture's class in place of set_result / set_exception /
  * cancel: it calls asyncio's own method, then settles the future's resource (for cancel, only
- * when the cancel took). FutureMaker(var, original, traced_future_type) is the traced side of
- * the loop's create_future. */
+ * when the cancel took). FutureMaker(var, original, traced_future_type, own) is the traced side
+ * of the loop's create_future: a future made by a function whose code is in the tuple own
+ * (asyncio's sleep and wait_for, which another resource already explains) is asyncio's own. */
 static PyObject *s_record_futures, *s_asynctrace_trace, *s_future;
 
 typedef struct {
@@ -120,8 +121,36 @@ typedef struct {
     PyObject *var;
     PyObject *original;
     PyObject *future_type;
+    PyObject *own; /* a tuple of code objects */
     vectorcallfunc vectorcall;
 } FutureMaker;
+
+/* Whether the running Python frame (create_future's caller) runs one of the codes in own. */
+static int
+made_by_one_of(PyObject *own)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(own);
+    if (n == 0) {
+        return 0;
+    }
+#ifdef INTERNAL_FRAMES
+    _PyInterpreterFrame *f = running_frame();
+    PyObject *code = f == NULL ? NULL : FRAME_CODE(f);
+#else
+    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
+    PyObject *code = NULL;
+    if (frame != NULL) {
+        code = (PyObject *)PyFrame_GetCode(frame);
+        Py_DECREF(code); /* the frame keeps it: compared only */
+    }
+#endif
+    for (Py_ssize_t i = 0; code != NULL && i < n; i++) {
+        if (PyTuple_GET_ITEM(own, i) == code) {
+            return 1;
+        }
+    }
+    return 0;
+}
 
 static PyObject *
 future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -143,6 +172,9 @@ future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
         PyObject *flag = slot_get(trace, s_record_futures);
         wanted = flag == NULL ? -1 : PyObject_IsTrue(flag);
         Py_XDECREF(flag);
+        if (wanted > 0 && made_by_one_of(m->own)) {
+            wanted = 0;
+        }
     }
     if (wanted <= 0) {
         Py_XDECREF(active);
@@ -177,13 +209,14 @@ future_maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
 static PyObject *
 future_maker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *var, *original, *future_type;
-    if (!PyArg_ParseTuple(args, "OOO:FutureMaker", &var, &original, &future_type)) {
+    PyObject *var, *original, *future_type, *own;
+    if (!PyArg_ParseTuple(args, "OOOO!:FutureMaker", &var, &original, &future_type, &PyTuple_Type,
+                          &own)) {
         return NULL;
     }
     if (!PyContextVar_CheckExact(var) || !PyCallable_Check(original) ||
         !PyType_Check(future_type)) {
-        PyErr_SetString(PyExc_TypeError, "FutureMaker(var, original, traced_future_type)");
+        PyErr_SetString(PyExc_TypeError, "FutureMaker(var, original, traced_future_type, own)");
         return NULL;
     }
     FutureMaker *m = (FutureMaker *)type->tp_alloc(type, 0);
@@ -193,6 +226,7 @@ future_maker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->var = Py_NewRef(var);
     m->original = Py_NewRef(original);
     m->future_type = Py_NewRef(future_type);
+    m->own = Py_NewRef(own);
     m->vectorcall = future_maker_call;
     return (PyObject *)m;
 }
@@ -203,6 +237,7 @@ future_maker_traverse(FutureMaker *m, visitproc visit, void *arg)
     Py_VISIT(m->var);
     Py_VISIT(m->original);
     Py_VISIT(m->future_type);
+    Py_VISIT(m->own);
     return 0;
 }
 
@@ -212,6 +247,7 @@ future_maker_clear(FutureMaker *m)
     Py_CLEAR(m->var);
     Py_CLEAR(m->original);
     Py_CLEAR(m->future_type);
+    Py_CLEAR(m->own);
     return 0;
 }
 
@@ -228,7 +264,7 @@ static PyTypeObject FutureMakerType = {
     .tp_name = "asgi_asynctrace._speedups.FutureMaker",
     .tp_basicsize = sizeof(FutureMaker),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "FutureMaker(original, traced_future_type): create_future's traced side.",
+    .tp_doc = "FutureMaker(var, original, traced_future_type, own): create_future's traced side.",
     .tp_new = future_maker_new,
     .tp_traverse = (traverseproc)future_maker_traverse,
     .tp_clear = (inquiry)future_maker_clear,
