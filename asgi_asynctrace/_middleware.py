@@ -103,7 +103,9 @@ class AsyncTraceMiddleware:
     log_traces: log ``AsyncTrace completed; toJson() = ...`` for every trace.
     sinks: more callables that receive each finished trace and its JSON.
     limits: caps per trace (resources, callbacks, annotations, stacks).
-    record_futures: record every future the request creates (off for lighter traces).
+    record_futures: record the futures the request creates (off for lighter traces); a
+        ``sleep``'s, ``wait_for``'s and ``asyncio.wait``'s own are never recorded (their
+        timer or task says what was waited for).
     perfetto_path: stream every trace into this .pftrace file too (needs ``perfetto``).
     propagate_to: hosts (``host`` or ``host:port``) that outgoing httpx calls of a traced
         request ask to trace the call too (``X-Async-Trace``, with their secret when given as

@@ -267,9 +267,13 @@ class TracedRequest:
         if kind == "http.response.body" or kind == "websocket.http.response.body":
             last = not message.get("more_body", False)
             started = _now()
-            if last:
+            if last:  # _server_send's work in line: the usual response's end, one frame fewer
                 self.response_done = True
-                await self._server_send(message)
+                token = ACTIVE.set(None)
+                try:
+                    await self._send(message)
+                finally:
+                    ACTIVE.reset(token)
             else:
                 await self._send(message)
             ended = _now()
