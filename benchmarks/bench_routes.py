@@ -31,6 +31,7 @@ import asyncio
 import gc
 import itertools
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -408,15 +409,19 @@ async def latency_table(rounds: int) -> list[str]:
     # The profilers run in a pass of their own, after ours, each pass with its own bare runs:
     # what a profiler leaves behind (see _IN_A_ROW) then never lands on our variants.
     passes = (["bare", "traced", "stored", "otel"], ["bare", "pyi", "viz"])
+    rng = random.Random(8)
     for path in ROUTES:
         got: dict[str, list[float]] = {k: [] for k in apps}
         for names in passes:
-            for i in range(rounds * 6):
+            order = list(names)
+            for _ in range(rounds * 6):
                 # Each variant timed on the last of a few requests in a row, so that what it
                 # is timed on is its own cost and not what the variant before it left behind;
-                # and in turn each variant leads.
+                # and in a new order each round, since where a variant stands counts too (in a
+                # fixed rotation the one after the bare app ran slowest: bench_parts).
                 took: dict[str, int] = {}
-                for name in names[i % len(names) :] + names[: i % len(names)]:
+                rng.shuffle(order)
+                for name in order:
                     if name == "otel":
                         otel_on()
                     for _ in range(_IN_A_ROW - 1):
