@@ -452,5 +452,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (OSError, TraceFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_said(exc)}", file=sys.stderr)
         return 2
+
+
+def _said(exc: BaseException) -> str:
+    """An error as one line: a file that cannot be read as ``path: what went wrong``, not
+    Python's ``[Errno 2] No such file or directory: 'path'``."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)

@@ -70,6 +70,19 @@ def test_decode_header_prints_the_trace_and_rejects_what_is_not_one(capsys: obje
     assert "fetch it by its id" in capsys.readouterr().err  # type: ignore[attr-defined]
 
 
+def test_a_file_that_cannot_be_read_is_named_with_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "none.json"
+    assert main(["summary", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n"
+    assert main(["extract", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: Is a directory\n"
+    (tmp_path / "x.json").write_text('{"bad": 1}')
+    assert main(["summary", str(tmp_path / "x.json")]) == 2
+    assert "not a trace" in capsys.readouterr().err
+
+
 def test_view_writes_the_viewer_with_the_trace_inside(tmp_path: Path) -> None:
     out = tmp_path / "view.html"
     golden = Path(__file__).parent / "golden" / "checkout.json"
