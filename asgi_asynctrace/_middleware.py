@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from . import _instrument, _threads
+from . import _instrument, _stacks, _threads
 from ._analysis import AnalysisSettings
 from ._context import ACTIVE
 from ._endpoint import serve_store
@@ -375,3 +375,9 @@ class AsyncTraceMiddleware:
 
 def _name(sink: object) -> str:
     return getattr(sink, "__qualname__", None) or type(sink).__qualname__
+
+
+# A request begins at the coroutine that runs the app: a creation stack stops there, without
+# the server's frames outside it (uvicorn's run_asgi and its middleware, the same for every
+# request), and spends its depth on the request's own.
+_stacks.stop_at(AsyncTraceMiddleware._traced.__code__)

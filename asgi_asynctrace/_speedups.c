@@ -84,8 +84,8 @@ static PyMethodDef methods[] = {
      "has run after_ns with no other starting or ending (True), limit_ns or a poke (False)"},
 #endif
     {"set_stack_bounds", (PyCFunction)(void (*)(void))set_stack_bounds, METH_FASTCALL,
-     "set_stack_bounds(drivers, runners): code a walk goes past into the coroutine it drives, "
-     "and code a walk stops at."},
+     "set_stack_bounds(drivers, runners, requests): code a walk goes past into the coroutine "
+     "it drives, code that runs a loop and code where a request begins (stopped at)."},
     {"stack_lookup", (PyCFunction)(void (*)(void))stack_lookup, METH_FASTCALL,
      "stack_lookup(skip, max_depth, stop_code, cache) -> the cached Stack, or (hash, key)."},
     {"stacks_json", (PyCFunction)(void (*)(void))stacks_json, METH_FASTCALL,

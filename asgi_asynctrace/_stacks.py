@@ -38,6 +38,7 @@ __all__ = [
     "format_frame",
     "frames_from",
     "pass_through",
+    "stop_at",
 ]
 
 _PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -71,6 +72,10 @@ _RESUMABLE_FLAGS: Final = (
 # standing for the coroutine they drive. Compared by identity (a code object's hash and
 # equality read its contents).
 _drivers: tuple[CodeType, ...] = ()
+# Where a request begins (stop_at): the middleware's coroutine that runs the app. From it
+# outwards the frames are the server's (uvicorn's run_asgi, an outer middleware), the same for
+# every request, and a walk stops there, coroutine though it is.
+_boundaries: tuple[CodeType, ...] = ()
 _STOPS: Final = -1
 
 
@@ -80,6 +85,9 @@ def _frame_kind(code: CodeType, inner_coro: int) -> int:
     this frame is a coroutine or stands for one."""
     flags = code.co_flags
     if flags & _RESUMABLE_FLAGS:
+        for b in _boundaries:
+            if code is b:
+                return _STOPS
         return flags & _CORO_FLAGS
     if code is _STOP_CODE:
         return _STOPS
@@ -125,10 +133,27 @@ def pass_through(*codes: CodeType) -> None:
     given replace those given before (at most four)."""
     global _drivers
     _drivers = codes
+    _set_bounds()
+
+
+def _is_boundary(code: CodeType) -> bool:
+    return any(code is b for b in _boundaries)
+
+
+def stop_at(*codes: CodeType) -> None:
+    """Have every walk stop at frames running ``codes``: where a request begins (the
+    middleware's coroutine that runs the app), outside which the frames are the server's. The
+    codes given replace those given before (at most four)."""
+    global _boundaries
+    _boundaries = codes
+    _set_bounds()
+
+
+def _set_bounds() -> None:
     if _c_lookup is not None:
         from ._speedups import set_stack_bounds
 
-        set_stack_bounds(codes, _RUNNER_CODES)
+        set_stack_bounds(_drivers, _RUNNER_CODES, _boundaries)
 
 
 def capture(max_depth: int, skip: int = 1) -> Stack:
@@ -152,6 +177,8 @@ def capture_python(max_depth: int, skip: int = 1) -> Stack:
         code = f.f_code
         flags = code.co_flags
         if flags & _RESUMABLE_FLAGS:  # most of a request's frames: no call to classify them
+            if _boundaries and _is_boundary(code):
+                break
             coro = flags & _CORO_FLAGS
         else:
             coro = _frame_kind(code, coro)

@@ -161,6 +161,21 @@ def test_a_coroutine_sent_to_by_hand_ends_its_walk_at_the_sender(walk: str) -> N
     assert [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in driver()] == ["coro"]
 
 
+def test_a_requests_stacks_stop_where_the_middleware_runs_the_app() -> None:
+    """What called the middleware (a server's run_asgi, an outer middleware; here the test's
+    helper) is the same for every request: a creation stack ends at the middleware."""
+    from tests.helpers import traced
+
+    async def handler() -> None:
+        await asyncio.sleep(0.001)
+
+    trace = traced(handler)
+    (timer,) = [r for r in trace.resources if r.type == "timer"]
+    assert timer.stack_id is not None
+    names = [f.split(" @ ")[0].rsplit(".", 1)[-1] for f in trace.stacks[timer.stack_id]]
+    assert names == ["sleep", "handler", "app"]  # the helper's app; not the helper, nor run()
+
+
 def test_library_paths_are_spelled_so_their_origin_shows() -> None:
     assert _stacks._display_path(asyncio.__file__) == "<stdlib>/asyncio/__init__.py"
     import httpx

@@ -39,16 +39,17 @@ keep_codes(PyObject *codes, PyObject **slots, int *n, int max)
 }
 
 /* Set by _stacks: the plain functions that drive a coroutine for the tracer (walked past, see
- * frame_kind) and the frames that run a loop (stopped at). */
+ * frame_kind), the frames that run a loop and those where a request begins (stopped at). */
 static PyObject *
 set_stack_bounds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "set_stack_bounds(drivers, runners)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "set_stack_bounds(drivers, runners, requests)");
         return NULL;
     }
     if (keep_codes(args[0], stack_drivers, &n_stack_drivers, MAX_DRIVERS) < 0 ||
-        keep_codes(args[1], loop_runners, &n_loop_runners, MAX_RUNNERS) < 0) {
+        keep_codes(args[1], loop_runners, &n_loop_runners, MAX_RUNNERS) < 0 ||
+        keep_codes(args[2], request_bounds, &n_request_bounds, MAX_BOUNDARIES) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;

@@ -17,6 +17,12 @@ static int n_stack_drivers;
 #define MAX_RUNNERS 4
 static PyObject *loop_runners[MAX_RUNNERS]; /* owned code objects */
 static int n_loop_runners;
+/* And where a request begins: the middleware's coroutine that runs the app. Everything from it
+ * outwards is the server's (uvicorn's run_asgi, an outer middleware), the same for every
+ * request: stopped at, coroutine though it is. */
+#define MAX_BOUNDARIES 4
+static PyObject *request_bounds[MAX_BOUNDARIES]; /* owned code objects */
+static int n_request_bounds;
 
 #define CORO_FLAGS (CO_COROUTINE | CO_ITERABLE_COROUTINE)
 #define RESUMABLE_FLAGS (CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR)
@@ -34,6 +40,7 @@ one_of(PyObject *code, PyObject *const *codes, int n)
 }
 #define is_runner(code) one_of((code), loop_runners, n_loop_runners)
 #define is_driver(code) one_of((code), stack_drivers, n_stack_drivers)
+#define is_boundary(code) one_of((code), request_bounds, n_request_bounds)
 
 /* What the walk does at a frame running code, given whether the frame just inside it (walked
  * before) is a coroutine or stands for one: STOPS before it, or goes on, with *coro set to
@@ -50,7 +57,7 @@ frame_kind(PyObject *code, PyObject *stop, int inner_coro, int *coro)
     int flags = ((PyCodeObject *)code)->co_flags;
     if (flags & RESUMABLE_FLAGS) {
         *coro = (flags & CORO_FLAGS) != 0;
-        return 0;
+        return is_boundary(code) ? STOPS : 0;
     }
     if (is_driver(code)) {
         *coro = 1;
