@@ -107,7 +107,7 @@ def make_create_future(original: Callable[..., Any]) -> Callable[..., asyncio.Fu
     from ._tasks import dispatch_python  # (it imports this module)
 
     dispatcher = dispatch_python(len, len).__code__  # a frame that may come between
-    own = frozenset(ASYNCIO_OWN)
+    own = frozenset(map(id, ASYNCIO_OWN))  # by identity (ASYNCIO_OWN keeps them alive)
 
     def create_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         active = ACTIVE.get()
@@ -116,7 +116,7 @@ def make_create_future(original: Callable[..., Any]) -> Callable[..., asyncio.Fu
         caller = sys._getframe(1)
         if caller.f_code is dispatcher and caller.f_back is not None:
             caller = caller.f_back
-        if caller.f_code in own:
+        if id(caller.f_code) in own:
             return original(loop)  # type: ignore[no-any-return]
         fut = TracedFuture(loop=loop)
         fut._asynctrace_trace = active[0]

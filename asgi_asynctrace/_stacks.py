@@ -76,6 +76,7 @@ _drivers: tuple[CodeType, ...] = ()
 # outwards the frames are the server's (uvicorn's run_asgi, an outer middleware), the same for
 # every request, and a walk stops there, coroutine though it is.
 _boundaries: tuple[CodeType, ...] = ()
+_boundary_ids: frozenset[int] = frozenset()  # their ids (_boundaries keeps them alive)
 _STOPS: Final = -1
 
 
@@ -85,10 +86,7 @@ def _frame_kind(code: CodeType, inner_coro: int) -> int:
     this frame is a coroutine or stands for one."""
     flags = code.co_flags
     if flags & _RESUMABLE_FLAGS:
-        for b in _boundaries:
-            if code is b:
-                return _STOPS
-        return flags & _CORO_FLAGS
+        return _STOPS if id(code) in _boundary_ids else flags & _CORO_FLAGS
     if code is _STOP_CODE:
         return _STOPS
     for d in _drivers:
@@ -136,16 +134,13 @@ def pass_through(*codes: CodeType) -> None:
     _set_bounds()
 
 
-def _is_boundary(code: CodeType) -> bool:
-    return any(code is b for b in _boundaries)
-
-
 def stop_at(*codes: CodeType) -> None:
     """Have every walk stop at frames running ``codes``: where a request begins (the
     middleware's coroutine that runs the app), outside which the frames are the server's. The
     codes given replace those given before (at most four)."""
-    global _boundaries
+    global _boundaries, _boundary_ids
     _boundaries = codes
+    _boundary_ids = frozenset(map(id, codes))
     _set_bounds()
 
 
@@ -177,7 +172,7 @@ def capture_python(max_depth: int, skip: int = 1) -> Stack:
         code = f.f_code
         flags = code.co_flags
         if flags & _RESUMABLE_FLAGS:  # most of a request's frames: no call to classify them
-            if _boundaries and _is_boundary(code):
+            if id(code) in _boundary_ids:
                 break
             coro = flags & _CORO_FLAGS
         else:
