@@ -7,7 +7,7 @@ Outside traced requests ``create_future`` makes asyncio's own future, as without
 so does it for the futures asyncio makes for its own bookkeeping where another resource of
 the trace already says what was waited for (``ASYNCIO_OWN``): a sleep's (its timer), and
 ``wait_for``'s and ``asyncio.wait``'s waiter (the tasks they wait for, and the deadline's timer).
-Exports: TracedFuture, PY_FUTURE_METHODS, make_create_future.
+Exports: ASYNCIO_OWN, TracedFuture, PY_FUTURE_METHODS, make_create_future.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Walking frames reads no source files (``traceback.extract_stack`` does); the for
 cached by the (code, instruction) pairs of the walk, so a repeated call site costs the walk and
 one dict lookup. The walk is done by the optional C accelerator (``_speedups``) when it was built,
 in Python otherwise: same keys' meaning, same stacks.
-Exports: Stack, capture, format_frame, frames_from, pass_through.
+Exports: Stack, capture, format_frame, frames_from, pass_through, stop_at.
 """
 
 from __future__ import annotations
