@@ -5,7 +5,8 @@
  * cancel: it calls asyncio's own method, then settles the future's resource (for cancel, only
  * when the cancel took). FutureMaker(var, original, traced_future_type, own) is the traced side
  * of the loop's create_future: a future made by a function whose code is in the tuple own
- * (asyncio's sleep and wait_for, which another resource already explains) is asyncio's own. */
+ * (asyncio's sleep, wait_for and wait, whose timer or task already says what was waited for)
+ * is asyncio's own. */
 static PyObject *s_record_futures, *s_asynctrace_trace, *s_future;
 
 typedef struct {
