@@ -29,6 +29,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(app: Any, port: int | None = None, **config: Any) -> Iterator[str]:
     port = port or free_port()
+    # uvicorn closes a connection idle for 5 s, the same age at which httpx stops reusing one:
+    # when a loaded machine stalls the process for that long, the server's timer wins and a
+    # client that reuses the connection gets a reset (seen once in CI). Tests here are about
+    # traces, not keep-alive, so a connection stays open as long as a test may run.
+    config.setdefault("timeout_keep_alive", 120)
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
