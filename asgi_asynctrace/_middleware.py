@@ -93,7 +93,10 @@ class AsyncTraceMiddleware:
         to the log and the store, never into response headers.
     max_sampled_per_s: at most this many sampled traces a second (a second's worth at once);
         None: no cap. Requests that ask with the header are not counted.
-    header_limit: the most bytes of encoded trace put inline in ``X-Async-Trace-Data``.
+    header_limit: the most bytes of encoded trace put inline in ``X-Async-Trace-Data`` (0:
+        none). None (the default): as many as keep the response's headers within 4,096
+        bytes, which a reverse proxy such as nginx reads into one buffer (a response whose
+        headers do not fit gets a 502 there); a bigger trace's header says where to fetch it.
     store_size: how many recent traces ``{path_prefix}/traces`` keeps (0: no store, no
         endpoint).
     store_dir: a directory the app's worker processes share the store through (under
@@ -133,7 +136,7 @@ class AsyncTraceMiddleware:
         secret: str | None = None,
         sample_rate: float = 0.0,
         max_sampled_per_s: float | None = None,
-        header_limit: int = 8192,
+        header_limit: int | None = None,
         store_size: int = 100,
         store_dir: str | os.PathLike[str] | None = None,
         path_prefix: str = "/__asynctrace",
@@ -155,8 +158,8 @@ class AsyncTraceMiddleware:
             )
         # Nanoseconds a traced step runs before the watchdog takes its stack; 0: it never does.
         self._blocked_ns = 0 if blocked_sample_ms is None else max(1, int(blocked_sample_ms * 1e6))
-        if header_limit < 0:
-            raise ValueError(f"header_limit must be >= 0, got {header_limit}")
+        if header_limit is not None and header_limit < 0:
+            raise ValueError(f"header_limit must be >= 0 or None, got {header_limit}")
         if max_sampled_per_s is not None and not 0 < max_sampled_per_s < math.inf:
             raise ValueError(
                 f"max_sampled_per_s must be > 0 traces a second or None, got {max_sampled_per_s}"

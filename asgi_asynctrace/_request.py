@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ._context import ACTIVE
 from ._failures import report
 from ._model import Dropped, Resource, Trace, c_trace_class, machine_limits, new_trace_id, trace_ids
-from ._sinks import trace_header
+from ._sinks import HEADER_BLOCK, header_room, trace_header
 from ._streams import BodyStream, body_chunk, message_size, record_message, whole_body
 
 _find_header: Callable[[Any, bytes], Any] | None
@@ -353,22 +353,29 @@ class TracedRequest:
             self._route()  # the header's trace names it too
             headers = list(message.get("headers") or ())
             headers.append((b"x-async-trace-id", trace.trace_id.encode()))
-            headers.append((b"x-async-trace-data", self._inline().encode("ascii")))
+            headers.append((b"x-async-trace-data", self._inline(headers).encode("ascii")))
             return {**message, "headers": headers}
         except Exception as exc:
             report("response-headers", exc)
             return message
 
-    def _inline(self) -> str:
+    def _inline(self, headers: list[Any]) -> str:
+        """The ``X-Async-Trace-Data`` value beside the response's ``headers``: the trace, or
+        where to fetch it when it is over ``header_limit`` (by default, when the headers with
+        it would not fit in ``HEADER_BLOCK`` bytes, where a proxy would answer 502)."""
         limit = self.owner.header_limit
         where = (
             f"; GET {self.owner.path_prefix}/traces/{self.trace.trace_id}"
             if self.owner.store is not None
             else ""
         )
-        if not limit:  # inline traces turned off: nothing serialized for a header
+        if limit == 0:  # inline traces turned off: nothing serialized for a header
             return f"omitted: header_limit=0{where}"
+        why = ""
+        if limit is None:
+            limit = header_room(headers)
+            why = f" (the response's headers kept within {HEADER_BLOCK})"
         encoded = trace_header(self.trace)
         if len(encoded) <= limit:
             return encoded
-        return f"omitted: {len(encoded)} bytes > limit {limit}{where}"
+        return f"omitted: {len(encoded)} bytes > limit {limit}{why}{where}"

@@ -10,8 +10,9 @@ app. The JSON is made only when a sink asks for it: one that reads only the ``Tr
 with ``needs_json = False`` and gets ``None`` unless another sink needed the bytes anyway;
 the log line asks only while its logger logs INFO; the store keeps a trace as it is and writes
 its JSON when it is first read. The response header is written by ``trace_header``, which
-reuses a route's compressed stack table from one request to the next. Exports: LOG_PREFIX,
-LogSink, TraceSink, TraceStore, capture_traces, decode_trace_header, encode_trace_header,
+reuses a route's compressed stack table from one request to the next; ``header_room`` says how
+much of it fits where a proxy reads the headers. Exports: HEADER_BLOCK, LOG_PREFIX, LogSink,
+TraceSink, TraceStore, capture_traces, decode_trace_header, encode_trace_header, header_room,
 trace_header.
 """
 
@@ -35,6 +36,7 @@ from ._model import Trace
 from ._shared_store import SharedDirectory
 
 __all__ = [
+    "HEADER_BLOCK",
     "HEADER_PREFIX",
     "LOG_PREFIX",
     "LogSink",
@@ -43,11 +45,27 @@ __all__ = [
     "capture_traces",
     "decode_trace_header",
     "encode_trace_header",
+    "header_room",
     "trace_header",
 ]
 
 LOG_PREFIX: Final = "AsyncTrace completed; toJson() = "
 HEADER_PREFIX: Final = "z1:"
+# A reverse proxy reads a response's status line and headers into one buffer and answers 502
+# when they do not fit: nginx's proxy_buffer_size is one memory page, 4 KiB on x86-64 (and on
+# most arm64 systems). By default a trace goes inline only while the whole block still fits.
+HEADER_BLOCK: Final = 4096
+# What the server puts around the app's headers: the status line, date, server, and
+# content-length or transfer-encoding (uvicorn's come to about 100 bytes).
+_SERVER_ADDS: Final = 192
+_DATA_LINE: Final = len(b"x-async-trace-data: \r\n")
+
+
+def header_room(headers: Any) -> int:
+    """How many bytes of ``X-Async-Trace-Data`` fit beside ``headers`` (the response's own,
+    as ASGI gives them: (name, value) byte pairs) in a block of ``HEADER_BLOCK`` bytes."""
+    used = _SERVER_ADDS + 2 + sum(len(name) + len(value) + 4 for name, value in headers)
+    return max(0, HEADER_BLOCK - used - _DATA_LINE)
 
 
 class TraceSink(Protocol):
