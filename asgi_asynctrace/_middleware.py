@@ -28,7 +28,7 @@ from ._gate import TRACE_REQUESTED, TRACE_SAMPLED, Gate
 from ._hooks import LINGER_S, hold_hooks
 from ._model import Trace, TraceLimits
 from ._request import Receive, Scope, Send, TracedRequest, trace_settings
-from ._sinks import LogSink, TraceSink, TraceStore, global_sinks
+from ._sinks import HEADER_BLOCK, LogSink, TraceSink, TraceStore, global_sinks
 from ._tasks import TimedCoroutine, mark_coroutine_function
 from ._watchdog import unwatch, watch
 
@@ -204,7 +204,9 @@ class AsyncTraceMiddleware:
         self._about = {
             "pathPrefix": path_prefix, "access": "secret" if secret else "loopback",
             "sampleRate": sample_rate, "maxSampledPerS": max_sampled_per_s,
-            "logTraces": log_traces, "headerLimit": header_limit,
+            "logTraces": log_traces,
+            "headerLimit": (f"what keeps the headers within {HEADER_BLOCK} bytes"
+                            if header_limit is None else header_limit),
             "recordFutures": record_futures, "blockedSampleMs": blocked_sample_ms,
             "propagateTo": sorted(self.propagate_to),
         }  # fmt: skip

@@ -271,6 +271,7 @@ def test_status_says_how_a_running_apps_tracer_is_set_and_what_it_has_done(
     assert "asyncio hooks     on for " in after
     assert "tracer failures   none" in after
     assert doc["middleware"]["access"] == "secret" and b"s3cret" not in orjson.dumps(doc)
+    assert doc["middleware"]["headerLimit"] == "what keeps the headers within 4096 bytes"
     assert doc["store"] == {"traces": 1, "keeps": 100, "sharedDirectory": False}
     assert doc["instrumentation"]["timers"] == "on" and doc["failures"] == {}
 
