@@ -81,7 +81,8 @@ static PyMethodDef methods[] = {
      "count of pokes"},
     {"quiet_wait", (PyCFunction)(void (*)(void))quiet_wait, METH_FASTCALL,
      "quiet_wait(pause_ns, after_ns, limit_ns, pokes): sleep, without the GIL, until a step "
-     "has run after_ns with no other starting or ending (True), limit_ns or a poke (False)"},
+     "has run after_ns with no other starting or ending (True), limit_ns without a traced "
+     "step, or a poke (False)"},
 #endif
     {"set_stack_bounds", (PyCFunction)(void (*)(void))set_stack_bounds, METH_FASTCALL,
      "set_stack_bounds(drivers, runners, requests): code a walk goes past into the coroutine "

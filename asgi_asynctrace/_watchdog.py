@@ -17,9 +17,11 @@ frame of the app's own code in the blocked-loop finding, and the viewer shows th
 What it costs: nothing for a request that is not traced, a dict entry per traced request, and
 while traced requests run, a thread that sleeps without the GIL (``quiet_wait``, in the C
 accelerator) until a step has run ``after_ns`` with no other starting or ending, and only then
-takes the GIL to look: a busy loop of short steps never hands it over. (Looking every 20 ms
-with the GIL took it from a busy loop each time, which cost 1-2 % of the process's CPU with
-one request in a hundred traced. Without the accelerator it still does.) A step blocked in
+takes the GIL to look: a busy loop of short steps never hands it over, nor does a steady
+trickle of sampled requests (it takes the GIL to fall asleep only once no traced step has run
+for a second). (Looking every 20 ms with the GIL took it from a busy loop each time, which
+cost 1-2 % of the process's CPU with one request in a hundred traced. Without the
+accelerator it still does.) A step blocked in
 C code that holds the GIL is seen only once it lets go, by when it has ended: there is
 nothing to sample then. The garbage collector is such a case, and is told apart by its own
 callback (below). The thread starts with the first traced request and sleeps on an event a
@@ -211,24 +213,28 @@ def _run() -> None:
         except Exception as exc:  # never let it die: count, log once, go on
             report("watchdog", exc)
             pause = 20_000_000
-        _sleep(pause, after, limit)
+        if _sleep(pause, after, limit) and not _watched:
+            idle_since = _now() - _LINGER_NS  # no traced step for all that: as good as idle
 
 
-def _sleep(pause: int, after: int, limit: int) -> None:
+def _sleep(pause: int, after: int, limit: int) -> bool:
     """Until the next look: ``pause`` nanoseconds; with the C accelerator, on without the GIL
-    until a step has run long enough to be due for a sample (or ``limit``), so a busy loop of
-    short steps never has to hand this thread the GIL (``quiet_wait`` in _speedups.c)."""
+    until a step has run long enough to be due for a sample, or no traced step has run for
+    ``limit`` (then True: the process has gone quiet), so a busy loop of short steps, traced
+    or not, never has to hand this thread the GIL (``quiet_wait`` in _speedups.c)."""
     if _quiet_wait is None:
         time.sleep(pause / 1e9)
-        return
+        return False
     global _waiting_after
     try:
         pokes = _quiet_poke(False)  # read before saying what it waits for
         _waiting_after = after
-        _quiet_wait(pause, after, limit, pokes)
+        due = _quiet_wait(pause, after, limit, pokes)
+        return not due and _quiet_poke(False) == pokes
     except Exception as exc:
         report("watchdog", exc)
         time.sleep(pause / 1e9)
+        return False
     finally:
         _waiting_after = None
 

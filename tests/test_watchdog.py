@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import os
 import threading
 import time
 from typing import Any
@@ -482,3 +483,62 @@ def test_the_watchdog_takes_the_gil_only_to_look_at_a_long_step(
     assert len(looks) <= 2, len(looks)
     # and a trace watched with a lower threshold than the wait's has its long step sampled
     assert _request(_sleeps_on_the_loop, blocked_sample_ms=5).samples
+
+
+def _voluntary_switches() -> int:
+    """How often this thread has given up its processor (slept, waited) so far."""
+    with open("/proc/thread-self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+
+
+_PROC = pytest.mark.skipif(
+    not os.path.exists("/proc/thread-self/status"), reason="counts switches in Linux's /proc"
+)
+
+
+@_C_WAIT
+@_PROC
+def test_a_quiet_wait_looks_when_a_step_could_be_due_not_four_times_as_often() -> None:
+    # no traced step runs for 400 ms: a look every 20 ms (after_ns), 20 in all; it looked
+    # every 5 ms until the nineteenth session (80), each a switch of a processor to it
+    got: list[int] = []
+
+    def waits() -> None:
+        before = _voluntary_switches()
+        quiet_wait(20_000_000, 20_000_000, 400_000_000, quiet_poke(False))
+        got.append(_voluntary_switches() - before)
+
+    thread = threading.Thread(target=waits)
+    thread.start()
+    thread.join()
+    assert 15 <= got[0] <= 30, got
+
+
+@_C_WAIT
+def test_a_steady_trickle_of_traced_requests_never_hands_the_watchdog_the_gil(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each time the thread's wait returns it takes the GIL, which a busy loop hands over
+    # badly (70-330 ms of futile wake-ups, measured). Its wait returned at its limit, every
+    # second, to see whether to fall asleep: now only once no traced step ran for a second.
+    waits: list[int] = []
+    wait = quiet_wait
+
+    def counted(*args: int) -> bool:
+        waits.append(args[2])
+        return bool(wait(*args))
+
+    async def short() -> None:
+        await asyncio.sleep(0)
+
+    async def trickle() -> None:
+        await _request_in_loop(short)  # the thread is awake from here
+        monkeypatch.setattr(_watchdog, "_quiet_wait", counted)
+        end = time.perf_counter() + 2.5
+        while time.perf_counter() < end:
+            await _request_in_loop(short)  # a traced request every 5 ms or so
+            _spin(0.005)  # untraced work on the loop between them
+            await asyncio.sleep(0)
+
+    run(trickle())
+    assert len(waits) <= 1, waits

@@ -36,14 +36,32 @@ typedef struct {
 } TraceCore;
 
 /* What the watchdog's thread reads without the GIL (quiet_wait, below): how many traces have a
- * step running now, and a count bumped each time any trace's running step changes. Written
- * with the GIL held, by every thread that runs traced steps; read by the watchdog's thread
- * with the GIL released, so both are atomic (relaxed: only "did it change", "is it zero"). */
+ * step running now, a count bumped each time any trace's running step changes, and, while a
+ * quiet_wait is under way, when the latest step began (so the wait need not look often to
+ * know it). Written with the GIL held, by every thread that runs traced steps; read by the
+ * watchdog's thread with the GIL released, so all are atomic (relaxed: only "did it change",
+ * "is it zero", "since when"). */
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32) && \
     !defined(ASYNCTRACE_NO_QUIET_WAIT)
 #define HAVE_QUIET_WAIT 1 /* atomics, nanosleep, CLOCK_MONOTONIC; elsewhere the thread polls */
 static long steps_running;
 static unsigned long step_changes;
+static long quiet_waiters;        /* quiet_waits under way */
+static long long step_started_at; /* monotonic_ns() when the latest step began or resumed */
+
+static long long
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+#if defined(__linux__) && defined(CLOCK_MONOTONIC)
+/* The latest reading of clock_ns (below), the same clock: a step's start was read just
+ * before its mark is taken, so running_changed need not read the clock again. */
+#define CLOCK_READ_LAST 1
+static long long clock_last_ns;
+#endif
 #endif
 
 static inline void
@@ -58,6 +76,14 @@ running_changed(PyObject *before, PyObject *after)
     }
     else if (before != NULL && after == NULL) {
         __atomic_sub_fetch(&steps_running, 1, __ATOMIC_RELAXED);
+    }
+    if (after != NULL && __atomic_load_n(&quiet_waiters, __ATOMIC_RELAXED) > 0) {
+#ifdef CLOCK_READ_LAST
+        long long began = __atomic_load_n(&clock_last_ns, __ATOMIC_RELAXED);
+#else
+        long long began = monotonic_ns();
+#endif
+        __atomic_store_n(&step_started_at, began, __ATOMIC_RELAXED);
     }
     __atomic_store_n(&step_changes, __atomic_load_n(&step_changes, __ATOMIC_RELAXED) + 1,
                      __ATOMIC_RELAXED);
@@ -116,7 +142,11 @@ clock_ns(void)
 #if defined(__linux__) && defined(CLOCK_MONOTONIC)
     struct timespec ts;
     if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
-        return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec);
+        long long now = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+#ifdef CLOCK_READ_LAST
+        __atomic_store_n(&clock_last_ns, now, __ATOMIC_RELAXED);
+#endif
+        return PyLong_FromLongLong(now);
     }
 #endif
     return PyObject_CallNoArgs(perf_counter_ns);

@@ -118,14 +118,6 @@ core_set_running(TraceCore *t, PyObject *value, void *unused)
 }
 
 #ifdef HAVE_QUIET_WAIT
-static long long
-monotonic_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static unsigned long quiet_pokes;
 
 /* quiet_poke(bump) -> int: with bump true, every quiet_wait under way returns False now (a
@@ -144,17 +136,30 @@ quiet_poke(PyObject *module, PyObject *bump)
     return PyLong_FromUnsignedLong(__atomic_load_n(&quiet_pokes, __ATOMIC_RELAXED));
 }
 
+/* How long a quiet_wait sleeps at most between two looks: a poke is seen within this. */
+#define LOOK_EVERY_NS 20000000LL
+
 /* quiet_wait(pause_ns, after_ns, limit_ns, pokes) -> bool: the watchdog's sleep, with the GIL
  * let go throughout. Returns True when a step may be due for a sample: the step running at
  * the call still runs pause_ns later (the caller reckoned it due then), or one that began
- * since has run after_ns with no step starting or ending (counted from when this wait saw the
- * change, so never before the step itself had run that long); then the watchdog takes the GIL
- * to look. Returns False after limit_ns, or once the count of pokes is no longer pokes (read
- * with quiet_poke(False) before the caller said what it waits for). A thread that woke every
- * 20 ms to look with the GIL took it from a busy loop each time (up to the 5 ms switch
- * interval of handing it over, a futile wake-up at each of the loop's polls meanwhile): with
- * traced requests one in a hundred, 1-2 % of the process's CPU. Now it asks for the GIL only
- * when a step is long. */
+ * since has run after_ns with no step starting or ending (counted from when it began, as
+ * running_changed noted, and never from before the look that last saw none of it); then the
+ * watchdog takes the GIL to look. Returns False once no traced step has run, started or ended
+ * for limit_ns (the process has gone quiet: the watchdog may sleep), or once the count of
+ * pokes is no longer pokes (read with quiet_poke(False) before the caller said what it waits
+ * for).
+ *
+ * Each return costs the thread the GIL, which a busy loop hands over badly: it lets go at
+ * every poll of its selector and takes it back at once, and a thread that waits for it is
+ * woken each time and mostly loses (its wait times out, and asks for the GIL outright, only
+ * after 5 ms without a wake-up): 70-330 ms of futile wake-ups, a futex call on the loop's side
+ * at each poll, for one look. Looking every 20 ms with the GIL cost 1-2 % of the process's
+ * CPU with one request in a hundred traced; returning every second under a steady trickle
+ * of sampled requests, to see whether to sleep, cost 300-1,300 wake-ups a second. So it
+ * returns only for a long step, a poke, or quiet. Between its looks it sleeps until a step
+ * could be due (at most LOOK_EVERY_NS, for a poke): not four times per after_ns, which woke
+ * it 200 times a second, each a switch of the loop's processor to it and back when they
+ * share one. */
 static PyObject *
 quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -172,17 +177,17 @@ quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     pause = pause < 1000000 ? 1000000 : pause;
     int long_step = 0;
     Py_BEGIN_ALLOW_THREADS
-    long long start = monotonic_ns(), since = start, now = start;
+    __atomic_add_fetch(&quiet_waiters, 1, __ATOMIC_RELAXED);
+    long long start = monotonic_ns(), now = start, looked = start, busy = start;
+    /* due: when the step being timed has run long enough (at first the one running at the
+     * call, by the caller's reckoning); 0: none is (nothing ran at the last look) */
+    long long due = start + pause;
     unsigned long seen = __atomic_load_n(&step_changes, __ATOMIC_RELAXED);
     for (;;) {
-        /* look four times per after_ns (a long step is seen within 1.25 after_ns of its start),
-         * and at least every 5 ms, for a poke */
-        long long nap = after / 4 < 5000000 ? after / 4 : 5000000;
-        if (now - start < pause && pause - (now - start) < nap) {
-            nap = pause - (now - start);
-        }
-        if (limit - (now - start) < nap) {
-            nap = limit - (now - start);
+        long long nap = (due ? due : now + after) - now;
+        nap = nap < 1000000 ? 1000000 : nap > LOOK_EVERY_NS ? LOOK_EVERY_NS : nap;
+        if (limit - (now - busy) < nap) {
+            nap = limit - (now - busy);
         }
         if (nap > 0) {
             struct timespec ts = {(time_t)(nap / 1000000000LL), (long)(nap % 1000000000LL)};
@@ -193,20 +198,30 @@ quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         unsigned long changes = __atomic_load_n(&step_changes, __ATOMIC_RELAXED);
-        if (changes != seen || __atomic_load_n(&steps_running, __ATOMIC_RELAXED) <= 0) {
-            seen = changes;
-            since = now;
+        if (__atomic_load_n(&steps_running, __ATOMIC_RELAXED) <= 0) {
+            due = 0;
         }
-        else if (since == start ? now - start >= pause : now - since >= after) {
-            /* the step running at the call, now due (pause: the caller's reckoning from its
-             * start); or one that began since, after_ns ago or more */
+        else if (changes != seen) { /* a step began since the last look: after_ns from then */
+            long long began = __atomic_load_n(&step_started_at, __ATOMIC_RELAXED);
+            due = (began > looked ? began : looked) + after;
+        }
+        else if (due == 0) { /* running, but not since a change this wait saw: from now */
+            due = now + after;
+        }
+        if (changes != seen || due) {
+            busy = now; /* a traced step ran since the last look, or runs */
+        }
+        seen = changes;
+        looked = now;
+        if (due && now >= due) {
             long_step = 1;
             break;
         }
-        if (now - start >= limit) {
+        if (now - busy >= limit) {
             break;
         }
     }
+    __atomic_sub_fetch(&quiet_waiters, 1, __ATOMIC_RELAXED);
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(long_step);
 }
