@@ -205,7 +205,7 @@ quiet_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             long long began = __atomic_load_n(&step_started_at, __ATOMIC_RELAXED);
             due = (began > looked ? began : looked) + after;
         }
-        else if (due == 0) { /* running, but not since a change this wait saw: from now */
+        else if (due == 0) { /* one began between the two reads above: from now, then */
             due = now + after;
         }
         if (changes != seen || due) {
