@@ -61,6 +61,15 @@ def traced_get(base: str, path: str) -> tuple[httpx.Response, Trace]:
     return response, trace
 
 
+def stored(url: str) -> httpx.Response:
+    """GET a trace from an app's store, where it goes once its response is out: a moment after
+    the client has the response, so asked again for up to 5 s while the answer is 404."""
+    deadline = time.monotonic() + 5
+    while (got := httpx.get(url)).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return got
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

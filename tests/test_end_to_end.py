@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import orjson
 import pytest
 
 from asgi_asynctrace import LOG_PREFIX, decode_trace_header
-from tests.servers import sample_app_process
+from tests.servers import sample_app_process, stored
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +37,8 @@ def test_uvicorn_logs_the_whole_trace_on_stderr_and_headers_carry_its_start(
     data = traced.headers["x-async-trace-data"]
     assert data.startswith("omitted: ") and "kept within 4096" in data, data
     assert len(b"".join(k + v for k, v in traced.headers.raw)) < 4096 - 192
-    where, deadline = base + data.rsplit("; GET ", 1)[1], time.monotonic() + 5
-    while (stored := httpx.get(where)).status_code == 404 and time.monotonic() < deadline:
-        time.sleep(0.02)  # stored once the response is out: a moment after the client has it
-    assert stored.status_code == 200 and stored.json()["traceId"] == trace_id
+    whole = stored(base + data.rsplit("; GET ", 1)[1])
+    assert whole.status_code == 200 and whole.json()["traceId"] == trace_id
     small = httpx.get(base + "/nested", headers={"X-Async-Trace": "1"})  # one that fits
     inline = decode_trace_header(small.headers["x-async-trace-data"])
     assert inline["traceId"] == small.headers["x-async-trace-id"]

@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_asynctrace import AsyncTraceMiddleware, annotate, decode_trace_header
-from tests.servers import free_port, serving
+from tests.servers import free_port, serving, stored
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 
@@ -81,14 +81,6 @@ def nginx(tmp: Path, upstreams: dict[str, str]) -> Iterator[str]:
         proc.wait(10)
 
 
-def _stored(url: str) -> httpx.Response:
-    """The store's answer for a trace, which is stored a moment after its response is out."""
-    deadline = time.monotonic() + 5
-    while (got := httpx.get(url)).status_code == 404 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return got
-
-
 def test_a_traced_request_through_nginx_gets_its_response_not_a_502(tmp_path: Path) -> None:
     with (
         serving(_app()) as default,
@@ -100,9 +92,9 @@ def test_a_traced_request_through_nginx_gets_its_response_not_a_502(tmp_path: Pa
         data = got.headers["x-async-trace-data"]
         assert data.startswith("omitted: ") and "kept within 4096" in data, data
         # where the header says the trace is, through the same proxy
-        stored = _stored(proxy + "/default" + data.rsplit("; GET ", 1)[1])
-        assert stored.status_code == 200
-        assert stored.json()["traceId"] == got.headers["x-async-trace-id"]
+        got_trace = stored(proxy + "/default" + data.rsplit("; GET ", 1)[1])
+        assert got_trace.status_code == 200
+        assert got_trace.json()["traceId"] == got.headers["x-async-trace-id"]
 
         fits = httpx.get(proxy + "/default/small", headers=ON)
         assert fits.status_code == 200 and fits.text == "small"
