@@ -254,8 +254,9 @@ def _loop_busy(
 ) -> None:  # fmt: skip
     """The loop busy elsewhere: the request was ready to go on but the loop ran other work
     first, for at least ``s.loop_busy_ms``: another request's blocking step, a background task,
-    code outside any trace. Seen where a timer of the request ran late (its ``lateMs``), and
-    where a future it awaited settled long before the awaiting step went on. The time this
+    code outside any trace. Seen where a timer of the request ran late (its ``lateMs``), where
+    a sleep's timer ran long before the step that slept went on, and where a future it awaited
+    settled long before the awaiting step went on. The time this
     request's own steps ran in such a window is left out (that is blocked-loop's to say), and
     windows that overlap count once."""
     own = _Spans(
@@ -263,19 +264,26 @@ def _loop_busy(
         for r in trace.resources if r.type in LOOP_TYPES for a, b in r.intervals()
     )  # fmt: skip
     windows: list[tuple[int, int, int]] = []  # (ready, went on, the resource that waited)
+
+    def resumed(waiter_id: int | None, ready: int, rid: int) -> None:
+        waiter = by_id.get(waiter_id) if waiter_id is not None else None
+        if waiter is not None:
+            starts = waiter.callbacks[::2]
+            i = bisect.bisect_left(starts, ready)
+            if i < len(starts):
+                windows.append((ready, starts[i], rid))
+
     for r in trace.resources:
-        late = notes.get(r.async_id, {}).get("lateMs")
-        if r.type == "timer" and r.callbacks and isinstance(late, int | float) and late > 0:
-            windows.append((r.callbacks[0] - round(late * MS), r.callbacks[0], r.async_id))
+        if r.type == "timer" and r.callbacks:
+            note = notes.get(r.async_id, {})
+            late = note.get("lateMs")
+            if isinstance(late, int | float) and late > 0:
+                windows.append((r.callbacks[0] - round(late * MS), r.callbacks[0], r.async_id))
+            if note.get("kind") == "sleep":  # its future is not recorded: the timer is the wait
+                resumed(r.trigger_id, r.callbacks[min(1, len(r.callbacks) - 1)], r.async_id)
         elif r.type == "future" and r.settled_at is not None:
             for rid in r.awaited_by or ():
-                waiter = by_id.get(rid)
-                if waiter is None:
-                    continue
-                starts = waiter.callbacks[::2]
-                i = bisect.bisect_left(starts, r.settled_at)
-                if i < len(starts):
-                    windows.append((r.settled_at, starts[i], r.async_id))
+                resumed(rid, r.settled_at, r.async_id)
     busy = s.loop_busy_ms * MS
     held = [w for w in windows if w[1] - w[0] - own.within(w[0], w[1]) >= busy]
     if not held:
