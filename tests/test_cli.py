@@ -133,7 +133,9 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         assert main(["trace", f"{base}/slow", "-o", str(saved)]) == 0
         out, err = capsys.readouterr()
         assert out.startswith("GET /slow 200 ") and "critical path" in out
-        assert "[high] blocked-loop" in out and "n-plus-one" in out
+        # the planted problems, found (their severity is their share of the request, which
+        # moves with the machine: 31.7 ms of 130 ms is "medium" in a just-started process)
+        assert "] blocked-loop: GET /slow ran " in out and "] n-plus-one: 20 x db-query" in out
         assert f"GET {base}/slow -> 200 in " in err
         trace = load_trace(saved.read_bytes())  # the whole trace, from the store
         assert trace.request["path"] == "/slow" and trace.root.state == "ok"
@@ -188,7 +190,10 @@ def test_trace_sends_one_request_traced_and_prints_where_its_time_went(
         assert len(set(ids)) == 6
         spans = sorted((t.started_at_unix_ns, t.started_at_unix_ns + t.duration_ns)
                        for t in map(load_trace, several.read_bytes().splitlines()))  # fmt: skip
-        assert spans[1][0] < spans[0][1]  # the second began before the first had ended
+        # some request began before an earlier one had ended (one at a time, none would; on a
+        # loaded machine the first two may not overlap, so any of them)
+        ends = [max(end for _, end in spans[: i + 1]) for i in range(len(spans) - 1)]
+        assert any(start < end for (start, _), end in zip(spans[1:], ends, strict=True))
         assert main(["trace", "-n", "2", "-c", "0", f"{base}/items"]) == 2
         assert "-c wants 1 or more at once, got 0" in capsys.readouterr().err
         assert main(["trace", "-d", f"@{tmp_path / 'none'}", f"{base}/"]) == 2
