@@ -53,7 +53,7 @@ def _app(variant: str, path: str) -> Any:
     import asgi_asynctrace
     from asgi_asynctrace import AsyncTraceMiddleware, TraceLimits
 
-    from .bench_routes import _bare
+    from .harness import bare_app
 
     traced, instrument, futures, depth = VARIANTS[variant]
     if path == "/ok":
@@ -65,7 +65,7 @@ def _app(variant: str, path: str) -> Any:
     else:
         from sample_app.app import app as sample
 
-        bare = _bare(sample)
+        bare = bare_app(sample)
     asgi_asynctrace.uninstrument()  # then only what this variant asks for
     return AsyncTraceMiddleware(
         bare, log_traces=False, store_size=100, sample_rate=1.0 if traced else 0.0,
@@ -100,12 +100,12 @@ async def _kinds() -> tuple[collections.Counter[str], int]:
     """The resources of a traced ``/cache`` request by type, and its creation stacks."""
     from asgi_asynctrace import capture_traces
 
-    from .bench_routes import _one
+    from .harness import one_request
 
     app = _app("full", "/cache")
     with capture_traces() as traces:
         for _ in range(3):
-            await _one(app, "/cache", False)
+            await one_request(app, "/cache", False)
     trace = traces[-1]
     return collections.Counter(r.type for r in trace.resources), len(trace.stacks)
 

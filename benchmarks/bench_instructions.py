@@ -77,9 +77,9 @@ def _app(kind: str, variant: str) -> Any:
     else:
         from sample_app.app import app as sample
 
-        from .bench_routes import _bare
+        from .harness import bare_app
 
-        bare = _bare(sample)
+        bare = bare_app(sample)
     if variant == "bare":
         return bare
     if variant == "imported":  # what an app that uses every instrumented library has loaded
@@ -109,13 +109,13 @@ def _import_instrumented_libraries() -> None:
 
 
 async def _serve(app: Any, path: str, n: int, traced: bool) -> None:
-    from .bench_routes import _one
+    from .harness import one_request
 
     gate = asyncio.Semaphore(50)
 
     async def guarded() -> None:
         async with gate:
-            await _one(app, path, traced)
+            await one_request(app, path, traced)
 
     await asyncio.gather(*(guarded() for _ in range(n)))
 
@@ -151,7 +151,7 @@ async def count_answers(
     app hands over the response's last chunk (cut again), so every other part of the dump is
     one request's answer. ``between``: run, uncounted, before each counted request (and once
     before the first)."""
-    from .bench_routes import _scope
+    from .harness import request_scope
 
     marking = False
 
@@ -163,7 +163,7 @@ async def count_answers(
             os.getpgrp()  # the answer is out: the count of this request ends here
 
     for _ in range(warmup):  # the store full, as in a server that has been up a while
-        await app(_scope(path, header), receive, send)
+        await app(request_scope(path, header), receive, send)
     if between is not None:
         await between()
     gc.collect()
@@ -173,7 +173,7 @@ async def count_answers(
             await between()
         marking = True
         os.getpgrp()  # ... and starts here
-        await app(_scope(path, header), receive, send)
+        await app(request_scope(path, header), receive, send)
         marking = False
     gc.unfreeze()
 
@@ -197,10 +197,10 @@ async def _latency_work(variant: str, warmup: int, n: int) -> None:
 
 async def _untraced_gap(app: Any, path: str) -> None:
     """The rare variant's ``RARE_GAP`` untraced requests before each traced one."""
-    from .bench_routes import _one
+    from .harness import one_request
 
     for _ in range(RARE_GAP):
-        await _one(app, path, False)
+        await one_request(app, path, False)
 
 
 def without_watchdog_thread() -> None:

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from typing import Any
 
-from benchmarks.bench_routes import _answered, _bare
+from benchmarks.harness import answered, bare_app
 
 _IN_A_ROW = 4
 PATH = "/cache"
@@ -63,7 +63,7 @@ async def parts_table(rounds: int) -> list[str]:
     from asgi_asynctrace._hooks import uninstall_hooks
     from sample_app.app import app as sample
 
-    bare = _bare(sample)
+    bare = bare_app(sample)
     untraced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
     apps = {"bare": bare, "untraced": untraced, **_variants(bare)}
     names = list(apps)
@@ -75,8 +75,8 @@ async def parts_table(rounds: int) -> list[str]:
         rng.shuffle(order)  # a new order each round: see the docstring
         for name in order:
             for _ in range(_IN_A_ROW - 1):
-                await _answered(apps[name], PATH, False)
-            took[name] = await _answered(apps[name], PATH, False)
+                await answered(apps[name], PATH, False)
+            took[name] = await answered(apps[name], PATH, False)
         got["bare"].append(took["bare"])
         for name in names[1:]:
             got[name].append(took[name] / took["bare"])

@@ -37,148 +37,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+from .alternatives import otel_middleware, pyinstrument_recipe, viztracer_recipe, wrap_per_request
+from .harness import ASGIApp, answered, bare_app, measured, one_request, throughput
+
 ROUTES = ["/parallel", "/nested", "/timers", "/cache", "/sync", "/items"]
-
-
-def _scope(path: str, traced: bool) -> dict[str, Any]:
-    headers = [(b"host", b"bench"), (b"accept", b"*/*")]
-    if traced:
-        headers.append((b"x-async-trace", b"1"))
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000),
-            "server": ("127.0.0.1", 8000)}  # fmt: skip
-
-
-async def _one(app: ASGIApp, path: str, traced: bool) -> None:
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        pass
-
-    await app(_scope(path, traced), receive, send)
-
-
-async def _answered(app: ASGIApp, path: str, traced: bool) -> int:
-    """One request's latency: nanoseconds until the app hands the server the response's last
-    body chunk, which a server writes out at once (what runs after that, such as writing a
-    trace to its sinks, delays the next request on the loop, not this one's answer)."""
-    answered = 0
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        nonlocal answered
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            answered = time.perf_counter_ns()
-
-    start = time.perf_counter_ns()
-    await app(_scope(path, traced), receive, send)
-    return (answered or time.perf_counter_ns()) - start
-
-
-async def throughput(app: ASGIApp, path: str, n: int, traced: bool = False) -> float:
-    """Requests per second with 50 in flight."""
-    return (await measured(app, path, n, traced))[0]
-
-
-async def measured(app: ASGIApp, path: str, n: int, traced: bool = False) -> tuple[float, float]:
-    """Requests per second of wall-clock time, and per second of this process's CPU time
-    (which leaves out the time the machine gave to other processes), with 50 in flight: 50
-    clients, each sending its next request when its last is answered, as a load generator's
-    connections do. (Until 2026-11-30's eleventh session all n requests were made at once as
-    tasks waiting on a semaphore: thousands of pending coroutines that the garbage collector
-    went through at each young collection, which no server holds; see HISTORY.md.)"""
-    left = n
-
-    async def client() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await _one(app, path, traced)
-
-    gc.collect()  # every variant starts from the same heap, not the last one's garbage
-    start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(client() for _ in range(min(50, n))))
-    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
-
-
-def _wrap_per_request(app: ASGIApp, around: Callable[[], Any]) -> ASGIApp:
-    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        with around():
-            await app(scope, receive, send)
-
-    return wrapped
-
-
-def _pyinstrument() -> Any:
-    import contextlib
-
-    from pyinstrument import Profiler
-
-    @contextlib.contextmanager
-    def profile() -> Any:
-        profiler = Profiler(async_mode="enabled")
-        profiler.start()
-        try:
-            yield
-        finally:
-            profiler.stop()
-            profiler.output_text()  # the recipe renders each profile: part of its cost
-
-    return profile
-
-
-def _viztracer(scratch: str) -> Any:
-    import contextlib
-
-    from viztracer import VizTracer
-
-    # One tracer for every request: each VizTracer takes a thread-specific storage key it
-    # never gives back, and the process has 1,024 (the latency table's requests ran out).
-    tracer = VizTracer(log_async=True, verbose=0)
-
-    @contextlib.contextmanager
-    def trace() -> Any:
-        tracer.start()
-        try:
-            yield
-        finally:
-            tracer.stop()
-            tracer.save(os.path.join(scratch, "viz.json"))
-
-    return trace
-
-
-def _otel(bare: ASGIApp) -> tuple[ASGIApp, Callable[[], None], Callable[[], None]]:
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    provider = TracerProvider()
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    app = OpenTelemetryMiddleware(bare, tracer_provider=provider)
-    from sample_app import patterns
-
-    def on() -> None:
-        HTTPXClientInstrumentor.instrument_client(patterns.pricing, tracer_provider=provider)
-
-    def off() -> None:
-        HTTPXClientInstrumentor.uninstrument_client(patterns.pricing)
-        exporter.clear()
-
-    return app, on, off
 
 
 async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
@@ -190,14 +54,14 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
     from asgi_asynctrace._hooks import hooks_on_ns, install_hooks, uninstall_hooks
     from sample_app.app import app as sample
 
-    bare = _bare(sample)
+    bare = bare_app(sample)
     idle = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
     sampled = AsyncTraceMiddleware(bare, log_traces=False, store_size=100, sample_rate=0.01)
     # The sampling draw, made a counter: exactly one request in 100 is traced, evenly spaced,
     # so the number of traced requests in a round (4 of 400, give or take 2 at random) is not
     # what decides the figure. The check itself still runs on every request.
     _middleware._random = itertools.cycle([0.5] * 99 + [0.0]).__next__
-    otel, otel_on, otel_off = _otel(bare)
+    otel, otel_on, otel_off = otel_middleware(bare)
     for path in ROUTES:  # warm every path: caches filled, schema made, imports done
         await throughput(idle, path, 20, traced=True)
         await throughput(bare, path, 20)
@@ -285,15 +149,6 @@ async def routes_table(rounds: int, n: int) -> tuple[list[str], list[str]]:
     return rows, parts
 
 
-def _bare(sample: Any) -> ASGIApp:
-    """The sample app's routes without the middleware."""
-    from starlette.applications import Starlette
-
-    from sample_app import patterns
-
-    return Starlette(routes=sample.routes, lifespan=patterns.lifespan)
-
-
 async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
     """What one traced request costs as traced requests get rarer, on a CPU-bound route: the
     throughput at 1 traced request in 20 ... 1 in 400, against the middleware untraced, each
@@ -306,7 +161,7 @@ async def rate_table(rounds: int, n: int, path: str = "/cache") -> list[str]:
 
     asgi_asynctrace.instrument()
     install_hooks()
-    bare = _bare(sample)
+    bare = bare_app(sample)
     idle = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
     sampled = AsyncTraceMiddleware(bare, log_traces=False, store_size=100, sample_rate=0.5)
     every = (20, 50, 100, 200, 400)
@@ -343,11 +198,11 @@ async def cold_table(rounds: int, path: str = "/cache") -> list[str]:
     from asgi_asynctrace._hooks import uninstall_hooks
     from sample_app.app import app as sample
 
-    app = AsyncTraceMiddleware(_bare(sample), log_traces=False, store_size=100)
+    app = AsyncTraceMiddleware(bare_app(sample), log_traces=False, store_size=100)
 
     async def timed(traced: bool) -> int:
         start = time.perf_counter_ns()
-        await _one(app, path, traced)
+        await one_request(app, path, traced)
         return time.perf_counter_ns() - start
 
     for _ in range(100):
@@ -360,7 +215,7 @@ async def cold_table(rounds: int, path: str = "/cache") -> list[str]:
         got = []
         for _ in range(rounds * 3):
             for _ in range(gap):
-                await _one(app, path, False)
+                await one_request(app, path, False)
             got.append(await timed(True))
         took = statistics.median(got)
         after = "another traced request" if gap == 0 else f"{gap} untraced ones"
@@ -369,7 +224,7 @@ async def cold_table(rounds: int, path: str = "/cache") -> list[str]:
         both: dict[bool, list[int]] = {True: [], False: []}
         for _ in range(rounds * 3):
             for traced in (True, False):
-                await _one(app, path, False)
+                await one_request(app, path, False)
                 _busy(ms)
                 both[traced].append(await timed(traced))
         took, plain = statistics.median(both[True]), statistics.median(both[False])
@@ -401,7 +256,7 @@ _IN_A_ROW = 4
 
 async def latency_table(rounds: int) -> list[str]:
     """One request at a time: each way of looking at a request, over the bare app's latency
-    (until the response's last body chunk is handed to the server: see ``_answered``).
+    (until the response's last body chunk is handed to the server: see ``answered``).
 
     pyinstrument and viztracer profile the whole process, so their per-request recipes only
     work one request at a time: that is how all of them are compared here, each variant timed
@@ -412,19 +267,19 @@ async def latency_table(rounds: int) -> list[str]:
     from asgi_asynctrace._hooks import uninstall_hooks
     from sample_app.app import app as sample
 
-    bare = _bare(sample)
+    bare = bare_app(sample)
     traced = AsyncTraceMiddleware(bare, log_traces=False, store_size=100)
     # every request traced without asking: its trace goes to the store, not into a header
     stored = AsyncTraceMiddleware(bare, log_traces=False, store_size=100, sample_rate=1.0)
-    otel, otel_on, otel_off = _otel(bare)
-    profiled = _wrap_per_request(bare, _pyinstrument())
-    vized = _wrap_per_request(bare, _viztracer(tempfile.mkdtemp(prefix="asynctrace-bench-")))
+    otel, otel_on, otel_off = otel_middleware(bare)
+    profiled = wrap_per_request(bare, pyinstrument_recipe())
+    vized = wrap_per_request(bare, viztracer_recipe(tempfile.mkdtemp(prefix="asynctrace-bench-")))
     rows = ["| route | bare app | traced, trace in the header | traced, to the store only "
             "| OpenTelemetry | pyinstrument | viztracer |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
 
     async def timed(app: ASGIApp, path: str, header: bool = False) -> int:
-        return await _answered(app, path, header)
+        return await answered(app, path, header)
 
     apps: dict[str, ASGIApp] = {"bare": bare, "traced": traced, "stored": stored, "otel": otel,
                                 "pyi": profiled, "viz": vized}  # fmt: skip
@@ -481,9 +336,9 @@ async def size_table() -> list[str]:
         start = time.perf_counter_ns()
         data = big.to_json()
         times.append(time.perf_counter_ns() - start)
-    app = AsyncTraceMiddleware(_bare(sample), log_traces=False, store_size=100)
+    app = AsyncTraceMiddleware(bare_app(sample), log_traces=False, store_size=100)
     with capture_traces() as traces:
-        await _one(app, "/parallel", True)
+        await one_request(app, "/parallel", True)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     store = TraceStore(10_000)
@@ -495,13 +350,13 @@ async def size_table() -> list[str]:
     tracemalloc.stop()
     # Unread: the store keeps each finished Trace as it is until someone reads it. Measured
     # on 1,000 real /parallel requests (whose traces share their stacks, as real ones do).
-    kept = AsyncTraceMiddleware(_bare(sample), log_traces=False, store_size=1_000)
-    await _one(kept, "/parallel", True)
+    kept = AsyncTraceMiddleware(bare_app(sample), log_traces=False, store_size=1_000)
+    await one_request(kept, "/parallel", True)
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for _ in range(1_000):
-        await _one(kept, "/parallel", True)
+        await one_request(kept, "/parallel", True)
     gc.collect()
     unread = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()

@@ -1,21 +1,39 @@
-"""The response header's codec: what it writes is the trace, whatever was cached before."""
+"""Where a trace goes: the response header (its codec: what it writes is the trace, whatever
+was cached before; its limit), the store, and sinks that fail."""
 
 from __future__ import annotations
 
 import base64
+import logging
+import os
 import random
 import threading
 import time
 import zlib
 from typing import Any
 
+import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from asgi_asynctrace import Trace, decode_trace_header, failure_counts
+from asgi_asynctrace import (
+    AnalysisSettings,
+    AsyncTraceMiddleware,
+    Trace,
+    capture_traces,
+    decode_trace_header,
+    failure_counts,
+    load_trace,
+)
 from asgi_asynctrace._context import ACTIVE, ResourceScope
 from asgi_asynctrace._sinks import _tables, encode_trace_header, trace_header
 
+from .helpers import call
+from .middleware_app import ON, get_page, routes, traced_app
 from .test_model import _python_core_trace
 
 
@@ -157,3 +175,174 @@ def test_the_store_summarises_a_trace_the_same_before_and_after_it_is_read() -> 
         store(_finished(path, 200))
     assert [s["path"] for s in store.summaries()] == ["/d", "/c", "/b"]
     assert store.get(kept.trace_id) is None and len(store) == 3
+
+
+def test_the_store_serves_each_trace_with_its_analysis_under_the_apps_thresholds() -> None:
+    async def blocking(request: Request) -> Response:
+        time.sleep(0.03)  # longer than the default blocked-step threshold of 20 ms
+        return PlainTextResponse("done")
+
+    def served_kinds(settings: AnalysisSettings | None) -> list[str]:
+        app = AsyncTraceMiddleware(
+            Starlette(routes=[Route("/block", blocking)]), log_traces=False, analysis=settings
+        )
+
+        async def go(c: httpx.AsyncClient) -> httpx.Response:
+            r = await c.get("/block", headers=ON)
+            path = f"/__asynctrace/traces/{r.headers['x-async-trace-id']}?analysis=1"
+            return await c.get(path)
+
+        body = call(app, go).json()
+        assert body["trace"]["request"]["path"] == "/block"
+        return [f["kind"] for f in body["analysis"]["findings"]]
+
+    assert "blocked-loop" in served_kinds(None)
+    assert "blocked-loop" not in served_kinds(AnalysisSettings(blocked_step_ms=5_000))
+
+
+def test_a_trace_too_big_for_the_header_says_where_to_fetch_it() -> None:
+    app = traced_app(header_limit=200)
+    r = call(app, lambda c: get_page(c, "/big", ON))
+    marker = r.headers["x-async-trace-data"]
+    assert marker.startswith("omitted: ") and "> limit 200" in marker
+    assert marker.endswith(f"GET /__asynctrace/traces/{r.headers['x-async-trace-id']}")
+    with pytest.raises(ValueError, match="fetch it by its id"):
+        decode_trace_header(marker)
+
+
+def test_header_limit_0_turns_inline_traces_off_without_serializing_for_the_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgi_asynctrace import _request
+
+    def refused(trace: Trace) -> str:
+        raise AssertionError("serialized for a header that is off")
+
+    monkeypatch.setattr(_request, "trace_header", refused)
+    monkeypatch.setattr(Trace, "to_json", refused)
+    with capture_traces() as traces:
+        r = call(traced_app(header_limit=0, log_traces=False), lambda c: get_page(c, "/hello", ON))
+    trace_id = r.headers["x-async-trace-id"]
+    assert r.status_code == 200 and r.text == "hello" and traces[0].trace_id == trace_id
+    assert (
+        r.headers["x-async-trace-data"]
+        == f"omitted: header_limit=0; GET /__asynctrace/traces/{trace_id}"
+    )
+    assert failure_counts() == {}
+
+
+def test_the_store_lists_newest_first_and_forgets_the_oldest() -> None:
+    app = traced_app(store_size=2)
+
+    async def go(c: httpx.AsyncClient) -> tuple[list[str], httpx.Response, httpx.Response]:
+        ids = [(await c.get("/hello", headers=ON)).headers["x-async-trace-id"] for _ in range(3)]
+        listing = await c.get("/__asynctrace/traces")
+        gone = await c.get(f"/__asynctrace/traces/{ids[0]}")
+        return ids, listing, gone
+
+    ids, listing, gone = call(app, go)
+    assert [t["traceId"] for t in listing.json()["traces"]] == [ids[2], ids[1]]
+    assert listing.json()["traces"][0]["path"] == "/hello"
+    assert gone.status_code == 404 and "keeps the last 2" in gone.json()["error"]
+    # and names the likeliest other reason: the trace is in another worker process's store
+    assert f"of this process ({os.getpid()}); under several worker" in gone.json()["error"]
+    assert "store_dir" in gone.json()["error"]
+
+
+def test_the_store_is_closed_to_remote_clients_without_a_secret() -> None:
+    r = call(traced_app(), lambda c: get_page(c, "/__asynctrace/traces"), host="203.0.113.9")
+    assert r.status_code == 404 and r.text == "Not Found"  # the app's own 404
+
+
+def test_a_failing_sink_is_counted_once_logged_and_never_reaches_the_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(trace: Trace, data: bytes) -> None:
+        raise RuntimeError("disk full")
+
+    got: list[bytes] = []
+    app = traced_app(sinks=[broken, lambda trace, data: got.append(data)])
+
+    async def go(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await c.get("/hello", headers=ON) for _ in range(3)]
+
+    responses = call(app, go)
+    assert all(r.status_code == 200 and r.text == "hello" for r in responses)
+    assert list(failure_counts().values()) == [3]
+    assert next(iter(failure_counts())).endswith("<locals>.broken")
+    warnings = [
+        r for r in caplog.records if r.name == "asgi_asynctrace" and "disk full" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert len(got) == 3 and load_trace(got[0]).root.state == "ok"
+
+
+def test_the_json_is_made_only_for_a_sink_that_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[str] = []
+    to_json = Trace.to_json
+
+    def counted(self: Trace) -> bytes:
+        made.append(self.trace_id)
+        return to_json(self)
+
+    monkeypatch.setattr(Trace, "to_json", counted)
+    seen: list[bytes | None] = []
+
+    class TraceOnly:
+        needs_json = False
+
+        def __call__(self, trace: Trace, data: bytes | None) -> None:
+            seen.append(data)
+
+    log = logging.getLogger("asgi_asynctrace.trace")
+
+    async def one(c: httpx.AsyncClient) -> str:
+        r = await c.get("/hello", headers=ON)
+        return str(r.headers["x-async-trace-id"])
+
+    # the log line off (its logger above INFO), the store and a sink that reads the Trace
+    app = AsyncTraceMiddleware(Starlette(routes=routes()), sinks=[TraceOnly()])
+    level = log.level
+    log.setLevel(logging.WARNING)  # setLevel, which empties the logger's cache of levels
+    try:
+        trace_id = call(app, one)
+    finally:
+        log.setLevel(level)
+    assert made == [] and seen == [None]  # finished, stored, and no JSON made for it
+    store = app.store
+    assert store is not None
+    first = store.get(trace_id)  # the JSON is written when the trace is first read ...
+    assert first is not None and made == [trace_id]
+    assert load_trace(first).trace_id == trace_id
+    assert store.get(trace_id) is first and made == [trace_id]  # ... and then kept
+    # the log line on: one JSON, given to the log and the store; the other sink gets it too
+    made.clear()
+    seen.clear()
+    assert log.isEnabledFor(logging.INFO)
+    trace_id = call(app, one)
+    assert made == [trace_id] and seen[0] is not None
+    assert store.get(trace_id) is seen[0] and made == [trace_id]
+    # a sink that says nothing of needs_json gets the bytes, the log line off or not
+    got: list[bytes] = []
+    other = traced_app(log_traces=False, sinks=[lambda trace, data: got.append(data)])
+    made.clear()
+    trace_id = call(other, one)
+    assert made == [trace_id] and load_trace(got[0]).trace_id == trace_id
+
+
+def test_a_sink_whose_needs_json_fails_is_skipped_and_counted() -> None:
+    class Odd:
+        @property
+        def needs_json(self) -> bool:
+            raise RuntimeError("confused")
+
+        def __call__(self, trace: Trace, data: bytes | None) -> None:
+            raise AssertionError("never called")
+
+    got: list[bytes] = []
+    app = traced_app(sinks=[Odd(), lambda trace, data: got.append(data)])
+    r = call(app, lambda c: get_page(c, "/hello", ON))
+    assert r.status_code == 200 and r.text == "hello" and len(got) == 1
+    assert list(failure_counts().values()) == [1]
