@@ -18,13 +18,14 @@ PathStep; from _findings, Finding, AnalysisSettings, SEVERITIES).
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._critical_path import PathStep, ResourceTimes, critical_path
-from ._findings import SEVERITIES, AnalysisSettings, Finding, diagnose
+from ._findings import MS, SEVERITIES, AnalysisSettings, Finding, diagnose
 from ._model import Resource, Trace
 
 __all__ = [
@@ -159,7 +160,7 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     for r in trace.resources:
         children[r.trigger_id].append(r)
     answered, writer = _answered(trace, times)
-    late = _late_timers(times, notes, s)
+    late = _late_timers(trace, notes, s)
     # the timers that fired, but for sleeps: deadlines (and callbacks set for later)
     deadlines = {
         rid for rid, t in times.items()
@@ -231,13 +232,29 @@ def _times(
 
 
 def _late_timers(
-    times: dict[int, ResourceTimes], notes: dict[int, dict[str, Any]], settings: AnalysisSettings
+    trace: Trace, notes: dict[int, dict[str, Any]], settings: AnalysisSettings
 ) -> dict[int, str]:
     """``, ran 47.8 ms late`` for each timer that ran ``loop_busy_ms`` or more after its
-    deadline (its ``lateMs``): on the critical path, a 5 ms sleep that took 53 ms says why."""
+    deadline (its ``lateMs``), and ``, the loop got back to it 30.0 ms later`` for a sleep
+    whose task went on that long after its timer ran: on the critical path, a 5 ms sleep
+    followed by a hole says why."""
     out = {}
-    for rid, t in times.items():
-        late = notes.get(rid, {}).get("lateMs") if t.type == "timer" else None
+    by_id = {r.async_id: r for r in trace.resources}
+    for r in trace.resources:
+        if r.type != "timer":
+            continue
+        note = notes.get(r.async_id, {})
+        said = []
+        late = note.get("lateMs")
         if isinstance(late, (int, float)) and late >= settings.loop_busy_ms:
-            out[rid] = f", ran {late:.1f} ms late"
+            said.append(f"ran {late:.1f} ms late")
+        waiter = by_id.get(r.trigger_id) if note.get("kind") == "sleep" and r.callbacks else None
+        if waiter is not None:
+            ready = r.callbacks[min(1, len(r.callbacks) - 1)]  # its callback's end
+            starts = waiter.callbacks[::2]
+            i = bisect.bisect_left(starts, ready)
+            if i < len(starts) and starts[i] - ready >= settings.loop_busy_ms * MS:
+                said.append(f"the loop got back to it {(starts[i] - ready) / MS:.1f} ms later")
+        if said:
+            out[r.async_id] = ", " + ", ".join(said)
     return out

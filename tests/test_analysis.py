@@ -455,6 +455,9 @@ def test_a_sleep_that_ended_on_time_but_resumed_late_is_loop_busy() -> None:
     assert busy.kind == "loop-busy" and busy.resources == (timer.async_id,)
     assert busy.cost_ns == 100 * ms - 20_000
     assert busy.title.startswith("timer sleep 5.0ms was ready 100.0 ms before the loop got back")
+    # and the critical path says why the step after the sleep came 100 ms after it
+    (step,) = [s for s in analyze(trace).critical_path if s.async_id == timer.async_id]
+    assert step.label == "sleep 5.0ms, the loop got back to it 100.0 ms later"
     # a timer that is not a sleep wakes no one by itself: nothing to say
     trace.annotate(timer, "kind", "call_later")
     assert [f.kind for f in analyze(trace).findings] != ["loop-busy"]
