@@ -18,14 +18,13 @@ PathStep; from _findings, Finding, AnalysisSettings, SEVERITIES).
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._critical_path import PathStep, ResourceTimes, critical_path
-from ._findings import MS, SEVERITIES, AnalysisSettings, Finding, diagnose
+from ._findings import MS, SEVERITIES, AnalysisSettings, Finding, diagnose, next_step
 from ._model import Resource, Trace
 
 __all__ = [
@@ -160,7 +159,7 @@ def analyze(trace: Trace, settings: AnalysisSettings | None = None) -> Analysis:
     for r in trace.resources:
         children[r.trigger_id].append(r)
     answered, writer = _answered(trace, times)
-    late = _late_timers(trace, notes, s)
+    late = _late(trace, notes, s)
     # the timers that fired, but for sleeps: deadlines (and callbacks set for later)
     deadlines = {
         rid for rid, t in times.items()
@@ -231,30 +230,25 @@ def _times(
     )
 
 
-def _late_timers(
-    trace: Trace, notes: dict[int, dict[str, Any]], settings: AnalysisSettings
-) -> dict[int, str]:
-    """``, ran 47.8 ms late`` for each timer that ran ``loop_busy_ms`` or more after its
-    deadline (its ``lateMs``), and ``, the loop got back to it 30.0 ms later`` for a sleep
-    whose task went on that long after its timer ran: on the critical path, a 5 ms sleep
-    followed by a hole says why."""
+def _late(trace: Trace, notes: dict[int, dict[str, Any]], settings: AnalysisSettings
+          ) -> dict[int, str]:  # fmt: skip
+    """What the critical path adds to a step's name when the loop was late for it, by
+    ``loop_busy_ms`` or more: ``, ran 47.8 ms late`` for a timer that ran that long after its
+    deadline (its ``lateMs``); ``, the loop got back to it 30.0 ms later`` for anything whose
+    waiter went on that long after it was over (a sleep's timer, a task, a query). A 5 ms
+    sleep that took 53 ms, or a hole after a step, says why."""
     out = {}
     by_id = {r.async_id: r for r in trace.resources}
+    busy = settings.loop_busy_ms
     for r in trace.resources:
-        if r.type != "timer":
-            continue
-        note = notes.get(r.async_id, {})
         said = []
-        late = note.get("lateMs")
-        if isinstance(late, (int, float)) and late >= settings.loop_busy_ms:
+        late = notes.get(r.async_id, {}).get("lateMs") if r.type == "timer" else None
+        if isinstance(late, (int, float)) and late >= busy:
             said.append(f"ran {late:.1f} ms late")
-        waiter = by_id.get(r.trigger_id) if note.get("kind") == "sleep" and r.callbacks else None
-        if waiter is not None:
-            ready = r.callbacks[min(1, len(r.callbacks) - 1)]  # its callback's end
-            starts = waiter.callbacks[::2]
-            i = bisect.bisect_left(starts, ready)
-            if i < len(starts) and starts[i] - ready >= settings.loop_busy_ms * MS:
-                said.append(f"the loop got back to it {(starts[i] - ready) / MS:.1f} ms later")
+        if r.settled_at is not None and r.async_id != r.trigger_id:
+            went_on = next_step(by_id.get(r.trigger_id), r.settled_at)
+            if went_on is not None and went_on - r.settled_at >= busy * MS:
+                said.append(f"the loop got back to it {(went_on - r.settled_at) / MS:.1f} ms later")
         if said:
             out[r.async_id] = ", " + ", ".join(said)
     return out

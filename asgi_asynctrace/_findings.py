@@ -209,7 +209,7 @@ def diagnose(
                 seen[0] if seen else None,
             )
 
-    _loop_busy(trace, by_id, times, notes, s, duration, add)
+    _loop_busy(trace, by_id, times, notes, s, duration, path, add)
 
     # A slow upstream: one operation dominating the critical path.
     for step in path:
@@ -248,15 +248,30 @@ def diagnose(
     return found
 
 
+def next_step(waiter: Resource | None, ready: int) -> int | None:
+    """When ``waiter`` (a task, or the request's root) began its first step after ``ready``,
+    the moment what it waited on was over; None when it was running a step then (it did not
+    wait: an operation of its own ended in it), ran none after, or is not a task or the root."""
+    if waiter is None or waiter.type not in LOOP_TYPES:
+        return None
+    cb = waiter.callbacks
+    i = bisect.bisect_left(cb, ready)  # cb: step starts (even) and ends (odd), in order
+    if i % 2 == 1 or i == len(cb):
+        return None  # inside a step of the waiter's, or none after
+    return int(cb[i])
+
+
 def _loop_busy(
     trace: Trace, by_id: dict[int, Resource], times: dict[int, ResourceTimes],
-    notes: dict[int, dict[str, Any]], s: AnalysisSettings, duration: int, add: Any,
+    notes: dict[int, dict[str, Any]], s: AnalysisSettings, duration: int,
+    path: list[PathStep], add: Any,
 ) -> None:  # fmt: skip
     """The loop busy elsewhere: the request was ready to go on but the loop ran other work
     first, for at least ``s.loop_busy_ms``: another request's blocking step, a background task,
-    code outside any trace. Seen where a timer of the request ran late (its ``lateMs``), where
-    a sleep's timer ran long before the step that slept went on, and where a future it awaited
-    settled long before the awaiting step went on. The time this
+    code outside any trace. Seen where a timer of the request ran late (its ``lateMs``), and
+    where what a task (or the request) waited on was over long before its next step began,
+    while it ran no step: a child on the critical path (a task it awaited, a sleep's timer, a
+    query), a future it awaited. The time this
     request's own steps ran in such a window is left out (that is blocked-loop's to say), and
     windows that overlap count once."""
     own = _Spans(
@@ -266,12 +281,9 @@ def _loop_busy(
     windows: list[tuple[int, int, int]] = []  # (ready, went on, the resource that waited)
 
     def resumed(waiter_id: int | None, ready: int, rid: int) -> None:
-        waiter = by_id.get(waiter_id) if waiter_id is not None else None
-        if waiter is not None:
-            starts = waiter.callbacks[::2]
-            i = bisect.bisect_left(starts, ready)
-            if i < len(starts):
-                windows.append((ready, starts[i], rid))
+        went_on = next_step(by_id.get(waiter_id) if waiter_id is not None else None, ready)
+        if went_on is not None:
+            windows.append((ready, went_on, rid))
 
     for r in trace.resources:
         if r.type == "timer" and r.callbacks:
@@ -284,6 +296,10 @@ def _loop_busy(
         elif r.type == "future" and r.settled_at is not None:
             for rid in r.awaited_by or ():
                 resumed(rid, r.settled_at, r.async_id)
+    for step in path:  # what each task and the request waited on, one after another
+        waited = by_id.get(step.async_id)
+        if waited is not None and step.type != "root" and waited.settled_at is not None:
+            resumed(waited.trigger_id, waited.settled_at, step.async_id)
     busy = s.loop_busy_ms * MS
     held = [w for w in windows if w[1] - w[0] - own.within(w[0], w[1]) >= busy]
     if not held:

@@ -458,9 +458,48 @@ def test_a_sleep_that_ended_on_time_but_resumed_late_is_loop_busy() -> None:
     # and the critical path says why the step after the sleep came 100 ms after it
     (step,) = [s for s in analyze(trace).critical_path if s.async_id == timer.async_id]
     assert step.label == "sleep 5.0ms, the loop got back to it 100.0 ms later"
-    # a timer that is not a sleep wakes no one by itself: nothing to say
-    trace.annotate(timer, "kind", "call_later")
-    assert [f.kind for f in analyze(trace).findings] != ["loop-busy"]
+
+
+def test_a_task_that_finished_long_before_its_awaiter_went_on_is_loop_busy() -> None:
+    async def child() -> int:
+        await asyncio.sleep(0.002)
+        return 1
+
+    async def body() -> None:
+        task = asyncio.create_task(child())
+        # a callback of the loop's, outside any step of the request, registered before the
+        # request's own wakeup: when the task is done it runs first and holds the loop 100 ms
+        task.add_done_callback(lambda _: time.sleep(0.1))
+        await task
+
+    trace = traced(body)
+    (busy,) = analyze(trace).findings
+    (task,) = [r for r in trace.resources if r.type == "task"]
+    assert busy.kind == "loop-busy" and busy.resources[0] == task.async_id
+    assert 80_000_000 <= busy.cost_ns <= 110_000_000
+    assert busy.title.startswith("task child was ready "), busy.title
+    (step,) = [s for s in analyze(trace).critical_path if s.async_id == task.async_id]
+    assert step.label.startswith("child, the loop got back to it "), step.label
+
+
+def test_an_operation_that_ended_inside_its_callers_step_is_not_a_wait() -> None:
+    # A query ends while the request runs (its own awaited call), then the request waits
+    # 100 ms on a fetch: the query's end is not a moment the request was ready and waited.
+    trace = Trace.start(request={"method": "GET", "path": "/a"})
+    root, at = trace.resources[0], trace.origin
+    ms = 1_000_000
+    trace.begin(root, at)
+    query = trace.add("db-query", root.async_id, None, at + ms)
+    assert query is not None
+    trace.settle(query, at + 2 * ms, "ok")
+    fetch = trace.add("fetch", root.async_id, None, at + 3 * ms)
+    assert fetch is not None
+    trace.end(root, at + 3 * ms + 10_000)
+    trace.settle(fetch, at + 103 * ms, "ok")
+    trace.begin(root, at + 103 * ms + 20_000)
+    trace.end(root, at + 104 * ms)
+    trace.finish(at + 104 * ms, "ok")
+    assert "loop-busy" not in [f.kind for f in analyze(trace).findings]
 
 
 def test_a_future_settled_long_before_its_waiter_went_on_is_loop_busy_too() -> None:
