@@ -104,7 +104,7 @@ def test_bubbleprof_renders_its_page_from_our_export(node: Path, tmp_path: Path)
         return
     from playwright.sync_api import sync_playwright
 
-    from tests.test_viewer import ARGS
+    from tests.viewer.pages import ARGS
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)

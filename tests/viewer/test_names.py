@@ -1,408 +1,31 @@
-"""The viewer in a real headless Chromium: written to a file, and served by the middleware."""
+"""The viewer names and measures what it draws as the analysis does: timers, futures, bodies,
+bubbles, lanes, blocked steps, collections, work after the response."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import json
-import os
-import re
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_asynctrace import (
-    AnalysisSettings,
     AsyncTraceMiddleware,
     Trace,
     analyze,
-    annotate,
     load_trace,
-    start_resource,
 )
 from asgi_asynctrace._viewer import write_viewer
-from tests.helpers import traced
-from tests.servers import serving
+from tests.viewer.pages import NEEDS_CHROMIUM, off_loop, opened, shoot
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
-HOSTILE = '<img src=x onerror="window.__pwned = 1">'
-
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
-    reason=f"needs Chromium at {CHROMIUM}: apt-get install -y chromium",
-)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield instance
-        instance.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    yield page
-    page.close()
-    assert errors == [], errors
-
-
-def shoot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
-
-
-def opened(page: Any, tmp_path: Path, trace: Trace, view: str | None = None) -> None:
-    """``trace`` written as one viewer page and opened in ``page`` (on ``view``, if given)."""
-    path = tmp_path / "trace.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
-    if view is not None:
-        page.click(f"#tabs button[data-view={view}]")
-
-
-def off_loop(body: Any, futures: bool = False) -> Trace:
-    """Trace ``body`` in a thread: Playwright's sync API keeps a loop running on this one."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(traced, body, futures).result()
-
-
-def sample() -> Trace:
-    async def leaf(ms: int) -> None:
-        annotate("ms", ms)
-        await asyncio.sleep(ms / 1000)
-
-    async def body() -> None:
-        async with start_resource("cache-get", op="get", key="user:1") as scope:
-            scope.annotate("hit", False)
-        await asyncio.gather(leaf(3), leaf(6))
-        await asyncio.to_thread(time.sleep, 0.002)
-
-    return off_loop(body)
-
-
-def test_each_view_draws_the_trace_written_to_a_file(page: Any, tmp_path: Path) -> None:
-    trace = sample()
-    opened(page, tmp_path, trace)
-    assert trace.trace_id in page.inner_text("#summary")
-    assert page.get_attribute("#bubbles", "data-bubbles") is not None
-    labels = page.locator(".bubble text.label").all_text_contents()
-    assert any(label.startswith("root GET /") for label in labels)
-    shoot(page, "bubbles")
-
-    # click the root's bubble: it opens into its members, with a breadcrumb back out
-    before = page.locator(".crumbs a").count()
-    page.locator(".bubble").first.click()
-    assert page.locator(".crumbs a").count() == before + 1
-    inner = int(page.get_attribute("#bubbles", "data-bubbles") or 0)
-    assert inner >= 2
-    page.locator(".crumbs a").first.click()
-    assert page.locator(".crumbs a").count() == before
-
-    page.click("#tabs button[data-view=timeline]")
-    lanes = [r for r in trace.resources if r.type != "future"]
-    assert page.get_attribute("#timeline", "data-lanes") == str(len(lanes))
-    page.check("#tl-futures")
-    assert page.get_attribute("#timeline", "data-lanes") == str(len(trace.resources))
-    shoot(page, "timeline")
-
-    page.click("#tabs button[data-view=tree]")
-    assert page.locator("#tree .node").count() == len(trace.resources)
-    critical = analyze(trace).critical_path
-    assert page.locator("#tree .node.critical").count() == len({s.async_id for s in critical})
-    page.fill("#tree-search", "user:1")
-    assert page.get_attribute("#view-tree", "data-matches") == "1"
-    page.fill("#tree-search", "")
-    page.select_option("#tree-type", "task")
-    assert page.get_attribute("#view-tree", "data-matches") == "2"
-    assert not page.locator("#tree .node", has_text="user:1").first.is_visible()
-    page.select_option("#tree-type", "")
-    page.locator("#tree .node", has_text="user:1").first.click()
-    assert "user:1" in page.inner_text("#details-notes")
-    shoot(page, "tree")
-
-
-def test_a_hostile_string_in_a_trace_is_shown_as_text_and_runs_nothing(
-    page: Any, tmp_path: Path
-) -> None:
-    async def body() -> None:
-        annotate("note", HOSTILE)
-        async with start_resource("fetch", method="GET", url=HOSTILE):
-            await asyncio.sleep(0)
-
-    trace = off_loop(body)
-    trace.request["path"] = "/</script><script>window.__pwned = 2</script>"
-    path = tmp_path / "hostile.html"
-    write_viewer(path, [trace])
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
-    for view in ("bubbles", "timeline", "tree"):
-        page.click(f"#tabs button[data-view={view}]")
-    page.locator("#tree .node", has_text="fetch").first.click()
-    assert HOSTILE in page.inner_text("#details-notes")
-    assert "</script>" in page.inner_text("#summary")
-    assert page.evaluate("window.__pwned") is None
-    assert page.locator("img").count() == 0
-
-
-def test_pasted_seed_json_loads_and_bad_input_says_what_is_wrong(page: Any, tmp_path: Path) -> None:
-    path = tmp_path / "empty.html"
-    write_viewer(path, [])
-    page.goto(path.as_uri())
-    page.click("#tabs button[data-view=load]")
-    page.fill("#paste", '{"resources": [{"asyncId": "x"}], "requestDurationNs": 5}')
-    page.click("#paste-load")
-    assert "asyncId and triggerId must be integers" in page.inner_text("#load-error")
-    seed = json.dumps({
-        "requestDurationNs": 2000, "stackTraces": [], "annotations": [],
-        "resources": [
-            {"asyncId": 1, "triggerId": 0, "type": "kRoot", "createdAt": 0, "stackTraceId": 0,
-             "callbackStartedAt": 0, "callbackEndedAt": 1500, "destroyedAt": 0},
-            {"asyncId": 2, "triggerId": 1, "type": "kCacheGet", "createdAt": 100,
-             "stackTraceId": 0, "callbackStartedAt": 0, "callbackEndedAt": 0, "destroyedAt": 900},
-        ],
-    })  # fmt: skip
-    page.fill("#paste", seed)
-    page.click("#paste-load")
-    page.wait_for_selector("body[data-loaded]")
-    assert "2 resources" in page.inner_text("#summary")
-    page.click("#tabs button[data-view=tree]")
-    assert page.locator("#tree .node .type").all_inner_texts() == ["root", "cache-get"]
-    page.click("#tabs button[data-view=load]")
-    page.click("#demo")
-    assert "GET /items" in page.inner_text("#summary")
-
-    # a log file chosen with the file picker: the trace line is found behind its prefix
-    log = tmp_path / "server.log"
-    golden = (Path(__file__).parent / "golden" / "checkout.json").read_text().replace("\n", "")
-    log.write_text(f"INFO: started\nINFO: AsyncTrace completed; toJson() = {golden}\n")
-    page.click("#tabs button[data-view=load]")
-    page.set_input_files("#file", str(log))
-    page.locator("#summary", has_text="/checkout").wait_for()  # (the page's CSP forbids eval)
-    assert "POST /checkout 201" in page.inner_text("#summary")
-
-    # the same, dropped onto the drop zone (after the demo, so the drop is what changes it)
-    page.click("#tabs button[data-view=load]")
-    page.click("#demo")
-    assert "/checkout" not in page.inner_text("#summary")
-    page.click("#tabs button[data-view=load]")
-    dropped = page.evaluate_handle(
-        """(text) => { const data = new DataTransfer();
-             data.items.add(new File([text], "trace.json", { type: "application/json" }));
-             return data; }""",
-        golden,
-    )
-    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
-    page.locator("#summary", has_text="/checkout").wait_for()  # (the page's CSP forbids eval)
-
-
-@pytest.fixture
-def served() -> Iterator[str]:
-    async def slow(request: Request) -> Response:
-        await asyncio.sleep(0.001)
-        return PlainTextResponse("ok")
-
-    # Chromium shares the two cores with this server, so a step can stretch past the default
-    # 20 ms blocked-loop threshold; a high one keeps "no findings" about the page, not the CPU.
-    app = AsyncTraceMiddleware(
-        Starlette(routes=[Route("/work", slow)]),
-        log_traces=False,
-        analysis=AnalysisSettings(blocked_step_ms=5_000, loop_busy_ms=5_000),
-    )
-    with serving(app) as base:
-        yield base
-
-
-def test_the_app_serves_the_viewer_listing_its_recent_traces(page: Any, served: str) -> None:
-    httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
-    response = httpx.get(served + "/__asynctrace/")
-    assert response.headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in response.headers["content-security-policy"]
-    page.goto(served + "/__asynctrace/")
-    page.wait_for_selector("#store-list a")
-    page.locator("#store-list a").first.click()
-    page.wait_for_selector("body[data-loaded]")
-    assert "GET /work 200" in page.inner_text("#summary")
-    assert "no findings" in page.inner_text("#findings")
-    note = page.locator("#findings li").first  # a note, not a numbered finding
-    assert note.evaluate("li => getComputedStyle(li).listStyleType") == "none"
-    shoot(page, "served")
-
-    # the page's address now names the trace: opened again (a shared link), it shows that one
-    (first,) = httpx.get(served + "/__asynctrace/traces").json()["traces"]
-    assert page.url == f"{served}/__asynctrace/?id={first['traceId']}"
-
-    # the sample app's index links here with ?run=<path>: run it traced, show its trace
-    page.goto(served + "/__asynctrace/?run=/work")
-    page.wait_for_selector("body[data-loaded]")
-    assert "GET /work 200" in page.inner_text("#summary")
-    listed = httpx.get(served + "/__asynctrace/traces").json()["traces"]
-    assert len(listed) == 2 and page.url.endswith(f"?id={listed[0]['traceId']}")
-    page.goto(f"{served}/__asynctrace/?id={first['traceId']}")
-    page.wait_for_selector(f"body[data-loaded='{first['traceId']}']")
-
-
-def test_the_served_front_page_says_how_the_tracer_is_set_as_the_status_does(
-    page: Any, served: str
-) -> None:
-    from asgi_asynctrace import reset_failures
-    from asgi_asynctrace._failures import report
-
-    status = httpx.get(served + "/__asynctrace/status").json()
-    page.goto(served + "/__asynctrace/")
-    page.wait_for_selector("#tracer-status:not([hidden])")
-    line = page.inner_text("#tracer-status")
-    assert line.startswith(f"tracer: process {status['pid']}, Python {status['python']}, ")
-    assert "instrumentation on: " in line and line.endswith("tracer failures: none")
-    try:
-        report("viewer-test", ValueError("a failure of the tracer's own, made by the test"))
-        page.reload()
-        page.wait_for_selector("#tracer-status .failures")
-        told = page.inner_text("#tracer-status .failures")
-    finally:
-        reset_failures()
-    assert told == "tracer failures: 1 \u00d7 viewer-test (each in the app's log)"
-
-
-def test_the_served_viewer_shows_traces_as_they_come(page: Any, served: str) -> None:
-    first = httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
-    page.goto(served + "/__asynctrace/")
-    page.wait_for_selector("#store-list a")
-    assert page.locator("#store-list a").count() == 1
-    assert page.locator("#routes tr.route td.n").first.inner_text() == "1"
-    second = httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
-    assert second.headers["x-async-trace-id"] != first.headers["x-async-trace-id"]
-    # no reload: the page looks again every 2 s while the list is on screen
-    page.locator("#store-list li:nth-child(2) a").wait_for(timeout=6000)
-    page.locator("#routes tr.route td.n", has_text=re.compile(r"^2$")).first.wait_for(timeout=6000)
-    assert page.locator("#routes tr.route a.compare").count() == 1  # two of one route
-
-
-def test_the_served_viewer_lists_routes_and_opens_a_routes_slowest_trace(
-    page: Any, served: str
-) -> None:
-    for _ in range(3):
-        httpx.get(served + "/work", headers={"X-Async-Trace": "1"})
-    (route,) = httpx.get(served + "/__asynctrace/routes").json()["routes"]
-    page.goto(served + "/__asynctrace/")
-    row = page.locator("#routes tr.route")
-    row.wait_for()
-    cells = row.locator("td").all_inner_texts()
-    assert cells[:2] == ["GET /work", "3"], cells
-    assert "own code" in cells[4] or "timer" in cells[4], cells  # what held it up, by share
-    assert cells[5] == "none"
-    # the route's slowest trace against its typical one, as `compare` gives it
-    comparison = route["comparison"]
-    assert comparison["slower"]["traceId"] == route["slowestTraceId"]
-    assert comparison["baseline"]["is"] == "typical"
-    assert page.locator("#comparison").is_hidden()
-    row.locator("a.compare").click()
-    panel = page.locator("#comparison")
-    panel.wait_for()
-    text = panel.inner_text()
-    assert text.startswith("GET /work: the slower "), text
-    assert "what held it up (critical path)" in text and "null" not in text
-    assert "findings only in the slower: none; only in the typical one: none" in text
-    panel.locator("a", has_text="open the typical one").click()
-    page.wait_for_selector(f"body[data-loaded='{comparison['baseline']['traceId']}']")
-    page.click("#tabs button[data-view=load]")
-    row.locator("a.open").click()
-    page.wait_for_selector(f"body[data-loaded='{route['slowestTraceId']}']")
-    assert "GET /work 200" in page.inner_text("#summary")
-
-
-def test_a_file_of_several_traces_lists_them_and_their_routes(page: Any, tmp_path: Path) -> None:
-    samples = Path(__file__).resolve().parent.parent / "sample_app" / "traces"
-    traces = [load_trace((samples / f"{name}.json").read_bytes())
-              for name in ("items", "slow", "fastapi-items-2")]  # fmt: skip
-    path = tmp_path / "several.html"
-    write_viewer(path, traces)
-    page.goto(path.as_uri())
-    page.wait_for_selector("body[data-loaded]")
-    page.click("#tabs button[data-view=load]")
-    assert page.inner_text("#store > h2") == "3 traces in this file"
-    rows = page.locator("#routes tr.route")
-    routes = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]
-    by_p95 = sorted(traces, key=lambda t: -t.duration_ns)
-    expected = [f"GET {t.annotations_of(1).get('route') or t.request['path']}" for t in by_p95]
-    assert routes == expected
-    assert "blocked-loop in 1 (high)" in rows.nth(routes.index("GET /slow")).inner_text()
-    assert rows.locator("a.compare").count() == 0  # one trace a route: nothing to compare
-    row = rows.nth(routes.index("GET /fastapi/items/{item_id}"))
-    row.locator("a.open").click()
-    page.wait_for_selector(f"body[data-loaded='{traces[2].trace_id}']")
-    assert "GET /fastapi/items/2 200" in page.inner_text("#summary")
-    assert page.inner_text("#summary .route") == "route /fastapi/items/{item_id}"
-    page.click("#tabs button[data-view=load]")
-    rows.nth(routes.index("GET /slow")).locator("a.open").click()  # a path: its own route
-    page.wait_for_selector(f"body[data-loaded='{traces[1].trace_id}']")
-    assert page.locator("#summary .route").count() == 0
-    assert "null" not in page.inner_text("#summary")
-
-
-def test_a_file_of_one_routes_traces_compares_the_slower_with_the_faster(
-    page: Any, tmp_path: Path
-) -> None:
-    from tests.test_compare import QUERY, _traces
-
-    # the same route: one query, then thirty, 58 ms apart, so that no stall of a busy machine
-    # makes the first the slower (made in a thread of their own: Playwright's loop runs in
-    # this one)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        one, thirty = pool.submit(_traces, 1, 30).result()
-    path = tmp_path / "two.html"
-    write_viewer(path, [one, thirty])
-    page.goto(path.as_uri())  # no server: the comparison is in the page
-    page.wait_for_selector("body[data-loaded]")
-    page.click("#tabs button[data-view=load]")
-    page.locator("#routes a.compare", has_text="compare with the faster").click()
-    panel = page.locator("#comparison")
-    text = panel.inner_text()
-    assert text.startswith("GET /orders/{lines}/report: the slower "), text
-    row = panel.locator("table.diff tr", has_text=f"db-query {QUERY}")
-    cells = row.locator("td").all_inner_texts()
-    assert (
-        cells[1].startswith("1 \u00d7 ")
-        and cells[2].startswith("30 \u00d7 ")
-        and cells[3].endswith("(+29)")
-    ), cells
-    assert "findings only in the slower: n-plus-one" in text
-    shoot(page, "compare")
-    panel.locator("a", has_text="open the slower").click()
-    page.wait_for_selector(f"body[data-loaded='{thirty.trace_id}']")
-
-
-def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> None:
-    # (its own page: the browser reports each of the store's 404s as a console error)
-    page = browser.new_page()
-    try:
-        page.goto(f"{served}/__asynctrace/?id={'0' * 32}")
-        said = page.locator("#load-error", has_text=f"trace {'0' * 32} never reached the store")
-        said.wait_for()
-        assert "keeps the last 100) of this process" in said.inner_text()
-        assert "store_dir" in said.inner_text()  # the likeliest reason: another worker has it
-    finally:
-        page.close()
+pytestmark = NEEDS_CHROMIUM
 
 
 def test_a_deadline_not_reached_shows_no_wait_as_the_analysis_counts_it(
@@ -737,7 +360,7 @@ def test_a_blocked_loop_finding_shows_where_and_opens_the_stacks_of_it(
     trace = off_loop(_blocks_the_loop)
     assert trace.samples, "the watchdog took no sample of a 150 ms blocking step"
     frame = trace.samples[0][2][0]
-    assert frame.startswith("_blocks_the_loop @ tests/test_viewer.py:")
+    assert frame.startswith("_blocks_the_loop @ tests/viewer/test_names.py:")
     opened(page, tmp_path, trace)
     finding = page.locator("#findings li.finding", has_text="blocked-loop")
     assert finding.locator(".site").inner_text() == f" at {frame}"
@@ -785,7 +408,7 @@ def test_work_after_the_response_is_told_apart_in_the_summary_and_the_timeline(
 ) -> None:
     from starlette.background import BackgroundTask
 
-    from asgi_asynctrace import AsyncTraceMiddleware, capture_traces
+    from asgi_asynctrace import capture_traces
     from tests.helpers import call
 
     async def receipt() -> None:
