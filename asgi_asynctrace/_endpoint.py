@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ._analysis import AnalysisSettings, analyze
+from ._blockers import name_blockers
 from ._failures import report
 from ._load import load_trace
 from ._routes import RouteInput, route_input, routes_with_comparisons
@@ -117,10 +118,28 @@ async def serve_store(
         return True
     query = scope.get("query_string") or b""
     if b"analysis=1" in query.split(b"&"):
-        analysis = analyze(load_trace(data), settings).to_dict()
+        # off the loop: naming who held the loop may load other stored traces
+        loop = asyncio.get_running_loop()
+        analysis = await loop.run_in_executor(None, _analysed, store, trace_id, data, settings)
         data = orjson.dumps({"trace": orjson.Fragment(data), "analysis": analysis})
     await _respond(send, 200, data)
     return True
+
+
+def _analysed(
+    store: TraceStore, trace_id: str, data: bytes, settings: AnalysisSettings | None
+) -> dict[str, Any]:
+    """The trace's analysis; where the loop was busy elsewhere while it waited, with the
+    steps of this process's other stored traces that ran then (the trace must be this
+    process's own: another worker's ran on another loop)."""
+    trace = load_trace(data)
+    analysis = analyze(trace, settings)
+    busy = [w for f in analysis.findings if f.kind == "loop-busy" for w in f.windows]
+    if busy and store.holds(trace_id):
+        base = trace.started_at_unix_ns
+        others = store.around(base + min(a for a, _ in busy), base + max(b for _, b in busy))
+        analysis = name_blockers(analysis, trace, others)
+    return analysis.to_dict()
 
 
 def _status(store: TraceStore, about: Mapping[str, Any]) -> dict[str, Any]:

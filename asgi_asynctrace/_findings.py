@@ -72,6 +72,24 @@ def site_of(stack: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
+class Blocker:
+    """A step of another traced request of the same process that ran while a request waited
+    for the loop (see ``_blockers``): the request it belongs to, what ran, for how long, how
+    much of the wait it covered, and where (the watchdog's sample, else its creation site)."""
+
+    trace_id: str
+    request: str  # "GET /slow"
+    label: str  # the resource whose step it was: the request itself, or "task name"
+    ran_ns: int
+    covered_ns: int
+    site: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"traceId": self.trace_id, "request": self.request, "label": self.label,
+                "ranNs": self.ran_ns, "coveredNs": self.covered_ns, "site": self.site}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Finding:
     kind: str  # repeated-read, sequential-awaits, n-plus-one, blocked-loop, loop-busy,
     # slow-upstream, thread-starvation, unawaited-task
@@ -81,6 +99,10 @@ class Finding:
     fix: str
     severity: str
     stack: tuple[str, ...] = ()
+    # loop-busy: when the request waited for the loop (ns from its start), and, where other
+    # traces of the process were at hand, the steps of theirs that ran then (see _blockers)
+    windows: tuple[tuple[int, int], ...] = ()
+    blockers: tuple[Blocker, ...] = ()
 
     @property
     def site(self) -> str:
@@ -97,6 +119,8 @@ class Finding:
             "severity": self.severity,
             "site": self.site,
             "stack": list(self.stack),
+            **({"windowsNs": [list(w) for w in self.windows]} if self.windows else {}),
+            **({"blockers": [b.to_dict() for b in self.blockers]} if self.blockers else {}),
         }
 
 
@@ -135,14 +159,15 @@ def diagnose(
 
     def add(
         kind: str, title: str, cost: int, rids: tuple[int, ...], fix: str,
-        stack: tuple[str, ...] | None = None,
+        stack: tuple[str, ...] | None = None, windows: tuple[tuple[int, int], ...] = (),
     ) -> None:  # fmt: skip
         """A finding, unless it costs too little; where it happened is ``stack``, else the
         creation stack of its first resource."""
         if cost < s.min_cost_ms * MS and kind != "unawaited-task":
             return
         where = stack_of(rids[0]) if stack is None else stack
-        found.append(Finding(kind, title, cost, rids, fix, _severity(cost, duration, s), where))
+        severity = _severity(cost, duration, s)
+        found.append(Finding(kind, title, cost, rids, fix, severity, where, windows))
 
     # Repeated reads: the same read again, nothing written to it in between. N+1: one call
     # site issuing the same operation again and again, each after the last ended, whatever the
@@ -318,6 +343,14 @@ def _loop_busy(
         "process was not given the CPU): look for a blocked-loop finding in the traces of "
         "requests running at that moment, keep blocking calls off the loop "
         "(asyncio.to_thread), or spread the load over more worker processes",
+        None,
+        tuple(
+            zip(
+                [a - trace.origin for a in union.starts],
+                [b - trace.origin for b in union.ends],
+                strict=True,
+            )
+        ),
     )
 
 

@@ -83,24 +83,51 @@ def trace_command(args: argparse.Namespace) -> int:
             with ThreadPoolExecutor(len(clients)) as pool:
                 for done in [pool.submit(client_loop, c) for c in clients]:
                     done.result()  # the first error, as one client would have raised it
+        if len(got) == 1:
+            data, stored, _status = got[0]
+            trace = load_trace(orjson.loads(data))
+            if stored:
+                print(f"in the viewer: {viewer}?id={trace.trace_id}", file=sys.stderr)
+            if args.output is not None:
+                args.output.write_bytes(data)
+                print(f"wrote {args.output}", file=sys.stderr)
+            analysis = analyze(trace, args.settings)
+            if stored:
+                analysis = _blockers_from(clients[0], args, viewer, analysis)
+            if args.json:
+                sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
+            else:
+                sys.stdout.write(format_summary(analysis))
+            return 0
     finally:
         for client in clients:
             client.close()
-    if len(got) == 1:
-        data, stored, _status = got[0]
-        trace = load_trace(orjson.loads(data))
-        if stored:
-            print(f"in the viewer: {viewer}?id={trace.trace_id}", file=sys.stderr)
-        if args.output is not None:
-            args.output.write_bytes(data)
-            print(f"wrote {args.output}", file=sys.stderr)
-        analysis = analyze(trace, args.settings)
-        if args.json:
-            sys.stdout.buffer.write(orjson.dumps(analysis.to_dict()) + b"\n")
-        else:
-            sys.stdout.write(format_summary(analysis))
-        return 0
     return _several(args, got, viewer)
+
+
+def _blockers_from(client: Any, args: argparse.Namespace, viewer: str, analysis: Any) -> Any:
+    """``analysis`` with its loop-busy finding naming the requests that held the loop, as the
+    app's store says (only the process that served the request knows them: asked over the
+    same connection, which under several workers reaches it). Unchanged when there is no
+    such finding or the store names none."""
+    import dataclasses
+
+    from ._findings import Blocker
+
+    if not any(f.kind == "loop-busy" for f in analysis.findings):
+        return analysis
+    try:
+        got = client.get(f"{viewer}traces/{analysis.trace_id}?analysis=1",
+                         headers={"X-Async-Trace": args.secret or "1"})  # fmt: skip
+        theirs = [f for f in got.json()["analysis"]["findings"] if f["kind"] == "loop-busy"]
+        named = tuple(Blocker(b["traceId"], b["request"], b["label"], b["ranNs"],
+                              b["coveredNs"], b["site"])
+                      for f in theirs for b in f.get("blockers", ()))  # fmt: skip
+    except Exception:  # an older app, another worker: the finding as it was
+        return analysis
+    findings = [dataclasses.replace(f, blockers=named) if f.kind == "loop-busy" else f
+                for f in analysis.findings]  # fmt: skip
+    return dataclasses.replace(analysis, findings=findings)
 
 
 # one request sent traced: its trace's JSON, whether the store had it, the response's status

@@ -102,6 +102,10 @@ def format_summary(a: Analysis) -> str:
             lines.append(f"        at {f.site}")
             if f.kind == "blocked-loop" and f.stack[0] != f.site:  # what it was blocked in
                 lines.append(f"        in {f.stack[0]}")
+        for b in f.blockers:  # the process's other traced requests that held the loop then
+            where = f" at {b.site}" if b.site else ""
+            lines.append(f"        held by {b.label}: ran {format_ns(b.ran_ns)}{where} "
+                         f"(trace {b.trace_id})")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -185,6 +185,26 @@ class TraceStore:
         data = kept[1] if kept is not None else self.get(trace_id)
         return None if data is None else load_trace(data)
 
+    def holds(self, trace_id: str) -> bool:
+        """Whether this process's own memory holds the trace (not a shared directory)."""
+        with self._lock:
+            return trace_id in self._items
+
+    def around(self, since_unix_ns: int, until_unix_ns: int) -> list[Trace]:
+        """This process's own traces (never a shared directory's: other processes, other
+        loops) that were running at some time between the two wall-clock moments; those
+        already read are loaded again from their JSON."""
+        with self._lock:
+            kept = list(self._items.values())
+        out = []
+        for k in kept:
+            summary = _summary(k) if isinstance(k, Trace) else k[0]
+            start = summary.get("startedAtUnixNs") or 0
+            if start > until_unix_ns or start + (summary.get("durationNs") or 0) < since_unix_ns:
+                continue
+            out.append(k if isinstance(k, Trace) else load_trace(k[1]))
+        return out
+
     def summaries(self) -> list[dict[str, Any]]:
         """One small record per stored trace, newest first (with a shared directory, the
         other workers' too, the newest ``max_traces`` of all; reads files: off the loop)."""

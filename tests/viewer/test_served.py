@@ -121,3 +121,33 @@ def test_a_trace_the_store_does_not_hold_says_why(browser: Any, served: str) -> 
         assert "store_dir" in said.inner_text()  # the likeliest reason: another worker has it
     finally:
         page.close()
+
+
+def test_a_request_kept_waiting_links_to_the_request_that_held_the_loop(page: Any) -> None:
+    import asyncio
+    import concurrent.futures
+
+    from tests.servers import serving
+    from tests.test_blockers import blocking_app
+
+    async def both(base: str) -> tuple[str, str]:
+        on = {"X-Async-Trace": "1"}
+        async with httpx.AsyncClient(base_url=base) as c:
+            blocked, waited = await asyncio.gather(c.get("/block", headers=on),
+                                                   c.get("/wait", headers=on))  # fmt: skip
+        return blocked.headers["x-async-trace-id"], waited.headers["x-async-trace-id"]
+
+    with serving(blocking_app()) as base:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # (Playwright's loop is here)
+            block_id, wait_id = pool.submit(asyncio.run, both(base)).result()
+        page.goto(f"{base}/__asynctrace/?id={wait_id}")
+        page.wait_for_selector(f"body[data-loaded='{wait_id}']")
+        held = page.locator("#findings .held-by")
+        assert held.count() == 1
+        assert held.inner_text().startswith("held by GET /block: ran ")
+        assert "tests/test_blockers.py:" in held.inner_text()
+        shoot(page, "held-by")
+        held.locator("a").click()  # opens the trace of the request that held the loop
+        page.wait_for_selector(f"body[data-loaded='{block_id}']")
+        assert "GET /block 200" in page.inner_text("#summary")
+        assert "blocked-loop" in page.inner_text("#findings")

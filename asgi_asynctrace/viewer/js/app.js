@@ -63,7 +63,8 @@
       for (const f of m.analysis.findings) {
         const item = AT.el("li", { class: `finding ${f.severity}`, "data-id": (f.resources || [])[0] },
           `[${f.severity}] ${f.kind}: ${f.title}`, f.costNs ? ` (${AT.fmt(f.costNs)})` : "", " — ", f.fix,
-          f.site ? AT.el("span", { class: "site" }, ` at ${f.site}`) : "");
+          f.site ? AT.el("span", { class: "site" }, ` at ${f.site}`) : "",
+          ...(f.blockers || []).map((b) => heldBy(b)));
         // A click opens what it is about (for a blocked loop, with the stacks of where).
         item.addEventListener("click", () => { const res = m.byId.get((f.resources || [])[0]); if (res) AT.showDetails(m, res); });
         list.append(item);
@@ -73,6 +74,17 @@
       list.append(AT.el("li", { class: "none" }, "findings come with traces from the app or `asgi-asynctrace convert --to html`"));
     }
     bar.append(list);
+  }
+
+  // Another traced request of the process whose step ran while this one waited for the loop:
+  // named, and a link that opens its trace (served from the store, which holds it).
+  function heldBy(b) {
+    const what = `held by ${b.label}: ran ${AT.fmt(b.ranNs)}${b.site ? ` at ${b.site}` : ""} `;
+    const store = document.querySelector('meta[name="asynctrace-store"]');
+    const open = store
+      ? AT.el("a", { href: `?id=${encodeURIComponent(b.traceId)}`, class: "blocker-link" }, `trace ${b.traceId.slice(0, 12)}`)
+      : AT.el("span", {}, `trace ${b.traceId.slice(0, 12)}`);
+    return AT.el("div", { class: "held-by" }, what, open);
   }
 
   // When the handling went on a while after the response had gone out (cleanup, background
