@@ -432,28 +432,36 @@ def test_a_request_kept_waiting_by_other_work_on_the_loop_is_told_so() -> None:
     ]  # under the threshold: the timer's name alone
 
 
+MS = 1_000_000
+
+
+def _begun(path: str) -> tuple[Trace, Any, int]:
+    """A trace made by hand, its root's first step begun: (trace, root, its origin)."""
+    trace = Trace.start(request={"method": "GET", "path": path})
+    root, at = trace.resources[0], trace.origin
+    trace.begin(root, at)
+    return trace, root, at
+
+
 def test_a_sleep_that_ended_on_time_but_resumed_late_is_loop_busy() -> None:
     # The sleep's timer ran on time (no lateMs), but another callback of the same loop turn
     # held the loop 100 ms before the task that slept went on. A sleep's future is not
     # recorded (its timer is the wait), so the timer's own end is when the task was ready.
-    trace = Trace.start(request={"method": "GET", "path": "/report"})
-    root, at = trace.resources[0], trace.origin
-    ms = 1_000_000
-    trace.begin(root, at)
-    timer = trace.add("timer", root.async_id, None, at + ms)
+    trace, root, at = _begun("/report")
+    timer = trace.add("timer", root.async_id, None, at + MS)
     assert timer is not None
     trace.annotate(timer, "kind", "sleep")
     trace.annotate(timer, "delayMs", 5.0)
-    trace.end(root, at + ms + 50_000)
-    trace.begin(timer, at + 6 * ms)
-    trace.end(timer, at + 6 * ms + 20_000)
-    trace.settle(timer, at + 6 * ms + 20_000, "ok")
-    trace.begin(root, at + 106 * ms)  # the step after the sleep: 100 ms after it was ready
-    trace.end(root, at + 107 * ms)
-    trace.finish(at + 107 * ms, "ok")
+    trace.end(root, at + MS + 50_000)
+    trace.begin(timer, at + 6 * MS)
+    trace.end(timer, at + 6 * MS + 20_000)
+    trace.settle(timer, at + 6 * MS + 20_000, "ok")
+    trace.begin(root, at + 106 * MS)  # the step after the sleep: 100 ms after it was ready
+    trace.end(root, at + 107 * MS)
+    trace.finish(at + 107 * MS, "ok")
     (busy,) = analyze(trace).findings
     assert busy.kind == "loop-busy" and busy.resources == (timer.async_id,)
-    assert busy.cost_ns == 100 * ms - 20_000
+    assert busy.cost_ns == 100 * MS - 20_000
     assert busy.title.startswith("timer sleep 5.0ms was ready 100.0 ms before the loop got back")
     # and the critical path says why the step after the sleep came 100 ms after it
     (step,) = [s for s in analyze(trace).critical_path if s.async_id == timer.async_id]
@@ -485,20 +493,17 @@ def test_a_task_that_finished_long_before_its_awaiter_went_on_is_loop_busy() -> 
 def test_an_operation_that_ended_inside_its_callers_step_is_not_a_wait() -> None:
     # A query ends while the request runs (its own awaited call), then the request waits
     # 100 ms on a fetch: the query's end is not a moment the request was ready and waited.
-    trace = Trace.start(request={"method": "GET", "path": "/a"})
-    root, at = trace.resources[0], trace.origin
-    ms = 1_000_000
-    trace.begin(root, at)
-    query = trace.add("db-query", root.async_id, None, at + ms)
+    trace, root, at = _begun("/a")
+    query = trace.add("db-query", root.async_id, None, at + MS)
     assert query is not None
-    trace.settle(query, at + 2 * ms, "ok")
-    fetch = trace.add("fetch", root.async_id, None, at + 3 * ms)
+    trace.settle(query, at + 2 * MS, "ok")
+    fetch = trace.add("fetch", root.async_id, None, at + 3 * MS)
     assert fetch is not None
-    trace.end(root, at + 3 * ms + 10_000)
-    trace.settle(fetch, at + 103 * ms, "ok")
-    trace.begin(root, at + 103 * ms + 20_000)
-    trace.end(root, at + 104 * ms)
-    trace.finish(at + 104 * ms, "ok")
+    trace.end(root, at + 3 * MS + 10_000)
+    trace.settle(fetch, at + 103 * MS, "ok")
+    trace.begin(root, at + 103 * MS + 20_000)
+    trace.end(root, at + 104 * MS)
+    trace.finish(at + 104 * MS, "ok")
     assert "loop-busy" not in [f.kind for f in analyze(trace).findings]
 
 

@@ -24,22 +24,26 @@ BLOCKING_LINE = 0  # set below: the line of the blocking call
 
 def blocking_app(**settings: Any) -> AsyncTraceMiddleware:
     """``/wait`` sleeps 5 ms; ``/block`` waits until /wait has begun its sleep, then blocks
-    the loop 100 ms: /wait's sleep ends ~95 ms late, whatever the machine's speed."""
-    started = asyncio.Event()
+    the loop 100 ms: /wait's sleep ends ~95 ms late, whatever the machine's speed, and
+    whichever of the two reached the app first (/wait waits for /block to arrive)."""
+    arrived, started = asyncio.Event(), asyncio.Event()
 
     async def wait(request: Request) -> Response:
+        await arrived.wait()
         started.set()
         await asyncio.sleep(0.005)
         return PlainTextResponse("waited")
 
     async def block(request: Request) -> Response:
+        arrived.set()
         await started.wait()
+        arrived.clear()
         started.clear()
         time.sleep(0.1)  # the blocking call
         return PlainTextResponse("blocked")
 
     global BLOCKING_LINE
-    BLOCKING_LINE = block.__code__.co_firstlineno + 3
+    BLOCKING_LINE = block.__code__.co_firstlineno + 5
     app = Starlette(routes=[Route("/wait", wait), Route("/block", block)])
     return AsyncTraceMiddleware(app, log_traces=False, **settings)
 
@@ -67,12 +71,19 @@ def test_the_store_names_the_request_whose_step_held_the_loop() -> None:
     assert doc["trace"]["traceId"] == wait_id  # beside the waiting request's own trace
 
 
-def test_the_summary_says_who_held_the_loop() -> None:
+def _stored_pair() -> tuple[Trace, Trace]:
+    """The traces of /wait and of /block that held it up, as the app's store keeps them."""
     app = blocking_app()
     block_id, wait_id, _ = call(app, _both)
     assert app.store is not None
     waited, blocked = app.store.trace(wait_id), app.store.trace(block_id)
     assert isinstance(waited, Trace) and isinstance(blocked, Trace)
+    return waited, blocked
+
+
+def test_the_summary_says_who_held_the_loop() -> None:
+    waited, blocked = _stored_pair()
+    block_id = blocked.trace_id
     named = name_blockers(analyze(waited), waited, [blocked, waited])
     text = format_summary(named)
     assert "held by GET /block: ran " in text and f"(trace {block_id})" in text
@@ -83,11 +94,7 @@ def test_the_summary_says_who_held_the_loop() -> None:
 
 
 def test_steps_outside_the_wait_and_the_trace_itself_are_not_named() -> None:
-    app = blocking_app()
-    block_id, wait_id, _ = call(app, _both)
-    assert app.store is not None
-    waited, blocked = app.store.trace(wait_id), app.store.trace(block_id)
-    assert isinstance(waited, Trace) and isinstance(blocked, Trace)
+    waited, blocked = _stored_pair()
     analysis = analyze(waited)
     assert name_blockers(analysis, waited, [waited]).findings == analysis.findings
     # a trace that ran at another time (its clock moved a second later) held nothing up
