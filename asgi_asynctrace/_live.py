@@ -22,7 +22,8 @@ import orjson
 
 from ._analysis import analyze
 from ._load import TraceFormatError
-from ._report import format_summary, format_watch_line
+from ._model import Trace
+from ._report import format_blocker, format_summary, format_watch_line
 from ._select import Selection
 from ._sinks import decode_trace_header
 
@@ -211,7 +212,24 @@ def _several(args: argparse.Namespace, got: list[Answered], viewer: str) -> int:
     sys.stdout.write(format_routes(routes))
     if comparison is not None:
         sys.stdout.write("\n" + format_comparison(comparison))
+    if got[slowest][1]:
+        sys.stdout.write(_held_up(args, viewer, traces[slowest]))
     return 0
+
+
+def _held_up(args: argparse.Namespace, viewer: str, trace: Trace) -> str:
+    """For the slowest of ``trace -n``, when the loop was busy elsewhere while it waited: the
+    requests whose steps held the loop then, as the app's store names them ("" for none)."""
+    import httpx
+
+    analysis = analyze(trace, args.settings)
+    with httpx.Client(timeout=args.timeout, verify=not args.insecure) as client:
+        named = _blockers_from(client, args, viewer, analysis)
+    lines = [f"  {format_blocker(b)}" for f in named.findings for b in f.blockers]
+    if not lines:
+        return ""
+    head = "\nthe slowest waited for the loop while other requests held it:\n"
+    return head + "\n".join(lines) + "\n"
 
 
 def watch_command(args: argparse.Namespace) -> int:

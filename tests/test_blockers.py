@@ -120,3 +120,23 @@ def test_the_cli_trace_command_prints_who_held_the_loop(capsys: Any) -> None:
     assert "] loop-busy: timer sleep 5.0ms was ready " in out
     block_id = blocked[0].headers["x-async-trace-id"]
     assert "held by GET /block: ran " in out and f"(trace {block_id})" in out
+
+
+def test_trace_n_says_which_requests_held_the_slowest_one_up(capsys: Any) -> None:
+    from asgi_asynctrace._cli import main
+    from tests.servers import serving
+
+    async def hold(request: Request) -> Response:
+        await asyncio.sleep(0.02)  # long enough for the other two to arrive
+        time.sleep(0.1)  # then each holds the loop in turn
+        return PlainTextResponse("held")
+
+    app = AsyncTraceMiddleware(Starlette(routes=[Route("/hold", hold)]), log_traces=False)
+    with serving(app) as base:
+        assert main(["trace", "-n", "3", "-c", "3", f"{base}/hold"]) == 0
+    out = capsys.readouterr().out
+    said = out.split("the slowest waited for the loop while other requests held it:\n", 1)
+    assert len(said) == 2, out
+    held = [line for line in said[1].splitlines() if line.startswith("  GET /hold: ran ")]
+    line = hold.__code__.co_firstlineno + 2
+    assert held and all(f"hold @ tests/test_blockers.py:{line}:" in h for h in held), said[1]
