@@ -238,12 +238,12 @@ def format_comparison(c: Comparison) -> str:
     for d in c.held:
         lines.append(f"  {_fit(d.what, 42):<44}{format_ns(d.ns[0]):>10}{format_ns(d.ns[1]):>10}"
                      f"{_signed(d.delta):>12}")  # fmt: skip
-    lines += ["", f"  {'operations (how many, how long alive)':<44}{base:>14}{'slower':>14}"
+    lines += ["", f"  {'operations (how many, how long alive)':<44}{base:>16}{'slower':>16}"
                   f"{'difference':>12}"]  # fmt: skip
     if not c.operations:
         lines.append("    the same operations, as long in both")
     for d in c.operations[:_MAX_OPERATIONS]:
-        lines.append(f"  {_fit(d.what, 42):<44}{_cell(d, 0):>14}{_cell(d, 1):>14}"
+        lines.append(f"  {_fit(d.what, 42):<44}{_cell(d, 0):>16}{_cell(d, 1):>16}"
                      f"{_signed(d.delta):>12}{_more(d)}")  # fmt: skip
     if len(c.operations) > _MAX_OPERATIONS:
         lines.append(f"  … and {len(c.operations) - _MAX_OPERATIONS} more that differ (--json)")
