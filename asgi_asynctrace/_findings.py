@@ -88,6 +88,12 @@ class Blocker:
         return {"traceId": self.trace_id, "request": self.request, "label": self.label,
                 "ranNs": self.ran_ns, "coveredNs": self.covered_ns, "site": self.site}  # fmt: skip
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blocker:
+        """The inverse of ``to_dict`` (as the store's ``?analysis=1`` gives it)."""
+        return cls(str(d["traceId"]), str(d["request"]), str(d["label"]), int(d["ranNs"]),
+                   int(d["coveredNs"]), str(d["site"]))  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -295,10 +301,10 @@ def _loop_busy(
     first, for at least ``s.loop_busy_ms``: another request's blocking step, a background task,
     code outside any trace. Seen where a timer of the request ran late (its ``lateMs``), and
     where what a task (or the request) waited on was over long before its next step began,
-    while it ran no step: a child on the critical path (a task it awaited, a sleep's timer, a
-    query), a future it awaited. The time this
-    request's own steps ran in such a window is left out (that is blocked-loop's to say), and
-    windows that overlap count once."""
+    while it ran no step: what it is known to wait on anywhere (its sleep's timer, a future
+    it awaited), and what the critical path says it waited on (a task, a query). The time
+    this request's own steps ran in such a window is left out (that is blocked-loop's to
+    say), and windows that overlap count once."""
     own = _Spans(
         (a, b if b is not None else trace.origin + duration)
         for r in trace.resources if r.type in LOOP_TYPES for a, b in r.intervals()

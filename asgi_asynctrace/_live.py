@@ -20,9 +20,8 @@ from typing import Any
 
 import orjson
 
-from ._analysis import analyze
+from ._analysis import Analysis, analyze
 from ._load import TraceFormatError
-from ._model import Trace
 from ._report import format_blocker, format_summary, format_watch_line
 from ._select import Selection
 from ._sinks import decode_trace_header
@@ -106,7 +105,9 @@ def trace_command(args: argparse.Namespace) -> int:
     return _several(args, got, viewer)
 
 
-def _blockers_from(client: Any, args: argparse.Namespace, viewer: str, analysis: Any) -> Any:
+def _blockers_from(
+    client: Any, args: argparse.Namespace, viewer: str, analysis: Analysis
+) -> Analysis:
     """``analysis`` with its loop-busy finding naming the requests that held the loop, as the
     app's store says (only the process that served the request knows them: asked over the
     same connection, which under several workers reaches it). Unchanged when there is no
@@ -121,9 +122,7 @@ def _blockers_from(client: Any, args: argparse.Namespace, viewer: str, analysis:
         got = client.get(f"{viewer}traces/{analysis.trace_id}?analysis=1",
                          headers={"X-Async-Trace": args.secret or "1"})  # fmt: skip
         theirs = [f for f in got.json()["analysis"]["findings"] if f["kind"] == "loop-busy"]
-        named = tuple(Blocker(b["traceId"], b["request"], b["label"], b["ranNs"],
-                              b["coveredNs"], b["site"])
-                      for f in theirs for b in f.get("blockers", ()))  # fmt: skip
+        named = tuple(Blocker.from_dict(b) for f in theirs for b in f.get("blockers", ()))
     except Exception:  # an older app, another worker: the finding as it was
         return analysis
     findings = [dataclasses.replace(f, blockers=named) if f.kind == "loop-busy" else f
@@ -196,8 +195,8 @@ def _several(args: argparse.Namespace, got: list[Answered], viewer: str) -> int:
     if args.output is not None:  # JSON lines, as extract writes: every command reads them
         args.output.write_bytes(b"".join(data + b"\n" for data, _, _ in got))
         print(f"wrote {len(got)} traces to {args.output}", file=sys.stderr)
-    settings = args.settings
-    inputs = [route_input(t, analyze(t, settings)) for t in traces]
+    analyses = [analyze(t, args.settings) for t in traces]
+    inputs = [route_input(t, a) for t, a in zip(traces, analyses, strict=True)]
     routes = by_route(inputs)
     comparison = typical_and_slowest(inputs)
     slowest = max(range(len(traces)), key=lambda i: traces[i].duration_ns)
@@ -213,16 +212,17 @@ def _several(args: argparse.Namespace, got: list[Answered], viewer: str) -> int:
     if comparison is not None:
         sys.stdout.write("\n" + format_comparison(comparison))
     if got[slowest][1]:
-        sys.stdout.write(_held_up(args, viewer, traces[slowest]))
+        sys.stdout.write(_held_up(args, viewer, analyses[slowest]))
     return 0
 
 
-def _held_up(args: argparse.Namespace, viewer: str, trace: Trace) -> str:
+def _held_up(args: argparse.Namespace, viewer: str, analysis: Analysis) -> str:
     """For the slowest of ``trace -n``, when the loop was busy elsewhere while it waited: the
     requests whose steps held the loop then, as the app's store names them ("" for none)."""
     import httpx
 
-    analysis = analyze(trace, args.settings)
+    if not any(f.kind == "loop-busy" for f in analysis.findings):
+        return ""
     with httpx.Client(timeout=args.timeout, verify=not args.insecure) as client:
         named = _blockers_from(client, args, viewer, analysis)
     lines = [f"  {format_blocker(b)}" for f in named.findings for b in f.blockers]
